@@ -1,0 +1,709 @@
+"""Group-commit, append-only log: the write path behind every 202.
+
+A 202 means the batch is in a log file and fdatasync has returned. Appends that arrive while a
+sync is running share the next one (group commit); an idle lone append is written at once, at
+the end of the current loop iteration (``call_soon``, not a timer), so it costs one sync.
+Writes and syncs run on one dedicated thread (``os.write``/``os.fdatasync`` release the GIL),
+so the loop keeps parsing while the disk works.
+
+On-disk layout (shared with storage.py, which rolls sealed segments to Parquet, and query.py,
+which reads the log tail without locks)::
+
+    <data_dir>/log/<worker>-<seq:020d>.log     segments; seq grows with creation time
+    <data_dir>/quarantine/                     bytes cut off a segment, kept for forensics
+
+Record framing (little endian)::
+
+    magic b"IFL1" | u32 payload length | u32 crc32(payload) | payload
+
+The payload is one JSON line (it ends in b"\\n"), so stripping the 12-byte headers leaves
+NDJSON that DuckDB reads directly::
+
+    {"p":"<project>","r":<received_at_us>,"b":"<event-id prefix>","e":<events JSON array>}
+
+Event ids are UUIDv7: each batch gets a UUIDv7 whose last 3 hex digits are 0 (``b`` is the 33
+leading characters); event ``i`` is ``b || printf('%03x', i)``, so rand_b carries a per-batch
+counter (RFC 9562 section 6.2, method 1) and no per-event Python work is needed.
+
+A segment is *sealed* once a newer segment of the same worker exists: the writer creates the
+next segment durably only after the previous one is completely written and synced, and it never
+writes to an older one again. Only sealed segments are rolled.
+
+fsync failure policy (PostgreSQL "fsyncgate"): a failed write or sync fails every batch of that
+sync and every batch queued behind it, and the log refuses appends until ``tick`` has cut the
+damaged segment back to its last durable offset, synced that, and opened a new segment durably.
+Nothing is ever retried and then acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import queue
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+# -- Framing -------------------------------------------------------------------------------
+
+RECORD_MAGIC = b"IFL1"
+RECORD_HEADER = struct.Struct("<4sII")
+HEADER_SIZE = RECORD_HEADER.size
+# A record is one HTTP request body plus ~120 bytes of envelope. Ingest bodies are capped far
+# below this (1,000 events per request); the bound keeps a corrupt length field from making a
+# reader allocate gigabytes, and is what DuckDB's read_json ``maximum_object_size`` is set to.
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+
+SEGMENT_SUFFIX = ".log"
+LOG_DIRNAME = "log"
+QUARANTINE_DIRNAME = "quarantine"
+_SEGMENT_RE = re.compile(r"^([A-Za-z0-9_]+)-(\d{20})\.log$")
+_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+# -- Defaults ------------------------------------------------------------------------------
+
+# 64 MiB segments roll in well under a second with DuckDB and keep the number of Parquet files
+# per partition low; 30 s bounds how long events wait in the log before they reach Parquet.
+DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_SEGMENT_MAX_AGE_S = 30.0
+# 2 GiB of unrolled log is minutes of peak ingest: enough to ride out a slow roll or a
+# compaction, small enough that query (which reads the log tail in Python) stays quick.
+DEFAULT_MAX_UNROLLED_BYTES = 2 * 1024 * 1024 * 1024
+# Leave room for the roller's Parquet output and DuckDB temp files before the disk is full.
+DEFAULT_MIN_FREE_BYTES = 512 * 1024 * 1024
+
+# Retry-After hints (seconds) per refusal reason: overload clears as soon as the roller catches
+# up (it polls every second); a full disk needs an operator or retention, so back off longer.
+RETRY_AFTER_OVERLOADED = 1
+RETRY_AFTER_DISK_FULL = 30
+RETRY_AFTER_IO_ERROR = 5
+RETRY_AFTER_SHUTTING_DOWN = 1
+
+
+class LogUnavailable(Exception):
+    """The log refuses (or failed) this append; the client should retry after ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# -- Pure helpers shared with storage.py and query.py ----------------------------------------
+
+
+def segment_name(worker_id: str, seq: int) -> str:
+    return f"{worker_id}-{seq:020d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> tuple[str, int] | None:
+    """(worker_id, seq) for a segment file name, None for anything else."""
+    match = _SEGMENT_RE.match(name)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2))
+
+
+def list_segments(log_dir: Path) -> dict[str, list[Path]]:
+    """Segments per worker, oldest first. The last one of each worker is the active one."""
+    by_worker: dict[str, list[tuple[int, Path]]] = {}
+    try:
+        entries = list(os.scandir(log_dir))
+    except FileNotFoundError:
+        return {}
+    for entry in entries:
+        parsed = parse_segment_name(entry.name)
+        if parsed is not None:
+            by_worker.setdefault(parsed[0], []).append((parsed[1], Path(entry.path)))
+    return {w: [p for _, p in sorted(segs)] for w, segs in by_worker.items()}
+
+
+def sealed_segments(log_dir: Path) -> list[Path]:
+    """Every segment that has a newer segment of the same worker, oldest first."""
+    sealed: list[Path] = []
+    for segs in list_segments(log_dir).values():
+        sealed.extend(segs[:-1])
+    return sorted(sealed, key=lambda p: p.name)
+
+
+def frame_record(payload: bytes) -> bytes:
+    return RECORD_HEADER.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def scan_records(data: bytes | bytearray | memoryview) -> tuple[list[memoryview], int]:
+    """Payloads of the valid record prefix of ``data`` and the offset where it ends.
+
+    Scanning stops at the first record that is incomplete (a tail still being written, or torn
+    by a crash) or corrupt (bad magic, absurd length, checksum mismatch, not one JSON line).
+    """
+    view = memoryview(data)
+    size = len(view)
+    payloads: list[memoryview] = []
+    offset = 0
+    unpack = RECORD_HEADER.unpack_from
+    crc32 = zlib.crc32
+    while offset + HEADER_SIZE <= size:
+        magic, length, crc = unpack(view, offset)
+        end = offset + HEADER_SIZE + length
+        if magic != RECORD_MAGIC or length == 0 or length > MAX_RECORD_BYTES or end > size:
+            break
+        payload = view[offset + HEADER_SIZE : end]
+        if crc32(payload) != crc or payload[-1] != 0x0A:
+            break
+        payloads.append(payload)
+        offset = end
+    return payloads, offset
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durable(path: Path) -> None:
+    """mkdir -p, fsyncing the parent of every directory it creates."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        fsync_dir(directory.parent)
+
+
+def quarantine_bytes(data_dir: Path, source: Path, offset: int, data: bytes) -> Path:
+    """Keep bytes cut off a segment next to the data set instead of destroying them."""
+    qdir = data_dir / QUARANTINE_DIRNAME
+    make_dirs_durable(qdir)
+    target = qdir / f"{source.name}.{offset}.{time.time_ns()}.tail"
+    with open(target, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(qdir)
+    return target
+
+
+def _fdatasync(fd: int) -> None:
+    # Looked up at call time so tests can inject faults by monkeypatching os.fdatasync.
+    sync = getattr(os, "fdatasync", None) or os.fsync
+    sync(fd)
+
+
+def recover_segment(data_dir: Path, path: Path) -> int:
+    """Cut a torn or corrupt tail off ``path`` at its last valid record; return bytes kept.
+
+    Never cuts earlier than the last valid record: the prefix is exactly what scan_records
+    accepts. The cut bytes go to the quarantine directory first (a crash mid-recovery leaves
+    either the old file or the truncated one, and the tail is never lost silently).
+    """
+    with open(path, "r+b") as f:
+        data = f.read()
+        _, valid_end = scan_records(data)
+        if valid_end < len(data):
+            tail = data[valid_end:]
+            target = quarantine_bytes(data_dir, path, valid_end, tail)
+            log.warning(
+                "commit log %s: cut %d bytes of torn/corrupt tail at offset %d (kept in %s)",
+                path.name,
+                len(tail),
+                valid_end,
+                target,
+            )
+            f.truncate(valid_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return valid_end
+
+
+# -- The writer ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LogStats:
+    """Counters per stage, counted per batch (Vector style); read by /metrics later."""
+
+    appends: int = 0  # batches accepted into the buffer
+    events: int = 0  # events in acknowledged batches
+    acked: int = 0  # batches whose on_done(None) fired
+    failed: int = 0  # batches whose on_done(exc) fired
+    refused: int = 0  # appends that raised LogUnavailable
+    syncs: int = 0  # completed write+fdatasync rounds
+    sync_errors: int = 0
+    bytes: int = 0  # framed bytes written
+    rotations: int = 0
+    last_sync_latency_s: float = 0.0
+    max_sync_latency_s: float = 0.0
+
+
+_STOP = object()
+
+# Job kinds executed by the sync thread.
+_JOB_WRITE = 0  # optionally rotate, then write the buffer and fdatasync
+_JOB_REPAIR = 1  # cut the damaged segment back to its durable offset, open a new segment
+
+
+class CommitLog:
+    """One worker's append-only log. ``append`` is called on the event loop thread only."""
+
+    __slots__ = (
+        "data_dir",
+        "log_dir",
+        "worker_id",
+        "_fsync",
+        "_segment_max_bytes",
+        "_segment_max_age_s",
+        "_max_unrolled_bytes",
+        "_min_free_bytes",
+        "_clock",
+        "stats",
+        "_loop",
+        "_thread",
+        "_jobs",
+        "_pending",
+        "_pending_waiters",
+        "_pending_events",
+        "_spare",
+        "_syncing",
+        "_sync_scheduled",
+        "_rotate_due",
+        "_unsound",
+        "_closing",
+        "_idle_waiters",
+        "_unrolled_bytes",
+        "_free_bytes",
+        "_project_json",
+        "_uuid_ms",
+        "_uuid_seq",
+        # Owned by the sync thread while a job is in flight; read by the loop only when idle.
+        "_fd",
+        "_segment_path",
+        "_segment_seq",
+        "_segment_size",
+        "_durable_size",
+        "_segment_opened_at",
+    )
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        durability: str = "fsync",
+        worker_id: str = "w0",
+        segment_max_bytes: int = DEFAULT_SEGMENT_MAX_BYTES,
+        segment_max_age_s: float = DEFAULT_SEGMENT_MAX_AGE_S,
+        max_unrolled_bytes: int = DEFAULT_MAX_UNROLLED_BYTES,
+        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if durability not in ("fsync", "none"):
+            raise ValueError(f"durability must be 'fsync' or 'none', not {durability!r}")
+        if not _WORKER_ID_RE.match(worker_id):
+            raise ValueError(f"worker_id must match {_WORKER_ID_RE.pattern}: {worker_id!r}")
+        self.data_dir = Path(data_dir)
+        self.log_dir = self.data_dir / LOG_DIRNAME
+        self.worker_id = worker_id
+        self._fsync = durability == "fsync"
+        self._segment_max_bytes = segment_max_bytes
+        self._segment_max_age_s = segment_max_age_s
+        self._max_unrolled_bytes = max_unrolled_bytes
+        self._min_free_bytes = min_free_bytes
+        self._clock = clock
+        self.stats = LogStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = bytearray()
+        self._pending_waiters: list[tuple[Callable[[BaseException | None], None], int]] = []
+        self._pending_events = 0
+        self._spare = bytearray()
+        self._syncing = False
+        self._sync_scheduled = False
+        self._rotate_due = False
+        self._unsound: BaseException | None = None
+        self._closing = False
+        self._idle_waiters: list[asyncio.Future] = []
+        self._unrolled_bytes = 0
+        self._free_bytes = 1 << 62
+        self._project_json: dict[str, bytes] = {}
+        self._uuid_ms = 0
+        self._uuid_seq = 0
+        self._fd = -1
+        self._segment_path: Path | None = None
+        self._segment_seq = 0
+        self._segment_size = 0
+        self._durable_size = 0
+        self._segment_opened_at = 0.0
+
+    @property
+    def durability(self) -> str:
+        return "fsync" if self._fsync else "none"
+
+    @property
+    def segment_path(self) -> Path | None:
+        return self._segment_path
+
+    # -- Lifecycle ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Recover the tail, seal what was there, open a new segment durably. Before serving."""
+        make_dirs_durable(self.log_dir)
+        mine = list_segments(self.log_dir).get(self.worker_id, [])
+        if mine:
+            # Only the newest segment can have a torn tail: older ones were fully synced
+            # before their successor was created. The roller validates those as it reads.
+            recover_segment(self.data_dir, mine[-1])
+        last_seq = parse_segment_name(mine[-1].name)[1] if mine else 0
+        self._segment_seq = last_seq
+        self._open_new_segment()
+        self._refresh_space()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the running loop and start the sync thread."""
+        if self._fd < 0:
+            raise RuntimeError("CommitLog.open() must run before start()")
+        self._loop = loop
+        self._thread = threading.Thread(
+            target=self._sync_thread_main, name=f"commitlog-{self.worker_id}", daemon=True
+        )
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Refuse new appends, finish in-flight and queued syncs (callbacks fire), seal."""
+        self._closing = True
+        if self._thread is None:
+            self._close_fd()
+            return
+        while True:
+            if self._syncing or self._sync_scheduled:
+                fut = self._loop.create_future()
+                self._idle_waiters.append(fut)
+                await fut
+            elif self._pending_waiters and self._unsound is None:
+                self._start_sync()
+            else:
+                break
+        self._jobs.put(_STOP)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._thread = None
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            if self._unsound is None:
+                try:
+                    _fdatasync(self._fd)
+                except OSError as exc:
+                    log.error("commit log: final sync of %s failed: %s", self._segment_path, exc)
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- Hot path (loop thread) -----------------------------------------------------------
+
+    def append(
+        self,
+        project: str,
+        events_json: bytes,
+        count: int,
+        on_done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Queue one batch; ``on_done`` fires on the loop once it is durable (or failed).
+
+        Raises LogUnavailable at once when the log refuses (overloaded, disk short, unsound).
+        """
+        if self._unsound is not None or self._closing:
+            self._refuse()
+        pending = self._pending
+        if self._unrolled_bytes + len(pending) > self._max_unrolled_bytes:
+            self.stats.refused += 1
+            raise LogUnavailable(
+                "overloaded: the log is too far ahead of the Parquet roller", RETRY_AFTER_OVERLOADED
+            )
+        if self._free_bytes - len(pending) < self._min_free_bytes:
+            self.stats.refused += 1
+            raise LogUnavailable(
+                "disk full: not enough free space for the log", RETRY_AFTER_DISK_FULL
+            )
+
+        project_json = self._project_json.get(project)
+        if project_json is None:
+            project_json = self._project_json[project] = orjson.dumps(project)
+        received_us = int(self._clock() * 1_000_000)
+        head = b'{"p":%b,"r":%d,"b":"%b","e":' % (
+            project_json,
+            received_us,
+            self._batch_id_prefix(received_us // 1000),
+        )
+        length = len(head) + len(events_json) + 2
+        if length > MAX_RECORD_BYTES:
+            raise ValueError(f"batch of {length} bytes exceeds MAX_RECORD_BYTES")
+        crc = zlib.crc32(b"}\n", zlib.crc32(events_json, zlib.crc32(head)))
+        pending += RECORD_HEADER.pack(RECORD_MAGIC, length, crc)
+        pending += head
+        pending += events_json
+        pending += b"}\n"
+        self._pending_waiters.append((on_done, count))
+        self.stats.appends += 1
+        if not self._syncing and not self._sync_scheduled:
+            # Not a timer: runs after the I/O callbacks of this loop iteration, so requests
+            # that arrived together share the first sync too.
+            self._sync_scheduled = True
+            self._loop.call_soon(self._start_sync)
+
+    def _refuse(self) -> None:
+        self.stats.refused += 1
+        if self._closing:
+            raise LogUnavailable("shutting down", RETRY_AFTER_SHUTTING_DOWN)
+        exc = self._unsound
+        reason = "disk full" if getattr(exc, "errno", None) == errno.ENOSPC else "I/O error"
+        raise LogUnavailable(
+            f"{reason}: the log is recovering from a failed write/sync ({exc})",
+            RETRY_AFTER_DISK_FULL if reason == "disk full" else RETRY_AFTER_IO_ERROR,
+        )
+
+    def _batch_id_prefix(self, now_ms: int) -> bytes:
+        """33 leading hex/dash characters of a UUIDv7 whose last 3 hex digits are 0."""
+        # Monotonic within this process: rand_a counts batches inside one millisecond
+        # (RFC 9562 6.2 method 1); a clock step backwards keeps the last timestamp.
+        if now_ms > self._uuid_ms:
+            self._uuid_ms = now_ms
+            self._uuid_seq = 0
+        else:
+            self._uuid_seq += 1
+            if self._uuid_seq > 0xFFF:
+                self._uuid_ms += 1
+                self._uuid_seq = 0
+        rand = int.from_bytes(os.urandom(7)) & 0x3FFFFFFFFFFFF  # 50 random bits
+        value = (
+            (self._uuid_ms << 80) | (0x7 << 76) | (self._uuid_seq << 64) | (0b10 << 62) | rand << 12
+        )
+        h = f"{value:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:29]}".encode()
+
+    # -- Sync orchestration (loop thread) -------------------------------------------------
+
+    def _start_sync(self) -> None:
+        self._sync_scheduled = False
+        if self._syncing or self._unsound is not None:
+            return
+        if not self._pending_waiters and not self._rotate_due:
+            self._wake_idle_waiters()
+            return
+        buf = self._pending
+        waiters = self._pending_waiters
+        self._pending = self._spare
+        self._pending_waiters = []
+        rotate = self._rotate_due or self._segment_size >= self._segment_max_bytes
+        self._rotate_due = False
+        self._syncing = True
+        self._jobs.put((_JOB_WRITE, buf, waiters, rotate))
+
+    def _on_job_done(self, kind: int, buf, waiters, error, latency: float) -> None:
+        self._syncing = False
+        stats = self.stats
+        if kind == _JOB_REPAIR:
+            if error is None:
+                log.warning("commit log %s: sound again after %s", self.worker_id, self._unsound)
+                self._unsound = None
+            else:
+                log.error("commit log %s: repair failed, still refusing: %s", self.worker_id, error)
+            self._wake_idle_waiters()
+            return
+        written = len(buf)
+        buf.clear()
+        self._spare = buf
+        if error is None:
+            stats.syncs += 1
+            stats.bytes += written
+            stats.last_sync_latency_s = latency
+            if latency > stats.max_sync_latency_s:
+                stats.max_sync_latency_s = latency
+            self._unrolled_bytes += written
+            self._free_bytes -= written
+            events = 0
+            for on_done, count in waiters:
+                events += count
+                self._fire(on_done, None)
+            stats.acked += len(waiters)
+            stats.events += events
+            if self._pending_waiters or self._rotate_due:
+                self._start_sync()
+            else:
+                self._wake_idle_waiters()
+            return
+        # fsyncgate: the kernel may already have dropped the dirty pages; never retry these.
+        stats.sync_errors += 1
+        self._unsound = error
+        log.error("commit log %s: write/sync failed, refusing appends: %s", self.worker_id, error)
+        failure = self._failure(error)
+        queued = self._pending_waiters
+        self._pending_waiters = []
+        self._pending.clear()
+        for on_done, _ in waiters:
+            self._fire(on_done, failure)
+        for on_done, _ in queued:
+            self._fire(on_done, failure)
+        stats.failed += len(waiters) + len(queued)
+        self._wake_idle_waiters()
+
+    @staticmethod
+    def _failure(error: BaseException) -> LogUnavailable:
+        if getattr(error, "errno", None) == errno.ENOSPC:
+            exc = LogUnavailable(f"disk full: write/sync failed ({error})", RETRY_AFTER_DISK_FULL)
+        else:
+            exc = LogUnavailable(f"I/O error: write/sync failed ({error})", RETRY_AFTER_IO_ERROR)
+        exc.__cause__ = error
+        return exc
+
+    @staticmethod
+    def _fire(on_done, result) -> None:
+        try:
+            on_done(result)
+        except Exception:
+            log.exception("commit log: on_done callback raised")
+
+    def _wake_idle_waiters(self) -> None:
+        waiters = self._idle_waiters
+        self._idle_waiters = []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def tick(self) -> None:
+        """Once a second on the loop: free space, unrolled bytes, rotation by age, repair."""
+        if self._fd < 0 and self._unsound is None:
+            return
+        if self._syncing or self._sync_scheduled:
+            # The thread owns the segment state; a second is soon enough to look again.
+            return
+        try:
+            self._refresh_space()
+        except OSError as exc:
+            log.error("commit log: cannot check free space: %s", exc)
+        if self._unsound is not None:
+            self._syncing = True
+            self._jobs.put((_JOB_REPAIR, None, None, False))
+            return
+        age = self._clock() - self._segment_opened_at
+        if self._segment_size > 0 and age >= self._segment_max_age_s:
+            self._rotate_due = True
+            self._start_sync()
+
+    def _refresh_space(self) -> None:
+        st = os.statvfs(self.log_dir)
+        self._free_bytes = st.f_bavail * st.f_frsize
+        unrolled = 0
+        for path in list_segments(self.log_dir).get(self.worker_id, []):
+            try:
+                unrolled += path.stat().st_size
+            except FileNotFoundError:
+                continue  # rolled between listing and stat
+        self._unrolled_bytes = unrolled
+
+    # -- Sync thread ----------------------------------------------------------------------
+
+    def _sync_thread_main(self) -> None:
+        jobs = self._jobs
+        loop = self._loop
+        while True:
+            job = jobs.get()
+            if job is _STOP:
+                return
+            kind, buf, waiters, rotate = job
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                if kind == _JOB_REPAIR:
+                    self._repair()
+                else:
+                    if rotate:
+                        self._rotate()
+                    if buf:
+                        self._write_all(buf)
+                        if self._fsync:
+                            _fdatasync(self._fd)
+                        self._durable_size = self._segment_size
+            except BaseException as exc:  # noqa: BLE001 - every failure must reach the callbacks
+                error = exc
+            latency = time.perf_counter() - started
+            try:
+                loop.call_soon_threadsafe(self._on_job_done, kind, buf, waiters, error, latency)
+            except RuntimeError:
+                return  # loop closed under us: nobody is waiting any more
+
+    def _write_all(self, buf: bytearray) -> None:
+        view = memoryview(buf)
+        fd = self._fd
+        try:
+            while view:
+                written = os.write(fd, view)
+                self._segment_size += written
+                view = view[written:]
+        finally:
+            view.release()
+
+    def _rotate(self) -> None:
+        old_fd = self._fd
+        self._open_new_segment()
+        os.close(old_fd)
+        self.stats.rotations += 1
+
+    def _repair(self) -> None:
+        """Cut the damaged segment back to its last durable size and start a new segment."""
+        if self._fd >= 0:
+            os.ftruncate(self._fd, self._durable_size)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._segment_size = self._durable_size
+        self._open_new_segment()
+
+    def _open_new_segment(self) -> None:
+        # Sequence numbers follow the wall clock in microseconds so a name is never reused
+        # after the roller deleted every older segment (Parquet files are named after it).
+        seq = max(self._segment_seq + 1, time.time_ns() // 1000)
+        path = self.log_dir / segment_name(self.worker_id, seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            os.fsync(fd)
+            fsync_dir(self.log_dir)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._segment_path = path
+        self._segment_seq = seq
+        self._segment_size = 0
+        self._durable_size = 0
+        self._segment_opened_at = self._clock()
+
+
+__all__ = [
+    "CommitLog",
+    "LogStats",
+    "LogUnavailable",
+    "frame_record",
+    "list_segments",
+    "scan_records",
+    "sealed_segments",
+    "segment_name",
+    "parse_segment_name",
+    "recover_segment",
+]
