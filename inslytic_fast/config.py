@@ -1,0 +1,228 @@
+"""Settings, resolved once at start: command-line flag > environment > TOML file > default.
+
+Every option is declared once in ``OPTIONS``; the ``serve`` parser, the ``INSLYTIC_*`` environment
+variables, the TOML keys and the example config file are all generated from that table, so they
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+
+DEFAULT_DATA_DIR = "./inslytic-data"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str  # snake_case: attribute, TOML key; flag is --kebab-case; env is INSLYTIC_UPPER
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "INSLYTIC_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", str, "127.0.0.1", "address to listen on"),
+    Option("port", int, 8080, "TCP port to listen on"),
+    Option("data_dir", str, DEFAULT_DATA_DIR, "where the log, Parquet files and key catalog live"),
+    Option(
+        "durability",
+        str,
+        "fsync",
+        "fsync: a 202 is sent only after the events are fsync'd (default). "
+        "none: skip fsync -- FOR BENCHMARKS ONLY, a crash loses acknowledged events",
+        choices=("fsync", "none"),
+    ),
+    Option(
+        "events_per_minute",
+        int,
+        1000,
+        "default token-bucket size per project (API reference: 1,000 events/minute); "
+        "a project's own limit overrides it",
+    ),
+    # h11 and uvicorn use 16 KiB for request line + headers (nginx's large_client_header_buffers
+    # is 4 x 8k); SDKs send a handful of short headers.
+    Option("max_header_bytes", int, 16 * KiB, "request line + headers cap; over it -> 431"),
+    # The hosted API's 1,000-event batches of ~1-2 KiB events fit in a few MiB after gzip.
+    Option("max_body_bytes", int, 5 * MiB, "request body cap as sent (compressed); over it -> 413"),
+    Option(
+        "max_decompressed_bytes",
+        int,
+        20 * MiB,
+        "cap on a gzip/deflate body once inflated; over it -> 413 (stops a gzip bomb early)",
+    ),
+    # Slowloris defence; 10 s / 30 s as the ingestion issue specifies (nginx: 60 s each).
+    Option("header_timeout", float, 10.0, "seconds to receive request line + headers; then 408"),
+    Option("body_timeout", float, 30.0, "seconds a body may stall between reads; then 408"),
+    # AWS ALB's default idle timeout is 60 s; nginx keepalive_timeout is 75 s.
+    Option("keepalive_timeout", float, 60.0, "seconds an idle keep-alive connection is kept"),
+    Option("max_connections", int, 10_000, "open connections cap; over it new ones get 503"),
+    Option(
+        "max_pipelined",
+        int,
+        64,
+        "requests in flight on one connection before reading from it pauses",
+    ),
+    Option(
+        "cors_origins",
+        str,
+        "*",
+        "comma-separated origins allowed by CORS, or * for any",
+    ),
+    Option("shutdown_timeout", float, 10.0, "seconds SIGTERM waits for in-flight requests"),
+    Option(
+        "retention_days",
+        int,
+        0,
+        "drop Parquet partitions whose event date is older than this many days (0: keep forever)",
+    ),
+    Option(
+        "workers",
+        int,
+        1,
+        "worker processes sharing the port (1: a single process)",
+    ),
+)
+
+_BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names its source."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    durability: str = "fsync"
+    events_per_minute: int = 1000
+    max_header_bytes: int = 16 * KiB
+    max_body_bytes: int = 5 * MiB
+    max_decompressed_bytes: int = 20 * MiB
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 60.0
+    max_connections: int = 10_000
+    max_pipelined: int = 64
+    cors_origins: tuple[str, ...] = ("*",)
+    shutdown_timeout: float = 10.0
+    retention_days: int = 0
+    workers: int = 1
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def fsync(self) -> bool:
+        return self.durability == "fsync"
+
+
+def _coerce(opt: Option, value: Any, source: str) -> Any:
+    try:
+        if opt.type is bool and isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+        if opt.type is int and isinstance(value, bool):
+            raise ValueError
+        value = opt.type(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {opt.name} must be {opt.type.__name__}, got {value!r}") from None
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{source}: {opt.name} must be one of {', '.join(opt.choices)}")
+    if opt.type in (int, float) and value < 0:
+        raise ConfigError(f"{source}: {opt.name} must not be negative")
+    return value
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = raw.get("serve", raw)
+    out = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in _BY_NAME:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        out[name] = value
+    return out
+
+
+def resolve(
+    flags: dict[str, Any], environ: dict[str, str] | None = None, config_file: str | None = None
+) -> Settings:
+    """Merge the sources; ``flags`` holds None for every flag not given on the command line."""
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get("INSLYTIC_CONFIG")
+    from_file = load_toml(Path(config_file)) if config_file else {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for opt in OPTIONS:
+        if flags.get(opt.name) is not None:
+            value, source = flags[opt.name], opt.flag
+        elif opt.env in environ:
+            value, source = environ[opt.env], opt.env
+        elif opt.name in from_file:
+            value, source = from_file[opt.name], f"{config_file}"
+        else:
+            value, source = opt.default, "default"
+        values[opt.name] = _coerce(opt, value, source)
+        sources[opt.name] = source
+    if not 0 < values["port"] < 65536 and values["port"] != 0:
+        raise ConfigError(f"{sources['port']}: port must be 0-65535")
+    if values["workers"] < 1:
+        raise ConfigError(f"{sources['workers']}: workers must be at least 1")
+    values["data_dir"] = Path(values["data_dir"]).expanduser()
+    values["cors_origins"] = tuple(
+        o.strip() for o in str(values["cors_origins"]).split(",") if o.strip()
+    ) or ("*",)
+    return Settings(**values, sources=sources)
+
+
+def add_arguments(parser) -> None:
+    """Add one flag per option to an argparse parser (defaults None: resolve() fills them in)."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="TOML file with settings (keys as below, snake_case, optionally under [serve]); "
+        "env INSLYTIC_CONFIG",
+    )
+    for opt in OPTIONS:
+        parser.add_argument(
+            opt.flag,
+            type=opt.type,
+            default=None,
+            choices=opt.choices,
+            metavar=None if opt.choices else opt.name.split("_")[-1].upper(),
+            help=f"{opt.help} (default: {opt.default}; env {opt.env})",
+        )
+
+
+def example_config() -> str:
+    """The text of an example TOML file with every option at its default."""
+    lines = ["# inslytic-fast settings; every key is optional. Flags and INSLYTIC_* env win.", "[serve]"]
+    for opt in OPTIONS:
+        lines.append(f"# {opt.help}")
+        default = opt.default
+        rendered = f'"{default}"' if isinstance(default, str) else repr(default)
+        lines.append(f"{opt.name} = {rendered}")
+    return "\n".join(lines) + "\n"

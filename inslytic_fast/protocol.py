@@ -1,0 +1,395 @@
+"""HTTP/1.1 on httptools: bytes in, response bytes out, in request order.
+
+One ``HttpProtocol`` per connection. It only moves bytes: it parses, enforces the wire limits,
+hands each complete request to the ``App`` together with a ``ResponseSlot``, and writes the
+slots' bytes strictly in request order, even when an earlier ingest is still committing
+(pipelining). Nothing is raised out of a protocol callback: a parse error becomes a 400, an
+unexpected error a logged 500, and the connection is closed.
+
+Timeouts are not timers per request: the server's 1 s tick calls ``check_timeouts`` on every
+connection, which compares the phase's start with the cached clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from .request import Request
+from .responses import error_body
+
+if TYPE_CHECKING:
+    from .app import App
+    from .state import ServerState
+
+log = logging.getLogger("inslytic_fast.protocol")
+
+# Connection phases, for the timeout checks.
+IDLE = 0  # waiting for the first byte of a request (keep-alive idle)
+HEADERS = 1  # request line / headers arriving
+BODY = 2  # body arriving
+LINGER = 3  # error answered, write side shut; draining input briefly so the client reads it
+
+LINGER_SECONDS = 2.0  # Apache's lingering close waits up to 2 s (MAX_SECS_TO_LINGER)
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# Headers the server looks at; everything else is skipped with one dict miss.
+_AUTHORIZATION, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
+_TRANSFER_ENCODING, _EXPECT, _ORIGIN = 5, 6, 7
+_INTERESTING = {
+    b"authorization": _AUTHORIZATION,
+    b"content-type": _CONTENT_TYPE,
+    b"content-encoding": _CONTENT_ENCODING,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"expect": _EXPECT,
+    b"origin": _ORIGIN,
+}
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the status is on the protocol."""
+
+
+class ResponseSlot:
+    """A place in the connection's response order; filled now or when the commit finishes."""
+
+    __slots__ = ("conn", "data")
+
+    def __init__(self, conn: HttpProtocol) -> None:
+        self.conn = conn
+        self.data: bytes | None = None
+
+    def respond(self, data: bytes) -> None:
+        if self.data is None:
+            self.data = data
+            self.conn.flush()
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "app",
+        "state",
+        "responses",
+        "loop",
+        "transport",
+        "parser",
+        "pending",
+        "phase",
+        "phase_since",
+        "request",
+        "url",
+        "header_bytes",
+        "body_parts",
+        "body_size",
+        "chunked",
+        "expect_continue",
+        "closing",
+        "read_paused",
+        "write_paused",
+        "error_status",
+        "linger_on_close",
+        "max_header_bytes",
+        "max_body_bytes",
+        "max_pipelined",
+        "resume_below",
+    )
+
+    def __init__(self, app: App, state: ServerState) -> None:
+        settings = state.settings
+        self.app = app
+        self.state = state
+        self.responses = app.responses
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: deque[ResponseSlot] = deque()
+        self.phase = IDLE
+        self.phase_since = state.now
+        self.request = Request()
+        self.url = b""
+        self.header_bytes = 0
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.chunked = False
+        self.expect_continue = False
+        self.closing = False
+        self.read_paused = False
+        self.write_paused = False
+        self.error_status = 0
+        self.linger_on_close = False
+        # Copied once so the hot path does not chase settings attributes.
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_body_bytes = settings.max_body_bytes
+        self.max_pipelined = settings.max_pipelined
+        self.resume_below = max(1, settings.max_pipelined // 2)
+
+    # Protocol interface
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        state = self.state
+        if len(state.connections) >= state.settings.max_connections or state.draining:
+            transport.write(  # type: ignore[attr-defined]
+                self.responses.render(
+                    503,
+                    error_body("Service Unavailable", ["too many open connections"]),
+                    b"Retry-After: 1\r\n",
+                    close=True,
+                )
+            )
+            transport.close()
+            self.transport = None
+            return
+        state.connections.add(self)
+        self.phase_since = state.now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connections.discard(self)
+        self.transport = None
+        self.pending.clear()
+        self.body_parts = []
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # answered with close (or lingering after an error): input is discarded
+        if self.phase == HEADERS:
+            # Coarse guard across reads: httptools buffers a header until it is complete.
+            self.header_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request was complete and answered; we speak no other protocol.
+            self.closing = True
+            self._close_when_flushed()
+            return
+        except httptools.HttpParserCallbackError:
+            if self.error_status:
+                self._fail(self.error_status, self._error_message(self.error_status))
+            else:
+                log.exception("unexpected error in a parser callback")
+                self._fail(500, "Internal Server Error")
+            return
+        except httptools.HttpParserError as exc:
+            if self.closing:
+                return  # bytes after a "Connection: close" request: not ours to answer
+            self._fail(400, "Bad Request", [f"malformed HTTP request: {exc}"])
+            return
+        except Exception:
+            log.exception("unexpected error while parsing")
+            self._fail(500, "Internal Server Error")
+            return
+        if self.phase == HEADERS and self.header_bytes > self.max_header_bytes:
+            self._fail(431, self._error_message(431))
+
+    def eof_received(self) -> bool:
+        # Half-close: finish answering what was sent, then close (keep our side open till then).
+        self.closing = True
+        self._close_when_flushed()
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.phase = HEADERS
+        self.phase_since = self.state.now
+        self.header_bytes = 0
+        self.url = b""
+        self.request = Request()
+        self.body_parts = []
+        self.body_size = 0
+        self.chunked = False
+        self.expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.header_bytes += len(url)
+        if self.header_bytes > self.max_header_bytes:
+            self.error_status = 431
+            raise _Reject
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.max_header_bytes:
+            self.error_status = 431
+            raise _Reject
+        which = _INTERESTING.get(name.lower())
+        if which is None:
+            return
+        request = self.request
+        if which == _AUTHORIZATION:
+            request.authorization = value
+        elif which == _CONTENT_TYPE:
+            request.content_type = value
+        elif which == _CONTENT_ENCODING:
+            request.content_encoding = value
+        elif which == _CONTENT_LENGTH:
+            # llhttp already rejects non-digits, duplicates and CL together with TE.
+            if int(value) > self.max_body_bytes:
+                self.error_status = 413
+                raise _Reject
+        elif which == _TRANSFER_ENCODING:
+            # Only plain "chunked": llhttp accepts ",chunked" and "gzip, chunked", which a proxy in
+            # front may read differently (request smuggling); refuse anything else.
+            if value.strip().lower() != b"chunked":
+                self.error_status = 400
+                raise _Reject
+            self.chunked = True
+        elif which == _EXPECT:
+            self.expect_continue = value.strip().lower() == b"100-continue"
+        else:
+            request.origin = value
+
+    def on_headers_complete(self) -> None:
+        self.phase = BODY
+        self.phase_since = self.state.now
+        request = self.request
+        request.method = self.parser.get_method()
+        url = self.url
+        query = url.find(b"?")
+        request.path = url if query < 0 else url[:query]
+        if self.expect_continue and not self.pending and self.transport is not None:
+            # curl waits 1 s for this before sending a body over 1 KiB; nothing earlier is
+            # owed on this connection, so the interim answer cannot jump the response order.
+            self.transport.write(CONTINUE_100)
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.max_body_bytes:
+            self.error_status = 413
+            raise _Reject
+        self.body_parts.append(body)
+        self.phase_since = self.state.now
+
+    def on_message_complete(self) -> None:
+        request = self.request
+        parts = self.body_parts
+        request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.body_parts = []
+        request.keep_alive = keep_alive = self.parser.should_keep_alive() and not self.state.draining
+        self.phase = IDLE
+        self.phase_since = self.state.now
+        slot = ResponseSlot(self)
+        self.pending.append(slot)
+        if not keep_alive:
+            self.closing = True
+        try:
+            self.app.handle(request, slot)
+        except Exception:
+            log.exception("unexpected error handling %s %r", request.method.decode(), request.path)
+            slot.respond(
+                self.responses.render(
+                    500, error_body("Internal Server Error"), close=not keep_alive
+                )
+            )
+        if len(self.pending) > self.max_pipelined and not self.read_paused:
+            self._update_reading()
+
+    # Output, in request order
+
+    def flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        pending = self.pending
+        while pending and pending[0].data is not None:
+            transport.write(pending.popleft().data)  # type: ignore[arg-type]
+        if self.closing:
+            if not pending:
+                self._close_when_flushed()
+        elif self.read_paused and len(pending) < self.resume_below:
+            self._update_reading()
+
+    def _close_when_flushed(self) -> None:
+        if self.pending or self.transport is None or self.phase == LINGER:
+            return
+        if self.linger_on_close:
+            self._linger()
+        else:
+            self.transport.close()
+
+    def _fail(self, status: int, message: str, details: list[str] | None = None) -> None:
+        """Answer a protocol-level error after what is owed, then close the connection."""
+        self.closing = True
+        self.linger_on_close = True
+        self.error_status = 0
+        self.body_parts = []
+        slot = ResponseSlot(self)
+        slot.data = self.responses.error(status, message, details, close=True)
+        self.pending.append(slot)
+        self.flush()
+
+    def _linger(self) -> None:
+        """Shut our write side and drain input for a moment: closing a socket that still has
+        unread input sends RST, and the client would lose the error we just wrote."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.phase = LINGER
+        self.phase_since = self.state.now
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        if self.read_paused:
+            transport.resume_reading()
+            self.read_paused = False
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.phase == LINGER:
+            return
+        should_pause = self.write_paused or len(self.pending) > self.max_pipelined
+        if should_pause and not self.read_paused:
+            self.read_paused = True
+            transport.pause_reading()
+        elif not should_pause and self.read_paused and len(self.pending) < self.resume_below:
+            self.read_paused = False
+            transport.resume_reading()
+
+    @staticmethod
+    def _error_message(status: int) -> str:
+        if status == 431:
+            return "Request Header Fields Too Large"
+        if status == 413:
+            return "Payload Too Large"
+        if status == 408:
+            return "Request Timeout"
+        return "Bad Request"
+
+    # Called by the server's 1 s tick
+
+    def check_timeouts(self, now: float) -> None:
+        if self.transport is None:
+            return
+        settings = self.state.settings
+        phase = self.phase
+        elapsed = now - self.phase_since
+        if phase == LINGER:
+            if elapsed >= LINGER_SECONDS:
+                self.transport.close()
+        elif self.pending:
+            return  # we owe answers: the wait is ours, not the client's
+        elif phase == IDLE:
+            if self.closing:
+                self.transport.close()
+            elif elapsed >= settings.keepalive_timeout:
+                self.transport.close()  # RFC 9112 s9.8: an idle connection may just be closed
+        elif phase == HEADERS:
+            if elapsed >= settings.header_timeout:
+                self._fail(408, "Request Timeout", ["request headers not received in time"])
+        elif elapsed >= settings.body_timeout:
+            self._fail(408, "Request Timeout", ["request body stalled"])

@@ -1,0 +1,76 @@
+"""Per-project token buckets, owned by the event loop (no locks), with time passed in.
+
+The API reference: "a token bucket rate limiter per project. Each event in a request costs one
+token. The default limit is 1,000 events per minute per project. Tokens refill every 60
+seconds." So a bucket holds ``limit`` tokens and is refilled to full once per 60-second window
+that starts with the project's first request; a batch that costs more than what remains is
+refused whole.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+REFILL_SECONDS = 60.0  # API reference: "Tokens refill every 60 seconds"
+UNLIMITED = 0  # a project limit of 0 means no rate limit (benchmarks, trusted back-ends)
+
+
+class TokenBucket:
+    __slots__ = ("limit", "tokens", "window_start")
+
+    def __init__(self, limit: int, now: float) -> None:
+        self.limit = limit
+        self.tokens = limit
+        self.window_start = now
+
+    def refresh(self, limit: int, now: float) -> None:
+        """Refill if the window has passed; apply a changed limit to the current window."""
+        if now - self.window_start >= REFILL_SECONDS:
+            # Keep windows aligned to the first request so Reset is predictable for clients.
+            elapsed_windows = (now - self.window_start) // REFILL_SECONDS
+            self.window_start += elapsed_windows * REFILL_SECONDS
+            self.limit = limit
+            self.tokens = limit
+        elif limit != self.limit:
+            self.tokens = max(0, min(limit, self.tokens + limit - self.limit))
+            self.limit = limit
+
+    def try_spend(self, cost: int) -> bool:
+        if cost > self.tokens:
+            return False
+        self.tokens -= cost
+        return True
+
+    def refund(self, cost: int, spent_at_window: float) -> None:
+        """Give back tokens of a batch that was not stored (server fault), in the same window."""
+        if spent_at_window == self.window_start:
+            self.tokens = min(self.limit, self.tokens + cost)
+
+    def reset_in(self, now: float) -> int:
+        """Whole seconds until the next refill (at least 1)."""
+        return max(1, math.ceil(self.window_start + REFILL_SECONDS - now))
+
+
+class RateLimiter:
+    """A plain dict of buckets keyed by project name."""
+
+    __slots__ = ("_buckets", "clock")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._buckets: dict[str, TokenBucket] = {}
+        self.clock = clock
+
+    def bucket(self, project: str, limit: int, now: float) -> TokenBucket:
+        bucket = self._buckets.get(project)
+        if bucket is None:
+            bucket = self._buckets[project] = TokenBucket(limit, now)
+        else:
+            bucket.refresh(limit, now)
+        return bucket
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop buckets of projects that no longer exist (bounded memory across deletes)."""
+        for name in [n for n in self._buckets if n not in keep]:
+            del self._buckets[name]

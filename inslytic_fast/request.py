@@ -1,0 +1,28 @@
+"""A complete HTTP request, as the protocol hands it to the app."""
+
+from __future__ import annotations
+
+
+class Request:
+    """What the protocol hands over once a request is complete."""
+
+    __slots__ = (
+        "method",
+        "path",
+        "authorization",
+        "content_type",
+        "content_encoding",
+        "origin",
+        "body",
+        "keep_alive",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.path = b""
+        self.authorization: bytes | None = None
+        self.content_type: bytes | None = None
+        self.content_encoding: bytes | None = None
+        self.origin: bytes | None = None
+        self.body = b""
+        self.keep_alive = True
