@@ -140,7 +140,9 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
             raise ValueError
         value = opt.type(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {opt.name} must be {opt.type.__name__}, got {value!r}") from None
+        raise ConfigError(
+            f"{source}: {opt.name} must be {opt.type.__name__}, got {value!r}"
+        ) from None
     if opt.choices and value not in opt.choices:
         raise ConfigError(f"{source}: {opt.name} must be one of {', '.join(opt.choices)}")
     if opt.type in (int, float) and value < 0:
@@ -219,7 +221,10 @@ def add_arguments(parser) -> None:
 
 def example_config() -> str:
     """The text of an example TOML file with every option at its default."""
-    lines = ["# inslytic-fast settings; every key is optional. Flags and INSLYTIC_* env win.", "[serve]"]
+    lines = [
+        "# inslytic-fast settings; every key is optional. Flags and INSLYTIC_* env win.",
+        "[serve]",
+    ]
     for opt in OPTIONS:
         lines.append(f"# {opt.help}")
         default = opt.default

@@ -111,7 +111,9 @@ def decode_body(body: bytes, content_encoding: bytes | None, limit: int) -> byte
     elif encoding == b"deflate":
         # RFC 9110 says zlib-wrapped; some clients send raw deflate. The zlib header's
         # first two bytes are a multiple of 31 (RFC 1950 s2.2), raw deflate's usually are not.
-        zlib_wrapped = len(body) >= 2 and (body[0] & 0x0F) == 8 and (body[0] << 8 | body[1]) % 31 == 0
+        zlib_wrapped = (
+            len(body) >= 2 and (body[0] & 0x0F) == 8 and (body[0] << 8 | body[1]) % 31 == 0
+        )
         wbits = zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
     else:
         return Rejection(

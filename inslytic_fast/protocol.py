@@ -278,7 +278,9 @@ class HttpProtocol(asyncio.Protocol):
         parts = self.body_parts
         request.body = parts[0] if len(parts) == 1 else b"".join(parts)
         self.body_parts = []
-        request.keep_alive = keep_alive = self.parser.should_keep_alive() and not self.state.draining
+        request.keep_alive = keep_alive = (
+            self.parser.should_keep_alive() and not self.state.draining
+        )
         self.phase = IDLE
         self.phase_since = self.state.now
         slot = ResponseSlot(self)

@@ -93,9 +93,7 @@ class Responses:
         origin: bytes | None = None,
         close: bool = False,
     ) -> bytes:
-        return self.render(
-            status, error_body(message, details), extra, origin=origin, close=close
-        )
+        return self.render(status, error_body(message, details), extra, origin=origin, close=close)
 
     def no_content(self, extra: bytes, *, origin: bytes | None = None) -> bytes:
         """204 for CORS preflight: no body and (RFC 9110 s8.6) no Content-Length either way."""

@@ -182,7 +182,7 @@ class Server:
                 "Try it:\n"
                 f"  curl -i -X POST http://{url_host}:{port}/v1/ingest "
                 f'-H "Authorization: Bearer {key}" -H "Content-Type: application/json" '
-                "-d '{\"events\":[{\"eventName\":\"page_viewed\","
+                '-d \'{"events":[{"eventName":"page_viewed",'
                 '"timestamp":"2026-02-16T10:30:00.000Z","anonymousId":"anon-123",'
                 '"sessionId":"sess-456","consentGiven":true}]}\'',
                 file=self.out,

@@ -72,9 +72,7 @@ def test_unknown_or_broken_config_files_are_clear_errors(tmp_path):
 
 
 def test_cors_origins_list():
-    settings = resolve(
-        no_flags(cors_origins="https://a.example, https://b.example"), environ={}
-    )
+    settings = resolve(no_flags(cors_origins="https://a.example, https://b.example"), environ={})
     assert settings.cors_origins == ("https://a.example", "https://b.example")
 
 

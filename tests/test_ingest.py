@@ -1,0 +1,241 @@
+"""The ingest decision and its carrying-out, without sockets: a real KeyRing and Schema, a
+memory commit sink (as PostHog capture's compatibility tests use) and a fake clock."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+
+import orjson
+import pytest
+
+from inslytic_fast.auth import KeyRing
+from inslytic_fast.commitlog import LogUnavailable
+from inslytic_fast.ingest import Admission, Ingestor, Rejection, decode_body
+from inslytic_fast.ratelimit import RateLimiter
+from inslytic_fast.request import Request
+from inslytic_fast.responses import Responses
+from inslytic_fast.schema import Schema
+
+from .conftest import EXAMPLE_EVENT
+
+
+class MemorySink:
+    """Stands in for the commit log: records appends, completes them when told."""
+
+    def __init__(self) -> None:
+        self.appended: list[tuple[str, bytes, int]] = []
+        self.waiting = []
+        self.refuse: LogUnavailable | None = None
+
+    def append(self, project, events_json, count, on_done) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.appended.append((project, events_json, count))
+        self.waiting.append(on_done)
+
+    def complete(self, error: BaseException | None = None) -> None:
+        for on_done in self.waiting:
+            on_done(error)
+        self.waiting.clear()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def respond(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def status(self) -> int:
+        assert len(self.data) == 1
+        return int(self.data[0].split(b" ", 2)[1])
+
+    def body(self) -> dict:
+        return orjson.loads(self.data[0].split(b"\r\n\r\n", 1)[1])
+
+    def header(self, name: str) -> str | None:
+        head = self.data[0].split(b"\r\n\r\n", 1)[0].decode()
+        for line in head.split("\r\n")[1:]:
+            key, _, value = line.partition(":")
+            if key.lower() == name.lower():
+                return value.strip()
+        return None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 500.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def world(tmp_path):
+    keyring = KeyRing(tmp_path)
+    keyring.load()
+    key = keyring.ensure_default_project()
+    clock = Clock()
+    sink = MemorySink()
+    ingestor = Ingestor(
+        keyring,
+        Schema(),
+        RateLimiter(clock),
+        sink,
+        Responses(),
+        default_limit=10,
+        max_decompressed_bytes=1_000_000,
+    )
+    return ingestor, sink, key.encode(), clock
+
+
+def request(key: bytes | None, body: dict | bytes, **fields) -> Request:
+    req = Request()
+    req.method = b"POST"
+    req.path = b"/v1/ingest"
+    req.authorization = b"Bearer " + key if key is not None else None
+    req.body = body if isinstance(body, bytes) else orjson.dumps(body)
+    for name, value in fields.items():
+        setattr(req, name, value)
+    return req
+
+
+def batch(n: int) -> dict:
+    return {"events": [EXAMPLE_EVENT] * n}
+
+
+def test_an_accepted_batch_is_answered_only_after_the_commit(world):
+    ingestor, sink, key, _ = world
+    out = Collector()
+    ingestor.submit(request(key, batch(2)), out)
+    assert out.data == [], "no 202 before the log reports the events durable"
+    [(project, events_json, count)] = sink.appended
+    assert (project, count) == ("default", 2)
+    assert [e["eventName"] for e in orjson.loads(events_json)] == ["page_viewed"] * 2
+    sink.complete()
+    assert out.status() == 202 and out.body() == {"accepted": 2}
+    assert out.header("X-RateLimit-Remaining") == "8"
+
+
+def test_a_failed_commit_is_a_503_and_gives_the_tokens_back(world):
+    ingestor, sink, key, _ = world
+    out = Collector()
+    ingestor.submit(request(key, batch(4)), out)
+    sink.complete(OSError(5, "Input/output error"))
+    assert out.status() == 503 and out.header("Retry-After") is not None
+    again = Collector()
+    ingestor.submit(request(key, batch(10)), again)
+    sink.complete()
+    assert again.status() == 202, "the failed batch's 4 tokens were refunded"
+
+
+def test_a_refusing_log_is_a_fast_503_with_retry_after(world):
+    ingestor, sink, key, _ = world
+    sink.refuse = LogUnavailable("disk full", retry_after=7)
+    out = Collector()
+    ingestor.submit(request(key, batch(1)), out)
+    assert out.status() == 503 and out.header("Retry-After") == "7"
+    assert "disk full" in out.body()["details"][0]
+
+
+@pytest.mark.parametrize(
+    ("authorization", "error"),
+    [
+        (None, "Missing API key"),
+        (b"Basic abc", "Authorization must use the Bearer scheme"),
+        (b"Bearer    ", "Missing API key"),
+        (b"Bearer ik_live_unknown", "Invalid API key"),
+    ],
+)
+def test_auth_comes_first(world, authorization, error):
+    ingestor, sink, _, _ = world
+    req = request(None, b"not even json")
+    req.authorization = authorization
+    decision = ingestor.admit(req)
+    assert isinstance(decision, Rejection) and decision.status == 401
+    assert error in orjson.loads(decision.body)["error"]
+    assert decision.headers == b"WWW-Authenticate: Bearer\r\n"
+
+
+def test_bearer_scheme_is_case_insensitive(world):
+    ingestor, _, key, _ = world
+    req = request(key, batch(1))
+    req.authorization = b"bearer " + key
+    assert isinstance(ingestor.admit(req), Admission)
+
+
+def test_an_invalid_batch_spends_no_tokens_and_stores_nothing(world):
+    ingestor, sink, key, _ = world
+    bad = {"events": [EXAMPLE_EVENT] * 5 + [{"eventName": 1}]}
+    decision = ingestor.admit(request(key, bad))
+    assert isinstance(decision, Rejection) and decision.status == 400
+    assert orjson.loads(decision.body)["error"] == "Validation failed"
+    assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
+    assert sink.appended == []
+
+
+def test_rate_limit_refuses_the_whole_batch_and_refills_after_the_window(world):
+    ingestor, _, key, clock = world
+    assert isinstance(ingestor.admit(request(key, batch(7))), Admission)
+    decision = ingestor.admit(request(key, batch(4)))
+    assert isinstance(decision, Rejection) and decision.status == 429
+    assert b"Retry-After: 60\r\n" in decision.headers
+    assert b"X-RateLimit-Remaining: 3\r\n" in decision.headers
+    clock.now += 60
+    assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
+
+
+def test_a_batch_larger_than_the_limit_says_so(world):
+    ingestor, _, key, _ = world
+    decision = ingestor.admit(request(key, batch(11)))
+    assert decision.status == 429
+    assert "exceeds the limit of 10 per minute" in orjson.loads(decision.body)["details"][0]
+
+
+def test_project_limit_overrides_the_default_and_zero_is_unlimited(world):
+    ingestor, _, key, _ = world
+    ingestor.keyring.projects["default"].events_per_minute = 0
+    decision = ingestor.admit(request(key, batch(500)))
+    assert isinstance(decision, Admission) and decision.limit_headers == b""
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        (b"gzip", gzip.compress),
+        (b"deflate", zlib.compress),
+        (b"identity", lambda b: b),
+    ],
+)
+def test_content_encodings(world, encoding, compress):
+    ingestor, _, key, _ = world
+    req = request(key, compress(orjson.dumps(batch(1))), content_encoding=encoding)
+    assert isinstance(ingestor.admit(req), Admission)
+
+
+def test_decompression_stops_at_the_cap_and_reports_corrupt_streams():
+    bomb = gzip.compress(b"a" * 5_000_000)
+    decision = decode_body(bomb, b"gzip", 1000)
+    assert isinstance(decision, Rejection) and decision.status == 413
+    assert decode_body(b"junk", b"gzip", 1000).status == 400
+    assert decode_body(gzip.compress(b"x" * 100)[:-10], b"gzip", 1000).status == 400
+    assert decode_body(b"{}", b"br", 1000).status == 415
+
+
+@pytest.mark.parametrize(
+    ("content_type", "ok"),
+    [
+        (None, True),
+        (b"application/json", True),
+        (b"Application/JSON; charset=utf-8", True),
+        (b"text/plain;charset=UTF-8", True),
+        (b"application/x-www-form-urlencoded", False),
+    ],
+)
+def test_media_types(world, content_type, ok):
+    ingestor, _, key, _ = world
+    decision = ingestor.admit(request(key, batch(1), content_type=content_type))
+    assert isinstance(decision, Admission) is ok
+    if not ok:
+        assert decision.status == 415
