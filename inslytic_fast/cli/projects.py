@@ -1,0 +1,408 @@
+"""`inslytic-fast projects ...`: create projects and manage their API keys.
+
+There is no dashboard in a self-hosted install, so this is where keys come from. Every command
+edits ``<data_dir>/catalog.json`` under a lock (see inslytic_fast.auth); a running server picks
+the change up within a second or two, no restart.
+
+A plaintext key is printed exactly once, as the last line of stdout of ``create`` and
+``rotate-key`` (``KEY=$(inslytic-fast projects create shop | tail -n1)``), and nowhere else.
+
+Exit codes: 0 ok, 1 operational error (duplicate or unknown name, unreadable catalog), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from inslytic_fast.auth import (
+    DISPLAY_PREFIX_LENGTH,
+    KEY_PREFIX,
+    Catalog,
+    CatalogError,
+    KeyRecord,
+    ProjectError,
+    ProjectRecord,
+    valid_project_name,
+)
+from inslytic_fast.config import DEFAULT_DATA_DIR
+
+DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
+# Where the storage layer keeps a project's events: <data_dir>/events/project=<name>/.
+EVENTS_DIR = "events"
+
+# Long enough to roll a new key through a deploy and the clients' config in a working day
+# across time zones; short enough that a key meant to die does not linger for weeks.
+DEFAULT_KEEP_OLD_FOR_SECONDS = 86_400
+# A grace period longer than a year is a second permanent key; revoke-key that instead.
+MAX_KEEP_OLD_FOR_SECONDS = 366 * 86_400
+# Far above what one node ingests (~10^8 events/minute); larger values are typos.
+MAX_EVENTS_PER_MINUTE = 10**12
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
+_DURATION_RE = re.compile(r"(\d+)([smhd]?)")
+
+
+# Argument types (argparse turns their ArgumentTypeError into exit 2) ------------------------
+
+
+def _project_name(text: str) -> str:
+    if not valid_project_name(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid project name {text!r}: use 1-64 letters, digits, '-' or '_'"
+        )
+    return text
+
+
+def _positive_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= MAX_EVENTS_PER_MINUTE:
+        raise argparse.ArgumentTypeError(
+            f"invalid limit {text!r}: a whole number of events per minute from 1 to "
+            f"{MAX_EVENTS_PER_MINUTE}, or 'unlimited'"
+        )
+    return value
+
+
+def _create_limit(text: str) -> int:
+    """N or 'unlimited' (stored as 0). A literal 0 is refused: it reads like 'blocked'."""
+    return 0 if text == "unlimited" else _positive_limit(text)
+
+
+def _set_limit(text: str) -> int | None:
+    """N, 'unlimited' (0) or 'default' (None: follow the server's --events-per-minute)."""
+    return None if text == "default" else _create_limit(text)
+
+
+def _duration(text: str) -> int:
+    match = _DURATION_RE.fullmatch(text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: seconds, or a number with s, m, h or d (e.g. 86400, 24h)"
+        )
+    seconds = int(match[1]) * _DURATION_UNITS[match[2]]
+    if seconds > MAX_KEEP_OLD_FOR_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"duration {text!r} is over a year; revoke the old key later with revoke-key instead"
+        )
+    return seconds
+
+
+# Parser ------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "projects",
+        help="create projects and manage their API keys",
+        description=__doc__.split("\n\n")[1],
+    )
+    commands = parser.add_subparsers(dest="projects_command", metavar="COMMAND", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"data directory holding catalog.json (default: env {DATA_DIR_ENV} or "
+        f"{DEFAULT_DATA_DIR})",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    create = commands.add_parser(
+        "create",
+        parents=[common],
+        help="create a project and print its API key (shown only this once)",
+    )
+    create.add_argument(
+        "name",
+        type=_project_name,
+        metavar="NAME",
+        help="1-64 letters, digits, '-' or '_'; events go under events/project=NAME/",
+    )
+    create.add_argument(
+        "--events-per-minute",
+        type=_create_limit,
+        default=None,
+        metavar="N|unlimited",
+        help="this project's rate limit (default: the server's --events-per-minute)",
+    )
+    create.set_defaults(func=cmd_create)
+
+    listing = commands.add_parser("list", parents=[common], help="list projects and their keys")
+    listing.set_defaults(func=cmd_list)
+
+    set_limit = commands.add_parser(
+        "set-limit", parents=[common], help="change a project's rate limit"
+    )
+    set_limit.add_argument("name", type=_project_name, metavar="NAME")
+    set_limit.add_argument(
+        "limit",
+        type=_set_limit,
+        metavar="N|unlimited|default",
+        help="events per minute; 'default' follows the server's --events-per-minute",
+    )
+    set_limit.set_defaults(func=cmd_set_limit)
+
+    rotate = commands.add_parser(
+        "rotate-key",
+        parents=[common],
+        help="issue a new key; old keys keep working for a grace period",
+    )
+    rotate.add_argument("name", type=_project_name, metavar="NAME")
+    rotate.add_argument(
+        "--keep-old-for",
+        type=_duration,
+        default=DEFAULT_KEEP_OLD_FOR_SECONDS,
+        metavar="SECONDS",
+        help="how long the current keys stay valid, in seconds or with s/m/h/d "
+        f"(default {DEFAULT_KEEP_OLD_FOR_SECONDS} = 24h; 0 revokes them now)",
+    )
+    rotate.set_defaults(func=cmd_rotate_key)
+
+    revoke = commands.add_parser(
+        "revoke-key", parents=[common], help="revoke one key at once, by its prefix"
+    )
+    revoke.add_argument("name", type=_project_name, metavar="NAME")
+    revoke.add_argument(
+        "prefix",
+        metavar="PREFIX",
+        help=f"the key's prefix as `projects list` shows it ({KEY_PREFIX}XXXX), or the whole key",
+    )
+    revoke.set_defaults(func=cmd_revoke_key)
+
+    delete = commands.add_parser(
+        "delete", parents=[common], help="delete a project and its keys (its data stays)"
+    )
+    delete.add_argument("name", type=_project_name, metavar="NAME")
+    delete.add_argument(
+        "--purge",
+        action="store_true",
+        help=f"also remove its stored events (<data_dir>/{EVENTS_DIR}/project=NAME/)",
+    )
+    delete.set_defaults(func=cmd_delete)
+    return parser
+
+
+# Commands ----------------------------------------------------------------------------------
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    if args.data_dir is not None:
+        return args.data_dir
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+
+
+def _run(command):
+    """Turn the errors an operator can act on into one line on stderr and exit status 1."""
+
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return command(args, Catalog(_data_dir(args)))
+        except (CatalogError, ProjectError) as exc:
+            _error(str(exc))
+        except OSError as exc:
+            # Permission denied, read-only file system, disk full: say which file.
+            where = f" {exc.filename}" if exc.filename else ""
+            _error(f"{exc.strerror or exc}:{where}".rstrip(":"))
+        return 1
+
+    handler.__name__ = command.__name__
+    handler.__doc__ = command.__doc__
+    return handler
+
+
+def _error(message: str) -> None:
+    print(f"inslytic-fast projects: error: {message}", file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"inslytic-fast projects: warning: {message}", file=sys.stderr)
+
+
+def _emit_json(obj) -> None:
+    print(json.dumps(obj, separators=(",", ":")))
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _human_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _limit_text(events_per_minute: int | None) -> str:
+    if events_per_minute is None:
+        return "default"
+    if events_per_minute == 0:
+        return "unlimited"
+    return f"{events_per_minute}/min"
+
+
+def _key_json(key: KeyRecord) -> dict:
+    return {"prefix": key.prefix, "created": _iso(key.created), "expires": _iso(key.expires)}
+
+
+def _project_json(name: str, project: ProjectRecord, now: float) -> dict:
+    active = project.active_keys(now)
+    return {
+        "name": name,
+        "events_per_minute": project.events_per_minute,
+        "created": _iso(project.created),
+        "active_keys": len(active),
+        "keys": [_key_json(k) for k in active],
+    }
+
+
+def _print_new_key(name: str, key: str) -> None:
+    print(f"API key for project {name!r} (shown only this once; store it now):")
+    print(key)
+
+
+@_run
+def cmd_create(args: argparse.Namespace, catalog: Catalog) -> int:
+    key = catalog.create_project(args.name, args.events_per_minute)
+    if args.json:
+        _emit_json(
+            {
+                "name": args.name,
+                "events_per_minute": args.events_per_minute,
+                "key_prefix": key[:DISPLAY_PREFIX_LENGTH],
+                "api_key": key,
+            }
+        )
+        return 0
+    print(
+        f"Created project {args.name!r} (limit: {_limit_text(args.events_per_minute)}) "
+        f"in {catalog.data_dir}."
+    )
+    _print_new_key(args.name, key)
+    return 0
+
+
+@_run
+def cmd_list(args: argparse.Namespace, catalog: Catalog) -> int:
+    doc = catalog.read()
+    now = time.time()
+    rows = [_project_json(name, project, now) for name, project in sorted(doc.projects.items())]
+    if args.json:
+        _emit_json({"projects": rows})
+        return 0
+    if not rows:
+        print(f"No projects in {catalog.data_dir}. Create one: inslytic-fast projects create NAME")
+        return 0
+    table = [("NAME", "LIMIT", "KEYS", "CREATED", "KEY PREFIXES")]
+    for name, project in sorted(doc.projects.items()):
+        active = project.active_keys(now)
+        prefixes = ", ".join(
+            k.prefix if k.expires is None else f"{k.prefix} (expires {_human_time(k.expires)})"
+            for k in active
+        )
+        table.append(
+            (
+                name,
+                _limit_text(project.events_per_minute),
+                str(len(active)),
+                _human_time(project.created),
+                prefixes or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        padded = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*padded, row[-1]]))
+    return 0
+
+
+@_run
+def cmd_set_limit(args: argparse.Namespace, catalog: Catalog) -> int:
+    catalog.set_limit(args.name, args.limit)
+    if args.json:
+        _emit_json({"name": args.name, "events_per_minute": args.limit})
+    else:
+        print(f"Project {args.name!r}: limit is now {_limit_text(args.limit)}.")
+    return 0
+
+
+@_run
+def cmd_rotate_key(args: argparse.Namespace, catalog: Catalog) -> int:
+    key, old_keys = catalog.rotate_key(args.name, args.keep_old_for)
+    if args.json:
+        _emit_json(
+            {
+                "name": args.name,
+                "key_prefix": key[:DISPLAY_PREFIX_LENGTH],
+                "api_key": key,
+                "old_keys": [_key_json(k) for k in old_keys],
+            }
+        )
+        return 0
+    if old_keys:
+        for old in old_keys:
+            print(f"Old key {old.prefix} keeps working until {_human_time(old.expires)}.")
+    else:
+        print("Old keys were revoked now.")
+    _print_new_key(args.name, key)
+    return 0
+
+
+@_run
+def cmd_revoke_key(args: argparse.Namespace, catalog: Catalog) -> int:
+    revoked, remaining = catalog.revoke_key(args.name, args.prefix)
+    if args.json:
+        _emit_json({"name": args.name, "revoked": revoked.prefix, "active_keys": remaining})
+    else:
+        print(f"Revoked key {revoked.prefix} of project {args.name!r}.")
+    if remaining == 0:
+        _warn(
+            f"project {args.name!r} has no active key now; "
+            f"issue one with: inslytic-fast projects rotate-key {args.name}"
+        )
+    return 0
+
+
+@_run
+def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
+    events_dir = catalog.data_dir / EVENTS_DIR / f"project={args.name}"
+    try:
+        catalog.delete_project(args.name)
+        deleted = True
+    except ProjectError:
+        # `delete NAME --purge` after a plain `delete NAME` removes the data left behind.
+        if not (args.purge and events_dir.is_dir()):
+            raise
+        deleted = False
+    purged = False
+    if args.purge and events_dir.is_dir():
+        shutil.rmtree(events_dir)
+        purged = True
+    if args.json:
+        _emit_json(
+            {
+                "name": args.name,
+                "deleted": deleted,
+                "purged": purged,
+                "events_dir": str(events_dir),
+            }
+        )
+        return 0
+    if deleted:
+        print(f"Deleted project {args.name!r}; its keys stop working within seconds.")
+    else:
+        print(f"Project {args.name!r} was already deleted.")
+    if purged:
+        print(f"Removed its events: {events_dir}")
+    elif events_dir.is_dir():
+        print(f"Its events stay in {events_dir} (delete --purge removes them).")
+    return 0
