@@ -1,0 +1,188 @@
+"""SQL over everything acknowledged: the Parquet data set plus the records still in the log.
+
+Readers take no locks and never block the server. A snapshot is taken in this order, which is
+what makes it exact while the roller renames and deletes files under it:
+
+1. list the log segments and read each one; the valid record prefix is used (a tail still
+   being written fails its length/checksum test and is skipped, so a half-written record is
+   never shown). A segment that vanished meanwhile was fully rolled: it is simply not "live".
+2. list the Parquet files, skipping ``<segment>.*.parquet`` of every live segment (a roll that
+   is part-way through publishing is read from the log instead), then read the compaction
+   intents and skip the inputs of every intent whose output is present.
+3. list the log again: if a live segment is gone, the roller finished it during the snapshot
+   and its Parquet files may have been compacted since step 2 began; start over.
+
+DuckDB then reads the chosen files. Should one disappear before it is opened (compaction or
+retention deleted it), the query is retried on a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import orjson
+
+from .commitlog import LOG_DIRNAME, list_segments, scan_records
+from .storage import (
+    EVENT_COLUMN_NAMES,
+    EVENT_COLUMNS,
+    EVENTS_DIRNAME,
+    HIVE_TYPES_SQL,
+    INTENTS_DIRNAME,
+    connect_duckdb,
+    events_from_ndjson_sql,
+    partition_dirs,
+    source_segment,
+    sql_string,
+)
+
+# A snapshot races only with a roll or compaction finishing in the same few milliseconds;
+# more than a handful of retries in a row means something else is wrong.
+MAX_SNAPSHOT_ATTEMPTS = 20
+MAX_QUERY_ATTEMPTS = 5
+
+_COLUMNS_SQL = ", ".join(f'"{name}"' for name in EVENT_COLUMN_NAMES)
+
+
+class SnapshotError(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class Snapshot:
+    parquet_files: list[Path] = field(default_factory=list)
+    log_payloads: list = field(default_factory=list)  # memoryviews of payload lines
+    live_segments: set[str] = field(default_factory=set)
+
+
+def take_snapshot(data_dir: Path) -> Snapshot:
+    data_dir = Path(data_dir)
+    log_dir = data_dir / LOG_DIRNAME
+    events_dir = data_dir / EVENTS_DIRNAME
+    for _ in range(MAX_SNAPSHOT_ATTEMPTS):
+        snap = Snapshot()
+        for segments in list_segments(log_dir).values():
+            for path in segments:
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                snap.live_segments.add(path.name.rsplit(".", 1)[0])
+                snap.log_payloads.extend(scan_records(data)[0])
+        snap.parquet_files = _parquet_files(events_dir, snap.live_segments)
+        still_there = {
+            p.name.rsplit(".", 1)[0] for segs in list_segments(log_dir).values() for p in segs
+        }
+        if snap.live_segments <= still_there:
+            return snap
+    raise SnapshotError("the data set kept changing while it was being read; try again")
+
+
+def _parquet_files(events_dir: Path, live: set[str]) -> list[Path]:
+    listing: dict[str, set[str]] = {}
+    for partition in partition_dirs(events_dir):
+        try:
+            names = {e.name for e in os.scandir(partition) if e.name.endswith(".parquet")}
+        except FileNotFoundError:
+            continue  # dropped by retention meanwhile
+        rel = partition.relative_to(events_dir).as_posix()
+        listing[rel] = {n for n in names if source_segment(n) not in live}
+    # Intents are read after the partitions: an output seen above was published after its
+    # intent became durable, and the intent outlives the inputs it names.
+    intents_dir = events_dir / INTENTS_DIRNAME
+    try:
+        intent_entries = [e for e in os.scandir(intents_dir) if e.name.endswith(".json")]
+    except FileNotFoundError:
+        intent_entries = []
+    for entry in intent_entries:
+        try:
+            intent = orjson.loads(Path(entry.path).read_bytes())
+        except FileNotFoundError:
+            continue  # completed meanwhile: its inputs were deleted before it was
+        names = listing.get(intent["partition"])
+        if names is not None and intent["output"] in names:
+            names.difference_update(intent["inputs"])
+    return [events_dir / rel / name for rel, names in sorted(listing.items()) for name in names]
+
+
+def open_events(data_dir: Path, *, snapshot: Snapshot | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with a view ``events`` over a fresh snapshot.
+
+    The connection reads the snapshot's files: use it for a query or two, then open another
+    (compaction and retention delete files that an old snapshot still names).
+    """
+    if snapshot is None:
+        snapshot = take_snapshot(data_dir)
+    con = connect_duckdb()
+    typed_columns = ", ".join(f'"{name}" {sql_type}' for name, sql_type in EVENT_COLUMNS)
+    if snapshot.log_payloads:
+        fd, tmp = tempfile.mkstemp(prefix="inslytic-log-", suffix=".ndjson")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.writelines(snapshot.log_payloads)
+            con.execute(
+                f"CREATE TEMP TABLE _log_events AS SELECT {_COLUMNS_SQL} "
+                f"FROM ({events_from_ndjson_sql(tmp)})"
+            )
+        finally:
+            os.unlink(tmp)
+    else:
+        con.execute(f"CREATE TEMP TABLE _log_events ({typed_columns})")
+    if snapshot.parquet_files:
+        files = "[" + ", ".join(sql_string(p) for p in snapshot.parquet_files) + "]"
+        con.execute(
+            f"CREATE TEMP VIEW _parquet_events AS SELECT {_COLUMNS_SQL} FROM read_parquet("
+            f"{files}, hive_partitioning=true, hive_types={HIVE_TYPES_SQL}, union_by_name=true)"
+        )
+        con.execute(
+            f"CREATE TEMP VIEW events AS SELECT {_COLUMNS_SQL} FROM _parquet_events "
+            f"UNION ALL SELECT {_COLUMNS_SQL} FROM _log_events"
+        )
+    else:
+        con.execute(f"CREATE TEMP VIEW events AS SELECT {_COLUMNS_SQL} FROM _log_events")
+    return con
+
+
+def _is_missing_file(exc: duckdb.Error) -> bool:
+    text = str(exc)
+    return isinstance(exc, duckdb.IOException) and (
+        "No such file" in text or "No files found" in text or "not found" in text.lower()
+    )
+
+
+def run_query(data_dir: Path, sql: str, params=None):
+    """Run ``sql`` against a fresh snapshot; return (column names, rows).
+
+    Retried on a new snapshot when a file the snapshot named was deleted under it.
+    """
+    for attempt in range(MAX_QUERY_ATTEMPTS):
+        con = open_events(data_dir)
+        try:
+            result = con.execute(sql, params)
+            columns = [d[0] for d in result.description] if result.description else []
+            rows = result.fetchall() if result.description else []
+            return columns, rows
+        except duckdb.IOException as exc:
+            if not _is_missing_file(exc) or attempt == MAX_QUERY_ATTEMPTS - 1:
+                raise
+        finally:
+            con.close()
+    raise AssertionError("unreachable")
+
+
+def run_statement(data_dir: Path, sql: str, params=None) -> None:
+    """Like run_query for statements with side effects only on files (COPY ... TO ...)."""
+    for attempt in range(MAX_QUERY_ATTEMPTS):
+        con = open_events(data_dir)
+        try:
+            con.execute(sql, params)
+            return
+        except duckdb.IOException as exc:
+            if not _is_missing_file(exc) or attempt == MAX_QUERY_ATTEMPTS - 1:
+                raise
+        finally:
+            con.close()

@@ -1,0 +1,547 @@
+"""The roller: sealed log segments -> hive-partitioned ZSTD Parquet; compaction; retention.
+
+Layout under ``<data_dir>/events``::
+
+    project=<p>/date=<YYYY-MM-DD>/<segment>.<i>.parquet   rolled from log segment <segment>
+    project=<p>/date=<YYYY-MM-DD>/c-<id>.parquet          output of a compaction
+    _compactions/<id>.json                                compaction intent (inputs -> output)
+    .staging/                                             scratch: never read, wiped by recover()
+    .trash/                                               partitions being dropped by retention
+
+Exactly once, whatever step a roll dies at: outputs are named after their segment, written to
+staging, fsynced, renamed into place (a replay overwrites the same names) and their directories
+fsynced; only then is the segment deleted. Readers (query.py) ignore a ``<segment>.*.parquet``
+file while its segment is still in the log, so a half-published roll is read from the log and
+never twice. Compaction writes an intent naming inputs and output before the output appears;
+readers drop the inputs of an intent whose output exists, and recover() finishes or undoes it.
+
+Every step goes through ``self._step(name)`` so tests can inject a fault between each pair.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import unquote
+
+import duckdb
+import orjson
+
+from .commitlog import (
+    LOG_DIRNAME,
+    MAX_RECORD_BYTES,
+    fsync_dir,
+    list_segments,
+    make_dirs_durable,
+    quarantine_bytes,
+    scan_records,
+    sealed_segments,
+)
+
+log = logging.getLogger(__name__)
+
+EVENTS_DIRNAME = "events"
+STAGING_DIRNAME = ".staging"
+TRASH_DIRNAME = ".trash"
+INTENTS_DIRNAME = "_compactions"
+COMPACTED_PREFIX = "c-"
+
+# Compaction: files under 32 MiB count as small; a partition is compacted once it holds 8 of
+# them, into outputs of at most ~256 MiB (DuckDB's default row group is ~120k rows; a few
+# hundred MiB per file is what Spark/Trino guides recommend for scan efficiency).
+DEFAULT_COMPACT_SMALL_FILE_BYTES = 32 * 1024 * 1024
+DEFAULT_COMPACT_MIN_FILES = 8
+DEFAULT_COMPACT_TARGET_BYTES = 256 * 1024 * 1024
+# The roller polls once a second (the commit log's tick granularity); compaction and retention
+# are far less urgent.
+DEFAULT_ROLL_INTERVAL_S = 1.0
+DEFAULT_COMPACT_INTERVAL_S = 60.0
+DEFAULT_RETENTION_INTERVAL_S = 3600.0
+
+# The commit log payload is {"p","r","b","e"}; ``e`` is the event array exactly as the API
+# names its fields. Unknown keys are ignored, missing optional keys become NULL.
+EVENT_STRUCT = (
+    "STRUCT("
+    'eventName VARCHAR, "timestamp" VARCHAR, anonymousId VARCHAR, sessionId VARCHAR, '
+    "consentGiven BOOLEAN, userId VARCHAR, properties MAP(VARCHAR, VARCHAR), "
+    "pageUrl VARCHAR, pageTitle VARCHAR, referrer VARCHAR, utmSource VARCHAR, "
+    "utmMedium VARCHAR, utmCampaign VARCHAR, deviceType VARCHAR, browser VARCHAR, os VARCHAR"
+    ")[]"
+)
+
+# The ``events`` relation, in order, with DuckDB types.
+EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("event_id", "VARCHAR"),
+    ("project", "VARCHAR"),
+    ("event_name", "VARCHAR"),
+    ("timestamp", "TIMESTAMPTZ"),
+    ("received_at", "TIMESTAMPTZ"),
+    ("anonymous_id", "VARCHAR"),
+    ("session_id", "VARCHAR"),
+    ("user_id", "VARCHAR"),
+    ("consent_given", "BOOLEAN"),
+    ("properties", "MAP(VARCHAR, VARCHAR)"),
+    ("page_url", "VARCHAR"),
+    ("page_title", "VARCHAR"),
+    ("referrer", "VARCHAR"),
+    ("utm_source", "VARCHAR"),
+    ("utm_medium", "VARCHAR"),
+    ("utm_campaign", "VARCHAR"),
+    ("device_type", "VARCHAR"),
+    ("browser", "VARCHAR"),
+    ("os", "VARCHAR"),
+)
+EVENT_COLUMN_NAMES = tuple(name for name, _ in EVENT_COLUMNS)
+HIVE_TYPES_SQL = "{'project': 'VARCHAR', 'date': 'DATE'}"
+
+
+def sql_string(value: str | os.PathLike) -> str:
+    return "'" + os.fspath(value).replace("'", "''") + "'"
+
+
+def events_from_ndjson_sql(ndjson_path: Path | str) -> str:
+    """SELECT turning commit log payload lines into ``events`` rows plus a ``date`` column."""
+    source = (
+        f"read_json({sql_string(ndjson_path)}, format='newline_delimited', "
+        f"maximum_object_size={MAX_RECORD_BYTES}, "
+        f"columns={{p: 'VARCHAR', r: 'BIGINT', b: 'VARCHAR', e: '{EVENT_STRUCT}'}})"
+    )
+    # The ingest schema only admits RFC 3339 UTC timestamps; should one ever fail to parse,
+    # received_at stands in so a single bad record can never wedge the roller.
+    return f"""
+        WITH batches AS (
+            SELECT p, r, b, unnest(e) AS ev, generate_subscripts(e, 1) - 1 AS i FROM {source}
+        ), typed AS (
+            SELECT *, CAST(make_timestamp(r) AS TIMESTAMPTZ) AS received FROM batches
+        )
+        SELECT
+            b || printf('%03x', i) AS event_id,
+            p AS project,
+            ev.eventName AS event_name,
+            COALESCE(TRY_CAST(ev."timestamp" AS TIMESTAMPTZ), received) AS "timestamp",
+            received AS received_at,
+            ev.anonymousId AS anonymous_id,
+            ev.sessionId AS session_id,
+            ev.userId AS user_id,
+            ev.consentGiven AS consent_given,
+            COALESCE(ev.properties, MAP {{}}::MAP(VARCHAR, VARCHAR)) AS properties,
+            ev.pageUrl AS page_url,
+            ev.pageTitle AS page_title,
+            ev.referrer AS referrer,
+            ev.utmSource AS utm_source,
+            ev.utmMedium AS utm_medium,
+            ev.utmCampaign AS utm_campaign,
+            ev.deviceType AS device_type,
+            ev.browser AS browser,
+            ev.os AS os,
+            CAST(COALESCE(TRY_CAST(ev."timestamp" AS TIMESTAMPTZ), received) AS DATE) AS date
+        FROM typed
+    """
+
+
+def write_ndjson(path: Path, payloads) -> None:
+    with open(path, "wb") as f:
+        f.writelines(payloads)
+
+
+def source_segment(parquet_name: str) -> str:
+    """The segment stem a rolled Parquet file came from (``c-...`` for compaction outputs)."""
+    return parquet_name.split(".", 1)[0]
+
+
+def connect_duckdb(*, threads: int | None = None, temp_dir: Path | None = None):
+    """An in-memory DuckDB connection that reads and prints timestamps in UTC."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    if threads is not None:
+        con.execute(f"SET threads = {int(threads)}")
+    if temp_dir is not None:
+        con.execute(f"SET temp_directory = {sql_string(temp_dir)}")
+    return con
+
+
+def partition_dirs(events_dir: Path) -> list[Path]:
+    """Every ``project=*/date=*`` directory."""
+    found: list[Path] = []
+    try:
+        projects = list(os.scandir(events_dir))
+    except FileNotFoundError:
+        return found
+    for project in projects:
+        if not project.name.startswith("project=") or not project.is_dir():
+            continue
+        try:
+            dates = list(os.scandir(project.path))
+        except FileNotFoundError:
+            continue
+        found.extend(Path(d.path) for d in dates if d.name.startswith("date=") and d.is_dir())
+    return found
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """write tmp -> fsync -> rename -> fsync(dir)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class Roller:
+    """Background thread that turns sealed segments into Parquet, compacts and drops."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        retention_days: int | None = None,
+        compact_min_files: int = DEFAULT_COMPACT_MIN_FILES,
+        compact_small_file_bytes: int = DEFAULT_COMPACT_SMALL_FILE_BYTES,
+        compact_target_bytes: int = DEFAULT_COMPACT_TARGET_BYTES,
+        roll_interval_s: float = DEFAULT_ROLL_INTERVAL_S,
+        compact_interval_s: float = DEFAULT_COMPACT_INTERVAL_S,
+        retention_interval_s: float = DEFAULT_RETENTION_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
+        step_hook: Callable[[str], None] | None = None,
+    ) -> None:
+        if retention_days is not None and retention_days < 1:
+            raise ValueError("retention_days must be at least 1")
+        self.data_dir = Path(data_dir)
+        self.log_dir = self.data_dir / LOG_DIRNAME
+        self.events_dir = self.data_dir / EVENTS_DIRNAME
+        self.staging_dir = self.events_dir / STAGING_DIRNAME
+        self.intents_dir = self.events_dir / INTENTS_DIRNAME
+        self.trash_dir = self.events_dir / TRASH_DIRNAME
+        self.retention_days = retention_days
+        self.compact_min_files = compact_min_files
+        self.compact_small_file_bytes = compact_small_file_bytes
+        self.compact_target_bytes = compact_target_bytes
+        self.roll_interval_s = roll_interval_s
+        self.compact_interval_s = compact_interval_s
+        self.retention_interval_s = retention_interval_s
+        self._clock = clock
+        self._step_hook = step_hook
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+        # Counters for metrics: per roll, not per event.
+        self.segments_rolled = 0
+        self.events_rolled = 0
+        self.compactions = 0
+        self.partitions_dropped = 0
+        self.errors = 0
+
+    # -- Lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.recover()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="roller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    def _run(self) -> None:
+        next_compact = self._clock() + self.compact_interval_s
+        next_retention = self._clock()
+        while not self._stop.is_set():
+            try:
+                self.roll_once()
+                now = self._clock()
+                if now >= next_compact:
+                    next_compact = now + self.compact_interval_s
+                    self.compact_once()
+                if self.retention_days is not None and now >= next_retention:
+                    next_retention = now + self.retention_interval_s
+                    self.apply_retention()
+            except Exception:
+                # Keep going: the segment stays in the log (still queryable) and is retried;
+                # the commit log's max_unrolled_bytes turns a stuck roller into 503s.
+                self.errors += 1
+                log.exception("roller: pass failed; retrying")
+            self._stop.wait(self.roll_interval_s)
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            make_dirs_durable(self.staging_dir)
+            # One thread: the serving core must keep its CPU.
+            self._con = connect_duckdb(temp_dir=self.staging_dir / "duckdb_tmp", threads=1)
+        return self._con
+
+    def _step(self, name: str) -> None:
+        if self._step_hook is not None:
+            self._step_hook(name)
+
+    # -- Recovery -------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Wipe staging and trash; finish or undo half-done compactions. Idempotent."""
+        with self._lock:
+            self._recover_locked()
+
+    def _recover_locked(self) -> None:
+        for scratch in (self.staging_dir, self.trash_dir):
+            if scratch.exists():
+                for entry in os.scandir(scratch):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+        if not self.intents_dir.exists():
+            return
+        for entry in sorted(os.scandir(self.intents_dir), key=lambda e: e.name):
+            if not entry.name.endswith(".json"):
+                os.unlink(entry.path)  # an intent that never became durable: nothing happened
+                continue
+            intent = orjson.loads(Path(entry.path).read_bytes())
+            self._finish_compaction(intent, Path(entry.path))
+
+    def _finish_compaction(self, intent: dict, intent_path: Path) -> None:
+        partition = self.events_dir / intent["partition"]
+        output = partition / intent["output"]
+        if output.exists():
+            removed = False
+            for name in intent["inputs"]:
+                try:
+                    os.unlink(partition / name)
+                    removed = True
+                except FileNotFoundError:
+                    pass
+            if removed:
+                fsync_dir(partition)
+        # Output never published: inputs are intact and the staged output is wiped with staging.
+        os.unlink(intent_path)
+        fsync_dir(self.intents_dir)
+
+    # -- Roll -----------------------------------------------------------------------------
+
+    def roll_once(self) -> int:
+        """Roll every sealed segment; return the number of events converted."""
+        with self._lock:
+            self._recover_locked()
+            total = 0
+            for segment in sealed_segments(self.log_dir):
+                total += self._roll_segment(segment)
+            return total
+
+    def _roll_segment(self, segment: Path) -> int:
+        stem = segment.name.rsplit(".", 1)[0]
+        staging = self.staging_dir / stem
+        self._step("roll:start")
+        data = segment.read_bytes()
+        payloads, valid_end = scan_records(data)
+        if valid_end < len(data):
+            # A sealed segment is complete by construction; trailing garbage is corruption.
+            # Keep it for forensics and roll the valid prefix.
+            target = quarantine_bytes(self.data_dir, segment, valid_end, data[valid_end:])
+            log.error(
+                "roller: %s has %d corrupt bytes at offset %d (kept in %s)",
+                segment.name,
+                len(data) - valid_end,
+                valid_end,
+                target,
+            )
+        converted = 0
+        if payloads:
+            make_dirs_durable(staging)
+            ndjson = staging / "in.ndjson"
+            write_ndjson(ndjson, payloads)
+            del payloads, data
+            self._step("roll:ndjson_written")
+            out = staging / "out"
+            converted = self._convert(ndjson, out)
+            self._step("roll:parquet_written")
+            staged = [
+                (Path(root), name)
+                for root, _, files in os.walk(out)
+                for name in files
+                if name.endswith(".parquet")
+            ]
+            for root, name in staged:
+                _fsync_file(root / name)
+            self._step("roll:parquet_synced")
+            published: dict[Path, set[str]] = {}
+            for root, name in staged:
+                partition = self.events_dir / root.relative_to(out)
+                final_name = f"{stem}.{name}"
+                if partition not in published:
+                    make_dirs_durable(partition)
+                    published[partition] = set()
+                os.replace(root / name, partition / final_name)
+                published[partition].add(final_name)
+                self._step("roll:published_one")
+            for partition, names in published.items():
+                # A replay must not leave an earlier attempt's extra file behind.
+                for entry in os.scandir(partition):
+                    if source_segment(entry.name) == stem and entry.name not in names:
+                        os.unlink(entry.path)
+                fsync_dir(partition)
+            self._step("roll:published")
+        os.unlink(segment)
+        fsync_dir(self.log_dir)
+        self._step("roll:segment_deleted")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.segments_rolled += 1
+        self.events_rolled += converted
+        return converted
+
+    def _convert(self, ndjson: Path, out: Path) -> int:
+        con = self._connection()
+        select = events_from_ndjson_sql(ndjson)
+        copy = (
+            f"COPY ({select}) TO {sql_string(out)} (FORMAT parquet, COMPRESSION zstd, "
+            "PARTITION_BY (project, date), FILENAME_PATTERN '{i}', OVERWRITE_OR_IGNORE true)"
+        )
+        try:
+            return con.execute(copy).fetchone()[0]
+        except (duckdb.ConversionException, duckdb.InvalidInputException):
+            # A record DuckDB cannot read (ingest validation makes this "cannot happen").
+            # Quarantine the offending lines rather than wedge the roller forever.
+            shutil.rmtree(out, ignore_errors=True)
+            self._quarantine_unreadable_lines(ndjson)
+            return con.execute(copy).fetchone()[0]
+
+    def _quarantine_unreadable_lines(self, ndjson: Path) -> None:
+        con = self._connection()
+        lines = ndjson.read_bytes().splitlines(keepends=True)
+        probe = ndjson.with_name("probe.ndjson")
+        good, bad = [], []
+        for line in lines:
+            probe.write_bytes(line)
+            try:
+                con.execute(f"SELECT count(*) FROM ({events_from_ndjson_sql(probe)})").fetchone()
+                good.append(line)
+            except duckdb.Error:
+                bad.append(line)
+        probe.unlink()
+        if bad:
+            target = quarantine_bytes(self.data_dir, ndjson, 0, b"".join(bad))
+            log.error("roller: %d unreadable records moved to %s", len(bad), target)
+        write_ndjson(ndjson, good)
+
+    # -- Compaction -----------------------------------------------------------------------
+
+    def compact_once(self) -> int:
+        """Merge each partition's small files; return the number of compactions done."""
+        with self._lock:
+            self._recover_locked()
+            live = {
+                p.name.rsplit(".", 1)[0]
+                for segs in list_segments(self.log_dir).values()
+                for p in segs
+            }
+            done = 0
+            for partition in sorted(partition_dirs(self.events_dir)):
+                inputs = self._compaction_inputs(partition, live)
+                if inputs:
+                    self._compact(partition, inputs)
+                    done += 1
+            self.compactions += done
+            return done
+
+    def _compaction_inputs(self, partition: Path, live: set[str]) -> list[str]:
+        small: list[tuple[str, int]] = []
+        for entry in os.scandir(partition):
+            if not entry.name.endswith(".parquet"):
+                continue
+            # A file whose segment is still in the log is mid-roll: readers ignore it.
+            if source_segment(entry.name) in live:
+                continue
+            size = entry.stat().st_size
+            if size < self.compact_small_file_bytes:
+                small.append((entry.name, size))
+        if len(small) < self.compact_min_files:
+            return []
+        small.sort()
+        chosen, total = [], 0
+        for name, size in small:
+            if chosen and total + size > self.compact_target_bytes:
+                break
+            chosen.append(name)
+            total += size
+        return chosen if len(chosen) >= 2 else []
+
+    def _compact(self, partition: Path, inputs: list[str]) -> None:
+        con = self._connection()
+        cid = f"{COMPACTED_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        output_name = cid + ".parquet"
+        staged = self.staging_dir / output_name
+        files = "[" + ", ".join(sql_string(partition / name) for name in inputs) + "]"
+        con.execute(
+            f"COPY (SELECT * FROM read_parquet({files}, union_by_name=true) "
+            f'ORDER BY "timestamp") TO {sql_string(staged)} (FORMAT parquet, COMPRESSION zstd)'
+        )
+        _fsync_file(staged)
+        self._step("compact:written")
+        make_dirs_durable(self.intents_dir)
+        intent = {
+            "partition": partition.relative_to(self.events_dir).as_posix(),
+            "output": output_name,
+            "inputs": inputs,
+        }
+        intent_path = self.intents_dir / (cid + ".json")
+        _write_durable(intent_path, orjson.dumps(intent))
+        self._step("compact:intent_written")
+        os.replace(staged, partition / output_name)
+        fsync_dir(partition)
+        self._step("compact:published")
+        for name in inputs:
+            os.unlink(partition / name)
+        fsync_dir(partition)
+        self._step("compact:inputs_deleted")
+        os.unlink(intent_path)
+        fsync_dir(self.intents_dir)
+
+    # -- Retention ------------------------------------------------------------------------
+
+    def apply_retention(self) -> int:
+        """Drop whole ``date=`` partitions older than retention_days; return how many."""
+        if self.retention_days is None:
+            return 0
+        now = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+        cutoff = (now - dt.timedelta(days=self.retention_days)).date()
+        dropped = 0
+        with self._lock:
+            for partition in partition_dirs(self.events_dir):
+                try:
+                    day = dt.date.fromisoformat(unquote(partition.name.removeprefix("date=")))
+                except ValueError:
+                    continue
+                if day >= cutoff:
+                    continue
+                # Rename first: the partition disappears atomically for readers, then the
+                # files go. recover() finishes the delete after a crash.
+                make_dirs_durable(self.trash_dir)
+                doomed = self.trash_dir / uuid.uuid4().hex
+                os.rename(partition, doomed)
+                fsync_dir(partition.parent)
+                shutil.rmtree(doomed, ignore_errors=True)
+                dropped += 1
+        self.partitions_dropped += dropped
+        return dropped
