@@ -84,11 +84,12 @@ _BASE62_BYTES = _BASE62.encode()
 # All 3844 two-character base62 strings: three table lookups encode a CRC32 in ~1/4 of the
 # time of a six-step divmod loop (measured 400 ns vs 1700 ns), and lookup() runs per request.
 _BASE62_PAIRS = tuple(bytes((a, b)) for a in _BASE62_BYTES for b in _BASE62_BYTES)
+_PAIR_RADIX = len(_BASE62_PAIRS)  # 62**2
 
 
 def _checksum(body: bytes, _pairs=_BASE62_PAIRS, _crc32=zlib.crc32) -> bytes:
-    high, low = divmod(_crc32(body), 3844)
-    top, mid = divmod(high, 3844)
+    high, low = divmod(_crc32(body), _PAIR_RADIX)
+    top, mid = divmod(high, _PAIR_RADIX)
     return _pairs[top] + _pairs[mid] + _pairs[low]
 
 
@@ -165,6 +166,9 @@ def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
 
 
+_HANDS_OFF = "the file was left untouched: fix it or restore it from a backup"
+
+
 def _parse_catalog(path: Path, data: bytes) -> CatalogDoc:
     try:
         raw = msgspec.json.decode(data)
@@ -192,7 +196,6 @@ def _parse_catalog(path: Path, data: bytes) -> CatalogDoc:
     return doc
 
 
-_HANDS_OFF = "the file was left untouched: fix it or restore it from a backup"
 _encoder = msgspec.json.Encoder()
 
 
@@ -357,6 +360,11 @@ class Catalog:
                 matches = [k for k in active if k.prefix == prefix]
                 # Echo only what is no longer than a display prefix: never part of a secret.
                 what = f"prefix {prefix[:DISPLAY_PREFIX_LENGTH]!r}"
+                if len(prefix) != DISPLAY_PREFIX_LENGTH:
+                    what += (
+                        f" (give the {DISPLAY_PREFIX_LENGTH}-character prefix `projects list`"
+                        " shows, or the whole key)"
+                    )
             if not matches:
                 raise ProjectError(f"project {name!r} has no active key with {what}")
             if len(matches) > 1:
@@ -469,8 +477,8 @@ class KeyRing:
         (~15% faster than calling _checksum, measured); keep it in step with _checksum."""
         if len(api_key) != KEY_LENGTH or api_key[:_BODY_START] != _KEY_PREFIX_BYTES:
             return None
-        high, low = divmod(_crc32(api_key[_BODY_START:_BODY_END]), 3844)
-        top, mid = divmod(high, 3844)
+        high, low = divmod(_crc32(api_key[_BODY_START:_BODY_END]), _PAIR_RADIX)
+        top, mid = divmod(high, _PAIR_RADIX)
         if _pairs[top] + _pairs[mid] + _pairs[low] != api_key[_BODY_END:]:
             return None  # mistyped, truncated or made-up key: no hashing, no map probe
         # Hashing first also makes the dict probe useless as a timing oracle: an attacker
