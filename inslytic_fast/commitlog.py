@@ -388,6 +388,7 @@ class CommitLog:
     async def close(self) -> None:
         """Refuse new appends, finish in-flight and queued syncs (callbacks fire), seal."""
         self._closing = True
+        closing_repair_tried = False
         if self._thread is None:
             self._close_fd()
             return
@@ -398,6 +399,9 @@ class CommitLog:
                 await fut
             elif self._pending_waiters and self._unsound is None:
                 self._start_sync()
+            elif self._unsound is not None and not closing_repair_tried:
+                closing_repair_tried = True
+                self._start_repair()
             else:
                 break
         self._jobs.put(_STOP)
@@ -561,7 +565,13 @@ class CommitLog:
         for on_done, _ in queued:
             self._fire(on_done, failure)
         stats.failed += len(waiters) + len(queued)
-        self._wake_idle_waiters()
+        # Repair at once rather than on the next tick: the failed batch's bytes may still be
+        # in the file, and a crash before the cut would bring them back as valid records.
+        self._start_repair()
+
+    def _start_repair(self) -> None:
+        self._syncing = True
+        self._jobs.put((_JOB_REPAIR, None, None, False))
 
     @staticmethod
     def _failure(error: BaseException) -> LogUnavailable:
@@ -598,8 +608,7 @@ class CommitLog:
         except OSError as exc:
             log.error("commit log: cannot check free space: %s", exc)
         if self._unsound is not None:
-            self._syncing = True
-            self._jobs.put((_JOB_REPAIR, None, None, False))
+            self._start_repair()  # the last attempt failed; try again
             return
         age = self._clock() - self._segment_opened_at
         if self._segment_size > 0 and age >= self._segment_max_age_s:
@@ -642,6 +651,13 @@ class CommitLog:
                         self._durable_size = self._segment_size
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the callbacks
                 error = exc
+                if kind == _JOB_WRITE and self._fd >= 0:
+                    # Drop the unacknowledged bytes from the page cache right away; the repair
+                    # job makes the cut durable.
+                    try:
+                        os.ftruncate(self._fd, self._durable_size)
+                    except OSError:
+                        pass
             latency = time.perf_counter() - started
             try:
                 loop.call_soon_threadsafe(self._on_job_done, kind, buf, waiters, error, latency)

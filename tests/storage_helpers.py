@@ -1,0 +1,141 @@
+"""Shared test code for the commit log, roller and query tests (real files, real DuckDB).
+
+Also runnable as the SIGKILL victim: ``python -m tests.storage_helpers crash-writer DIR SEED``
+appends concurrent batches with the roller running and prints ``ACK <batch id> <count>`` to
+stdout after each on_done(None).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+import threading
+from pathlib import Path
+
+import orjson
+
+from inslytic_fast.commitlog import CommitLog
+from inslytic_fast.query import run_query
+from inslytic_fast.storage import Roller
+
+BASE_EVENT = {
+    "eventName": "page_viewed",
+    "timestamp": "2026-02-16T10:30:00.000Z",
+    "anonymousId": "anon-123",
+    "sessionId": "sess-456",
+    "consentGiven": True,
+    "userId": None,
+    "properties": {"path": "/pricing"},
+    "pageUrl": "https://example.com/pricing",
+    "pageTitle": "Pricing",
+    "referrer": "https://www.google.com/",
+    "utmSource": "google",
+    "utmMedium": "cpc",
+    "utmCampaign": None,
+    "deviceType": "desktop",
+    "browser": "Firefox",
+    "os": "Linux",
+}
+
+
+def make_events(batch_id: str, count: int, *, timestamps: list[str] | None = None) -> bytes:
+    """A batch as schema.encode_events would produce it; anonymousId carries the batch id."""
+    events = []
+    for i in range(count):
+        event = dict(BASE_EVENT)
+        event["anonymousId"] = batch_id
+        event["sessionId"] = f"{batch_id}-{i}"
+        if timestamps is not None:
+            event["timestamp"] = timestamps[i % len(timestamps)]
+        events.append(event)
+    return orjson.dumps(events)
+
+
+def event_count(data_dir: Path, where: str = "TRUE") -> int:
+    return run_query(data_dir, f"SELECT count(*) FROM events WHERE {where}")[1][0][0]
+
+
+def batch_counts(data_dir: Path) -> dict[str, int]:
+    """Events per batch id, and asserts no event id is seen twice."""
+    columns, rows = run_query(
+        data_dir,
+        "SELECT anonymous_id, count(*), count(DISTINCT event_id) FROM events GROUP BY ALL",
+    )
+    for batch, total, distinct in rows:
+        assert total == distinct, f"batch {batch}: duplicate event ids"
+    return {batch: total for batch, total, _ in rows}
+
+
+class LogOnLoop:
+    """A CommitLog opened and started on a real asyncio loop, driven from async tests."""
+
+    def __init__(self, log: CommitLog) -> None:
+        self.log = log
+        self.loop_thread_ids: list[int] = []
+
+    def append(self, project: str, batch_id: str, count: int = 3, **kwargs) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+
+        def on_done(exc: BaseException | None) -> None:
+            self.loop_thread_ids.append(threading.get_ident())
+            fut.set_result(exc)
+
+        self.log.append(project, make_events(batch_id, count, **kwargs), count, on_done)
+        return fut
+
+
+def open_log(data_dir: Path, **kwargs) -> CommitLog:
+    log = CommitLog(data_dir, **kwargs)
+    log.open()
+    log.start(asyncio.get_running_loop())
+    return log
+
+
+# -- SIGKILL victim ------------------------------------------------------------------------
+
+CRASH_PRODUCERS = 8
+CRASH_BATCH_EVENTS = 20
+
+
+async def crash_writer(data_dir: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    # Small segments so rotations and rolls happen all the time while we are killed.
+    log = CommitLog(data_dir, segment_max_bytes=32 * 1024, segment_max_age_s=0.2)
+    log.open()
+    log.start(asyncio.get_running_loop())
+    roller = Roller(data_dir, roll_interval_s=0.05, compact_interval_s=0.3, compact_min_files=4)
+    roller.start()
+    out = sys.stdout
+
+    async def producer(n: int) -> None:
+        i = 0
+        while True:
+            batch_id = f"s{seed}-p{n}-{i}"
+            count = rng.randint(1, CRASH_BATCH_EVENTS)
+            fut = asyncio.get_running_loop().create_future()
+            try:
+                log.append("shop", make_events(batch_id, count), count, fut.set_result)
+            except Exception:
+                await asyncio.sleep(0.01)
+                continue
+            if await fut is None:
+                out.write(f"ACK {batch_id} {count}\n")
+                out.flush()
+            i += 1
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            log.tick()
+
+    await asyncio.gather(ticker(), *(producer(n) for n in range(CRASH_PRODUCERS)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "crash-writer":
+        asyncio.run(crash_writer(Path(sys.argv[2]), int(sys.argv[3])))
+    else:
+        print("usage: python -m tests.storage_helpers crash-writer DIR SEED", file=sys.stderr)
+        os._exit(2)

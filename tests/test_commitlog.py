@@ -1,0 +1,499 @@
+"""Commit log: group commit, framing, torn tails, fsync failures, backpressure (real files)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+
+from inslytic_fast import commitlog as commitlog_module
+from inslytic_fast.commitlog import (
+    HEADER_SIZE,
+    CommitLog,
+    LogUnavailable,
+    frame_record,
+    list_segments,
+    recover_segment,
+    scan_records,
+    sealed_segments,
+)
+from inslytic_fast.storage import Roller
+
+from .storage_helpers import LogOnLoop, batch_counts, make_events, open_log
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+def records_on_disk(data_dir: Path) -> list[dict]:
+    """Every valid record of every segment, oldest first, decoded."""
+    found = []
+    for segs in list_segments(data_dir / "log").values():
+        for path in segs:
+            payloads, _ = scan_records(path.read_bytes())
+            found.extend(orjson.loads(bytes(p)) for p in payloads)
+    return found
+
+
+class SyncGate:
+    """Wraps os.fdatasync: counts calls, can hold the first one until released, or fail."""
+
+    def __init__(self, monkeypatch, *, hold_first: bool = False) -> None:
+        self.calls = 0
+        self.fail_with: list[OSError] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self._real = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", self)
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        self.started.set()
+        self.release.wait(10)
+        if self.fail_with:
+            raise self.fail_with.pop(0)
+        self._real(fd)
+
+
+class FsyncGate:
+    """Wraps os.fsync (the repair path): holds every call until released."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self._real = os.fsync
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        self.started.set()
+        self.release.wait(10)
+        self._real(fd)
+
+
+# -- Appends and group commit ---------------------------------------------------------------
+
+
+def test_append_acks_on_loop_thread_after_record_is_on_disk(tmp_path):
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        results = await asyncio.gather(*(driver.append("shop", f"b{i}", 3) for i in range(5)))
+        assert results == [None] * 5
+        assert set(driver.loop_thread_ids) == {threading.get_ident()}
+        assert log.stats.acked == 5 and log.stats.events == 15
+        await log.close()
+
+    run(main())
+    records = records_on_disk(tmp_path)
+    assert [r["e"][0]["anonymousId"] for r in records] == [f"b{i}" for i in range(5)]
+    assert {r["p"] for r in records} == {"shop"}
+
+
+def test_concurrent_appends_share_syncs(tmp_path, monkeypatch):
+    gate = SyncGate(monkeypatch, hold_first=True)
+    appends = 200
+
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        first = driver.append("shop", "first", 1)
+        await asyncio.get_running_loop().run_in_executor(None, gate.started.wait, 10)
+        # The first sync is now running: everything below must share the next one.
+        rest = [driver.append("shop", f"b{i}", 2) for i in range(appends - 1)]
+        gate.release.set()
+        assert await first is None
+        assert await asyncio.gather(*rest) == [None] * (appends - 1)
+        assert log.stats.syncs == 2
+        await log.close()
+
+    run(main())
+    assert gate.calls == 3  # two group syncs + the final sync in close()
+    assert len(records_on_disk(tmp_path)) == appends
+
+
+def test_lone_append_syncs_at_once_without_a_timer(tmp_path, monkeypatch):
+    gate = SyncGate(monkeypatch)
+
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        fut = driver.append("shop", "lonely", 1)
+        # One loop iteration later the sync thread has the job; nobody calls tick().
+        await asyncio.sleep(0)
+        assert log.stats.appends == 1
+        assert await fut is None
+        # A timer-based batcher would wait its interval; a sync here takes milliseconds.
+        assert loop.time() - started < 1.0
+        assert gate.calls == 1 and log.stats.syncs == 1
+        await log.close()
+
+    run(main())
+
+
+def test_batch_ids_are_time_ordered_uuidv7_prefixes(tmp_path):
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        for i in range(50):
+            await driver.append("shop", f"b{i}", 1)
+        await log.close()
+
+    run(main())
+    records = records_on_disk(tmp_path)
+    prefixes = [r["b"] for r in records]
+    assert prefixes == sorted(prefixes) and len(set(prefixes)) == 50
+    for record in records:
+        first = uuid.UUID(record["b"] + "000")
+        last = uuid.UUID(record["b"] + "fff")
+        assert first.version == 7 and last.version == 7
+        assert first.variant == uuid.RFC_4122
+        unix_ms = first.int >> 80
+        assert abs(unix_ms - record["r"] // 1000) <= 1
+
+
+def test_durability_none_never_syncs_records(tmp_path, monkeypatch):
+    gate = SyncGate(monkeypatch)
+
+    async def main():
+        log = open_log(tmp_path, durability="none")
+        driver = LogOnLoop(log)
+        assert (
+            await asyncio.gather(*(driver.append("shop", f"b{i}") for i in range(10)))
+            == [None] * 10
+        )
+        await log.close()
+
+    run(main())
+    assert gate.calls == 1  # only the final sync at close
+    assert len(records_on_disk(tmp_path)) == 10
+
+
+def test_close_finishes_queued_appends_then_refuses(tmp_path):
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        futs = [driver.append("shop", f"b{i}") for i in range(20)]
+        await log.close()
+        assert all(f.done() and f.result() is None for f in futs)
+        with pytest.raises(LogUnavailable) as info:
+            log.append("shop", make_events("late", 1), 1, lambda exc: None)
+        assert "shutting down" in str(info.value)
+
+    run(main())
+    assert len(records_on_disk(tmp_path)) == 20
+
+
+# -- Rotation --------------------------------------------------------------------------------
+
+
+def test_rotation_by_size_seals_previous_segment_durably(tmp_path):
+    async def main():
+        log = open_log(tmp_path, segment_max_bytes=2000)
+        driver = LogOnLoop(log)
+        for i in range(12):
+            await driver.append("shop", f"b{i}", 2)
+        await log.close()
+        return log.stats.rotations
+
+    rotations = run(main())
+    assert rotations >= 2
+    segments = list_segments(tmp_path / "log")["w0"]
+    assert len(segments) == rotations + 1
+    assert sealed_segments(tmp_path / "log") == segments[:-1]
+    assert len(records_on_disk(tmp_path)) == 12
+
+
+def test_rotation_by_age_on_tick(tmp_path):
+    now = [1_800_000_000.0]
+
+    async def main():
+        log = open_log(tmp_path, segment_max_age_s=30, clock=lambda: now[0])
+        driver = LogOnLoop(log)
+        await driver.append("shop", "a")
+        log.tick()  # young segment: nothing happens
+        assert len(list_segments(tmp_path / "log")["w0"]) == 1
+        now[0] += 31
+        log.tick()
+        while log.stats.rotations == 0:
+            await asyncio.sleep(0.001)
+        await driver.append("shop", "b")
+        now[0] += 31
+        await log.close()
+
+    run(main())
+    segments = list_segments(tmp_path / "log")["w0"]
+    assert len(segments) == 2
+    assert [len(scan_records(p.read_bytes())[0]) for p in segments] == [1, 1]
+
+
+def test_open_seals_existing_segments_and_numbers_grow(tmp_path):
+    for round_ in range(3):
+
+        async def main(round_=round_):
+            log = open_log(tmp_path)
+            await LogOnLoop(log).append("shop", f"r{round_}")
+            await log.close()
+
+        run(main())
+    segments = list_segments(tmp_path / "log")["w0"]
+    assert len(segments) == 3
+    assert segments == sorted(segments)
+    assert len(sealed_segments(tmp_path / "log")) == 2
+
+
+# -- Torn and corrupt tails -------------------------------------------------------------------
+
+
+def _segment_with_records(path: Path, count: int) -> list[int]:
+    """Write ``count`` framed records; return the end offset of each."""
+    ends, data = [], b""
+    for i in range(count):
+        payload = orjson.dumps({"p": "shop", "r": i, "b": "x", "e": [{"i": i}]}) + b"\n"
+        data += frame_record(payload)
+        ends.append(len(data))
+    path.write_bytes(data)
+    return ends
+
+
+def test_torn_tail_is_cut_at_the_last_complete_record_for_every_offset(tmp_path):
+    source = tmp_path / "source.log"
+    ends = _segment_with_records(source, 6)
+    data = source.read_bytes()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    victim = data_dir / "w0-00000000000000000001.log"
+    # Every byte offset across the last three records, including the exact boundaries.
+    for cut in range(ends[2], len(data) + 1):
+        victim.write_bytes(data[:cut])
+        kept = recover_segment(data_dir, victim)
+        expected = max(e for e in [0, *ends] if e <= cut)
+        assert kept == expected, cut
+        assert victim.read_bytes() == data[:expected]
+        assert len(scan_records(victim.read_bytes())[0]) == ends.index(expected) + 1
+    # The cut tails were kept, not destroyed.
+    assert any((data_dir / "quarantine").iterdir())
+
+
+def test_random_byte_flips_keep_exactly_the_valid_prefix(tmp_path):
+    source = tmp_path / "source.log"
+    ends = _segment_with_records(source, 8)
+    data = source.read_bytes()
+    starts = [0, *ends[:-1]]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    victim = data_dir / "w0-00000000000000000001.log"
+    rng = random.Random(1234)
+    for _ in range(300):
+        pos = rng.randrange(len(data))
+        corrupt = bytearray(data)
+        corrupt[pos] ^= rng.randrange(1, 256)
+        victim.write_bytes(bytes(corrupt))
+        kept = recover_segment(data_dir, victim)
+        damaged_record = max(i for i, s in enumerate(starts) if s <= pos)
+        assert kept == starts[damaged_record], pos
+        assert victim.read_bytes() == data[:kept]
+
+
+def test_open_recovers_torn_tail_and_appends_after_it(tmp_path):
+    async def write(batches):
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        for b in batches:
+            await driver.append("shop", b)
+        await log.close()
+        return log.segment_path
+
+    segment = run(write(["a", "b", "c"]))
+    size = segment.stat().st_size
+    with open(segment, "r+b") as f:
+        f.truncate(size - 7)  # tear the last record
+    run(write(["d"]))
+    assert [r["e"][0]["anonymousId"] for r in records_on_disk(tmp_path)] == ["a", "b", "d"]
+
+
+# -- fsync failures (fsyncgate) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("err", "reason"), [(errno.EIO, "I/O error"), (errno.ENOSPC, "disk full")])
+def test_failed_sync_fails_the_batch_refuses_then_recovers(tmp_path, monkeypatch, err, reason):
+    gate = SyncGate(monkeypatch)
+
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        assert await driver.append("shop", "good-1") is None
+        repair_gate = FsyncGate(monkeypatch)
+        gate.fail_with.append(OSError(err, os.strerror(err)))
+        failed = await driver.append("shop", "doomed")
+        assert isinstance(failed, LogUnavailable)
+        assert reason in str(failed) and failed.retry_after > 0
+        assert failed.__cause__.errno == err
+        # Unsound: refuse at once, never retry-then-ack. (The repair is held at its fsync.)
+        await asyncio.get_running_loop().run_in_executor(None, repair_gate.started.wait, 10)
+        with pytest.raises(LogUnavailable) as refused:
+            log.append("shop", make_events("refused", 1), 1, lambda exc: None)
+        assert reason in str(refused.value)
+        damaged = log.segment_path
+        repair_gate.release.set()  # repair: cut back to the durable offset, new segment
+        while log._unsound is not None:  # noqa: SLF001 - poll-with-deadline via wait_for
+            await asyncio.sleep(0.001)
+        assert log.segment_path != damaged
+        assert await driver.append("shop", "good-2") is None
+        await log.close()
+        assert log.stats.failed == 1 and log.stats.sync_errors == 1
+
+    run(main())
+    ids = [r["e"][0]["anonymousId"] for r in records_on_disk(tmp_path)]
+    assert ids == ["good-1", "good-2"]  # the failed batch is gone, nothing corrupt
+    for segs in list_segments(tmp_path / "log").values():
+        for path in segs:
+            assert scan_records(path.read_bytes())[1] == path.stat().st_size
+
+
+def test_appends_queued_behind_a_failed_sync_fail_too(tmp_path, monkeypatch):
+    gate = SyncGate(monkeypatch, hold_first=True)
+
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        gate.fail_with.append(OSError(errno.EIO, "injected"))
+        first = driver.append("shop", "first")
+        await asyncio.get_running_loop().run_in_executor(None, gate.started.wait, 10)
+        queued = [driver.append("shop", f"q{i}") for i in range(5)]
+        gate.release.set()
+        results = [await first, *[await q for q in queued]]
+        assert all(isinstance(r, LogUnavailable) for r in results)
+        await log.close()
+
+    run(main())
+    assert records_on_disk(tmp_path) == []
+
+
+def test_failed_repair_keeps_refusing_until_a_repair_succeeds(tmp_path, monkeypatch):
+    gate = SyncGate(monkeypatch)
+    real_fsync = os.fsync
+    fsync_failures = [OSError(errno.EIO, "repair fails")]
+
+    def flaky_fsync(fd):
+        if fsync_failures:
+            raise fsync_failures.pop()
+        real_fsync(fd)
+
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        gate.fail_with.append(OSError(errno.EIO, "injected"))
+        monkeypatch.setattr(os, "fsync", flaky_fsync)
+        assert isinstance(await driver.append("shop", "doomed"), LogUnavailable)
+        while log._syncing:  # noqa: SLF001 - the immediate repair attempt, which fails
+            await asyncio.sleep(0.001)
+        assert log._unsound is not None  # noqa: SLF001
+        with pytest.raises(LogUnavailable):
+            log.append("shop", make_events("x", 1), 1, lambda exc: None)
+        log.tick()
+        while log._unsound is not None:  # noqa: SLF001
+            await asyncio.sleep(0.001)
+        assert await driver.append("shop", "ok") is None
+        await log.close()
+
+    run(main())
+    assert [r["e"][0]["anonymousId"] for r in records_on_disk(tmp_path)] == ["ok"]
+
+
+def test_write_error_is_treated_like_a_sync_error(tmp_path, monkeypatch):
+    real_write = os.write
+    box = {}
+
+    def failing_write(fd, data):
+        if fd == box.get("fd"):
+            box.pop("fd")
+            real_write(fd, bytes(data)[:10])  # a partial record reaches the file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", failing_write)
+
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        assert await driver.append("shop", "good") is None
+        box["fd"] = log._fd  # noqa: SLF001
+        result = await driver.append("shop", "partial")
+        assert isinstance(result, LogUnavailable) and "disk full" in str(result)
+        while log._unsound is not None:  # noqa: SLF001
+            await asyncio.sleep(0.001)
+        await log.close()
+
+    run(main())
+    assert [r["e"][0]["anonymousId"] for r in records_on_disk(tmp_path)] == ["good"]
+    for segs in list_segments(tmp_path / "log").values():
+        for path in segs:
+            assert scan_records(path.read_bytes())[1] == path.stat().st_size
+
+
+# -- Backpressure ---------------------------------------------------------------------------------
+
+
+def test_refuses_fast_when_too_far_ahead_of_the_roller(tmp_path):
+    async def main():
+        log = open_log(tmp_path, max_unrolled_bytes=3000, segment_max_bytes=1000)
+        driver = LogOnLoop(log)
+        acked = 0
+        with pytest.raises(LogUnavailable) as info:
+            for i in range(100):
+                await driver.append("shop", f"b{i}")
+                acked += 1
+        assert "overloaded" in str(info.value) and info.value.retry_after >= 1
+        assert 0 < acked < 100
+        # The roller catches up; the next tick sees the log shrink and accepts again.
+        await asyncio.get_running_loop().run_in_executor(None, Roller(tmp_path).roll_once)
+        log.tick()
+        assert await driver.append("shop", "after-roll") is None
+        await log.close()
+        return acked
+
+    acked = run(main())
+    counts = batch_counts(tmp_path)
+    assert sum(counts.values()) == (acked + 1) * 3
+
+
+def test_refuses_fast_when_disk_is_short(tmp_path):
+    async def main():
+        free = shutil.disk_usage(tmp_path).free
+        log = open_log(tmp_path, min_free_bytes=free * 4)
+        with pytest.raises(LogUnavailable) as info:
+            log.append("shop", make_events("x", 1), 1, lambda exc: None)
+        assert "disk full" in str(info.value)
+        assert info.value.retry_after == commitlog_module.RETRY_AFTER_DISK_FULL
+        await log.close()
+
+    run(main())
+    assert records_on_disk(tmp_path) == []
+
+
+def test_invalid_configuration_is_rejected(tmp_path):
+    with pytest.raises(ValueError):
+        CommitLog(tmp_path, durability="sometimes")
+    with pytest.raises(ValueError):
+        CommitLog(tmp_path, worker_id="w-0")
+
+
+def test_header_size_matches_the_documented_framing():
+    payload = b'{"p":"x"}\n'
+    framed = frame_record(payload)
+    assert len(framed) == HEADER_SIZE + len(payload) == 12 + len(payload)
+    assert framed.startswith(b"IFL1")
+    assert scan_records(framed) == ([memoryview(payload)], len(framed))
