@@ -117,7 +117,21 @@ def display_prefix(api_key: str) -> str:
 
 
 def valid_project_name(name: str) -> bool:
-    return PROJECT_NAME_RE.fullmatch(name) is not None
+    # A key is itself a valid-looking name; refusing the key prefix in names means a key
+    # pasted where a name goes is refused and never echoed back as "no project named ...".
+    return PROJECT_NAME_RE.fullmatch(name) is not None and KEY_PREFIX not in name
+
+
+def shown(text: str) -> str:
+    """repr() of operator input for an error message, cut at the display prefix of anything
+    that may be a key, so a key pasted into the wrong argument is not echoed to stderr."""
+    start = text.find(KEY_PREFIX)
+    if start >= 0:
+        text = text[: start + DISPLAY_PREFIX_LENGTH] + "..."
+    return repr(text)
+
+
+NAME_RULE = f"1-64 letters, digits, '-' or '_', not containing {KEY_PREFIX!r}"
 
 
 # Errors ------------------------------------------------------------------------------------
@@ -188,7 +202,7 @@ def _parse_catalog(path: Path, data: bytes) -> CatalogDoc:
     seen: set[str] = set()
     for name, project in doc.projects.items():
         if not valid_project_name(name):
-            raise CatalogError(f"catalog {path}: invalid project name {name!r}; {_HANDS_OFF}")
+            raise CatalogError(f"catalog {path}: invalid project name {shown(name)}; {_HANDS_OFF}")
         for key in project.keys:
             if key.sha256 in seen:
                 raise CatalogError(f"catalog {path}: a key digest appears twice; {_HANDS_OFF}")
@@ -384,13 +398,13 @@ class Catalog:
 
 def _check_name(name: str) -> None:
     if not valid_project_name(name):
-        raise ProjectError(f"invalid project name {name!r}: use 1-64 letters, digits, '-' or '_'")
+        raise ProjectError(f"invalid project name {shown(name)}: use {NAME_RULE}")
 
 
 def _project(doc: CatalogDoc, name: str) -> ProjectRecord:
     project = doc.projects.get(name)
     if project is None:
-        raise ProjectError(f"no project named {name!r}")
+        raise ProjectError(f"no project named {shown(name)}")
     return project
 
 

@@ -190,10 +190,25 @@ def test_duplicate_names_are_refused_ignoring_case(catalog):
         catalog.create_project("shop")
 
 
-@pytest.mark.parametrize("name", ["", "a b", "../x", "x/y", "é", "a" * 65, "a.b", "project=x"])
+@pytest.mark.parametrize(
+    "name", ["", "a b", "../x", "x/y", "é", "a" * 65, "a.b", "project=x", "x\n", "my_ik_live_x"]
+)
 def test_invalid_names_are_refused(catalog, name):
     with pytest.raises(ProjectError, match="invalid project name"):
         catalog.create_project(name)
+
+
+def test_a_key_given_as_a_project_name_is_never_echoed(catalog):
+    key = generate_key()
+    for operation in (
+        lambda: catalog.create_project(key),
+        lambda: catalog.delete_project(key),
+        lambda: catalog.set_limit("x" + key, 5),
+    ):
+        with pytest.raises(ProjectError) as info:
+            operation()
+        assert key[12:] not in str(info.value)
+        assert key[:12] in str(info.value)  # enough for the operator to see what they pasted
 
 
 def test_unknown_project_operations_are_refused(catalog):

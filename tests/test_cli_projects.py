@@ -360,6 +360,11 @@ def test_catalog_mode_and_no_plaintext_key_anywhere(run):
     run("revoke-key", "other", keys[1], expect=1)  # already revoked: the error must not echo it
     run("revoke-key", "other", keys[1][:-1] + "x", expect=1)  # a typo'd key, likewise
     run("create", "shop", expect=1)
+    pasted = keys[2]  # a live key pasted where a name or a number goes
+    run("delete", pasted, expect=2)
+    run("set-limit", "shop", pasted, expect=2)
+    run("rotate-key", "shop", "--keep-old-for", pasted, expect=2)
+    run("create", "x", "--events-per-minute", pasted, expect=2)
     run("list")
     run("list", "--json")
     catalog = run.data_dir / CATALOG_FILE

@@ -25,11 +25,13 @@ from pathlib import Path
 from inslytic_fast.auth import (
     DISPLAY_PREFIX_LENGTH,
     KEY_PREFIX,
+    NAME_RULE,
     Catalog,
     CatalogError,
     KeyRecord,
     ProjectError,
     ProjectRecord,
+    shown,
     valid_project_name,
 )
 from inslytic_fast.config import DEFAULT_DATA_DIR
@@ -55,9 +57,7 @@ _DURATION_RE = re.compile(r"(\d+)([smhd]?)")
 
 def _project_name(text: str) -> str:
     if not valid_project_name(text):
-        raise argparse.ArgumentTypeError(
-            f"invalid project name {text!r}: use 1-64 letters, digits, '-' or '_'"
-        )
+        raise argparse.ArgumentTypeError(f"invalid project name {shown(text)}: use {NAME_RULE}")
     return text
 
 
@@ -68,7 +68,7 @@ def _positive_limit(text: str) -> int:
         value = -1
     if not 1 <= value <= MAX_EVENTS_PER_MINUTE:
         raise argparse.ArgumentTypeError(
-            f"invalid limit {text!r}: a whole number of events per minute from 1 to "
+            f"invalid limit {shown(text)}: a whole number of events per minute from 1 to "
             f"{MAX_EVENTS_PER_MINUTE}, or 'unlimited'"
         )
     return value
@@ -88,12 +88,14 @@ def _duration(text: str) -> int:
     match = _DURATION_RE.fullmatch(text.strip().lower())
     if match is None:
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: seconds, or a number with s, m, h or d (e.g. 86400, 24h)"
+            f"invalid duration {shown(text)}: seconds, or a number with s, m, h or d "
+            "(e.g. 86400, 24h)"
         )
     seconds = int(match[1]) * _DURATION_UNITS[match[2]]
     if seconds > MAX_KEEP_OLD_FOR_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"duration {text!r} is over a year; revoke the old key later with revoke-key instead"
+            f"duration {shown(text)} is over a year; "
+            "revoke the old key later with revoke-key instead"
         )
     return seconds
 
@@ -128,7 +130,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "name",
         type=_project_name,
         metavar="NAME",
-        help="1-64 letters, digits, '-' or '_'; events go under events/project=NAME/",
+        help=f"{NAME_RULE}; events go under events/project=NAME/",
     )
     create.add_argument(
         "--events-per-minute",
