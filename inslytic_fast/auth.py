@@ -248,8 +248,12 @@ class Catalog:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, CATALOG_MODE)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, CATALOG_MODE)
+        except OSError as exc:
+            where = exc.filename or self.lock_path
+            raise CatalogError(f"cannot lock catalog: {where}: {exc.strerror}") from None
         try:
             deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
             while True:
@@ -281,6 +285,12 @@ class Catalog:
 
     def _write(self, doc: CatalogDoc) -> None:
         data = msgspec.json.format(_encoder.encode(doc), indent=2) + b"\n"
+        try:
+            self._replace_atomically(data)
+        except OSError as exc:
+            raise CatalogError(f"cannot write catalog {self.path}: {exc.strerror}") from None
+
+    def _replace_atomically(self, data: bytes) -> None:
         # Anything matching the temp pattern is left over from a writer killed mid-write: we
         # hold the lock, so no live writer owns one.
         for stale in self.data_dir.glob(f".{CATALOG_FILE}.*.tmp"):
@@ -537,6 +547,9 @@ class KeyRing:
         if data is None and self._by_digest:
             log.warning("key catalog %s was removed: every API key is now refused", path)
         self._install(doc)
+        log.info(
+            "key catalog reloaded: %d projects, %d keys", len(self._projects), len(self._by_digest)
+        )
         return True
 
     def ensure_default_project(self) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -117,6 +118,20 @@ def test_every_one_character_typo_is_rejected_without_probing_the_map(catalog, r
     assert typos == (KEY_LENGTH - len(KEY_PREFIX)) * 61
 
 
+def test_every_adjacent_transposition_is_rejected_without_probing_the_map(catalog, ring):
+    # CRC32 detects every error burst of up to 32 bits; swapping neighbours is a 16-bit one.
+    key = catalog.create_project("shop")
+    ring.reload_if_changed()
+    ring._by_digest = NoProbe(ring._by_digest)
+    swapped = 0
+    for i in range(len(KEY_PREFIX), KEY_LENGTH - 1):
+        if key[i] != key[i + 1]:
+            typo = key[:i] + key[i + 1] + key[i] + key[i + 2 :]
+            assert ring.lookup(typo.encode()) is None
+            swapped += 1
+    assert swapped > 0
+
+
 @pytest.mark.parametrize(
     "token",
     [b"", b"x", b"ik_live_", b"ik_test_" + b"a" * 38, b" " * KEY_LENGTH, "é".encode() * 23],
@@ -172,6 +187,21 @@ def test_writes_leave_no_temp_files_and_clear_stale_ones(tmp_path, catalog):
     stale = tmp_path / f".{CATALOG_FILE}.999.deadbeef.tmp"
     stale.write_text("{half a catal")
     catalog.create_project("b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.json", "catalog.lock"]
+
+
+def test_a_failed_write_is_a_catalog_error_and_changes_nothing(tmp_path, catalog, monkeypatch):
+    catalog.create_project("shop")
+    before = (tmp_path / CATALOG_FILE).read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(auth.os, "fsync", disk_full)
+    with pytest.raises(CatalogError, match="cannot write catalog .*No space left"):
+        catalog.create_project("other")
+    monkeypatch.undo()
+    assert (tmp_path / CATALOG_FILE).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.json", "catalog.lock"]
 
 
