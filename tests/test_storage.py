@@ -1,0 +1,398 @@
+"""Roller: Parquet layout, exactly once under faults at every step, compaction, retention, kill."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from inslytic_fast.commitlog import CommitLog, frame_record, list_segments, sealed_segments
+from inslytic_fast.query import run_query
+from inslytic_fast.storage import EVENT_COLUMNS, Roller
+
+from .storage_helpers import LogOnLoop, batch_counts, open_log
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Spread over two UTC days (the last microsecond of one and the first of the next).
+TIMESTAMPS = [
+    "2026-02-16T10:30:00.000Z",
+    "2026-02-16T23:59:59.999999Z",
+    "2026-02-17T00:00:00Z",
+]
+
+
+class Boom(Exception):
+    pass
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=60))
+
+
+def write_batches(data_dir: Path, batches: dict[str, int], *, segment_max_bytes=4000) -> None:
+    """Append batches (two projects, two dates) and seal every segment by reopening."""
+
+    async def main():
+        log = open_log(data_dir, segment_max_bytes=segment_max_bytes)
+        driver = LogOnLoop(log)
+        for n, (batch, count) in enumerate(batches.items()):
+            project = "shop" if n % 2 else "blog"
+            assert await driver.append(project, batch, count, timestamps=TIMESTAMPS) is None
+        await log.close()
+
+    run(main())
+    reopened = CommitLog(data_dir)
+    reopened.open()  # seals the last segment, as a restart does
+    reopened._close_fd()  # noqa: SLF001 - no loop needed to close an idle log
+
+
+def expected_batches(prefix: str, n: int) -> dict[str, int]:
+    return {f"{prefix}{i}": 1 + i % 5 for i in range(n)}
+
+
+def parquet_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "events").glob("project=*/date=*/*.parquet"))
+
+
+def record_steps(data_dir: Path, action) -> list[tuple[str, int]]:
+    """Run ``action(roller)`` on a copy and return every (step, occurrence) it passes."""
+    steps: list[tuple[str, int]] = []
+    seen: dict[str, int] = {}
+
+    def hook(name: str) -> None:
+        seen[name] = seen.get(name, 0) + 1
+        steps.append((name, seen[name]))
+
+    scratch = data_dir.parent / "record-steps"
+    shutil.copytree(data_dir, scratch)
+    action(Roller(scratch, step_hook=hook, compact_min_files=2))
+    shutil.rmtree(scratch)
+    return steps
+
+
+def _empty_or_missing(directory: Path) -> bool:
+    return not directory.exists() or not any(directory.iterdir())
+
+
+def representative(steps: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Each step of the first segment, and a fault between two renames of the last one."""
+    first_segment = steps[: steps.index(("roll:start", 2))] if ("roll:start", 2) in steps else steps
+    last_rename = max((s for s in steps if s[0] == "roll:published_one"), key=lambda s: s[1])
+    return [*first_segment, last_rename] if last_rename not in first_segment else first_segment
+
+
+def failing_at(step: tuple[str, int]):
+    seen: dict[str, int] = {}
+
+    def hook(name: str) -> None:
+        seen[name] = seen.get(name, 0) + 1
+        if (name, seen[name]) == step:
+            raise Boom(f"{name} #{seen[name]}")
+
+    return hook
+
+
+# -- Layout and schema -------------------------------------------------------------------------
+
+
+def test_roll_writes_hive_partitions_by_project_and_utc_date(tmp_path):
+    batches = expected_batches("b", 6)
+    write_batches(tmp_path, batches)
+    assert sealed_segments(tmp_path / "log")
+    converted = Roller(tmp_path).roll_once()
+    assert converted == sum(batches.values())
+    assert sealed_segments(tmp_path / "log") == []
+    partitions = {
+        p.parent.relative_to(tmp_path / "events").as_posix() for p in parquet_files(tmp_path)
+    }
+    assert partitions == {
+        f"project={p}/date={d}" for p in ("shop", "blog") for d in ("2026-02-16", "2026-02-17")
+    }
+    for path in parquet_files(tmp_path):
+        meta = duckdb.sql(f"SELECT DISTINCT compression FROM parquet_metadata('{path}')").fetchall()
+        assert meta == [("ZSTD",)]
+    assert batch_counts(tmp_path) == batches
+    assert not any((tmp_path / "events" / ".staging").iterdir())
+
+
+def test_events_relation_has_the_documented_columns_and_values(tmp_path):
+    write_batches(tmp_path, {"only": 3})
+    Roller(tmp_path).roll_once()
+    columns, rows = run_query(tmp_path, "DESCRIBE events")
+    assert [(r[0], r[1]) for r in rows] == [
+        (name, "TIMESTAMP WITH TIME ZONE" if sql_type == "TIMESTAMPTZ" else sql_type)
+        for name, sql_type in EVENT_COLUMNS
+    ]
+    _, rows = run_query(
+        tmp_path,
+        "SELECT event_id, project, properties['path'], "
+        "strftime(\"timestamp\", '%Y-%m-%d %H:%M:%S.%f'), user_id, consent_given, utm_source, "
+        "device_type, received_at FROM events ORDER BY event_id",
+    )
+    assert [r[0][-3:] for r in rows] == ["000", "001", "002"]
+    assert len({r[0][:-3] for r in rows}) == 1
+    assert {r[1] for r in rows} == {"blog"}
+    assert {r[2] for r in rows} == {"/pricing"}
+    assert [r[3] for r in rows] == [
+        "2026-02-16 10:30:00.000000",
+        "2026-02-16 23:59:59.999999",
+        "2026-02-17 00:00:00.000000",
+    ]
+    assert {(r[4], r[5], r[6], r[7]) for r in rows} == {(None, True, "google", "desktop")}
+    received = rows[0][8]
+    assert received.tzinfo is not None
+    assert abs(received.timestamp() - time.time()) < 600
+
+
+def test_empty_sealed_segments_are_removed(tmp_path):
+    for _ in range(3):
+        log = CommitLog(tmp_path)
+        log.open()
+        log._close_fd()  # noqa: SLF001
+    assert len(sealed_segments(tmp_path / "log")) == 2
+    assert Roller(tmp_path).roll_once() == 0
+    assert sealed_segments(tmp_path / "log") == []
+    assert parquet_files(tmp_path) == []
+
+
+def test_corrupt_sealed_segment_rolls_its_valid_prefix_and_keeps_the_rest(tmp_path):
+    write_batches(tmp_path, {"a": 2, "b": 2})
+    segment = sealed_segments(tmp_path / "log")[-1]
+    with open(segment, "ab") as f:
+        f.write(frame_record(b'{"p":"shop","r":1,"b":"x","e":[]}\n')[:-5] + b"garbage")
+    assert Roller(tmp_path).roll_once() == 4
+    assert batch_counts(tmp_path) == {"a": 2, "b": 2}
+    assert list((tmp_path / "quarantine").iterdir())
+
+
+# -- Exactly once under faults -----------------------------------------------------------------
+
+
+def test_a_fault_between_any_two_roll_steps_then_recovery_gives_each_event_once(tmp_path):
+    base = tmp_path / "base"
+    batches = expected_batches("b", 10)
+    write_batches(base, batches, segment_max_bytes=6000)  # two segments, four partitions each
+    steps = record_steps(base, lambda r: r.roll_once())
+    names = {name for name, _ in steps}
+    assert {"roll:parquet_written", "roll:published_one", "roll:segment_deleted"} <= names
+    assert ("roll:published_one", 2) in steps  # a fault between two renames is covered too
+    for step in representative(steps):
+        data_dir = tmp_path / f"case-{step[0].replace(':', '-')}-{step[1]}"
+        shutil.copytree(base, data_dir)
+        with pytest.raises(Boom):
+            Roller(data_dir, step_hook=failing_at(step)).roll_once()
+        # Readers see each event once in the half-done state ...
+        assert batch_counts(data_dir) == batches, step
+        # ... and after recovery, with the log fully rolled.
+        Roller(data_dir).roll_once()
+        assert batch_counts(data_dir) == batches, step
+        assert sealed_segments(data_dir / "log") == []
+        assert not any((data_dir / "events" / ".staging").iterdir())
+        shutil.rmtree(data_dir)
+
+
+def test_query_at_every_roll_step_sees_each_event_once(tmp_path):
+    batches = expected_batches("q", 8)
+    write_batches(tmp_path, batches)
+    checked: list[str] = []
+
+    def hook(name: str) -> None:
+        assert batch_counts(tmp_path) == batches, name
+        checked.append(name)
+
+    Roller(tmp_path, step_hook=hook).roll_once()
+    assert "roll:published_one" in checked and "roll:segment_deleted" in checked
+    assert batch_counts(tmp_path) == batches
+
+
+def test_replaying_a_rolled_segment_overwrites_instead_of_duplicating(tmp_path):
+    batches = expected_batches("r", 6)
+    write_batches(tmp_path, batches)
+    saved = {p: p.read_bytes() for p in sealed_segments(tmp_path / "log")}
+    Roller(tmp_path).roll_once()
+    files_before = parquet_files(tmp_path)
+    for path, data in saved.items():  # as if the unlink of the segments was lost in a crash
+        path.write_bytes(data)
+    Roller(tmp_path).roll_once()
+    assert parquet_files(tmp_path) == files_before
+    assert batch_counts(tmp_path) == batches
+
+
+# -- Compaction ----------------------------------------------------------------------------------
+
+
+def _many_small_files(data_dir: Path, rounds: int = 4) -> dict[str, int]:
+    batches: dict[str, int] = {}
+    for round_ in range(rounds):
+        more = expected_batches(f"c{round_}-", 4)
+        write_batches(data_dir, more)
+        Roller(data_dir).roll_once()
+        batches.update(more)
+    return batches
+
+
+def test_compaction_merges_small_files_without_changing_the_data(tmp_path):
+    batches = _many_small_files(tmp_path)
+    before = len(parquet_files(tmp_path))
+    roller = Roller(tmp_path, compact_min_files=2)
+    assert roller.compact_once() == 4  # one per partition
+    files = parquet_files(tmp_path)
+    assert len(files) == 4 < before
+    assert all(p.name.startswith("c-") for p in files)
+    assert batch_counts(tmp_path) == batches
+    assert _empty_or_missing(tmp_path / "events" / "_compactions")
+
+
+def test_a_fault_at_any_compaction_step_then_recovery_gives_each_event_once(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    batches = _many_small_files(base, rounds=3)
+    steps = record_steps(base, lambda r: r.compact_once())
+    assert {"compact:intent_written", "compact:published", "compact:inputs_deleted"} <= {
+        s for s, _ in steps
+    }
+    for step in steps:
+        data_dir = tmp_path / f"case-{step[0].replace(':', '-')}-{step[1]}"
+        shutil.copytree(base, data_dir)
+        with pytest.raises(Boom):
+            Roller(data_dir, step_hook=failing_at(step), compact_min_files=2).compact_once()
+        assert batch_counts(data_dir) == batches, step
+        Roller(data_dir).recover()
+        assert batch_counts(data_dir) == batches, step
+        assert _empty_or_missing(data_dir / "events" / "_compactions")
+        Roller(data_dir, compact_min_files=2).compact_once()
+        assert batch_counts(data_dir) == batches, step
+        shutil.rmtree(data_dir)
+
+
+def test_query_at_every_compaction_step_sees_each_event_once(tmp_path):
+    batches = _many_small_files(tmp_path, rounds=3)
+    checked: list[str] = []
+
+    def hook(name: str) -> None:
+        assert batch_counts(tmp_path) == batches, name
+        checked.append(name)
+
+    Roller(tmp_path, step_hook=hook, compact_min_files=2).compact_once()
+    assert "compact:published" in checked
+
+
+def test_files_of_a_segment_still_in_the_log_are_never_compacted(tmp_path):
+    batches = _many_small_files(tmp_path, rounds=2)
+    # Put a rolled segment back, as if its deletion had not happened yet.
+    write_batches(tmp_path, {"late": 2})
+    segment = sealed_segments(tmp_path / "log")[-1]
+    saved = segment.read_bytes()
+    Roller(tmp_path).roll_once()
+    segment.write_bytes(saved)
+    Roller(tmp_path, compact_min_files=2).compact_once()
+    stem = segment.name.rsplit(".", 1)[0]
+    assert any(p.name.startswith(stem) for p in parquet_files(tmp_path))
+    assert batch_counts(tmp_path) == {**batches, "late": 2}
+
+
+# -- Retention ---------------------------------------------------------------------------------
+
+
+def test_retention_drops_whole_partitions_older_than_n_days(tmp_path):
+    write_batches(tmp_path, expected_batches("t", 4))
+    Roller(tmp_path).roll_once()
+    # 2026-02-18 12:00 UTC: with 1 day kept, the 16th goes and the 17th stays.
+    now = dt.datetime(2026, 2, 18, 12, tzinfo=dt.UTC).timestamp()
+    roller = Roller(tmp_path, retention_days=1, clock=lambda: now)
+    assert roller.apply_retention() == 2
+    _, rows = run_query(tmp_path, 'SELECT DISTINCT CAST("timestamp" AS DATE) FROM events')
+    assert rows == [(dt.date(2026, 2, 17),)]
+    assert Roller(tmp_path).apply_retention() == 0  # retention off by default
+
+
+# -- SIGKILL -----------------------------------------------------------------------------------
+
+
+def _kill_writer_once(data_dir: Path, seed: int) -> dict[str, int]:
+    """Start the crash writer, SIGKILL it at a random moment, return the acked batches."""
+    rng = random.Random(seed)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.storage_helpers", "crash-writer", str(data_dir), str(seed)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    lines: list[bytes] = []
+    first_ack = threading.Event()
+
+    def reader() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            first_ack.set()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        assert first_ack.wait(30), "crash writer never acknowledged a batch"
+        # The random kill moment: rotations and rolls happen every few tens of ms.
+        time.sleep(rng.uniform(0.05, 0.8))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        thread.join(30)
+    acked: dict[str, int] = {}
+    for line in lines:
+        if line.endswith(b"\n"):  # a line cut by the kill was never fully reported
+            _, batch, count = line.decode().split()
+            acked[batch] = int(count)
+    assert acked
+    return acked
+
+
+def _check_acked_exactly_once(data_dir: Path, acked: dict[str, int]) -> None:
+    counts = batch_counts(data_dir)
+    missing = {b: n for b, n in acked.items() if counts.get(b) != n}
+    assert not missing, f"acked batches lost or duplicated: {list(missing.items())[:5]}"
+    # Unacknowledged batches may or may not have made it, but only ever whole and once.
+    _, rows = run_query(
+        data_dir,
+        "SELECT anonymous_id FROM events GROUP BY ALL "
+        "HAVING count(*) <> count(DISTINCT session_id) "
+        "OR max(CAST(split_part(session_id, '-', -1) AS INT)) + 1 <> count(*)",
+    )
+    assert rows == []
+
+
+def _restart_recovery(data_dir: Path) -> None:
+    log = CommitLog(data_dir)
+    log.open()
+    log._close_fd()  # noqa: SLF001
+    Roller(data_dir).roll_once()
+
+
+def _crash_cycles(data_dir: Path, cycles: int, seed: int) -> None:
+    acked: dict[str, int] = {}
+    for cycle in range(cycles):
+        new = _kill_writer_once(data_dir, seed * 1000 + cycle)
+        acked.update(new)
+        _check_acked_exactly_once(data_dir, acked)  # before any recovery: query copes alone
+        _restart_recovery(data_dir)
+        _check_acked_exactly_once(data_dir, acked)
+    live = list_segments(data_dir / "log")
+    assert all(len(segs) == 1 for segs in live.values())
+
+
+def test_sigkill_during_appends_and_rolls_loses_no_acked_batch(tmp_path):
+    _crash_cycles(tmp_path, cycles=1, seed=int(os.environ.get("CRASH_SEED", "7")))
+
+
+@pytest.mark.slow
+def test_sigkill_many_cycles(tmp_path):
+    _crash_cycles(tmp_path, cycles=12, seed=int(os.environ.get("CRASH_SEED", "11")))
