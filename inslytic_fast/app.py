@@ -23,12 +23,16 @@ READ_METHODS = b"GET, HEAD"
 
 
 class App:
-    __slots__ = ("ingestor", "responses", "openapi_body")
+    __slots__ = ("ingestor", "responses", "openapi_body", "health_headers")
 
-    def __init__(self, ingestor: Ingestor, responses: Responses, openapi: dict) -> None:
+    def __init__(
+        self, ingestor: Ingestor, responses: Responses, openapi: dict, *, worker_id: str = "w0"
+    ) -> None:
         self.ingestor = ingestor
         self.responses = responses
         self.openapi_body = orjson.dumps(openapi)
+        # Which worker answered: lets operators and tests see every worker is alive.
+        self.health_headers = b"X-Inslytic-Worker: " + worker_id.encode() + b"\r\n"
 
     def handle(self, req: Request, slot: Responder) -> None:
         path = req.path
@@ -41,7 +45,7 @@ class App:
             else:
                 slot.respond(self._method_not_allowed(req, INGEST_METHODS))
         elif path == b"/health":
-            slot.respond(self._read(req, HEALTH_BODY))
+            slot.respond(self._read(req, HEALTH_BODY, self.health_headers))
         elif path == b"/openapi.json":
             slot.respond(self._read(req, self.openapi_body))
         else:
@@ -51,10 +55,15 @@ class App:
                 )
             )
 
-    def _read(self, req: Request, body: bytes) -> bytes:
+    def _read(self, req: Request, body: bytes, extra: bytes = b"") -> bytes:
         if req.method == b"GET" or req.method == b"HEAD":
             return self.responses.render(
-                200, body, origin=req.origin, close=not req.keep_alive, head=req.method == b"HEAD"
+                200,
+                body,
+                extra,
+                origin=req.origin,
+                close=not req.keep_alive,
+                head=req.method == b"HEAD",
             )
         return self._method_not_allowed(req, READ_METHODS)
 

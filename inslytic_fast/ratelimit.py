@@ -70,6 +70,9 @@ class RateLimiter:
             bucket.refresh(limit, now)
         return bucket
 
+    def tick(self) -> None:
+        """Nothing to do once a second for local buckets (see SharedRateLimiter.tick)."""
+
     def forget(self, keep: set[str]) -> None:
         """Drop buckets of projects that no longer exist (bounded memory across deletes)."""
         for name in [n for n in self._buckets if n not in keep]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -21,7 +22,7 @@ from pathlib import Path
 from . import __version__
 from .app import App
 from .auth import CatalogError, KeyRing
-from .commitlog import CommitLog
+from .commitlog import LOG_DIRNAME, CommitLog, list_segments
 from .config import Settings
 from .ingest import Ingestor
 from .openapi import build_openapi
@@ -53,6 +54,47 @@ def check_data_dir(data_dir: Path) -> None:
         raise StartupError(f"data dir {data_dir} is not writable: {reason}") from None
 
 
+class DataDirLock:
+    """One serving process tree per data dir: two would interleave logs and rolls."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "serve.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise StartupError(
+                f"data dir {data_dir} is in use by another inslytic-fast server (pid {holder})"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def acquire_data_dir(data_dir: Path) -> DataDirLock:
+    return DataDirLock(data_dir)
+
+
+def seal_orphan_logs(data_dir: Path, active: set[str]) -> None:
+    """Seal the last segment of workers that will not run now (an earlier, larger --workers),
+    so the roller converts it instead of waiting for a worker that never comes back."""
+    for worker_id in list_segments(data_dir / LOG_DIRNAME):
+        if worker_id in active:
+            continue
+        orphan = CommitLog(data_dir, worker_id=worker_id)
+        orphan.open()
+        asyncio.run(orphan.close())
+
+
+def configure_worker_logging(worker_id: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s {worker_id} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def raise_open_file_limit(wanted: int) -> None:
     """Each connection is a file descriptor; lift the soft limit toward the hard one."""
     try:
@@ -82,11 +124,60 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
     return sock
 
 
-class Server:
-    """One serving process: storage, the app, a listening socket, the tick."""
+def make_roller(settings: Settings) -> Roller:
+    return Roller(settings.data_dir, retention_days=settings.retention_days or None)
 
-    def __init__(self, settings: Settings, *, out=None) -> None:
+
+def announce(settings: Settings, host: str, port: int, first_run_key: str | None, out) -> None:
+    """The one startup line (stderr) and, on first run, the default key with a curl line."""
+    durability = settings.durability
+    if durability == "none":
+        durability = "none (BENCHMARK ONLY: acknowledged events can be lost on a crash)"
+    workers = f" workers {settings.workers}" if settings.workers > 1 else ""
+    print(
+        f"inslytic-fast {__version__} listening on http://{host}:{port} "
+        f"data dir {settings.data_dir.resolve()} durability {durability}{workers} "
+        f"pid {os.getpid()}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if first_run_key is None:
+        return
+    url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(
+        'First run: created project "default". Its API key is shown only this once:\n'
+        f"  {first_run_key}\n"
+        "Try it:\n"
+        f"  curl -i -X POST http://{url_host}:{port}/v1/ingest "
+        f'-H "Authorization: Bearer {first_run_key}" -H "Content-Type: application/json" '
+        '-d \'{"events":[{"eventName":"page_viewed",'
+        '"timestamp":"2026-02-16T10:30:00.000Z","anonymousId":"anon-123",'
+        '"sessionId":"sess-456","consentGiven":true}]}\'',
+        file=out,
+        flush=True,
+    )
+
+
+class Server:
+    """One serving process: storage, the app, a listening socket, the tick.
+
+    Alone (``--workers 1``) it also runs the roller and creates the first-run project; as one of
+    several workers the supervisor does both and hands in a shared rate limiter.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        worker_id: str = "w0",
+        limiter: RateLimiter | None = None,
+        standalone: bool = True,
+        out=None,
+    ) -> None:
         self.settings = settings
+        self.worker_id = worker_id
+        self.limiter = limiter if limiter is not None else RateLimiter()
+        self.standalone = standalone
         self.out = out or sys.stdout
         self.state = ServerState(settings)
         self.responses = Responses(settings.cors_origins)
@@ -95,6 +186,8 @@ class Server:
         self.roller: Roller | None = None
         self.app: App | None = None
         self.first_run_key: str | None = None
+        self.data_dir_lock: DataDirLock | None = None
+        self.on_ready = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._stop: asyncio.Event | None = None
 
@@ -103,25 +196,34 @@ class Server:
     def open_storage(self) -> None:
         settings = self.settings
         check_data_dir(settings.data_dir)
+        if self.standalone:
+            self.data_dir_lock = acquire_data_dir(settings.data_dir)
+            seal_orphan_logs(settings.data_dir, {self.worker_id})
         keyring = KeyRing(settings.data_dir)
         try:
             keyring.load()
-            self.first_run_key = keyring.ensure_default_project()
+            if self.standalone:
+                self.first_run_key = keyring.ensure_default_project()
+                if self.first_run_key is not None:
+                    keyring.load()
         except CatalogError as exc:
             raise StartupError(str(exc)) from None
-        commitlog = CommitLog(settings.data_dir, durability=settings.durability)
+        commitlog = CommitLog(
+            settings.data_dir, durability=settings.durability, worker_id=self.worker_id
+        )
         try:
             commitlog.open()
         except OSError as exc:
             raise StartupError(f"cannot open the commit log: {exc}") from None
         self.keyring = keyring
         self.commitlog = commitlog
-        self.roller = Roller(settings.data_dir, retention_days=settings.retention_days or None)
+        if self.standalone:
+            self.roller = make_roller(settings)
         limits = EventLimits()
         ingestor = Ingestor(
             keyring,
             Schema(limits),
-            RateLimiter(),
+            self.limiter,
             commitlog,
             self.responses,
             default_limit=settings.events_per_minute,
@@ -130,7 +232,7 @@ class Server:
         openapi = build_openapi(
             limits, max_body_bytes=settings.max_body_bytes, server_version=__version__
         )
-        self.app = App(ingestor, self.responses, openapi)
+        self.app = App(ingestor, self.responses, openapi, worker_id=self.worker_id)
 
     async def serve(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -139,7 +241,8 @@ class Server:
             sock = bind_socket(settings.host, settings.port)
         self._stop = asyncio.Event()
         self.commitlog.start(loop)
-        self.roller.start()
+        if self.roller is not None:
+            self.roller.start()
         self.state.now = loop.time()
         app, state = self.app, self.state
         server = await loop.create_server(
@@ -149,7 +252,11 @@ class Server:
             loop.add_signal_handler(signum, self._stop.set)
         self._tick_handle = loop.call_later(TICK_SECONDS, self._tick, loop)
         host, port = sock.getsockname()[:2]
-        self._announce(host, port)
+        if self.standalone:
+            announce(settings, host, port, self.first_run_key, self.out)
+            self.first_run_key = None
+        if self.on_ready is not None:
+            self.on_ready()
         try:
             await self._stop.wait()
         finally:
@@ -161,34 +268,6 @@ class Server:
         if self._stop is not None:
             self._stop.set()
 
-    def _announce(self, host: str, port: int) -> None:
-        settings = self.settings
-        durability = settings.durability
-        if durability == "none":
-            durability = "none (BENCHMARK ONLY: acknowledged events can be lost on a crash)"
-        print(
-            f"inslytic-fast {__version__} listening on http://{host}:{port} "
-            f"data dir {settings.data_dir.resolve()} durability {durability} pid {os.getpid()}",
-            file=sys.stderr,
-            flush=True,
-        )
-        key = self.first_run_key
-        if key is not None:
-            self.first_run_key = None
-            url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-            print(
-                'First run: created project "default". Its API key is shown only this once:\n'
-                f"  {key}\n"
-                "Try it:\n"
-                f"  curl -i -X POST http://{url_host}:{port}/v1/ingest "
-                f'-H "Authorization: Bearer {key}" -H "Content-Type: application/json" '
-                '-d \'{"events":[{"eventName":"page_viewed",'
-                '"timestamp":"2026-02-16T10:30:00.000Z","anonymousId":"anon-123",'
-                '"sessionId":"sess-456","consentGiven":true}]}\'',
-                file=self.out,
-                flush=True,
-            )
-
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._tick_handle = loop.call_later(TICK_SECONDS, self._tick, loop)
         now = loop.time()
@@ -197,7 +276,9 @@ class Server:
         try:
             for conn in list(self.state.connections):
                 conn.check_timeouts(now)
-            self.keyring.reload_if_changed()
+            if self.keyring.reload_if_changed():
+                self.limiter.forget(set(self.keyring.projects))
+            self.limiter.tick()
             self.commitlog.tick()
         except Exception:
             log.exception("error in the 1 s tick")
@@ -221,13 +302,25 @@ class Server:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         await self.commitlog.close()
-        self.roller.stop()
-        log.info("stopped")
+        if self.roller is not None:
+            self.roller.stop()
+
+
+def loop_factory():
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return None
+    return uvloop.new_event_loop
 
 
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT. Returns the process exit code."""
     raise_open_file_limit(settings.max_connections + 256)
+    if settings.workers > 1:
+        from .supervisor import Supervisor
+
+        return Supervisor(settings).run()
     server = Server(settings)
     try:
         server.open_storage()
@@ -235,12 +328,6 @@ def run(settings: Settings) -> int:
     except StartupError as exc:
         print(f"inslytic-fast: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(server.serve(sock))
     return 0

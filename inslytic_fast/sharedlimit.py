@@ -1,0 +1,248 @@
+"""Global per-project rate limits across worker processes: a shared budget, leased in grants.
+
+With ``--workers N`` every worker runs its own event loop, and a project limited to 1,000
+events/min must get 1,000 in total, not 1,000 per worker. The budget of each project lives in a
+small shared table (an mmap'd file under ``<data_dir>/run/``); a worker takes tokens from it in
+*grants* and spends them from a local lease on its own loop, so the hot path is a subtraction,
+and the table is touched (two ``fcntl`` range-lock syscalls) only once per grant.
+
+Guarantees, and the documented slack:
+
+- **No overshoot.** Tokens leave the table before any worker spends them, and each window's
+  table row is refilled exactly once, so the accepted total per window never exceeds the limit.
+- **Bounded undershoot.** Tokens leased by one worker cannot be spent by another. A client may
+  get a 429 while up to ``(N - 1) x grant`` tokens sit in other workers' leases; a lease unused
+  for a whole tick (1 s) is given back. ``grant = max(1, limit // (16 x N))``, so at most
+  1/16 of the limit is stranded, for at most a second.
+- fcntl locks die with their process: a worker SIGKILLed while holding a row lock cannot wedge
+  the others (a process-shared semaphore would).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .ratelimit import REFILL_SECONDS
+
+MAGIC = b"IFRL0001"
+HEADER = struct.Struct("<8sQ")  # magic, slot count
+SLOT = struct.Struct("<Qqqd")  # project key (0 = empty), limit, tokens, window start
+DEFAULT_SLOTS = 16384  # 512 KiB; projects beyond this fall back to per-worker limits
+GRANT_FRACTION = 16  # see the module docstring: at most limit/16 stranded per window
+
+
+def project_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") or 1
+
+
+class SharedBudget:
+    """The table. Created (zeroed) by the supervisor; opened by every worker."""
+
+    def __init__(self, path: Path, *, create: bool = False, slots: int = DEFAULT_SLOTS) -> None:
+        self.path = path
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(HEADER.pack(MAGIC, slots))
+                fh.truncate(HEADER.size + slots * SLOT.size)
+            os.replace(tmp, path)
+        self.fd = os.open(path, os.O_RDWR)
+        self.map = mmap.mmap(self.fd, 0)
+        magic, self.slots = HEADER.unpack_from(self.map, 0)
+        if magic != MAGIC:
+            raise ValueError(f"{path} is not a rate-limit table")
+        self._index: dict[int, int] = {}
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+    def _offset(self, slot: int) -> int:
+        return HEADER.size + slot * SLOT.size
+
+    def _lock(self, offset: int) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, SLOT.size, offset, os.SEEK_SET)
+
+    def _unlock(self, offset: int) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT.size, offset, os.SEEK_SET)
+
+    def _slot_of(self, key: int) -> int | None:
+        slot = self._index.get(key)
+        if slot is not None:
+            return slot
+        start = key % self.slots
+        for probe in range(self.slots):
+            slot = (start + probe) % self.slots
+            offset = self._offset(slot)
+            self._lock(offset)
+            try:
+                found = SLOT.unpack_from(self.map, offset)[0]
+                if found == 0:
+                    SLOT.pack_into(self.map, offset, key, 0, 0, 0.0)
+                    found = key
+            finally:
+                self._unlock(offset)
+            if found == key:
+                self._index[key] = slot
+                return slot
+        return None
+
+    def grant(self, key: int, limit: int, want: int, now: float) -> tuple[int, float, int] | None:
+        """Take up to ``want`` tokens of this window: (taken, window start, left in table)."""
+        slot = self._slot_of(key)
+        if slot is None:
+            return None
+        offset = self._offset(slot)
+        self._lock(offset)
+        try:
+            _, old_limit, tokens, window = SLOT.unpack_from(self.map, offset)
+            if window == 0.0:
+                window, tokens = now, limit
+            elif now - window >= REFILL_SECONDS:
+                window += ((now - window) // REFILL_SECONDS) * REFILL_SECONDS
+                tokens = limit
+            elif limit != old_limit:
+                tokens = max(0, min(limit, tokens + limit - old_limit))
+            taken = min(tokens, want)
+            tokens -= taken
+            SLOT.pack_into(self.map, offset, key, limit, tokens, window)
+            return taken, window, tokens
+        finally:
+            self._unlock(offset)
+
+    def give_back(self, key: int, count: int, window: float) -> None:
+        slot = self._slot_of(key)
+        if slot is None:
+            return
+        offset = self._offset(slot)
+        self._lock(offset)
+        try:
+            _, limit, tokens, current = SLOT.unpack_from(self.map, offset)
+            if current == window:
+                SLOT.pack_into(self.map, offset, key, limit, min(limit, tokens + count), window)
+        finally:
+            self._unlock(offset)
+
+
+class LeasedBucket:
+    """A worker's view of one project's budget; same interface as ``TokenBucket``."""
+
+    __slots__ = (
+        "budget",
+        "clock",
+        "key",
+        "limit",
+        "lease",
+        "window_start",
+        "table_left",
+        "grant",
+        "used",
+    )
+
+    def __init__(
+        self,
+        budget: SharedBudget,
+        clock: Callable[[], float],
+        key: int,
+        limit: int,
+        workers: int,
+    ) -> None:
+        self.budget = budget
+        self.clock = clock
+        self.key = key
+        self.limit = limit
+        self.lease = 0
+        self.window_start = 0.0
+        self.table_left = limit
+        self.grant = max(1, limit // (GRANT_FRACTION * workers))
+        self.used = False
+
+    @property
+    def tokens(self) -> int:
+        """Remaining as far as this worker knows (for X-RateLimit-Remaining)."""
+        return self.table_left + self.lease
+
+    def refresh(self, limit: int, now: float, workers: int) -> None:
+        if limit != self.limit:
+            self.limit = limit
+            self.grant = max(1, limit // (GRANT_FRACTION * workers))
+        if self.window_start and now - self.window_start >= REFILL_SECONDS:
+            self.lease = 0  # a lease is only good in the window it was granted in
+            self.window_start = 0.0
+            self.table_left = limit
+
+    def try_spend(self, cost: int) -> bool:
+        self.used = True
+        if cost <= self.lease:
+            self.lease -= cost
+            return True
+        # CLOCK_MONOTONIC is system-wide on Linux, so every worker agrees on window starts.
+        got = self.budget.grant(self.key, self.limit, cost - self.lease + self.grant, self.clock())
+        if got is None:
+            return False
+        taken, window, left = got
+        if window != self.window_start:
+            self.lease = 0
+            self.window_start = window
+        self.lease += taken
+        self.table_left = left
+        if cost <= self.lease:
+            self.lease -= cost
+            return True
+        return False
+
+    def refund(self, cost: int, spent_at_window: float) -> None:
+        if spent_at_window == self.window_start:
+            self.lease += cost
+
+    def reset_in(self, now: float) -> int:
+        start = self.window_start or now
+        return max(1, int(start + REFILL_SECONDS - now + 0.999999))
+
+    def release_unused(self) -> None:
+        """Tick: a lease nobody spent from for a whole tick goes back to the table."""
+        if not self.used and self.lease and self.window_start:
+            self.budget.give_back(self.key, self.lease, self.window_start)
+            self.table_left += self.lease
+            self.lease = 0
+        self.used = False
+
+
+class SharedRateLimiter:
+    """Drop-in for ``RateLimiter`` in a worker of a multi-process server."""
+
+    __slots__ = ("budget", "workers", "clock", "_buckets")
+
+    def __init__(
+        self, budget: SharedBudget, workers: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.budget = budget
+        self.workers = workers
+        self.clock = clock
+        self._buckets: dict[str, LeasedBucket] = {}
+
+    def bucket(self, project: str, limit: int, now: float) -> LeasedBucket:
+        bucket = self._buckets.get(project)
+        if bucket is None:
+            bucket = LeasedBucket(
+                self.budget, self.clock, project_key(project), limit, self.workers
+            )
+            self._buckets[project] = bucket
+        bucket.refresh(limit, now, self.workers)
+        return bucket
+
+    def tick(self) -> None:
+        for bucket in self._buckets.values():
+            bucket.release_unused()
+
+    def forget(self, keep: set[str]) -> None:
+        for name in [n for n in self._buckets if n not in keep]:
+            del self._buckets[name]

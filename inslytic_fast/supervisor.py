@@ -1,0 +1,276 @@
+"""``serve --workers N``: a supervisor and N worker processes sharing one port.
+
+Each worker is a whole ``Server`` (its own uvloop loop, its own group-commit log ``w<i>``) on
+its own SO_REUSEPORT socket, so the kernel spreads connections and no lock sits on the write
+path. The supervisor owns what must exist once: the first-run project, the roller (it reads
+every worker's sealed segments), the shared rate-limit table, and the workers' lives: it
+restarts a worker that dies (with backoff) and on SIGTERM drains them all and exits 0.
+
+Without SO_REUSEPORT the supervisor listens once and the workers inherit that socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import replace
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from .auth import CatalogError, KeyRing
+from .config import Settings
+from .server import (
+    Server,
+    StartupError,
+    acquire_data_dir,
+    announce,
+    bind_socket,
+    check_data_dir,
+    configure_worker_logging,
+    loop_factory,
+    make_roller,
+    seal_orphan_logs,
+)
+from .sharedlimit import SharedBudget, SharedRateLimiter
+
+log = logging.getLogger("inslytic_fast.supervisor")
+
+WORKER_START_DEADLINE_S = 60.0
+# Restart backoff: 0.5 s doubling to 30 s; a worker that lived 60 s resets it (systemd-like).
+RESTART_BACKOFF_MIN_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+HEALTHY_RUN_S = 60.0
+# On SIGTERM each worker drains within --shutdown-timeout; this is the margin on top.
+DRAIN_MARGIN_S = 5.0
+
+HAS_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
+
+
+def worker_ids(count: int) -> list[str]:
+    return [f"w{i}" for i in range(count)]
+
+
+def budget_path(data_dir: Path) -> Path:
+    return data_dir / "run" / "ratelimit.bin"
+
+
+def worker_main(
+    settings: Settings,
+    worker_id: str,
+    ready,
+    inherited: socket.socket | None,
+) -> None:
+    """Entry point of a worker process (spawned: nothing is shared but what is passed)."""
+    configure_worker_logging(worker_id)
+    budget = SharedBudget(budget_path(settings.data_dir))
+    limiter = SharedRateLimiter(budget, settings.workers)
+    server = Server(settings, worker_id=worker_id, limiter=limiter, standalone=False)
+    try:
+        server.open_storage()
+        sock = inherited or bind_socket(settings.host, settings.port, reuse_port=True)
+    except StartupError as exc:
+        ready.send(("error", str(exc)))
+        sys.exit(2)
+    server.on_ready = lambda: ready.send(("ready", os.getpid()))
+    import asyncio
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(server.serve(sock))
+
+
+class Worker:
+    __slots__ = ("worker_id", "process", "started_at", "backoff", "restart_at", "conn")
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.started_at = 0.0
+        self.backoff = RESTART_BACKOFF_MIN_S
+        self.restart_at: float | None = None
+        self.conn = None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.context = multiprocessing.get_context("spawn")
+        self.workers = [Worker(w) for w in worker_ids(settings.workers)]
+        self.listen_sock: socket.socket | None = None
+        self.stopping = False
+
+    def run(self) -> int:
+        settings = self.settings
+        try:
+            check_data_dir(settings.data_dir)
+            self.data_dir_lock = acquire_data_dir(settings.data_dir)
+            keyring = KeyRing(settings.data_dir)
+            keyring.load()
+            first_run_key = keyring.ensure_default_project()
+            reservation = self._reserve_port()
+        except CatalogError as exc:
+            print(f"inslytic-fast: error: {exc}", file=sys.stderr)
+            return 2
+        except StartupError as exc:
+            print(f"inslytic-fast: error: {exc}", file=sys.stderr)
+            return 2
+        host, port = reservation.getsockname()[:2]
+        self.settings = settings = replace(settings, port=port)
+        seal_orphan_logs(settings.data_dir, set(worker_ids(settings.workers)))
+        SharedBudget(budget_path(settings.data_dir), create=True).close()
+        roller = make_roller(settings)
+        roller.start()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        try:
+            for worker in self.workers:
+                error = self._start(worker, wait_ready=True)
+                if error:
+                    print(
+                        f"inslytic-fast: error: worker {worker.worker_id}: {error}", file=sys.stderr
+                    )
+                    self._stop_all()
+                    return 2
+            announce(settings, host, port, first_run_key, sys.stdout)
+            self._monitor(wake_r)
+        finally:
+            self._stop_all()
+            roller.stop()
+            reservation.close()
+        return 0
+
+    def _reserve_port(self) -> socket.socket:
+        """Bind (not listen) with SO_REUSEPORT: the port is ours and known (also for --port 0),
+        but only the workers' listening sockets receive connections."""
+        settings = self.settings
+        if not HAS_REUSEPORT:
+            self.listen_sock = bind_socket(settings.host, settings.port)
+            return self.listen_sock
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((settings.host, settings.port))
+            # bind() succeeds next to another SO_REUSEPORT listener (say, a second server of
+            # ours on another data dir) and the kernel would split traffic between the two.
+            if settings.port and _port_answers(settings.host, settings.port):
+                raise OSError(98, "address already in use")
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                f"cannot listen on {settings.host}:{settings.port}: "
+                f"{'address already in use' if exc.errno == 98 else exc.strerror or exc}"
+            ) from None
+        return sock
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _start(self, worker: Worker, *, wait_ready: bool = False) -> str | None:
+        parent_conn, child_conn = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=worker_main,
+            args=(self.settings, worker.worker_id, child_conn, self.listen_sock),
+            name=f"inslytic-fast-{worker.worker_id}",
+        )
+        process.start()
+        child_conn.close()
+        worker.process = process
+        worker.conn = parent_conn
+        worker.started_at = time.monotonic()
+        worker.restart_at = None
+        if not wait_ready:
+            return None
+        deadline = time.monotonic() + WORKER_START_DEADLINE_S
+        while time.monotonic() < deadline and not self.stopping:
+            if parent_conn.poll(0.1):
+                try:
+                    kind, detail = parent_conn.recv()
+                except EOFError:
+                    return f"exited with code {process.exitcode} before it was ready"
+                return None if kind == "ready" else str(detail)
+            if not process.is_alive():
+                return f"exited with code {process.exitcode} before it was ready"
+        return "did not become ready in time" if not self.stopping else None
+
+    def _monitor(self, wake_fd: int) -> None:
+        while not self.stopping:
+            now = time.monotonic()
+            timeout = None
+            for worker in self.workers:
+                if worker.restart_at is not None:
+                    if worker.restart_at <= now:
+                        log.warning("restarting worker %s", worker.worker_id)
+                        self._start(worker)
+                    else:
+                        wait_s = worker.restart_at - now
+                        timeout = wait_s if timeout is None else min(timeout, wait_s)
+            sentinels = {
+                w.process.sentinel: w
+                for w in self.workers
+                if w.process is not None and w.restart_at is None
+            }
+            ready = wait([*sentinels, wake_fd], timeout)
+            if wake_fd in ready:
+                try:
+                    os.read(wake_fd, 512)
+                except BlockingIOError:
+                    pass
+            for sentinel in ready:
+                worker = sentinels.get(sentinel)
+                if worker is None or self.stopping:
+                    continue
+                self._schedule_restart(worker)
+
+    def _schedule_restart(self, worker: Worker) -> None:
+        process = worker.process
+        process.join(0)
+        lived = time.monotonic() - worker.started_at
+        if lived >= HEALTHY_RUN_S:
+            worker.backoff = RESTART_BACKOFF_MIN_S
+        log.error(
+            "worker %s (pid %s) exited with code %s after %.1f s; restarting in %.1f s",
+            worker.worker_id,
+            process.pid,
+            process.exitcode,
+            lived,
+            worker.backoff,
+        )
+        worker.restart_at = time.monotonic() + worker.backoff
+        worker.backoff = min(RESTART_BACKOFF_MAX_S, worker.backoff * 2)
+        worker.process = None
+
+    def _stop_all(self) -> None:
+        running = [
+            w.process for w in self.workers if w.process is not None and w.process.is_alive()
+        ]
+        for process in running:
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.settings.shutdown_timeout + DRAIN_MARGIN_S
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker pid %s did not drain in time; killing it", process.pid)
+                process.kill()
+                process.join()
+        for worker in self.workers:
+            worker.process = None
+
+
+def _port_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,94 @@
+"""The shared rate-limit table: real mmap'd file, several processes, exact global limits."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+from inslytic_fast.ratelimit import REFILL_SECONDS
+from inslytic_fast.sharedlimit import SharedBudget, SharedRateLimiter, project_key
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_two_workers_never_accept_more_than_the_limit_together(tmp_path):
+    path = tmp_path / "rl.bin"
+    SharedBudget(path, create=True).close()
+    clock = Clock()
+    a = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    b = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    accepted = 0
+    for i in range(3000):
+        limiter = a if i % 3 else b
+        if limiter.bucket("p", 1000, clock()).try_spend(1):
+            accepted += 1
+    assert accepted <= 1000
+    # Bounded undershoot: at most (workers - 1) x grant tokens stranded in the other lease.
+    assert accepted >= 1000 - 1000 // 32
+
+
+def test_unused_leases_go_back_on_the_tick_so_the_other_worker_can_spend_them(tmp_path):
+    path = tmp_path / "rl.bin"
+    SharedBudget(path, create=True).close()
+    clock = Clock()
+    a = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    b = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    assert a.bucket("p", 100, clock()).try_spend(1)  # a leases 1 + a grant of 3
+    a.tick()  # marks the lease as used this tick
+    a.tick()  # unused for a whole tick: given back
+    assert b.bucket("p", 100, clock()).try_spend(99)
+    assert not b.bucket("p", 100, clock()).try_spend(1)
+
+
+def test_the_window_refills_once_for_everyone(tmp_path):
+    path = tmp_path / "rl.bin"
+    SharedBudget(path, create=True).close()
+    clock = Clock()
+    a = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    b = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    assert a.bucket("p", 10, clock()).try_spend(10)
+    assert not b.bucket("p", 10, clock()).try_spend(1)
+    clock.now += REFILL_SECONDS
+    assert b.bucket("p", 10, clock()).try_spend(10)
+    assert not a.bucket("p", 10, clock()).try_spend(1)
+
+
+def test_projects_do_not_share_budgets(tmp_path):
+    path = tmp_path / "rl.bin"
+    SharedBudget(path, create=True, slots=8).close()
+    limiter = SharedRateLimiter(SharedBudget(path), workers=1, clock=Clock())
+    for name in ("a", "b", "c"):
+        assert limiter.bucket(name, 5, 0).try_spend(5)
+        assert not limiter.bucket(name, 5, 0).try_spend(1)
+    assert len({project_key(n) for n in ("a", "b", "c")}) == 3
+
+
+def _spend_all(path: str, results, start) -> None:
+    limiter = SharedRateLimiter(SharedBudget(path), workers=4)
+    start.wait()
+    accepted = 0
+    for _ in range(2000):
+        if limiter.bucket("shared", 1000, limiter.clock()).try_spend(1):
+            accepted += 1
+    results.put(accepted)
+
+
+def test_four_processes_racing_accept_at_most_the_limit(tmp_path):
+    path = tmp_path / "rl.bin"
+    SharedBudget(path, create=True).close()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    start = ctx.Event()
+    procs = [ctx.Process(target=_spend_all, args=(str(path), results, start)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    total = sum(results.get(timeout=60) for _ in procs)
+    for proc in procs:
+        proc.join(30)
+    assert 1000 - 3 * (1000 // 64) <= total <= 1000
