@@ -1,0 +1,1 @@
+"""Benchmarks for inslytic-fast: load generator, scenarios, peers and micro-benchmarks."""

@@ -1,0 +1,748 @@
+"""``python -m bench``: load-test inslytic-fast (or your deployment) and print honest numbers.
+
+Each run starts the server under test fresh (self-hosted mode), starts the load generator in
+its own process(es) pinned away from the server, measures a window after a warmup, and records
+throughput, latency percentiles, errors, the server's CPU seconds per million events, its peak
+RSS and (self-hosted) the time until every accepted event is queryable. ``--compare`` runs the
+peers in the same session, interleaved A B C A B C, and reports ratios: a shared machine
+drifts, ratios taken side by side in one session mostly don't.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import datetime as dt
+import json
+import os
+import queue
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import machine, targets
+from .payloads import build_requests
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BENCH_DIR = Path(__file__).resolve().parent
+# A generator process needs ~0.3 s to import and connect; this bounds a stuck one.
+LOADGEN_READY_TIMEOUT_S = 30.0
+RSS_SAMPLE_INTERVAL_S = 0.5
+MICRO_TIMEOUT_S = 300.0
+PERCENTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99, "p99_9": 0.999}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    events: int
+    connections: int
+    # Open loop: a fixed request rate, by default this fraction of the closed-loop maximum the
+    # same server reached with the same events per request earlier in the same round.
+    open_loop: bool = False
+    rate_fraction: float = 0.5
+
+    @property
+    def label(self) -> str:
+        kind = "open loop, " if self.open_loop else ""
+        unit = "event" if self.events == 1 else "events"
+        return f"{kind}{self.events} {unit}/req, {self.connections} conn"
+
+
+# The issue's target table, one scenario per row.
+SCENARIOS = {
+    "1": Scenario("1", 1, 64),
+    "100": Scenario("100", 100, 32),
+    "1000": Scenario("1000", 1000, 8),
+    "open": Scenario("open", 1, 64, open_loop=True),
+}
+SMOKE_SCENARIOS = {
+    "1": Scenario("1", 1, 4),
+    "100": Scenario("100", 100, 2),
+    "open": Scenario("open", 1, 4, open_loop=True),
+}
+
+# Targets from issue 5 (one server core, --durability fsync, generator on another core).
+GOAL_REQ_PER_S_1 = 40_000
+GOAL_VS_BARE = 0.5
+GOAL_EVENTS_PER_S = 300_000
+GOAL_OPEN_P99_MS = 5.0
+GOAL_PEAK_RSS_MB = 150.0
+GOAL_VS_FASTAPI = 100.0
+
+
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark inslytic-fast: self-hosted (default; starts a fresh server per "
+        "run on a temp data dir with an unlimited project and tears it down) or against your "
+        "deployment (--url/--key). Prints a Markdown table and writes a JSON report.",
+        epilog="Scenarios: 1 (1 event/request, 64 connections), 100 (100 events, 32 conn), "
+        "1000 (1000 events, 8 conn), open (1 event/request at a fixed rate, by default half "
+        "the closed-loop max of scenario 1; latency counted from the intended send time).",
+    )
+    where = parser.add_argument_group("what to benchmark")
+    where.add_argument("--url", help="your deployment, e.g. http://10.0.0.5:8080 (plain HTTP)")
+    where.add_argument("--key", help="API key of a project on --url (give it an unlimited rate)")
+    where.add_argument(
+        "--server-pid",
+        type=int,
+        help="with --url on this machine: the server's pid, for CPU and RSS figures",
+    )
+    where.add_argument(
+        "--compare",
+        action="store_true",
+        help=f"also run the peers ({targets.BARE}, {targets.FASTAPI}) interleaved and print ratios",
+    )
+    where.add_argument(
+        "--targets",
+        help="comma list of servers to run, from "
+        f"{','.join(targets.SELF_HOSTED)} (default: {targets.INSLYTIC}; --compare: all)",
+    )
+    where.add_argument("--durability", choices=["fsync", "none"], default="fsync")
+    where.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `inslytic-fast serve` (repeatable)",
+    )
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--scenarios", default="1,100,1000,open", help="comma list (default: %(default)s)"
+    )
+    load.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    load.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    load.add_argument("--connections", type=int, help="override every scenario's connections")
+    load.add_argument(
+        "--pipeline", type=int, default=1, help="requests in flight per connection (default 1)"
+    )
+    load.add_argument("--rate", type=float, help="open-loop requests/s (default: half max)")
+    load.add_argument("--gzip", action="store_true", help="gzip request bodies")
+    load.add_argument("--seed", type=int, default=1, help="payload seed (default 1)")
+    load.add_argument("--rounds", type=int, help="repeat every scenario (default 1; --compare: 3)")
+    load.add_argument(
+        "--loadgen-procs",
+        type=int,
+        default=1,
+        help="generator processes when one core cannot drive the server",
+    )
+    load.add_argument("--no-pin", action="store_true", help="do not pin server and generator")
+    out = parser.add_argument_group("report")
+    out.add_argument(
+        "--allow-errors",
+        action="store_true",
+        help="keep runs with errors or non-202 answers valid (e.g. testing a rate limit)",
+    )
+    out.add_argument("--no-queryable", action="store_true", help="skip time-until-queryable")
+    out.add_argument("--queryable-timeout", type=float, default=120.0)
+    out.add_argument("--micro", action="store_true", help="also run bench/micro_*.py")
+    out.add_argument(
+        "--output",
+        type=Path,
+        help="JSON report path (default: bench/results/<date>-<host>.json)",
+    )
+    out.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few seconds end to end against inslytic-fast and the bare peer (CI)",
+    )
+    return parser
+
+
+def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if bool(args.url) != bool(args.key):
+        parser.error("--url and --key go together")
+    if args.url and (args.compare or args.targets):
+        parser.error("--url measures your deployment; --compare/--targets are self-hosted")
+    if args.smoke:
+        args.duration, args.warmup = min(args.duration, 0.6), min(args.warmup, 0.2)
+        args.queryable_timeout = min(args.queryable_timeout, 20.0)
+        if args.rate is None:
+            args.rate = 100.0
+        if args.targets is None and not args.url:
+            args.targets = f"{targets.INSLYTIC},{targets.BARE}"
+        if args.scenarios == parser.get_default("scenarios"):
+            args.scenarios = ",".join(SMOKE_SCENARIOS)
+    catalog = SMOKE_SCENARIOS if args.smoke else SCENARIOS
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in catalog]
+    if unknown or not names:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {','.join(catalog)}")
+    scenarios = [catalog[n] for n in names]
+    if args.connections:
+        scenarios = [
+            Scenario(s.name, s.events, args.connections, s.open_loop, s.rate_fraction)
+            for s in scenarios
+        ]
+    args.scenario_list = scenarios
+    if args.url:
+        args.target_list = [targets.EXTERNAL]
+    elif args.targets:
+        args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+        bad = [t for t in args.target_list if t not in targets.SELF_HOSTED]
+        if bad:
+            parser.error(f"unknown target(s) {bad}; choose from {','.join(targets.SELF_HOSTED)}")
+    elif args.compare:
+        args.target_list = list(targets.SELF_HOSTED)
+    else:
+        args.target_list = [targets.INSLYTIC]
+    if args.rounds is None:
+        args.rounds = 3 if args.compare else 1
+    if min(args.rounds, args.loadgen_procs, args.pipeline) < 1 or args.duration <= 0:
+        parser.error("--rounds, --loadgen-procs and --pipeline are >= 1; --duration > 0")
+
+
+def plan_pinning(args: argparse.Namespace) -> dict:
+    cpus = machine.available_cpus()
+    if args.no_pin:
+        return {"applied": False, "reason": "--no-pin", "server_cpus": [], "loadgen_cpus": []}
+    if len(cpus) < 2:
+        return {
+            "applied": False,
+            "reason": f"only {len(cpus)} CPU available",
+            "server_cpus": [],
+            "loadgen_cpus": [],
+        }
+    if args.url and not args.server_pid:
+        return {"applied": True, "server_cpus": [], "loadgen_cpus": cpus, "reason": "remote"}
+    return {"applied": True, "server_cpus": cpus[:1], "loadgen_cpus": cpus[1:], "reason": ""}
+
+
+# One measured run
+
+
+class Progress:
+    """One live status line on stderr (a terminal), or nothing (logs, CI)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.width = 0
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + text.ljust(self.width))
+            sys.stderr.flush()
+            self.width = len(text)
+
+    def done(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        self.width = 0
+
+
+def _reader(proc: subprocess.Popen, index: int, lines: queue.Queue) -> None:
+    for raw in proc.stdout:
+        lines.put((index, raw))
+    lines.put((index, None))
+
+
+def percentiles_ms(latencies: array.array) -> dict[str, float | None]:
+    if not latencies:
+        return {name: None for name in [*PERCENTILES, "max"]}
+    ordered = sorted(latencies)
+    last = len(ordered) - 1
+    found = {name: round(ordered[min(last, int(q * len(ordered)))] * 1e3, 3) for name, q in
+             PERCENTILES.items()}  # fmt: skip
+    found["max"] = round(ordered[-1] * 1e3, 3)
+    return found
+
+
+def run_once(
+    args: argparse.Namespace,
+    pinning: dict,
+    target: str,
+    scenario: Scenario,
+    round_no: int,
+    rate: float | None,
+    progress: Progress,
+) -> dict:
+    server_cpus = set(pinning["server_cpus"]) or None
+    if target == targets.EXTERNAL:
+        server = targets.external(args.url, args.key, args.server_pid)
+    else:
+        server = targets.start_target(target, server_cpus, args.durability, args.server_arg)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-loadgen-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        return _measure(args, pinning, server, scenario, round_no, rate, progress, scratch, procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for path in scratch.iterdir():
+            path.unlink()
+        scratch.rmdir()
+        if target != targets.EXTERNAL:
+            server.stop()
+
+
+def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch, procs) -> dict:
+    count = args.loadgen_procs
+    loadgen_cpus = pinning["loadgen_cpus"] if pinning["applied"] else []
+    lines: queue.Queue = queue.Queue()
+    for index in range(count):
+        # Split connections and rate evenly; the first processes take any remainder.
+        conns = scenario.connections // count + (index < scenario.connections % count)
+        spec = {
+            "host": server.host,
+            "port": server.port,
+            "key": server.key,
+            "events_per_request": scenario.events,
+            "gzip": args.gzip,
+            "seed": args.seed + index,
+            "connections": max(1, conns),
+            "pipeline": args.pipeline,
+            "rate": rate / count if rate else None,
+            "warmup": args.warmup,
+            "duration": args.duration,
+            "start_at": "stdin",
+            "latency_path": str(scratch / f"latency-{index}.bin"),
+            "cpus": [loadgen_cpus[index % len(loadgen_cpus)]] if loadgen_cpus else None,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.loadgen", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=BENCH_DIR.parent,
+            text=True,
+        )
+        procs.append(proc)
+        threading.Thread(target=_reader, args=(proc, index, lines), daemon=True).start()
+
+    ready = 0
+    deadline = time.monotonic() + LOADGEN_READY_TIMEOUT_S
+    while ready < count:
+        try:
+            index, raw = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError("load generator did not connect in time") from None
+        if raw is None:
+            raise RuntimeError(f"load generator {index} exited: could not connect to {server}")
+        if json.loads(raw).get("ready"):
+            ready += 1
+    start_at = time.time() + 0.05
+    for proc in procs:
+        proc.stdin.write(f"{start_at!r}\n")
+        proc.stdin.flush()
+
+    window_start = start_at + args.warmup
+    window_end = window_start + args.duration
+    cpu_start = cpu_end = None
+    rss_samples: list[float] = []
+    results: dict[int, dict] = {}
+    finished = 0
+    next_rss = window_start
+    recent: dict[int, int] = {}
+    title = f"[round {round_no}] {server.name:<14} {scenario.label}"
+    while finished < count:
+        now = time.time()
+        if server.pid and cpu_start is None and now >= window_start:
+            cpu_start = machine.cpu_seconds(server.pid)
+        if server.pid and cpu_end is None and now >= window_end:
+            cpu_end = machine.cpu_seconds(server.pid)
+        if server.pid and window_start <= now <= window_end and now >= next_rss:
+            memory = machine.memory_mb(server.pid)
+            if memory:
+                rss_samples.append(round(memory["rss"], 1))
+            next_rss = now + RSS_SAMPLE_INTERVAL_S
+        try:
+            index, raw = lines.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        if raw is None:
+            finished += 1
+            continue
+        message = json.loads(raw)
+        if "result" in message:
+            results[index] = message["result"]
+        elif "progress" in message:
+            tick = message["progress"]
+            recent[index] = tick["responses"]
+            per_s = sum(recent.values())
+            progress.show(
+                f"{title}  {tick['elapsed_s']:.0f}/{tick['of_s']:.0f} s  {per_s:,} req/s  "
+                f"{per_s * scenario.events:,} ev/s  non-202 {tick['non_202']}  "
+                f"errors {tick['errors']}"
+            )
+    if len(results) != count:
+        raise RuntimeError(f"{count - len(results)} load generator process(es) failed")
+    finished_at = time.monotonic()
+
+    memory = machine.memory_mb(server.pid) if server.pid else None
+    latencies = array.array("d")
+    for index in range(count):
+        with open(scratch / f"latency-{index}.bin", "rb") as source:
+            latencies.frombytes(source.read())
+    parts = list(results.values())
+    window = max(p["window_s"] for p in parts)
+    ok = sum(p["ok"] for p in parts)
+    statuses: dict[str, int] = {}
+    for part in parts:
+        for status, n in part["statuses"].items():
+            statuses[status] = statuses.get(status, 0) + n
+    errors = sum(p["errors"] for p in parts)
+    total_events_accepted = sum(p["total_ok"] for p in parts) * scenario.events
+    events_per_s = ok * scenario.events / window
+    server_cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
+
+    queryable_s = queryable_count = None
+    if server.name == targets.INSLYTIC and not args.no_queryable and server.data_dir:
+        waited = time.monotonic() - finished_at
+        queryable_s, queryable_count = targets.wait_queryable(
+            server.data_dir, total_events_accepted, args.queryable_timeout
+        )
+        if queryable_s is not None:
+            queryable_s = round(queryable_s + waited, 2)
+
+    quarter = max(1, len(rss_samples) // 4)
+    result = {
+        "target": server.name,
+        "scenario": scenario.name,
+        "label": scenario.label,
+        "round": round_no,
+        "events_per_request": scenario.events,
+        "connections": scenario.connections,
+        "pipeline": args.pipeline,
+        "loop": "open" if rate else "closed",
+        "rate_req_per_s": round(rate, 1) if rate else None,
+        "gzip": args.gzip,
+        "window_s": round(window, 3),
+        "requests_per_s": round(ok / window, 1),
+        "events_per_s": round(events_per_s, 1),
+        "latency_ms": percentiles_ms(latencies),
+        "ok_202": ok,
+        "non_202": statuses,
+        "errors": errors,
+        "drained": all(p["drained"] for p in parts),
+        "server_pid_known": bool(server.pid),
+        "server_cpu_s": round(server_cpu, 3) if server_cpu is not None else None,
+        "server_cpu_util": round(server_cpu / window, 3) if server_cpu is not None else None,
+        "server_cpu_s_per_1m_events": (
+            round(server_cpu / (ok * scenario.events) * 1e6, 2)
+            if server_cpu is not None and ok
+            else None
+        ),
+        "server_peak_rss_mb": round(memory["peak"], 1) if memory else None,
+        "server_rss_mb_samples": rss_samples,
+        "server_rss_growth_mb": (
+            round(
+                statistics.mean(rss_samples[-quarter:]) - statistics.mean(rss_samples[:quarter]), 1
+            )
+            if rss_samples
+            else None
+        ),
+        "events_accepted_total": total_events_accepted,
+        "queryable_s": queryable_s,
+        "queryable_count": queryable_count,
+        "loadgen": {
+            "procs": count,
+            "cpu_util": [p["loadgen_cpu_util"] for p in parts],
+            "send_lag_p99_ms": [p["send_lag_p99_ms"] for p in parts],
+            "open_loop_backlog_at_end": sum(p["open_loop_backlog_at_end"] for p in parts),
+        },
+    }
+    problems = []
+    if not ok:
+        problems.append("no 202 answers")
+    if statuses:
+        problems.append(f"non-202 answers {statuses}")
+    if errors:
+        problems.append(f"{errors} connection errors")
+    if not result["drained"]:
+        problems.append("responses still missing after the window")
+    if queryable_s is None and server.name == targets.INSLYTIC and not args.no_queryable:
+        problems.append(f"not all events queryable (last count {queryable_count})")
+    result["problems"] = problems
+    result["valid"] = not problems or (args.allow_errors and ok > 0)
+    return result
+
+
+# Reports
+
+
+def median_of(runs: list[dict], *path: str) -> float | None:
+    values = []
+    for run in runs:
+        value = run
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            values.append(value)
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str]) -> list[dict]:
+    """Per scenario and server: medians over rounds, and paired per-round ratios."""
+    rows = []
+    for scenario in scenarios:
+        by_target = {
+            t: [r for r in runs if r["scenario"] == scenario.name and r["target"] == t]
+            for t in target_list
+        }
+        ours = {r["round"]: r for r in by_target.get(targets.INSLYTIC, [])}
+        for target, mine in by_target.items():
+            if not mine:
+                continue
+            ratios = [
+                ours[r["round"]]["events_per_s"] / r["events_per_s"]
+                for r in mine
+                if r["round"] in ours and r["events_per_s"]
+            ]
+            rows.append(
+                {
+                    "scenario": scenario.name,
+                    "label": scenario.label,
+                    "target": target,
+                    "rounds": len(mine),
+                    "valid": all(r["valid"] for r in mine),
+                    "requests_per_s": median_of(mine, "requests_per_s"),
+                    "events_per_s": median_of(mine, "events_per_s"),
+                    "latency_ms": {
+                        name: median_of(mine, "latency_ms", name) for name in [*PERCENTILES, "max"]
+                    },
+                    "rate_req_per_s": median_of(mine, "rate_req_per_s"),
+                    "server_cpu_s_per_1m_events": median_of(mine, "server_cpu_s_per_1m_events"),
+                    "server_peak_rss_mb": max(
+                        (r["server_peak_rss_mb"] for r in mine if r["server_peak_rss_mb"]),
+                        default=None,
+                    ),
+                    "queryable_s": median_of(mine, "queryable_s"),
+                    "non_202": sum(sum(r["non_202"].values()) for r in mine),
+                    "errors": sum(r["errors"] for r in mine),
+                    "inslytic_ratio": round(statistics.median(ratios), 3) if ratios else None,
+                }
+            )
+    return rows
+
+
+def evaluate_goals(summary: list[dict], durability: str) -> list[dict]:
+    """The issue's targets, checked against the medians of this session."""
+    ours = {row["scenario"]: row for row in summary if row["target"] == targets.INSLYTIC}
+    peers = {(row["scenario"], row["target"]): row for row in summary}
+    goals = []
+
+    def add(scenario: str, what: str, measured, goal: float, higher_is_better: bool = True):
+        if measured is None:
+            return
+        met = measured >= goal if higher_is_better else measured <= goal
+        goals.append(
+            {"scenario": scenario, "goal": what, "measured": measured, "target": goal, "met": met}
+        )
+
+    if "1" in ours:
+        add("1", "req/s, 1 event/request", ours["1"]["requests_per_s"], GOAL_REQ_PER_S_1)
+        bare = peers.get(("1", targets.BARE))
+        if bare:
+            add("1", "x bare-httptools req/s", bare["inslytic_ratio"], GOAL_VS_BARE)
+    for name in ("100", "1000"):
+        if name in ours:
+            add(name, "events/s", ours[name]["events_per_s"], GOAL_EVENTS_PER_S)
+    if "1000" in ours:
+        add("1000", "peak RSS MB", ours["1000"]["server_peak_rss_mb"], GOAL_PEAK_RSS_MB, False)
+    if "open" in ours:
+        add("open", "p99 ms at half max rate", ours["open"]["latency_ms"]["p99"], GOAL_OPEN_P99_MS,
+            False)  # fmt: skip
+    for name in ours:
+        fastapi = peers.get((name, targets.FASTAPI))
+        if fastapi:
+            add(name, "x fastapi-ref events/s", fastapi["inslytic_ratio"], GOAL_VS_FASTAPI)
+    for goal in goals:
+        goal["durability"] = durability
+    return goals
+
+
+def _fmt(value, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and digits:
+        return f"{value:,.{digits}f}"
+    return f"{value:,.0f}"
+
+
+def _ratio(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}x" if value >= 10 else f"{value:.2f}"
+
+
+def markdown(report: dict) -> str:
+    info = report["machine"]
+    pin = report["pinning"]
+    pin_text = (
+        f"server on CPU {pin['server_cpus']}, load generator on CPU {pin['loadgen_cpus']}"
+        if pin["applied"]
+        else f"not pinned ({pin['reason']})"
+    )
+    lines = [
+        f"### inslytic-fast benchmark, {report['date']}",
+        "",
+        f"- Machine: {info['cpu_model']}, {info['cpu_count']} CPUs, "
+        f"{info['memory_total_mb']} MiB, {info['os']}, {info['python']}",
+        f"- Pinning: {pin_text}; durability {report['settings']['durability']}; "
+        f"{report['settings']['rounds']} round(s) of {report['settings']['duration_s']:g} s "
+        f"(+{report['settings']['warmup_s']:g} s warmup), interleaved; medians shown",
+        f"- Command: `{report['command']}`",
+        "",
+        "| scenario | server | req/s | events/s | inslytic-fast ÷ this | p50 ms | p90 ms | "
+        "p99 ms | p99.9 ms | CPU s / 1M events | peak RSS MB | queryable after s | "
+        "non-202 / errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in report["summary"]:
+        lat = row["latency_ms"]
+        label = row["label"]
+        if row["rate_req_per_s"]:
+            label += f" @ {row['rate_req_per_s']:,.0f} req/s"
+        lines.append(
+            f"| {label} | {row['target']}{'' if row['valid'] else ' (INVALID)'} | "
+            f"{_fmt(row['requests_per_s'])} | {_fmt(row['events_per_s'])} | "
+            f"{_ratio(row['inslytic_ratio'])} | {_fmt(lat['p50'], 2)} | {_fmt(lat['p90'], 2)} | "
+            f"{_fmt(lat['p99'], 2)} | {_fmt(lat['p99_9'], 2)} | "
+            f"{_fmt(row['server_cpu_s_per_1m_events'], 1)} | "
+            f"{_fmt(row['server_peak_rss_mb'], 1)} | {_fmt(row['queryable_s'], 2)} | "
+            f"{row['non_202']} / {row['errors']} |"
+        )
+    if report["goals"]:
+        lines += ["", "| goal (issue 5) | measured | target | met |", "|---|--:|--:|:-:|"]
+        for goal in report["goals"]:
+            sign = ">=" if "RSS" not in goal["goal"] and "p99" not in goal["goal"] else "<="
+            lines.append(
+                f"| {goal['scenario']}: {goal['goal']} | {goal['measured']:,.2f} | "
+                f"{sign} {goal['target']:,g} | {'yes' if goal['met'] else 'no'} |"
+            )
+    for micro in report.get("micro", []):
+        lines.append(f"\nmicro: `{json.dumps(micro)}`")
+    return "\n".join(lines)
+
+
+def run_micro() -> list[dict]:
+    """Each bench/micro_*.py in a fresh interpreter; its last stdout line is one JSON object."""
+    found = []
+    for path in sorted(BENCH_DIR.glob("micro_*.py")):
+        proc = subprocess.run(
+            [sys.executable, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=MICRO_TIMEOUT_S,
+            cwd=BENCH_DIR.parent,
+        )
+        lines = proc.stdout.strip().splitlines()
+        try:
+            found.append(json.loads(lines[-1]))
+        except (IndexError, json.JSONDecodeError):
+            found.append({"bench": path.stem, "error": (proc.stderr or proc.stdout)[-500:]})
+    return found
+
+
+def default_output(smoke: bool) -> Path:
+    if smoke:
+        return Path(tempfile.gettempdir()) / f"inslytic-bench-smoke-{os.getpid()}.json"
+    host = socket.gethostname().split(".")[0] or "host"
+    return RESULTS_DIR / f"{dt.date.today().isoformat()}-{host}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    raw_argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw_argv)
+    resolve_args(args, parser)
+    pinning = plan_pinning(args)
+    if pinning["applied"]:
+        # The runner itself only samples /proc, but it must not do so on the server's core.
+        os.sched_setaffinity(0, set(pinning["loadgen_cpus"]))
+    progress = Progress(sys.stderr.isatty())
+    sample = build_requests("127.0.0.1", 1, "k", args.scenario_list[0].events, seed=args.seed)
+    runs: list[dict] = []
+    max_rate: dict[tuple[str, int], float] = {}
+    try:
+        for round_no in range(1, args.rounds + 1):
+            for scenario in args.scenario_list:
+                for target in args.target_list:
+                    rate = None
+                    if scenario.open_loop:
+                        rate = args.rate
+                        if rate is None:
+                            found = max_rate.get((target, scenario.events))
+                            if found is None:
+                                parser.error(
+                                    "scenario 'open' needs --rate, or a closed-loop scenario "
+                                    "with the same events per request earlier in the run"
+                                )
+                            rate = found * scenario.rate_fraction
+                    result = run_once(args, pinning, target, scenario, round_no, rate, progress)
+                    if not scenario.open_loop:
+                        max_rate[(target, scenario.events)] = result["requests_per_s"]
+                    runs.append(result)
+                    lat = result["latency_ms"]
+                    progress.done(
+                        f"[round {round_no}] {target:<14} {scenario.label:<42} "
+                        f"{result['requests_per_s']:>10,.0f} req/s {result['events_per_s']:>11,.0f}"
+                        f" ev/s  p99 {_fmt(lat['p99'], 2)} ms  CPU/1M ev "
+                        f"{_fmt(result['server_cpu_s_per_1m_events'], 1)} s  RSS "
+                        f"{_fmt(result['server_peak_rss_mb'], 1)} MB"
+                        + (
+                            f"  queryable {result['queryable_s']} s"
+                            if result["queryable_s"]
+                            else ""
+                        )
+                        + ("" if result["valid"] else f"  INVALID: {'; '.join(result['problems'])}")
+                    )
+    except (targets.TargetError, RuntimeError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+
+    summary = summarize(runs, args.scenario_list, args.target_list)
+    report = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join(["python", "-m", "bench", *raw_argv]),
+        "machine": machine.machine_info(),
+        "pinning": pinning,
+        "settings": {
+            "mode": "url" if args.url else "self-hosted",
+            "url": args.url,
+            "targets": args.target_list,
+            "scenarios": [s.name for s in args.scenario_list],
+            "durability": args.durability if not args.url else None,
+            "server_args": args.server_arg,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "rounds": args.rounds,
+            "pipeline": args.pipeline,
+            "gzip": args.gzip,
+            "seed": args.seed,
+            "loadgen_procs": args.loadgen_procs,
+            "event_bytes_mean": sample[1],
+            "allow_errors": args.allow_errors,
+        },
+        "runs": runs,
+        "summary": summary,
+        # The goals are about the standard scenarios on a self-hosted server only.
+        "goals": [] if args.url or args.smoke else evaluate_goals(summary, args.durability),
+        "micro": run_micro() if args.micro else [],
+        "valid": all(r["valid"] for r in runs),
+    }
+    output = args.output or default_output(args.smoke)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
+    print(f"\nJSON report: {output}", file=sys.stderr)
+    if not report["valid"]:
+        print(
+            "bench: some runs are INVALID (errors or non-202 answers); see above", file=sys.stderr
+        )
+        return 1
+    return 0
