@@ -1,0 +1,408 @@
+"""The OpenAPI 3.1 document served at GET /openapi.json.
+
+Built from the same ``event_fields``/``EventLimits`` the decoder uses, so the published lengths,
+required fields and enums cannot drift from what the server enforces.  It describes what the server
+answers, not an ideal: every status a route can produce is listed with the body and headers it
+really carries (see app.py, ingest.py, protocol.py).  Two rules cannot be written in JSON Schema
+and are stated in descriptions instead: the per-event byte cap and the timestamp's UTC range.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, FieldSpec, event_fields
+
+OPENAPI_VERSION = "3.1.0"
+# Mirrors app.py: browsers cache the preflight this long; the header is always present.
+PREFLIGHT_ALLOW_METHODS = "POST, OPTIONS"
+PREFLIGHT_ALLOW_HEADERS = "Authorization, Content-Type, Content-Encoding"
+# ingest.decode_body accepts these codings (compared case-insensitively; x-gzip is gzip's alias).
+CONTENT_ENCODINGS = ("gzip", "x-gzip", "deflate", "identity")
+
+_REF = "#/components/{}/{}"
+
+
+def _ref(section: str, name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(section, name)}
+
+
+def _event_property(spec: FieldSpec, limits: EventLimits) -> dict[str, Any]:
+    nullable = not spec.required  # the decoder accepts null for every optional field
+    if spec.kind == "string":
+        schema: dict[str, Any] = {"type": ["string", "null"] if nullable else "string"}
+        if spec.min_length:
+            schema["minLength"] = spec.min_length
+        schema["maxLength"] = spec.max_length
+    elif spec.kind == "timestamp":
+        schema = {
+            "type": "string",
+            "format": "date-time",
+            "description": (
+                "RFC 3339 date-time with `Z` or a numeric offset (a timestamp without one is "
+                "rejected); up to 9 fractional digits, rounded to microseconds; stored in UTC. "
+                "The UTC instant must fall in years 1-9999; leap seconds (`:60`) are rejected. "
+                "Also accepted beyond RFC 3339: a space instead of `T`, and `+hhmm` offsets."
+            ),
+            "examples": ["2026-02-16T10:30:00.000Z"],
+        }
+    elif spec.kind == "boolean":
+        schema = {"type": "boolean"}
+    elif spec.kind == "device_type":
+        schema = {"type": ["string", "null"], "enum": [*DEVICE_TYPES, None]}
+    else:  # properties
+        schema = {
+            "type": ["object", "null"],
+            "maxProperties": limits.max_properties,
+            "propertyNames": {"maxLength": limits.max_property_key_length},
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": limits.max_property_value_length,
+            },
+            "default": {},
+        }
+    schema.setdefault("description", spec.description)
+    return schema
+
+
+def _event_schema(limits: EventLimits) -> dict[str, Any]:
+    fields = event_fields(limits)
+    return {
+        "type": "object",
+        "description": (
+            "One event. Unknown fields are accepted and ignored. Lengths count Unicode code "
+            f"points. The event's JSON text, as sent, may be at most {limits.max_event_bytes} "
+            "bytes (a rule JSON Schema cannot express; a larger event gets 400)."
+        ),
+        "required": [spec.name for spec in fields if spec.required],
+        "properties": {spec.name: _event_property(spec, limits) for spec in fields},
+        "additionalProperties": True,
+        "x-inslytic-max-event-bytes": limits.max_event_bytes,
+    }
+
+
+def _schemas(limits: EventLimits) -> dict[str, Any]:
+    return {
+        "Event": _event_schema(limits),
+        "Batch": {
+            "type": "object",
+            "description": "Other top-level fields are accepted and ignored.",
+            "required": ["events"],
+            "properties": {
+                "events": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": limits.max_events,
+                    "items": _ref("schemas", "Event"),
+                }
+            },
+            "additionalProperties": True,
+        },
+        "Accepted": {
+            "type": "object",
+            "required": ["accepted"],
+            "properties": {
+                "accepted": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": limits.max_events,
+                    "description": "Number of events stored durably.",
+                }
+            },
+            "additionalProperties": False,
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string"},
+                "details": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "maxItems": MAX_ERROR_DETAILS,
+                },
+            },
+            "additionalProperties": False,
+        },
+        "ValidationError": {
+            "type": "object",
+            "description": (
+                "`error` is `Invalid JSON` (details say where) or `Validation failed` (one line "
+                "per problem, e.g. `Event 0: eventName is required`; event indices are 0-based). "
+                f"At most {MAX_ERROR_DETAILS} details: beyond that the last line reads "
+                "`... and N more problems`."
+            ),
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string"},
+                "details": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "minItems": 1,
+                    "maxItems": MAX_ERROR_DETAILS,
+                },
+            },
+            "additionalProperties": False,
+            "examples": [
+                {
+                    "error": "Validation failed",
+                    "details": ["Event 0: eventName is required", "Event 0: timestamp is required"],
+                }
+            ],
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"const": "ok"}},
+            "additionalProperties": False,
+        },
+    }
+
+
+def _integer_header(description: str, *, required: bool = False) -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": {"type": "integer"}}
+
+
+def _headers() -> dict[str, Any]:
+    return {
+        "X-RateLimit-Limit": _integer_header(
+            "Events per minute allowed for the project. Sent on 202 and 429 when the project "
+            "has a rate limit; absent for unlimited projects and for requests refused earlier."
+        ),
+        "X-RateLimit-Remaining": _integer_header(
+            "Tokens (events) left in the project's bucket after this request."
+        ),
+        "X-RateLimit-Reset": _integer_header("Seconds until the bucket refills."),
+        "Retry-After": _integer_header("Seconds to wait before retrying.", required=True),
+        "WWW-Authenticate": {
+            "description": "Always `Bearer`.",
+            "required": True,
+            "schema": {"type": "string", "const": "Bearer"},
+        },
+        "Allow": {
+            "description": "The methods the path accepts.",
+            "required": True,
+            "schema": {"type": "string"},
+        },
+    }
+
+
+def _json(schema_name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref("schemas", schema_name)}}
+
+
+def _error(description: str, schema: str = "Error", **headers: dict[str, Any]) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": _json(schema)}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _responses(max_body_bytes: int) -> dict[str, Any]:
+    header = _ref
+    return {
+        "BadRequest": _error(
+            "Malformed HTTP request (e.g. a bad Content-Length or chunked framing).",
+        ),
+        "NotFound": _error('No such path: `{"error": "Not found"}`.'),
+        "MethodNotAllowed": _error(
+            "The path does not accept this method.", Allow=header("headers", "Allow")
+        ),
+        "RequestTimeout": _error("Headers or body did not arrive in time; the connection closes."),
+        "PayloadTooLarge": _error(
+            f"The body as sent is larger than {max_body_bytes} bytes, or it inflates beyond "
+            "the server's decompressed-body limit."
+        ),
+        "HeadersTooLarge": _error("Request headers are too large."),
+        "InternalError": _error("Unexpected server error; nothing was stored."),
+        "ServiceUnavailable": _error(
+            "The server is at its connection limit or draining, or the commit log cannot take "
+            "more events right now; nothing was stored and no tokens were spent.",
+            **{"Retry-After": header("headers", "Retry-After")},
+        ),
+    }
+
+
+def _with_rate_limit_headers(response: dict[str, Any]) -> dict[str, Any]:
+    headers = response.setdefault("headers", {})
+    for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"):
+        headers[name] = _ref("headers", name)
+    return response
+
+
+def _common_errors() -> dict[str, Any]:
+    """Statuses the HTTP layer can answer on any route."""
+    return {
+        "400": _ref("responses", "BadRequest"),
+        "408": _ref("responses", "RequestTimeout"),
+        "413": _ref("responses", "PayloadTooLarge"),
+        "431": _ref("responses", "HeadersTooLarge"),
+        "500": _ref("responses", "InternalError"),
+        "503": _ref("responses", "ServiceUnavailable"),
+    }
+
+
+def _ingest_post(max_body_bytes: int) -> dict[str, Any]:
+    batch = {"schema": _ref("schemas", "Batch")}
+    # Copies, not $refs: every ingest response also lists the rate-limit headers.
+    shared = _responses(max_body_bytes)
+    responses: dict[str, Any] = {
+        "202": {
+            "description": "All events stored durably.",
+            "content": _json("Accepted"),
+        },
+        "400": _error(
+            "Invalid JSON, validation failed, an invalid compressed body, or a malformed HTTP "
+            "request. The whole batch is refused; nothing was stored.",
+            "ValidationError",
+        ),
+        "401": _error(
+            "Missing or invalid API key.",
+            **{"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
+        ),
+        "408": shared["RequestTimeout"],
+        "413": shared["PayloadTooLarge"],
+        "415": _error(
+            "Content-Type is not application/json or text/plain, or Content-Encoding is not "
+            "gzip, deflate or identity."
+        ),
+        "429": _error(
+            "Rate limit exceeded: the batch costs one token per event. Nothing was stored.",
+            **{"Retry-After": _ref("headers", "Retry-After")},
+        ),
+        "431": shared["HeadersTooLarge"],
+        "500": shared["InternalError"],
+        "503": _error(
+            "The commit log cannot take more events right now, or the server is at its "
+            "connection limit; nothing was stored and no tokens were spent.",
+            **{"Retry-After": _ref("headers", "Retry-After")},
+        ),
+    }
+    for response in responses.values():
+        _with_rate_limit_headers(response)
+    return {
+        "operationId": "ingestEvents",
+        "summary": "Send a batch of events",
+        "description": (
+            "Stores 1 to the configured maximum of events. The body is JSON; it may be sent as "
+            "`text/plain` (what `navigator.sendBeacon` uses) and may be gzip- or "
+            f"deflate-compressed. The body as sent may be at most {max_body_bytes} bytes. "
+            "A 202 is sent only after the events are durable."
+        ),
+        "tags": ["ingest"],
+        "parameters": [
+            {
+                "name": "Content-Encoding",
+                "in": "header",
+                "required": False,
+                "description": "Compression of the body (case-insensitive).",
+                "schema": {"type": "string", "enum": list(CONTENT_ENCODINGS)},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": batch, "text/plain": batch},
+        },
+        "responses": responses,
+    }
+
+
+def _ingest_options() -> dict[str, Any]:
+    def fixed(value: str) -> dict[str, Any]:
+        return {"required": True, "schema": {"type": "string", "const": value}}
+
+    return {
+        "operationId": "ingestPreflight",
+        "summary": "CORS preflight",
+        "tags": ["ingest"],
+        "security": [],
+        "responses": {
+            "204": {
+                "description": "Preflight accepted; no body.",
+                "headers": {
+                    "Access-Control-Allow-Methods": fixed(PREFLIGHT_ALLOW_METHODS),
+                    "Access-Control-Allow-Headers": fixed(PREFLIGHT_ALLOW_HEADERS),
+                    "Access-Control-Max-Age": {"required": True, "schema": {"type": "integer"}},
+                    "Access-Control-Allow-Origin": {
+                        "description": "`*`, or the request's Origin when it is allowed.",
+                        "schema": {"type": "string"},
+                    },
+                },
+            },
+            **_common_errors(),
+        },
+    }
+
+
+def _read_operation(
+    operation_id: str, summary: str, content: dict[str, Any], *, head: bool
+) -> dict[str, Any]:
+    ok: dict[str, Any] = {"description": "OK"}
+    if not head:  # HEAD answers the same headers with no body
+        ok["content"] = content
+    if operation_id == "health":
+        ok["headers"] = {
+            "X-Inslytic-Worker": {
+                "description": "Which worker process answered.",
+                "schema": {"type": "string"},
+            }
+        }
+    return {
+        "operationId": operation_id + ("Head" if head else ""),
+        "summary": summary,
+        "tags": ["service"],
+        "security": [],
+        "responses": {"200": ok, **_common_errors()},
+    }
+
+
+def build_openapi(limits: EventLimits, *, max_body_bytes: int, server_version: str) -> dict:
+    """The OpenAPI 3.1 document for a server running with these limits."""
+    health = {"application/json": {"schema": _ref("schemas", "Health")}}
+    document = {
+        "application/json": {"schema": {"type": "object", "description": "This OpenAPI document."}}
+    }
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "Inslytic Ingestion API",
+            "version": server_version,
+            "description": (
+                "Self-hosted event ingestion (inslytic-fast). Every response body is JSON. "
+                'Unknown paths answer 404 `{"error": "Not found"}`; a method a path does not '
+                "accept answers 405 with an `Allow` header."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "tags": [
+            {"name": "ingest", "description": "Event ingestion"},
+            {"name": "service", "description": "Health and discovery"},
+        ],
+        "security": [{"bearerAuth": []}],
+        "paths": {
+            "/v1/ingest": {
+                "post": _ingest_post(max_body_bytes),
+                "options": _ingest_options(),
+            },
+            "/health": {
+                "get": _read_operation("health", "Liveness check", health, head=False),
+                "head": _read_operation("health", "Liveness check", health, head=True),
+            },
+            "/openapi.json": {
+                "get": _read_operation("openapi", "This document", document, head=False),
+                "head": _read_operation("openapi", "This document", document, head=True),
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The project API key: `Authorization: Bearer <key>`.",
+                }
+            },
+            "schemas": _schemas(limits),
+            "headers": _headers(),
+            "responses": _responses(max_body_bytes),
+        },
+    }
