@@ -1,0 +1,184 @@
+"""bench/: the smoke run end to end (real server, bare peer, real generator), plus its parts.
+
+No timing assertions: the numbers depend on the machine. What is asserted is that the tool
+works and that its report carries every field the README and issue 5 promise.
+"""
+
+from __future__ import annotations
+
+import array
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench import machine, payloads
+from bench.run import percentiles_ms, summarize
+from bench.targets import _first_int
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_TIMEOUT_S = 120
+
+RUN_FIELDS = {
+    "target", "scenario", "label", "round", "events_per_request", "connections", "pipeline",
+    "loop", "rate_req_per_s", "gzip", "window_s", "requests_per_s", "events_per_s", "latency_ms",
+    "ok_202", "non_202", "errors", "drained", "server_cpu_s", "server_cpu_util",
+    "server_cpu_s_per_1m_events", "server_peak_rss_mb", "server_rss_mb_samples",
+    "server_rss_growth_mb", "events_accepted_total", "queryable_s", "queryable_count", "loadgen",
+    "problems", "valid",
+}  # fmt: skip
+MACHINE_FIELDS = {"cpu_model", "cpu_count", "python", "packages", "os", "hostname"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench") / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        cwd=REPO,
+    )
+    return proc, output
+
+
+def test_smoke_run_succeeds_against_server_and_bare_peer(smoke):
+    proc, output = smoke
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(output.read_text())
+    assert report["valid"] is True
+    ran = {(r["target"], r["scenario"]) for r in report["runs"]}
+    assert ran == {
+        (target, scenario)
+        for target in ("inslytic-fast", "bare-httptools")
+        for scenario in ("1", "100", "open")
+    }
+    # The Markdown table is what people paste: one row per (scenario, server).
+    table_rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table_rows) == 1 + len(ran)
+
+
+def test_smoke_report_has_every_field(smoke):
+    _, output = smoke
+    report = json.loads(output.read_text())
+    assert {"date", "command", "machine", "pinning", "settings", "runs", "summary", "goals"} <= set(
+        report
+    )
+    assert report["command"].startswith("python -m bench --smoke")
+    assert MACHINE_FIELDS <= set(report["machine"])
+    assert report["machine"]["packages"]["inslytic-fast"]
+    assert {"applied", "server_cpus", "loadgen_cpus", "reason"} <= set(report["pinning"])
+    for run in report["runs"]:
+        assert RUN_FIELDS <= set(run), RUN_FIELDS - set(run)
+        assert set(run["latency_ms"]) == {"p50", "p90", "p99", "p99_9", "max"}
+        assert run["ok_202"] > 0 and run["errors"] == 0 and run["non_202"] == {}
+        # Self-hosted: the runner knows the server's pid, so cost figures are present.
+        assert run["server_cpu_s_per_1m_events"] is not None
+        assert run["server_peak_rss_mb"] > 0
+    for run in report["runs"]:
+        if run["target"] == "inslytic-fast":
+            assert run["queryable_s"] is not None
+            assert run["queryable_count"] >= run["events_accepted_total"] > 0
+    open_runs = [r for r in report["runs"] if r["scenario"] == "open"]
+    assert all(r["loop"] == "open" and r["rate_req_per_s"] for r in open_runs)
+
+
+def test_smoke_summary_pairs_ratios_against_inslytic(smoke):
+    _, output = smoke
+    report = json.loads(output.read_text())
+    for row in report["summary"]:
+        assert row["inslytic_ratio"] is not None
+        if row["target"] == "inslytic-fast":
+            assert row["inslytic_ratio"] == 1.0
+
+
+def test_help_lists_modes():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0
+    for flag in ("--url", "--key", "--compare", "--loadgen-procs", "--rate", "--gzip", "--smoke"):
+        assert flag in proc.stdout
+
+
+def test_url_without_key_is_a_usage_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--url", "http://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "--url and --key go together" in proc.stderr
+
+
+# Parts
+
+
+def test_payloads_are_seeded_realistic_and_valid_json():
+    first, event_bytes = payloads.build_requests("127.0.0.1", 8080, "ik_x", 100, seed=7)
+    again, _ = payloads.build_requests("127.0.0.1", 8080, "ik_x", 100, seed=7)
+    other, _ = payloads.build_requests("127.0.0.1", 8080, "ik_x", 100, seed=8)
+    assert first == again and first != other
+    assert 300 <= event_bytes <= 600
+    head, body = first[0].split(b"\r\n\r\n", 1)
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert b"Authorization: Bearer ik_x" in head
+    events = orjson.loads(body)["events"]
+    assert len(events) == 100
+    assert len({e["eventName"] for e in events}) > 3
+    required = {"eventName", "timestamp", "anonymousId", "sessionId", "consentGiven"}
+    assert all(required <= set(e) for e in events)
+
+
+def test_gzip_requests_carry_an_inflatable_body():
+    (request, *_), _ = payloads.build_requests("h", 1, "k", 10, seed=1, use_gzip=True, variants=1)
+    head, body = request.split(b"\r\n\r\n", 1)
+    assert b"Content-Encoding: gzip" in head
+    assert len(orjson.loads(gzip.decompress(body))["events"]) == 10
+
+
+def test_percentiles_from_latencies():
+    latencies = array.array("d", [i / 1000 for i in range(1, 1001)])  # 1..1000 ms
+    found = percentiles_ms(latencies)
+    assert found["p50"] == 501.0 and found["p99"] == 991.0 and found["max"] == 1000.0
+    assert percentiles_ms(array.array("d"))["p99"] is None
+
+
+def test_summary_ratio_is_paired_per_round():
+    def run(target, round_no, events_per_s):
+        return {
+            "scenario": "1", "target": target, "round": round_no, "valid": True,
+            "requests_per_s": events_per_s, "events_per_s": events_per_s,
+            "latency_ms": {"p50": 1.0, "p90": 1.0, "p99": 1.0, "p99_9": 1.0, "max": 1.0},
+            "rate_req_per_s": None, "server_cpu_s_per_1m_events": 1.0, "server_peak_rss_mb": 1.0,
+            "queryable_s": None, "non_202": {}, "errors": 0,
+        }  # fmt: skip
+
+    from bench.run import SCENARIOS
+
+    runs = [run("inslytic-fast", 1, 100.0), run("fastapi-ref", 1, 1.0)]
+    runs += [run("inslytic-fast", 2, 50.0), run("fastapi-ref", 2, 1.0)]
+    rows = summarize(runs, [SCENARIOS["1"]], ["inslytic-fast", "fastapi-ref"])
+    peer = next(r for r in rows if r["target"] == "fastapi-ref")
+    assert peer["inslytic_ratio"] == 75.0  # median of 100x and 50x
+
+
+def test_query_count_parsing_accepts_common_json_shapes():
+    assert _first_int(b'[{"n": 42}]') == 42
+    assert _first_int(b'{"columns": ["n"], "rows": [[42]]}') == 42
+    assert _first_int(b'{"n": 42}\n') == 42
+    assert _first_int(b"not json") is None
+
+
+def test_proc_figures_for_this_process():
+    assert machine.cpu_seconds(os.getpid()) > 0
+    memory = machine.memory_mb(os.getpid())
+    assert memory["peak"] >= memory["rss"] > 0
+    assert machine.cpu_seconds(2**22 + 12345) is None
