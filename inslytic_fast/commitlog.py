@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 RECORD_MAGIC = b"IFL1"
 RECORD_HEADER = struct.Struct("<4sII")
 HEADER_SIZE = RECORD_HEADER.size
+RECORD_END = b"}\n"  # closes the JSON object the envelope head opened, and the NDJSON line
+RECORD_OVERHEAD = HEADER_SIZE + len(RECORD_END)
+# Buffers per writev call: Linux's UIO_MAXIOV (what sysconf("SC_IOV_MAX") reports there).
+IOV_MAX = 1024
 # A record is one HTTP request body plus ~120 bytes of envelope. Ingest bodies are capped far
 # below this (1,000 events per request); the bound keeps a corrupt length field from making a
 # reader allocate gigabytes, and is what DuckDB's read_json ``maximum_object_size`` is set to.
@@ -278,9 +282,8 @@ class CommitLog:
         "_thread",
         "_jobs",
         "_pending",
+        "_pending_bytes",
         "_pending_waiters",
-        "_pending_events",
-        "_spare",
         "_syncing",
         "_sync_scheduled",
         "_rotate_due",
@@ -330,10 +333,10 @@ class CommitLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending = bytearray()
+        # (head, events_json) per record, framed and checksummed by the sync thread.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._pending_waiters: list[tuple[Callable[[BaseException | None], None], int]] = []
-        self._pending_events = 0
-        self._spare = bytearray()
         self._syncing = False
         self._sync_scheduled = False
         self._rotate_due = False
@@ -434,13 +437,13 @@ class CommitLog:
         """
         if self._unsound is not None or self._closing:
             self._refuse()
-        pending = self._pending
-        if self._unrolled_bytes + len(pending) > self._max_unrolled_bytes:
+        pending_bytes = self._pending_bytes
+        if self._unrolled_bytes + pending_bytes > self._max_unrolled_bytes:
             self.stats.refused += 1
             raise LogUnavailable(
                 "overloaded: the log is too far ahead of the Parquet roller", RETRY_AFTER_OVERLOADED
             )
-        if self._free_bytes - len(pending) < self._min_free_bytes:
+        if self._free_bytes - pending_bytes < self._min_free_bytes:
             self.stats.refused += 1
             raise LogUnavailable(
                 "disk full: not enough free space for the log", RETRY_AFTER_DISK_FULL
@@ -455,14 +458,16 @@ class CommitLog:
             received_us,
             self._batch_id_prefix(received_us // 1000),
         )
-        length = len(head) + len(events_json) + 2
+        length = len(head) + len(events_json) + len(RECORD_END)
         if length > MAX_RECORD_BYTES:
             raise ValueError(f"batch of {length} bytes exceeds MAX_RECORD_BYTES")
-        crc = zlib.crc32(b"}\n", zlib.crc32(events_json, zlib.crc32(head)))
-        pending += RECORD_HEADER.pack(RECORD_MAGIC, length, crc)
-        pending += head
-        pending += events_json
-        pending += b"}\n"
+        if type(events_json) is not bytes:
+            # Written later without a copy: a caller's reusable buffer must not change under us.
+            events_json = bytes(events_json)
+        pending = self._pending
+        pending.append(head)
+        pending.append(events_json)
+        self._pending_bytes = pending_bytes + HEADER_SIZE + length
         self._pending_waiters.append((on_done, count))
         self.stats.appends += 1
         if not self._syncing and not self._sync_scheduled:
@@ -470,6 +475,18 @@ class CommitLog:
             # that arrived together share the first sync too.
             self._sync_scheduled = True
             self._loop.call_soon(self._start_sync)
+
+    def refusal(self) -> str | None:
+        """Why append would refuse right now, or None (for /ready; same tests as append)."""
+        if self._closing:
+            return "shutting down"
+        if self._unsound is not None:
+            return f"the log is recovering from a failed write/sync ({self._unsound})"
+        if self._unrolled_bytes + self._pending_bytes > self._max_unrolled_bytes:
+            return "overloaded: the log is too far ahead of the Parquet roller"
+        if self._free_bytes - self._pending_bytes < self._min_free_bytes:
+            return "disk full: not enough free space for the log"
+        return None
 
     def _refuse(self) -> None:
         self.stats.refused += 1
@@ -512,7 +529,8 @@ class CommitLog:
             return
         buf = self._pending
         waiters = self._pending_waiters
-        self._pending = self._spare
+        self._pending = []
+        self._pending_bytes = 0
         self._pending_waiters = []
         rotate = self._rotate_due or self._segment_size >= self._segment_max_bytes
         self._rotate_due = False
@@ -530,10 +548,8 @@ class CommitLog:
                 log.error("commit log %s: repair failed, still refusing: %s", self.worker_id, error)
             self._wake_idle_waiters()
             return
-        written = len(buf)
-        buf.clear()
-        self._spare = buf
         if error is None:
+            written = sum(len(part) for part in buf) + len(waiters) * RECORD_OVERHEAD
             stats.syncs += 1
             stats.bytes += written
             stats.last_sync_latency_s = latency
@@ -559,7 +575,8 @@ class CommitLog:
         failure = self._failure(error)
         queued = self._pending_waiters
         self._pending_waiters = []
-        self._pending.clear()
+        self._pending = []
+        self._pending_bytes = 0
         for on_done, _ in waiters:
             self._fire(on_done, failure)
         for on_done, _ in queued:
@@ -645,7 +662,7 @@ class CommitLog:
                     if rotate:
                         self._rotate()
                     if buf:
-                        self._write_all(buf)
+                        self._write_records(buf)
                         if self._fsync:
                             _fdatasync(self._fd)
                         self._durable_size = self._segment_size
@@ -664,16 +681,36 @@ class CommitLog:
             except RuntimeError:
                 return  # loop closed under us: nobody is waiting any more
 
-    def _write_all(self, buf: bytearray) -> None:
-        view = memoryview(buf)
+    def _write_records(self, parts: list[bytes]) -> None:
+        """Frame (head, events) pairs and write them with writev: no copy of the events.
+
+        The checksums are computed here rather than on the loop: zlib.crc32 releases the GIL
+        for large buffers, so it runs in parallel with request parsing.
+        """
+        crc32 = zlib.crc32
+        pack = RECORD_HEADER.pack
+        iov: list[bytes] = []
+        for k in range(0, len(parts), 2):
+            head = parts[k]
+            events = parts[k + 1]
+            crc = crc32(RECORD_END, crc32(events, crc32(head)))
+            iov.append(pack(RECORD_MAGIC, len(head) + len(events) + len(RECORD_END), crc) + head)
+            iov.append(events)
+            iov.append(RECORD_END)
         fd = self._fd
-        try:
-            while view:
-                written = os.write(fd, view)
-                self._segment_size += written
-                view = view[written:]
-        finally:
-            view.release()
+        for start in range(0, len(iov), IOV_MAX):
+            chunk = iov[start : start + IOV_MAX]
+            expected = sum(len(b) for b in chunk)
+            written = os.writev(fd, chunk)
+            self._segment_size += written
+            if written < expected:
+                # Short write (rare: a signal, a nearly full disk). Finish it the slow way; a
+                # real failure raises from os.write.
+                rest = memoryview(b"".join(chunk))[written:]
+                while rest:
+                    n = os.write(fd, rest)
+                    self._segment_size += n
+                    rest = rest[n:]
 
     def _rotate(self) -> None:
         old_fd = self._fd

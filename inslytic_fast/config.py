@@ -84,6 +84,20 @@ OPTIONS: tuple[Option, ...] = (
         "*",
         "comma-separated origins allowed by CORS, or * for any",
     ),
+    # The roller's Parquet output and DuckDB temp files need room before the disk is full.
+    Option(
+        "min_free_bytes",
+        int,
+        512 * MiB,
+        "refuse ingest (503, /ready 503) when the data dir's disk has less free space than this",
+    ),
+    # Minutes of peak ingest: rides out a slow roll, keeps `query` over the log tail quick.
+    Option(
+        "max_unrolled_bytes",
+        int,
+        2048 * MiB,
+        "refuse ingest (503) when this much log is waiting to be rolled to Parquet",
+    ),
     Option("shutdown_timeout", float, 10.0, "seconds SIGTERM waits for in-flight requests"),
     Option(
         "retention_days",
@@ -94,12 +108,20 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "workers",
         int,
-        1,
-        "worker processes sharing the port (1: a single process)",
+        0,
+        "worker processes sharing the port; 0: one per CPU this process may use; "
+        "1: a single process",
     ),
 )
 
 _BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class ConfigError(Exception):
@@ -122,6 +144,8 @@ class Settings:
     max_connections: int = 10_000
     max_pipelined: int = 64
     cors_origins: tuple[str, ...] = ("*",)
+    min_free_bytes: int = 512 * MiB
+    max_unrolled_bytes: int = 2048 * MiB
     shutdown_timeout: float = 10.0
     retention_days: int = 0
     workers: int = 1
@@ -190,8 +214,8 @@ def resolve(
         sources[opt.name] = source
     if not 0 < values["port"] < 65536 and values["port"] != 0:
         raise ConfigError(f"{sources['port']}: port must be 0-65535")
-    if values["workers"] < 1:
-        raise ConfigError(f"{sources['workers']}: workers must be at least 1")
+    if values["workers"] == 0:
+        values["workers"] = usable_cpus()
     values["data_dir"] = Path(values["data_dir"]).expanduser()
     values["cors_origins"] = tuple(
         o.strip() for o in str(values["cors_origins"]).split(",") if o.strip()

@@ -13,6 +13,7 @@ import zlib
 from typing import TYPE_CHECKING, Protocol
 
 from .commitlog import LogUnavailable
+from .metrics import Metrics
 from .ratelimit import UNLIMITED, RateLimiter, TokenBucket
 from .request import Request
 from .responses import Responses, error_body
@@ -35,12 +36,16 @@ class Responder(Protocol):
 class Rejection:
     """A 4xx decision: nothing stored, no tokens spent (unless the limiter itself refused)."""
 
-    __slots__ = ("status", "body", "headers")
+    __slots__ = ("status", "body", "headers", "reason", "events")
 
-    def __init__(self, status: int, body: bytes, headers: bytes = b"") -> None:
+    def __init__(
+        self, status: int, body: bytes, headers: bytes = b"", reason: str = "body", events: int = 0
+    ) -> None:
         self.status = status
         self.body = body
         self.headers = headers
+        self.reason = reason  # for metrics: auth, body, validation, rate_limit
+        self.events = events  # events in the batch, where known
 
 
 class Admission:
@@ -77,7 +82,7 @@ def bearer_token(authorization: bytes | None) -> bytes | Rejection:
 
 
 def _unauthorized(message: str) -> Rejection:
-    return Rejection(401, error_body(message), WWW_AUTHENTICATE)
+    return Rejection(401, error_body(message), WWW_AUTHENTICATE, "auth")
 
 
 def check_media_type(content_type: bytes | None) -> Rejection | None:
@@ -158,6 +163,7 @@ class Ingestor:
         "limiter",
         "commitlog",
         "responses",
+        "metrics",
         "default_limit",
         "max_decompressed_bytes",
     )
@@ -172,12 +178,14 @@ class Ingestor:
         *,
         default_limit: int,
         max_decompressed_bytes: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self.keyring = keyring
         self.schema = schema
         self.limiter = limiter
         self.commitlog = commitlog
         self.responses = responses
+        self.metrics = metrics if metrics is not None else Metrics()
         self.default_limit = default_limit
         self.max_decompressed_bytes = max_decompressed_bytes
 
@@ -197,7 +205,7 @@ class Ingestor:
         try:
             events = self.schema.decode(body)
         except BatchRejected as exc:
-            return Rejection(400, error_body(exc.error, exc.details))
+            return Rejection(400, error_body(exc.error, exc.details), reason="validation")
         count = len(events)
         limit = project.events_per_minute
         if limit is None:
@@ -219,6 +227,8 @@ class Ingestor:
                     429,
                     error_body("Rate limit exceeded", [detail]),
                     b"Retry-After: %d\r\n" % reset + limit_headers(bucket, now),
+                    "rate_limit",
+                    count,
                 )
             headers = limit_headers(bucket, now)
         return Admission(project.name, self.schema.encode_events(events), count, bucket, headers)
@@ -227,6 +237,7 @@ class Ingestor:
         decision = self.admit(req)
         responses = self.responses
         if type(decision) is Rejection:
+            self.metrics.rejected(decision.reason, decision.events)
             responder.respond(
                 responses.render(
                     decision.status,
@@ -241,6 +252,7 @@ class Ingestor:
 
         def on_done(error: BaseException | None) -> None:
             if error is None:
+                self.metrics.accepted(decision.project, decision.count)
                 responder.respond(
                     responses.render(
                         202,
@@ -262,6 +274,7 @@ class Ingestor:
         self, decision: Admission, error: BaseException, origin: bytes | None, close: bool
     ) -> bytes:
         """503 + Retry-After: the events were not stored, so their tokens go back."""
+        self.metrics.rejected("overload", decision.count)
         if decision.bucket is not None:
             decision.bucket.refund(decision.count, decision.window)
         retry_after = getattr(error, "retry_after", 1)

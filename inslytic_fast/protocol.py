@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING
 
 import httptools
 
+from .metrics import OTHER_ROUTE
 from .request import Request
 from .responses import error_body
 
@@ -59,22 +61,27 @@ class _Reject(Exception):
 class ResponseSlot:
     """A place in the connection's response order; filled now or when the commit finishes."""
 
-    __slots__ = ("conn", "data")
+    __slots__ = ("conn", "data", "route", "started")
 
-    def __init__(self, conn: HttpProtocol) -> None:
+    def __init__(self, conn: HttpProtocol, started: float = 0.0) -> None:
         self.conn = conn
         self.data: bytes | None = None
+        self.route = OTHER_ROUTE  # the app names the route it dispatched to
+        self.started = started
 
     def respond(self, data: bytes) -> None:
         if self.data is None:
             self.data = data
-            self.conn.flush()
+            conn = self.conn
+            conn.metrics.response(self.route, data, self.started, monotonic())
+            conn.flush()
 
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "app",
         "state",
+        "metrics",
         "responses",
         "loop",
         "transport",
@@ -104,6 +111,7 @@ class HttpProtocol(asyncio.Protocol):
         settings = state.settings
         self.app = app
         self.state = state
+        self.metrics = state.metrics
         self.responses = app.responses
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -146,6 +154,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport = None
             return
         state.connections.add(self)
+        state.metrics.connections_opened += 1
         self.phase_since = state.now
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -155,6 +164,7 @@ class HttpProtocol(asyncio.Protocol):
         self.body_parts = []
 
     def data_received(self, data: bytes) -> None:
+        self.metrics.bytes_received += len(data)
         if self.closing:
             return  # answered with close (or lingering after an error): input is discarded
         if self.phase == HEADERS:
@@ -283,7 +293,7 @@ class HttpProtocol(asyncio.Protocol):
         )
         self.phase = IDLE
         self.phase_since = self.state.now
-        slot = ResponseSlot(self)
+        slot = ResponseSlot(self, monotonic())
         self.pending.append(slot)
         if not keep_alive:
             self.closing = True
@@ -328,8 +338,10 @@ class HttpProtocol(asyncio.Protocol):
         self.linger_on_close = True
         self.error_status = 0
         self.body_parts = []
-        slot = ResponseSlot(self)
+        now = monotonic()
+        slot = ResponseSlot(self, now)
         slot.data = self.responses.error(status, message, details, close=True)
+        self.metrics.response(OTHER_ROUTE, slot.data, now, now)
         self.pending.append(slot)
         self.flush()
 

@@ -18,6 +18,9 @@ STATUS_LINES: dict[int, bytes] = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1")) for s in http.HTTPStatus
 }
 
+JSON_CONTENT_TYPE = b"application/json"
+# Prometheus 3 refuses a scrape whose Content-Type it cannot parse as an exposition format.
+PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 RATE_LIMIT_HEADERS = b"X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After"
 
 
@@ -43,7 +46,6 @@ class Responses:
         if self._allow_any_origin:
             fixed += b"Access-Control-Allow-Origin: *\r\n"
         fixed += b"Access-Control-Expose-Headers: " + RATE_LIMIT_HEADERS + b"\r\n"
-        fixed += b"Content-Type: application/json\r\n"
         self._fixed = fixed
         self.date = b""
         self.tick()
@@ -68,16 +70,18 @@ class Responses:
         origin: bytes | None = None,
         close: bool = False,
         head: bool = False,
+        content_type: bytes = JSON_CONTENT_TYPE,
     ) -> bytes:
         """One complete response. ``extra`` is pre-rendered header lines, each ending CRLF."""
         if not self._allow_any_origin:
             extra += self.cors(origin)
         if close:
             extra += b"Connection: close\r\n"
-        return b"%s%s%sContent-Length: %d\r\n%s\r\n%s" % (
+        return b"%s%s%sContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
             STATUS_LINES[status],
             self.date,
             self._fixed,
+            content_type,
             len(body),
             extra,
             b"" if head else body,
@@ -99,4 +103,10 @@ class Responses:
         """204 for CORS preflight: no body and (RFC 9110 s8.6) no Content-Length either way."""
         if not self._allow_any_origin:
             extra += self.cors(origin)
-        return b"%s%s%s%s\r\n" % (STATUS_LINES[204], self.date, self._fixed, extra)
+        return b"%s%s%sContent-Type: %s\r\n%s\r\n" % (
+            STATUS_LINES[204],
+            self.date,
+            self._fixed,
+            JSON_CONTENT_TYPE,
+            extra,
+        )

@@ -9,6 +9,7 @@ the reverse: stop accepting, finish in-flight requests and their commits, seal t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -25,6 +26,8 @@ from .auth import CatalogError, KeyRing
 from .commitlog import LOG_DIRNAME, CommitLog, list_segments
 from .config import Settings
 from .ingest import Ingestor
+from .metrics import merge, process_gauges, read_snapshots, storage_gauges, write_snapshot
+from .metrics import render as render_metrics
 from .openapi import build_openapi
 from .protocol import IDLE, HttpProtocol
 from .ratelimit import RateLimiter
@@ -36,11 +39,17 @@ from .storage import Roller
 log = logging.getLogger("inslytic_fast.server")
 
 TICK_SECONDS = 1.0
+DRAIN_IDLE_GRACE_S = 1.0
 LISTEN_BACKLOG = 2048  # nginx and uvicorn default; SOMAXCONN caps it anyway
 
 
 class StartupError(Exception):
     """A condition the operator must fix before the server can start (exit code 2)."""
+
+
+def run_dir(data_dir: Path) -> Path:
+    """Runtime files of a running server: rate-limit table, worker metric snapshots."""
+    return data_dir / "run"
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -209,7 +218,11 @@ class Server:
         except CatalogError as exc:
             raise StartupError(str(exc)) from None
         commitlog = CommitLog(
-            settings.data_dir, durability=settings.durability, worker_id=self.worker_id
+            settings.data_dir,
+            durability=settings.durability,
+            worker_id=self.worker_id,
+            min_free_bytes=settings.min_free_bytes,
+            max_unrolled_bytes=settings.max_unrolled_bytes,
         )
         try:
             commitlog.open()
@@ -228,11 +241,19 @@ class Server:
             self.responses,
             default_limit=settings.events_per_minute,
             max_decompressed_bytes=settings.max_decompressed_bytes,
+            metrics=self.state.metrics,
         )
         openapi = build_openapi(
             limits, max_body_bytes=settings.max_body_bytes, server_version=__version__
         )
-        self.app = App(ingestor, self.responses, openapi, worker_id=self.worker_id)
+        self.app = App(
+            ingestor,
+            self.responses,
+            openapi,
+            worker_id=self.worker_id,
+            metrics_page=self.metrics_page,
+            readiness=self.readiness,
+        )
 
     async def serve(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -255,6 +276,7 @@ class Server:
         if self.standalone:
             announce(settings, host, port, self.first_run_key, self.out)
             self.first_run_key = None
+        self.state.ready = True
         if self.on_ready is not None:
             self.on_ready()
         try:
@@ -268,6 +290,32 @@ class Server:
         if self._stop is not None:
             self._stop.set()
 
+    # Operability
+
+    def metrics_snapshot(self) -> dict:
+        snapshot = self.state.metrics.snapshot()
+        snapshot["log"] = dataclasses.asdict(self.commitlog.stats)
+        snapshot["gauges"] = process_gauges(len(self.state.connections))
+        return snapshot
+
+    def metrics_page(self) -> bytes:
+        snapshots = [self.metrics_snapshot()]
+        if not self.standalone:
+            snapshots += read_snapshots(run_dir(self.settings.data_dir), self._snapshot_name())
+        return render_metrics(merge(snapshots), storage_gauges(self.settings.data_dir))
+
+    def _snapshot_name(self) -> str:
+        return f"metrics-{self.worker_id}.json"
+
+    def readiness(self) -> str | None:
+        """None when this process should get traffic; otherwise why not (for /ready)."""
+        state = self.state
+        if state.draining:
+            return "shutting down"
+        if not state.ready:
+            return "starting"
+        return self.commitlog.refusal()
+
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._tick_handle = loop.call_later(TICK_SECONDS, self._tick, loop)
         now = loop.time()
@@ -280,17 +328,30 @@ class Server:
                 self.limiter.forget(set(self.keyring.projects))
             self.limiter.tick()
             self.commitlog.tick()
+            if not self.standalone:
+                path = run_dir(self.settings.data_dir) / self._snapshot_name()
+                write_snapshot(path, self.metrics_snapshot())
         except Exception:
             log.exception("error in the 1 s tick")
 
     async def _shutdown(self, server: asyncio.AbstractServer, loop) -> None:
         state = self.state
         state.draining = True
+        state.ready = False
         server.close()  # stop accepting
-        deadline = loop.time() + self.settings.shutdown_timeout
+        log.info(
+            "draining: %d connections, up to %.0f s",
+            len(state.connections),
+            self.settings.shutdown_timeout,
+        )
+        started = loop.time()
+        deadline = started + self.settings.shutdown_timeout
         while loop.time() < deadline:
+            idle_grace_over = loop.time() - started >= DRAIN_IDLE_GRACE_S
             for conn in list(state.connections):
-                if not conn.pending and conn.phase == IDLE:  # idle: nothing owed, nothing arriving
+                # Idle keep-alive connections get a moment: a balancer's health probe on one
+                # learns "not ready" (503, Connection: close) instead of a reset.
+                if idle_grace_over and not conn.pending and conn.phase == IDLE:
                     if conn.transport is not None:
                         conn.transport.close()
             if not state.connections:

@@ -12,8 +12,10 @@ Guarantees, and the documented slack:
   table row is refilled exactly once, so the accepted total per window never exceeds the limit.
 - **Bounded undershoot.** Tokens leased by one worker cannot be spent by another. A client may
   get a 429 while up to ``(N - 1) x grant`` tokens sit in other workers' leases; a lease unused
-  for a whole tick (1 s) is given back. ``grant = max(1, limit // (16 x N))``, so at most
-  1/16 of the limit is stranded, for at most a second.
+  for a whole tick (1 s) is given back, and a worker that refuses a batch gives its whole lease
+  back at once. A grant is a batch's cost plus a top-up of ``limit // (16 x N)``, so at most
+  1/16 of the limit is stranded, for at most a second; limits under 16 x N get no top-up and
+  are exact.
 - fcntl locks die with their process: a worker SIGKILLed while holding a row lock cannot wedge
   the others (a process-shared semaphore would).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import mmap
 import os
 import struct
@@ -162,7 +165,7 @@ class LeasedBucket:
         self.lease = 0
         self.window_start = 0.0
         self.table_left = limit
-        self.grant = max(1, limit // (GRANT_FRACTION * workers))
+        self.grant = limit // (GRANT_FRACTION * workers)
         self.used = False
 
     @property
@@ -173,7 +176,7 @@ class LeasedBucket:
     def refresh(self, limit: int, now: float, workers: int) -> None:
         if limit != self.limit:
             self.limit = limit
-            self.grant = max(1, limit // (GRANT_FRACTION * workers))
+            self.grant = limit // (GRANT_FRACTION * workers)
         if self.window_start and now - self.window_start >= REFILL_SECONDS:
             self.lease = 0  # a lease is only good in the window it was granted in
             self.window_start = 0.0
@@ -197,6 +200,10 @@ class LeasedBucket:
         if cost <= self.lease:
             self.lease -= cost
             return True
+        # Refused: what this worker holds may be exactly what another worker's client needs.
+        self.budget.give_back(self.key, self.lease, self.window_start)
+        self.table_left += self.lease
+        self.lease = 0
         return False
 
     def refund(self, cost: int, spent_at_window: float) -> None:
@@ -205,7 +212,8 @@ class LeasedBucket:
 
     def reset_in(self, now: float) -> int:
         start = self.window_start or now
-        return max(1, int(start + REFILL_SECONDS - now + 0.999999))
+        # The grant may be stamped a hair after ``now``: never report more than a window.
+        return max(1, min(int(REFILL_SECONDS), math.ceil(start + REFILL_SECONDS - now)))
 
     def release_unused(self) -> None:
         """Tick: a lease nobody spent from for a whole tick goes back to the table."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from .metrics import Metrics
+
 if TYPE_CHECKING:
     from .config import Settings
     from .protocol import HttpProtocol
 
 
 class ServerState:
-    __slots__ = ("settings", "connections", "now", "draining")
+    __slots__ = ("settings", "connections", "now", "draining", "ready", "metrics")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -19,3 +21,5 @@ class ServerState:
         # loop.time(), refreshed by the 1 s tick: timeouts need no clock call per request.
         self.now = time.monotonic()
         self.draining = False
+        self.ready = False  # /ready: set once listening, cleared when draining starts
+        self.metrics = Metrics()

@@ -34,6 +34,7 @@ from .server import (
     configure_worker_logging,
     loop_factory,
     make_roller,
+    run_dir,
     seal_orphan_logs,
 )
 from .sharedlimit import SharedBudget, SharedRateLimiter
@@ -56,7 +57,15 @@ def worker_ids(count: int) -> list[str]:
 
 
 def budget_path(data_dir: Path) -> Path:
-    return data_dir / "run" / "ratelimit.bin"
+    return run_dir(data_dir) / "ratelimit.bin"
+
+
+def clear_run_dir(data_dir: Path) -> None:
+    """Metric snapshots of an earlier run's workers must not be summed into this one's."""
+    directory = run_dir(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in directory.glob("metrics-*.json*"):
+        path.unlink(missing_ok=True)
 
 
 def worker_main(
@@ -121,6 +130,7 @@ class Supervisor:
         host, port = reservation.getsockname()[:2]
         self.settings = settings = replace(settings, port=port)
         seal_orphan_logs(settings.data_dir, set(worker_ids(settings.workers)))
+        clear_run_dir(settings.data_dir)
         SharedBudget(budget_path(settings.data_dir), create=True).close()
         roller = make_roller(settings)
         roller.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def test_defaults():
     assert settings.max_body_bytes == 5 * 1024 * 1024
     assert settings.max_decompressed_bytes == 20 * 1024 * 1024
     assert settings.cors_origins == ("*",)
+    assert settings.workers == len(os.sched_getaffinity(0))
 
 
 def test_precedence_flag_over_env_over_file_over_default(tmp_path):

@@ -28,8 +28,21 @@ def test_two_workers_never_accept_more_than_the_limit_together(tmp_path):
         if limiter.bucket("p", 1000, clock()).try_spend(1):
             accepted += 1
     assert accepted <= 1000
-    # Bounded undershoot: at most (workers - 1) x grant tokens stranded in the other lease.
+    # Bounded undershoot: at most (workers - 1) x top-up tokens stranded in the other lease.
     assert accepted >= 1000 - 1000 // 32
+
+
+def test_small_limits_are_exact_and_a_refusing_worker_gives_its_lease_back(tmp_path):
+    path = tmp_path / "rl.bin"
+    SharedBudget(path, create=True).close()
+    clock = Clock()
+    a = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    b = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    assert a.bucket("p", 5, clock()).try_spend(3)
+    assert not b.bucket("p", 5, clock()).try_spend(3)
+    assert b.bucket("p", 5, clock()).tokens == 2
+    assert a.bucket("p", 5, clock()).try_spend(2)
+    assert not b.bucket("p", 5, clock()).try_spend(1)
 
 
 def test_unused_leases_go_back_on_the_tick_so_the_other_worker_can_spend_them(tmp_path):
@@ -38,7 +51,7 @@ def test_unused_leases_go_back_on_the_tick_so_the_other_worker_can_spend_them(tm
     clock = Clock()
     a = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
     b = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
-    assert a.bucket("p", 100, clock()).try_spend(1)  # a leases 1 + a grant of 3
+    assert a.bucket("p", 100, clock()).try_spend(1)  # a leases 1 + a top-up of 3
     a.tick()  # marks the lease as used this tick
     a.tick()  # unused for a whole tick: given back
     assert b.bucket("p", 100, clock()).try_spend(99)

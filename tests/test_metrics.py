@@ -1,0 +1,127 @@
+"""/metrics parses as Prometheus text and counts what was sent; /ready flips when it must."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from inslytic_fast.metrics import Metrics, merge, render, storage_gauges
+
+from .conftest import EXAMPLE_EVENT
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    status, headers, body = server.request("GET", "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    return samples(body.decode())
+
+
+def test_metrics_render_merges_workers_and_parses(tmp_path):
+    a, b = Metrics(), Metrics()
+    a.accepted("shop", 10)
+    b.accepted("shop", 5)
+    b.rejected("rate_limit", 7)
+    a.response(b"/v1/ingest", b"HTTP/1.1 202 Accepted\r\n", 0.0, 0.002)
+    b.response(b"/v1/ingest", b"HTTP/1.1 202 Accepted\r\n", 0.0, 0.004)
+    snaps = []
+    for m, last_sync in ((a, 0.01), (b, 0.02)):
+        snap = m.snapshot()
+        snap["log"] = {"syncs": 2, "events": 30, "last_sync_latency_s": last_sync}
+        snap["gauges"] = {"open_connections": 1}
+        snaps.append(snap)
+    got = samples(render(merge(snaps), storage_gauges(tmp_path)).decode())
+    assert got[("inslytic_events_accepted_total", (("project", "shop"),))] == 15
+    assert got[("inslytic_events_rejected_total", (("reason", "rate_limit"),))] == 7
+    key = ("inslytic_http_requests_total", (("route", "/v1/ingest"), ("status", "202")))
+    assert got[key] == 2
+    assert got[("inslytic_http_request_duration_seconds_count", ())] == 2
+    assert got[("inslytic_log_events_per_sync", ())] == 15
+    assert got[("inslytic_log_last_sync_seconds", ())] == 0.02
+    assert got[("inslytic_open_connections", ())] == 2
+
+
+def test_counters_match_what_was_sent(make_server):
+    server = make_server("--workers", "1", "--events-per-minute", "10")
+    key = server.first_run_key
+    for _ in range(3):
+        assert server.ingest([EXAMPLE_EVENT] * 2, key)[0] == 202
+    assert server.ingest([EXAMPLE_EVENT] * 9, key)[0] == 429
+    assert server.ingest([{"eventName": 1}], key)[0] == 400
+    assert server.ingest([EXAMPLE_EVENT], "ik_live_wrong")[0] == 401
+    got = scrape(server)
+    assert got[("inslytic_events_accepted_total", (("project", "default"),))] == 6
+    assert got[("inslytic_batches_rejected_total", (("reason", "rate_limit"),))] == 1
+    assert got[("inslytic_events_rejected_total", (("reason", "rate_limit"),))] == 9
+    assert got[("inslytic_batches_rejected_total", (("reason", "validation"),))] == 1
+    assert got[("inslytic_batches_rejected_total", (("reason", "auth"),))] == 1
+    ok = ("inslytic_http_requests_total", (("route", "/v1/ingest"), ("status", "202")))
+    assert got[ok] == 3
+    assert got[("inslytic_log_events_total", ())] == 6
+    assert got[("inslytic_log_syncs_total", ())] >= 1
+    assert got[("process_resident_memory_bytes", ())] > 10_000_000
+
+
+def test_metrics_sum_over_workers(make_server):
+    server = make_server("--workers", "2", "--events-per-minute", "0")
+    key = server.first_run_key
+    sent = 0
+    for _ in range(40):  # new connections land on both workers
+        assert server.ingest([EXAMPLE_EVENT], key)[0] == 202
+        sent += 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # snapshots are written on each worker's 1 s tick
+        got = scrape(server)
+        if got.get(("inslytic_events_accepted_total", (("project", "default"),))) == sent:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"metrics never summed to {sent}: {got}")
+
+
+def test_ready_is_200_when_serving_and_503_while_draining(make_server):
+    server = make_server("--workers", "1", "--shutdown-timeout", "5")
+    status, _, body = server.request("GET", "/ready")
+    assert (status, orjson.loads(body)) == (200, {"status": "ready"})
+    # A balancer's keep-alive connection, and a request held open so the drain has to wait.
+    probe = server.connection()
+    probe.request("GET", "/ready")
+    assert probe.getresponse().read() == b'{"status":"ready"}'
+    held = server.connection()
+    held.putrequest("POST", "/v1/ingest")
+    held.putheader("Authorization", f"Bearer {server.first_run_key}")
+    held.putheader("Content-Length", "1000")
+    held.endheaders()
+    held.send(b"{")
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while "draining" not in server.stderr() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    probe.request("GET", "/ready")
+    resp = probe.getresponse()
+    answer = orjson.loads(resp.read())
+    assert resp.status == 503 and answer["details"] == ["shutting down"]
+    assert resp.getheader("Connection") == "close"
+    held.close()
+    assert server.proc.wait(20) == 0
+
+
+def test_ready_and_ingest_answer_503_when_the_disk_is_short(make_server):
+    server = make_server("--workers", "1", "--min-free-bytes", str(1 << 60))
+    status, headers, body = server.request("GET", "/ready")
+    assert status == 503 and "disk full" in orjson.loads(body)["details"][0]
+    assert headers["retry-after"]
+    status, headers, body = server.ingest([EXAMPLE_EVENT], server.first_run_key)
+    assert status == 503 and int(headers["retry-after"]) >= 1
+    assert server.request("GET", "/health")[0] == 200, "liveness stays up"
