@@ -414,17 +414,17 @@ def test_failed_repair_keeps_refusing_until_a_repair_succeeds(tmp_path, monkeypa
 
 
 def test_write_error_is_treated_like_a_sync_error(tmp_path, monkeypatch):
-    real_write = os.write
+    real_writev = os.writev
     box = {}
 
-    def failing_write(fd, data):
+    def failing_writev(fd, buffers):
         if fd == box.get("fd"):
             box.pop("fd")
-            real_write(fd, bytes(data)[:10])  # a partial record reaches the file
+            os.write(fd, b"".join(buffers)[:10])  # a partial record reaches the file
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
+        return real_writev(fd, buffers)
 
-    monkeypatch.setattr(os, "write", failing_write)
+    monkeypatch.setattr(os, "writev", failing_writev)
 
     async def main():
         log = open_log(tmp_path)
@@ -497,3 +497,31 @@ def test_header_size_matches_the_documented_framing():
     assert len(framed) == HEADER_SIZE + len(payload) == 12 + len(payload)
     assert framed.startswith(b"IFL1")
     assert scan_records(framed) == ([memoryview(payload)], len(framed))
+
+
+def test_short_writev_is_completed_not_corrupted(tmp_path, monkeypatch):
+    real_writev = os.writev
+    shortened = []
+
+    def short_writev(fd, buffers):
+        data = b"".join(buffers)
+        if len(data) > 40:
+            shortened.append(len(data))
+            return os.write(fd, data[: len(data) // 3])
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", short_writev)
+
+    async def main():
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        assert (
+            await asyncio.gather(*(driver.append("shop", f"b{i}") for i in range(4))) == [None] * 4
+        )
+        await log.close()
+
+    run(main())
+    assert shortened
+    assert [r["e"][0]["anonymousId"] for r in records_on_disk(tmp_path)] == [
+        f"b{i}" for i in range(4)
+    ]

@@ -1,0 +1,211 @@
+"""Micro-benchmark of the storage layer alone: durable append+sync, the roller, query of the log.
+
+Usage:  python bench/micro_storage.py [--seconds S] [--producers N] [--batch EVENTS]
+                                      [--roll-events N] [--data-dir DIR] [--durability fsync|none]
+
+Prints one JSON line per stage:
+  {"bench": "micro_storage", "stage": "append_sync", "events_per_s": ..., "syncs_per_s": ...,
+   "events_per_sync": ..., "ack_latency_ms": {"p50": ..., "p99": ...}, ...}
+  {"bench": "micro_storage", "stage": "roll", "events_per_s": ..., ...}
+  {"bench": "micro_storage", "stage": "query_log_tail", ...}
+
+append_sync: N producers on uvloop, each appending a pre-encoded batch and waiting for its
+on_done before the next (like N busy HTTP connections); every ack is after fdatasync.
+roll: sealed segments -> ZSTD Parquet with the roller's single DuckDB thread.
+query_log_tail: a count(*) over events that are all still in the log (the worst case for
+query, which parses the log in Python and loads it into DuckDB).
+
+The data directory defaults to a fresh temporary directory on the same disk as the repo's
+bench/scratch (the disk is the thing being measured); it is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.machine import machine_info  # noqa: E402
+from bench.payloads import make_event  # noqa: E402
+from inslytic_fast.commitlog import CommitLog  # noqa: E402
+from inslytic_fast.query import run_query  # noqa: E402
+from inslytic_fast.storage import Roller  # noqa: E402
+
+# Distinct batches cycled through, so the log sees varied bytes (Parquet compression is honest).
+BATCH_VARIANTS = 32
+
+
+def make_batches(batch_events: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [
+        orjson.dumps([make_event(rng) for _ in range(batch_events)]) for _ in range(BATCH_VARIANTS)
+    ]
+
+
+async def append_sync(data_dir: Path, args, batches: list[bytes]) -> dict:
+    log = CommitLog(data_dir, durability=args.durability, worker_id="bench")
+    log.open()
+    loop = asyncio.get_running_loop()
+    log.start(loop)
+    latencies: list[float] = []
+    deadline = loop.time() + args.seconds
+    batch_events = args.batch
+
+    async def producer(n: int) -> None:
+        i = n
+        while loop.time() < deadline:
+            fut = loop.create_future()
+            started = loop.time()
+            log.append("bench", batches[i % BATCH_VARIANTS], batch_events, fut.set_result)
+            error = await fut
+            if error is not None:
+                raise error
+            latencies.append(loop.time() - started)
+            i += args.producers
+
+    async def ticker() -> None:
+        while loop.time() < deadline:
+            await asyncio.sleep(1)
+            log.tick()
+
+    stats = log.stats
+    started = time.perf_counter()
+    await asyncio.gather(ticker(), *(producer(n) for n in range(args.producers)))
+    elapsed = time.perf_counter() - started
+    await log.close()
+    latencies.sort()
+    mean_event_bytes = statistics.mean(len(b) for b in batches) / batch_events
+    return {
+        "bench": "micro_storage",
+        "stage": "append_sync",
+        "durability": args.durability,
+        "producers": args.producers,
+        "batch_events": batch_events,
+        "event_bytes_mean": round(mean_event_bytes),
+        "seconds": round(elapsed, 2),
+        "events_per_s": round(stats.events / elapsed),
+        "mb_per_s": round(stats.bytes / elapsed / 1e6, 1),
+        "syncs_per_s": round(stats.syncs / elapsed, 1),
+        "events_per_sync": round(stats.events / max(stats.syncs, 1), 1),
+        "batches_per_sync": round(stats.acked / max(stats.syncs, 1), 2),
+        "ack_latency_ms": {
+            "p50": round(latencies[len(latencies) // 2] * 1000, 2),
+            "p99": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
+            "max": round(latencies[-1] * 1000, 2),
+        },
+        "sync_latency_ms_max": round(stats.max_sync_latency_s * 1000, 2),
+        "rotations": stats.rotations,
+    }
+
+
+async def fill_log(data_dir: Path, events: int, batch_events: int, batches: list[bytes]) -> None:
+    """Write ``events`` into the log quickly (durability none: this is input for the roller)."""
+    log = CommitLog(data_dir, durability="none", worker_id="fill")
+    log.open()
+    log.start(asyncio.get_running_loop())
+    pending = []
+    for i in range(events // batch_events):
+        fut = asyncio.get_running_loop().create_future()
+        log.append("bench", batches[i % BATCH_VARIANTS], batch_events, fut.set_result)
+        pending.append(fut)
+        if len(pending) >= 256:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+    await log.close()
+
+
+def seal(data_dir: Path, worker_id: str) -> None:
+    log = CommitLog(data_dir, worker_id=worker_id)
+    log.open()
+    log._close_fd()  # noqa: SLF001 - an idle log needs no loop to close
+
+
+def roll(data_dir: Path, args, batches: list[bytes]) -> dict:
+    asyncio.run(fill_log(data_dir, args.roll_events, args.batch, batches))
+    seal(data_dir, "fill")
+    log_bytes = sum(p.stat().st_size for p in (data_dir / "log").glob("fill-*.log"))
+    roller = Roller(data_dir)
+    started = time.perf_counter()
+    converted = roller.roll_once()
+    elapsed = time.perf_counter() - started
+    parquet_bytes = sum(p.stat().st_size for p in (data_dir / "events").rglob("*.parquet"))
+    roller.stop()
+    return {
+        "bench": "micro_storage",
+        "stage": "roll",
+        "duckdb_threads": 1,
+        "events": converted,
+        "seconds": round(elapsed, 2),
+        "events_per_s": round(converted / elapsed),
+        "log_mb": round(log_bytes / 1e6, 1),
+        "parquet_mb": round(parquet_bytes / 1e6, 1),
+        "log_mb_per_s": round(log_bytes / elapsed / 1e6, 1),
+    }
+
+
+def query_log_tail(data_dir: Path, args, batches: list[bytes]) -> dict:
+    asyncio.run(fill_log(data_dir, args.roll_events, args.batch, batches))
+    started = time.perf_counter()
+    _, rows = run_query(data_dir, "SELECT count(*) FROM events")
+    elapsed = time.perf_counter() - started
+    return {
+        "bench": "micro_storage",
+        "stage": "query_log_tail",
+        "events_in_log": rows[0][0],
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(rows[0][0] / elapsed),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--producers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=100, help="events per batch")
+    parser.add_argument("--roll-events", type=int, default=500_000)
+    parser.add_argument("--durability", choices=("fsync", "none"), default="fsync")
+    parser.add_argument("--data-dir", type=Path, help="default: a temp dir under bench/scratch")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--stages", default="append_sync,roll,query_log_tail")
+    args = parser.parse_args()
+    import uvloop
+
+    batches = make_batches(args.batch, args.seed)
+    scratch_parent = REPO / "bench" / "scratch"
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"bench": "micro_storage", "machine": machine_info()}), flush=True)
+    for stage in args.stages.split(","):
+        base = args.data_dir or Path(tempfile.mkdtemp(dir=scratch_parent))
+        data_dir = base / stage
+        try:
+            if stage == "append_sync":
+                result = uvloop.run(append_sync(data_dir, args, batches))
+            elif stage == "roll":
+                result = roll(data_dir, args, batches)
+            elif stage == "query_log_tail":
+                result = query_log_tail(data_dir, args, batches)
+            else:
+                parser.error(f"unknown stage {stage}")
+            print(json.dumps(result), flush=True)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            if args.data_dir is None:
+                shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
