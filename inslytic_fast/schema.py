@@ -72,6 +72,10 @@ ECHOED_KEY_CHARS = 40
 # API reference: deviceType is "desktop" | "mobile" | "tablet".
 DEVICE_TYPES = ("desktop", "mobile", "tablet")
 
+# The explainer holds one slot per event (see Schema.__init__); ten times the API's 1,000 keeps
+# that table small while leaving room for self-hosters who raise the limit.
+MAX_EVENTS_CEILING = 10_000
+
 INVALID_JSON = "Invalid JSON"
 VALIDATION_FAILED = "Validation failed"
 
@@ -84,7 +88,7 @@ class EventLimits:
     max_events: int = 1000
     # Segment's HTTP tracking API caps one event at 32 KiB; the same cap bounds per-event work here.
     max_event_bytes: int = 32 * 1024
-    # eventName: GA4 allows 40 characters, Mixpanel 255 bytes; 200 fits any naming scheme
+    # eventName: GA4 caps event names at 40 characters; 200 fits any naming scheme
     # ("checkout_step_completed", "Signup Form: Submitted") with a wide margin.
     max_name_length: int = 200
     # anonymousId, sessionId, userId: a UUID is 36 characters; 256 leaves room for prefixed or
@@ -93,14 +97,14 @@ class EventLimits:
     # pageUrl, referrer: Apache's LimitRequestLine (8190) and nginx's 8 KiB header buffers mean a
     # longer URL could not have been requested from a default-configured web server.
     max_url_length: int = 8192
-    # pageTitle, utmSource/Medium/Campaign, browser, os: Amplitude truncates string values at
-    # 1024 characters; titles and UTM values are far shorter in practice.
+    # pageTitle, utmSource/Medium/Campaign, browser, os: GA4 keeps 300 characters of a page
+    # title and 100 of other values; 1024 stores real titles and UTM values whole.
     max_text_length: int = 1024
     # properties entries: GA4 allows 25 parameters per event; 100 is generous for flat string maps.
     max_properties: int = 100
-    # property key: same budget as an event name (keys are names too).
+    # property key: same budget as an event name (GA4: 40 per parameter name).
     max_property_key_length: int = 200
-    # property value: same budget as other free text (Amplitude's 1024-character truncation).
+    # property value: same budget as other free text (GA4 keeps 100 characters per value).
     max_property_value_length: int = 1024
 
     def __post_init__(self) -> None:
@@ -108,6 +112,8 @@ class EventLimits:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"EventLimits.{name} must be a positive integer, got {value!r}")
+        if self.max_events > MAX_EVENTS_CEILING:
+            raise ValueError(f"EventLimits.max_events must be at most {MAX_EVENTS_CEILING}")
 
 
 class BatchRejected(Exception):
@@ -317,7 +323,7 @@ class Schema:
         "_max_event_bytes",
         "_envelope_decoder",
         "_raw_decoder",
-        "_raw_list_decoder",
+        "_events_probe_decoder",
         "_event_decoder",
         "_raw_event_decoder",
         "_checks",
@@ -342,7 +348,16 @@ class Schema:
         )
         self._envelope_decoder = msgspec.json.Decoder(envelope)
         self._raw_decoder = msgspec.json.Decoder(Raw)
-        self._raw_list_decoder = msgspec.json.Decoder(list[Raw])
+        # An array-like Struct with max_events + 1 slots: msgspec skips trailing elements
+        # beyond the slots without allocating, so a 20 MiB array of `0`s costs no memory (a
+        # list[Raw] would hold one object per element: ~750 MB for 10 million elements).
+        events_probe = msgspec.defstruct(
+            "EventsProbe",
+            [(f"e{i}", Raw, UNSET) for i in range(limits.max_events + 1)],
+            array_like=True,
+            module=__name__,
+        )
+        self._events_probe_decoder = msgspec.json.Decoder(events_probe)
         self._event_decoder = msgspec.json.Decoder(self.Event)
         self._raw_event_decoder = msgspec.json.Decoder(raw_event)
         self._checks = [(spec, self._field_check(spec)) for spec in self.fields]
@@ -407,9 +422,11 @@ class Schema:
         if envelope.events is UNSET:
             return BatchRejected(VALIDATION_FAILED, ["events is required"])
         try:
-            raw_events = self._raw_list_decoder.decode(envelope.events)
+            probe = self._events_probe_decoder.decode(envelope.events)
         except msgspec.ValidationError:
             return BatchRejected(VALIDATION_FAILED, ["events must be an array"])
+        slots = msgspec.structs.astuple(probe)
+        raw_events = slots[: slots.index(UNSET)] if UNSET in slots else slots
         if not raw_events:
             return BatchRejected(VALIDATION_FAILED, ["events must contain at least 1 event"])
         if len(raw_events) > self.limits.max_events:

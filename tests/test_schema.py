@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import tracemalloc
 from datetime import UTC, datetime, timedelta, timezone
 
 import duckdb
@@ -16,6 +17,7 @@ from inslytic_fast.schema import (
     DEVICE_TYPES,
     ECHOED_KEY_CHARS,
     MAX_ERROR_DETAILS,
+    MAX_EVENTS_CEILING,
     BatchRejected,
     EventLimits,
     Schema,
@@ -615,6 +617,18 @@ def test_explain_is_bounded_on_a_hostile_batch():
     assert elapsed < 20, f"explain took {elapsed:.1f} s"  # generous: it takes ~1-2 s on 2 cores
 
 
+def test_a_huge_events_array_is_refused_without_materialising_it():
+    body = b'{"events": [' + b"0," * 2_000_000 + b"0]}"
+    tracemalloc.start()
+    try:
+        error = rejection(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error.details == ["events must contain at most 1000 events"]
+    assert peak < 4 * 1024 * 1024, peak  # one object per element would be ~150 MB
+
+
 def test_explain_of_a_valid_body_finds_nothing():
     assert SCHEMA.explain(REFERENCE_BODY).details == []
 
@@ -626,6 +640,12 @@ def test_default_limits():
     assert LIMITS.max_events == 1000
     assert LIMITS.max_event_bytes == 32 * 1024
     assert LIMITS.max_name_length >= 40  # GA4's own limit; anything shorter would reject real names
+
+
+def test_max_events_has_a_ceiling():
+    assert Schema(EventLimits(max_events=MAX_EVENTS_CEILING)).limits.max_events == 10_000
+    with pytest.raises(ValueError, match="max_events must be at most"):
+        EventLimits(max_events=MAX_EVENTS_CEILING + 1)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "10", None, True])
