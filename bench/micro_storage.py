@@ -67,12 +67,12 @@ async def append_sync(data_dir: Path, args, batches: list[bytes]) -> dict:
         i = n
         while loop.time() < deadline:
             fut = loop.create_future()
-            started = loop.time()
+            started = time.perf_counter()
             log.append("bench", batches[i % BATCH_VARIANTS], batch_events, fut.set_result)
             error = await fut
             if error is not None:
                 raise error
-            latencies.append(loop.time() - started)
+            latencies.append(time.perf_counter() - started)
             i += args.producers
 
     async def ticker() -> None:

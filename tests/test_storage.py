@@ -396,3 +396,14 @@ def test_sigkill_during_appends_and_rolls_loses_no_acked_batch(tmp_path):
 @pytest.mark.slow
 def test_sigkill_many_cycles(tmp_path):
     _crash_cycles(tmp_path, cycles=12, seed=int(os.environ.get("CRASH_SEED", "11")))
+
+
+def test_a_second_roller_process_stands_aside(tmp_path):
+    write_batches(tmp_path, {"a": 2})
+    holder, other = Roller(tmp_path), Roller(tmp_path)
+    with holder._exclusive() as mine:  # noqa: SLF001 - as another process would hold it
+        assert mine
+        assert other.roll_once() == 0
+        assert sealed_segments(tmp_path / "log")
+    assert other.roll_once() == 2
+    assert batch_counts(tmp_path) == {"a": 2}
