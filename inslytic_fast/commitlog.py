@@ -614,33 +614,43 @@ class CommitLog:
                 fut.set_result(None)
 
     def tick(self) -> None:
-        """Once a second on the loop: free space, unrolled bytes, rotation by age, repair."""
+        """Once a second on the loop: free space, unrolled bytes, rotation by age, repair.
+
+        Runs whether or not a sync is in flight: under sustained load one always is, and the
+        refresh is what lets appends through again once the roller has caught up.
+        """
         if self._fd < 0 and self._unsound is None:
-            return
-        if self._syncing or self._sync_scheduled:
-            # The thread owns the segment state; a second is soon enough to look again.
-            return
+            return  # not open, or closed
         try:
             self._refresh_space()
         except OSError as exc:
             log.error("commit log: cannot check free space: %s", exc)
         if self._unsound is not None:
-            self._start_repair()  # the last attempt failed; try again
+            if not self._syncing:
+                self._start_repair()  # the last attempt failed; try again
             return
+        # Segment fields are written by the sync thread; reading them here is a racy but safe
+        # snapshot (single attribute loads), good enough for a once-a-second age check.
         age = self._clock() - self._segment_opened_at
         if self._segment_size > 0 and age >= self._segment_max_age_s:
             self._rotate_due = True
-            self._start_sync()
+            if not self._syncing and not self._sync_scheduled:
+                self._start_sync()
 
     def _refresh_space(self) -> None:
         st = os.statvfs(self.log_dir)
-        self._free_bytes = st.f_bavail * st.f_frsize
-        unrolled = 0
+        current = self._segment_path
+        # Bytes a sync in flight has already written are counted again when it completes:
+        # an overestimate of at most one group commit, corrected by the next tick.
+        unrolled = self._segment_size
         for path in list_segments(self.log_dir).get(self.worker_id, []):
+            if path == current:
+                continue
             try:
                 unrolled += path.stat().st_size
             except FileNotFoundError:
                 continue  # rolled between listing and stat
+        self._free_bytes = st.f_bavail * st.f_frsize
         self._unrolled_bytes = unrolled
 
     # -- Sync thread ----------------------------------------------------------------------

@@ -525,3 +525,44 @@ def test_short_writev_is_completed_not_corrupted(tmp_path, monkeypatch):
     assert [r["e"][0]["anonymousId"] for r in records_on_disk(tmp_path)] == [
         f"b{i}" for i in range(4)
     ]
+
+
+def test_tick_while_a_sync_is_in_flight_still_rotates_and_measures(tmp_path, monkeypatch):
+    now = [1_800_000_000.0]
+    gate = SyncGate(monkeypatch)
+
+    async def main():
+        log = open_log(
+            tmp_path, segment_max_age_s=30, max_unrolled_bytes=100_000, clock=lambda: now[0]
+        )
+        driver = LogOnLoop(log)
+        assert await driver.append("shop", "first") is None
+        first_segment = log.segment_path
+        # Under load a sync is always in flight: hold one to stand for that.
+        gate.release.clear()
+        gate.started.clear()
+        held = driver.append("shop", "held")
+        await asyncio.get_running_loop().run_in_executor(None, gate.started.wait, 10)
+        # A backlog appears (an older segment the roller has not converted yet) ...
+        backlog = tmp_path / "log" / "w0-00000000000000000001.log"
+        backlog.write_bytes(b"\0" * 200_000)
+        now[0] += 31
+        log.tick()
+        assert log.refusal() == "overloaded: the log is too far ahead of the Parquet roller"
+        # ... and is rolled away: the next tick sees it even though the sync still runs.
+        backlog.unlink()
+        log.tick()
+        assert log.refusal() is None
+        after = driver.append("shop", "after")
+        gate.release.set()
+        assert await held is None and await after is None
+        assert log.stats.rotations == 1  # the age rotation was scheduled, not skipped
+        assert log.segment_path != first_segment
+        await log.close()
+
+    run(main())
+    segments = list_segments(tmp_path / "log")["w0"]
+    assert [
+        [orjson.loads(bytes(p))["e"][0]["anonymousId"] for p in scan_records(s.read_bytes())[0]]
+        for s in segments
+    ] == [["first", "held"], ["after"]]
