@@ -556,6 +556,32 @@ def test_event_larger_than_the_byte_cap():
     assert details(body, schema) == [f"Event 1: event is larger than {cap} bytes"]
 
 
+SHORTEST_EVENT = (
+    b'{"eventName":"x","timestamp":"0001-01-01T00:00:00Z","anonymousId":"x","sessionId":"x",'
+    b'"consentGiven":true}'
+)
+
+
+def test_an_oversized_event_among_the_shortest_possible_events_is_found():
+    # The fast path skips the byte-cap pass while body <= cap + (n - 1) * shortest event; an
+    # oversized event surrounded by the shortest valid events is just past that bound.
+    cap = 600
+    schema = Schema(EventLimits(max_event_bytes=cap))
+    big = valid_event(pageTitle="t" * 600)
+    body = b'{"events":[' + b",".join([SHORTEST_EVENT] * 5 + [json.dumps(big).encode()]) + b"]}"
+    assert details(body, schema) == [f"Event 5: event is larger than {cap} bytes"]
+    assert len(schema.decode(b'{"events":[' + b",".join([SHORTEST_EVENT] * 9) + b"]}")) == 9
+
+
+def test_the_shortest_event_really_is_the_shortest():
+    # Every required value at its minimum: dropping any byte makes it invalid.
+    assert len(SCHEMA.decode(b'{"events":[' + SHORTEST_EVENT + b"]}")) == 1
+    for cut in range(len(SHORTEST_EVENT)):
+        shorter = SHORTEST_EVENT[:cut] + SHORTEST_EVENT[cut + 1 :]
+        with pytest.raises(BatchRejected):
+            SCHEMA.decode(b'{"events":[' + shorter + b"]}")
+
+
 def test_byte_cap_boundary_is_inclusive():
     filler = valid_event(junk="")
     size = len(json.dumps(filler).encode())
