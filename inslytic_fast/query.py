@@ -18,6 +18,7 @@ retention deleted it), the query is retried on a fresh snapshot.
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ MAX_SNAPSHOT_ATTEMPTS = 20
 MAX_QUERY_ATTEMPTS = 5
 
 _COLUMNS_SQL = ", ".join(f'"{name}"' for name in EVENT_COLUMN_NAMES)
+_TYPED_NULLS = ", ".join(
+    f'CAST(NULL AS {sql_type}) AS "{name}"' for name, sql_type in EVENT_COLUMNS
+)
 
 
 class SnapshotError(RuntimeError):
@@ -113,25 +117,38 @@ def open_events(data_dir: Path, *, snapshot: Snapshot | None = None) -> duckdb.D
     """An in-memory DuckDB connection with a view ``events`` over a fresh snapshot.
 
     The connection reads the snapshot's files: use it for a query or two, then open another
-    (compaction and retention delete files that an old snapshot still names).
+    (compaction and retention delete files that an old snapshot still names). The log tail is
+    staged in a temporary file that is removed when the process exits.
     """
+    con, scratch = _open(data_dir, snapshot)
+    if scratch is not None:
+        atexit.register(_remove, scratch)
+    return con
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _open(
+    data_dir: Path, snapshot: Snapshot | None
+) -> tuple[duckdb.DuckDBPyConnection, str | None]:
     if snapshot is None:
         snapshot = take_snapshot(data_dir)
     con = connect_duckdb()
-    typed_columns = ", ".join(f'"{name}" {sql_type}' for name, sql_type in EVENT_COLUMNS)
+    scratch = None
     if snapshot.log_payloads:
-        fd, tmp = tempfile.mkstemp(prefix="inslytic-log-", suffix=".ndjson")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.writelines(snapshot.log_payloads)
-            con.execute(
-                f"CREATE TEMP TABLE _log_events AS SELECT {_COLUMNS_SQL} "
-                f"FROM ({events_from_ndjson_sql(tmp)})"
-            )
-        finally:
-            os.unlink(tmp)
+        # A view, not a table: DuckDB then parses only the JSON fields a query uses.
+        fd, scratch = tempfile.mkstemp(prefix="inslytic-log-", suffix=".ndjson")
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(snapshot.log_payloads)
+        log_source = f"SELECT {_COLUMNS_SQL} FROM ({events_from_ndjson_sql(scratch)})"
     else:
-        con.execute(f"CREATE TEMP TABLE _log_events ({typed_columns})")
+        log_source = f"SELECT {_TYPED_NULLS} WHERE false"
+    con.execute(f"CREATE TEMP VIEW _log_events AS {log_source}")
     if snapshot.parquet_files:
         files = "[" + ", ".join(sql_string(p) for p in snapshot.parquet_files) + "]"
         con.execute(
@@ -144,7 +161,7 @@ def open_events(data_dir: Path, *, snapshot: Snapshot | None = None) -> duckdb.D
         )
     else:
         con.execute(f"CREATE TEMP VIEW events AS SELECT {_COLUMNS_SQL} FROM _log_events")
-    return con
+    return con, scratch
 
 
 def _is_missing_file(exc: duckdb.Error) -> bool:
@@ -160,7 +177,7 @@ def run_query(data_dir: Path, sql: str, params=None):
     Retried on a new snapshot when a file the snapshot named was deleted under it.
     """
     for attempt in range(MAX_QUERY_ATTEMPTS):
-        con = open_events(data_dir)
+        con, scratch = _open(data_dir, None)
         try:
             result = con.execute(sql, params)
             columns = [d[0] for d in result.description] if result.description else []
@@ -171,18 +188,6 @@ def run_query(data_dir: Path, sql: str, params=None):
                 raise
         finally:
             con.close()
+            if scratch is not None:
+                _remove(scratch)
     raise AssertionError("unreachable")
-
-
-def run_statement(data_dir: Path, sql: str, params=None) -> None:
-    """Like run_query for statements with side effects only on files (COPY ... TO ...)."""
-    for attempt in range(MAX_QUERY_ATTEMPTS):
-        con = open_events(data_dir)
-        try:
-            con.execute(sql, params)
-            return
-        except duckdb.IOException as exc:
-            if not _is_missing_file(exc) or attempt == MAX_QUERY_ATTEMPTS - 1:
-                raise
-        finally:
-            con.close()
