@@ -67,6 +67,8 @@ DEFAULT_COMPACT_TARGET_BYTES = 256 * 1024 * 1024
 DEFAULT_ROLL_INTERVAL_S = 1.0
 DEFAULT_COMPACT_INTERVAL_S = 60.0
 DEFAULT_RETENTION_INTERVAL_S = 3600.0
+# A failing pass (disk full, a bad file) is retried with exponential backoff up to this.
+MAX_RETRY_DELAY_S = 30.0
 # One DuckDB thread by default: the serving processes keep the other cores. Measured with
 # bench/micro_storage.py, one thread converts ~70-100k events/s on a 2-core EPYC VM.
 DEFAULT_DUCKDB_THREADS = 1
@@ -256,6 +258,7 @@ class Roller:
         self.compactions = 0
         self.partitions_dropped = 0
         self.errors = 0
+        self.last_error: str | None = None
 
     # -- Lifecycle ------------------------------------------------------------------------
 
@@ -278,6 +281,7 @@ class Roller:
     def _run(self) -> None:
         next_compact = self._clock() + self.compact_interval_s
         next_retention = self._clock()
+        failures = 0
         while not self._stop.is_set():
             try:
                 self.roll_once()
@@ -288,12 +292,20 @@ class Roller:
                 if self.retention_days is not None and now >= next_retention:
                     next_retention = now + self.retention_interval_s
                     self.apply_retention()
-            except Exception:
+                failures = 0
+                self.last_error = None
+            except Exception as exc:
                 # Keep going: the segment stays in the log (still queryable) and is retried;
                 # the commit log's max_unrolled_bytes turns a stuck roller into 503s.
+                failures += 1
                 self.errors += 1
-                log.exception("roller: pass failed; retrying")
-            self._stop.wait(self.roll_interval_s)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if failures == 1 or failures % 10 == 0:
+                    log.exception("roller: pass failed (%d in a row); retrying", failures)
+            delay = self.roll_interval_s
+            if failures:
+                delay = min(self.roll_interval_s * 2**failures, MAX_RETRY_DELAY_S)
+            self._stop.wait(delay)
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         if self._con is None:

@@ -407,3 +407,18 @@ def test_a_second_roller_process_stands_aside(tmp_path):
         assert sealed_segments(tmp_path / "log")
     assert other.roll_once() == 2
     assert batch_counts(tmp_path) == {"a": 2}
+
+
+def test_background_roller_converts_sealed_segments_and_stops(tmp_path):
+    write_batches(tmp_path, {"bg1": 3, "bg2": 4})
+    roller = Roller(tmp_path, roll_interval_s=0.01)
+    roller.start()
+    try:
+        deadline = time.monotonic() + 20
+        while sealed_segments(tmp_path / "log") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sealed_segments(tmp_path / "log") == []
+    finally:
+        roller.stop()
+    assert roller.events_rolled == 7 and roller.errors == 0
+    assert batch_counts(tmp_path) == {"bg1": 3, "bg2": 4}
