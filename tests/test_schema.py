@@ -1002,3 +1002,23 @@ def test_non_utc_fixed_offset_objects_are_normalised():
     [event] = SCHEMA.decode(body_of(valid_event(timestamp="2026-02-16T10:30:00+01:00")))
     assert event.timestamp.tzinfo is UTC
     assert event.timestamp.utcoffset() == timezone(timedelta(0)).utcoffset(None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    flips=st.lists(
+        st.tuples(st.integers(0, len(REFERENCE_BODY) - 1), st.integers(0, 255)), max_size=4
+    ),
+    tail=st.binary(max_size=8),
+)
+def test_corrupted_bodies_only_ever_raise_batch_rejected(flips, tail):
+    body = bytearray(REFERENCE_BODY)
+    for position, value in flips:
+        body[position] = value
+    body = bytes(body) + tail
+    for schema in (SCHEMA, SMALL):
+        try:
+            schema.decode(body)
+        except BatchRejected as error:
+            assert error.details
+            assert all(detail.isprintable() for detail in error.details)
