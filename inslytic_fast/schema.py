@@ -420,12 +420,12 @@ class Schema:
             try:
                 self._raw_decoder.decode(body)
             except _DECODE_FAILURES as error:
-                return self._invalid_json(error)
+                return self._invalid_json(error, len(body))
             return BatchRejected(
                 VALIDATION_FAILED, ["body must be a JSON object with an events array"]
             )
         except _DECODE_FAILURES as error:
-            return self._invalid_json(error)
+            return self._invalid_json(error, len(body))
 
         if envelope.events is UNSET:
             return BatchRejected(VALIDATION_FAILED, ["events is required"])
@@ -449,12 +449,15 @@ class Schema:
         return BatchRejected(VALIDATION_FAILED, problems.details())
 
     @staticmethod
-    def _invalid_json(error: BaseException) -> BatchRejected:
+    def _invalid_json(error: BaseException, body_length: int) -> BatchRejected:
         if isinstance(error, RecursionError):
             return BatchRejected(INVALID_JSON, ["JSON is nested too deeply"])
         if isinstance(error, UnicodeDecodeError):
             return BatchRejected(INVALID_JSON, ["JSON is malformed: invalid UTF-8"])
-        return BatchRejected(INVALID_JSON, [_snippet(str(error))])
+        message = str(error)
+        if message == _MSGSPEC_TRUNCATED:  # say where, as msgspec's other messages do
+            message = f"JSON is malformed: unexpected end of input (byte {body_length})"
+        return BatchRejected(INVALID_JSON, [_snippet(message)])
 
     def _explain_event(self, index: int, raw_event: Raw, problems: _Problems) -> None:
         if len(raw_event) > self._max_event_bytes:
@@ -624,4 +627,6 @@ class Schema:
         return check
 
 
+# msgspec's wording for a body that ends inside a value (it has no byte position).
+_MSGSPEC_TRUNCATED = "Input data was truncated"
 _TIMESTAMP_OUT_OF_RANGE = "timestamp is out of range (year 1 to 9999 in UTC)"

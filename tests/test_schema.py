@@ -219,16 +219,16 @@ def test_reference_validation_error_example_exactly():
 @pytest.mark.parametrize(
     ("body", "where"),
     [
-        (b'{"events": [', "truncated"),
+        (b'{"events": [', "unexpected end of input (byte 12)"),
         (b'{"events": [1,,2]}', "(byte 14)"),
         (b'{"events": []} trailing', "trailing characters (byte "),
-        (b"", "truncated"),
+        (b"", "unexpected end of input (byte 0)"),
         (b"\xff", "(byte 0)"),
         (b'{"events": [{"eventName": "x",}]}', "trailing comma in object (byte "),
         (b"{'events': []}", "(byte 1)"),
         # A syntax error after a value that would already fail validation is still invalid JSON.
         (b'{"events": [{"eventName": 1}], "x": [1,,]}', "byte"),
-        (b"[1, 2", "truncated"),
+        (b"[1, 2", "unexpected end of input (byte 5)"),
     ],
 )
 def test_invalid_json_says_where(body, where):
