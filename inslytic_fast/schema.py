@@ -4,9 +4,8 @@ Two passes share one definition of what is valid:
 
 * ``Schema.decode`` is the happy path: ONE msgspec decoder call turns the whole request body into
   a list of ``Event`` Structs (types, required fields, lengths, enum and timezone checks all run
-  in C).  Two cheap follow-ups may run: a ``list[Raw]`` pass for the per-event byte cap (only when
-  the body is larger than the cap) and a timezone normalisation (only when some timestamp is not
-  already UTC).
+  in C).  Two follow-ups: a ``list[Raw]`` pass for the per-event byte cap, only when the body is
+  large enough to hold an oversized event, and a loop that converts offset timestamps to UTC.
 * ``Schema.explain`` runs only after ``decode`` failed.  It walks the body event by event and field
   by field and lists every problem in the API reference's style (``"Event 0: eventName is
   required"``).  Every verdict comes from decoding the field with the very same annotated type the
@@ -39,7 +38,9 @@ Log format (``Schema.encode_events``): one JSON array, one object per event, key
 Error details (``BatchRejected.details``) hold at most ``MAX_ERROR_DETAILS`` entries: when there are
 more problems, the first ``MAX_ERROR_DETAILS - 1`` are listed and the last entry reads
 ``"... and N more problems"``.  User-supplied property keys are echoed truncated to
-``ECHOED_KEY_CHARS`` characters and escaped like Python's ``repr``; values are never echoed.
+``ECHOED_KEY_CHARS`` characters and escaped like Python's ``repr``; values are not echoed (the one
+exception, a field the per-field view cannot explain such as a duplicated key, quotes msgspec's
+message cut to 200 printable characters).
 """
 
 from __future__ import annotations
