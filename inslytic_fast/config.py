@@ -7,6 +7,7 @@ cannot drift apart.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -106,6 +107,17 @@ OPTIONS: tuple[Option, ...] = (
         "drop Parquet partitions whose event date is older than this many days (0: keep forever)",
     ),
     Option(
+        "log_format", str, "text", "log lines for people or for shippers", choices=("text", "json")
+    ),
+    Option(
+        "access_log",
+        bool,
+        False,
+        "log one line per request (method, path, status, bytes, ms); off by default for speed",
+    ),
+    Option("tls_cert", str, "", "PEM certificate chain: serve HTTPS (needs --tls-key)"),
+    Option("tls_key", str, "", "PEM private key for --tls-cert"),
+    Option(
         "workers",
         int,
         0,
@@ -149,6 +161,10 @@ class Settings:
     shutdown_timeout: float = 10.0
     retention_days: int = 0
     workers: int = 1
+    log_format: str = "text"
+    access_log: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -214,6 +230,8 @@ def resolve(
         sources[opt.name] = source
     if not 0 < values["port"] < 65536 and values["port"] != 0:
         raise ConfigError(f"{sources['port']}: port must be 0-65535")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("--tls-cert and --tls-key go together")
     if values["workers"] == 0:
         values["workers"] = usable_cpus()
     values["data_dir"] = Path(values["data_dir"]).expanduser()
@@ -233,6 +251,14 @@ def add_arguments(parser) -> None:
         "env INSLYTIC_CONFIG",
     )
     for opt in OPTIONS:
+        if opt.type is bool:
+            parser.add_argument(
+                opt.flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{opt.help} (default: {'on' if opt.default else 'off'}; env {opt.env})",
+            )
+            continue
         parser.add_argument(
             opt.flag,
             type=opt.type,
@@ -252,6 +278,11 @@ def example_config() -> str:
     for opt in OPTIONS:
         lines.append(f"# {opt.help}")
         default = opt.default
-        rendered = f'"{default}"' if isinstance(default, str) else repr(default)
+        if isinstance(default, bool):
+            rendered = "true" if default else "false"
+        elif isinstance(default, str):
+            rendered = f'"{default}"'
+        else:
+            rendered = repr(default)
         lines.append(f"{opt.name} = {rendered}")
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from .logs import access_log
 from .metrics import OTHER_ROUTE
 from .request import Request
 from .responses import error_body
@@ -61,19 +62,25 @@ class _Reject(Exception):
 class ResponseSlot:
     """A place in the connection's response order; filled now or when the commit finishes."""
 
-    __slots__ = ("conn", "data", "route", "started")
+    __slots__ = ("conn", "data", "route", "started", "request")
 
-    def __init__(self, conn: HttpProtocol, started: float = 0.0) -> None:
+    def __init__(
+        self, conn: HttpProtocol, started: float = 0.0, request: Request | None = None
+    ) -> None:
         self.conn = conn
         self.data: bytes | None = None
         self.route = OTHER_ROUTE  # the app names the route it dispatched to
         self.started = started
+        self.request = request  # kept only for the access log
 
     def respond(self, data: bytes) -> None:
         if self.data is None:
             self.data = data
             conn = self.conn
-            conn.metrics.response(self.route, data, self.started, monotonic())
+            now = monotonic()
+            conn.metrics.response(self.route, data, self.started, now)
+            if self.request is not None:
+                conn.log_access(self.request, data, now - self.started)
             conn.flush()
 
 
@@ -101,6 +108,8 @@ class HttpProtocol(asyncio.Protocol):
         "write_paused",
         "error_status",
         "linger_on_close",
+        "access_log",
+        "peer",
         "max_header_bytes",
         "max_body_bytes",
         "max_pipelined",
@@ -130,6 +139,8 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.error_status = 0
         self.linger_on_close = False
+        self.access_log = settings.access_log
+        self.peer = "-"
         # Copied once so the hot path does not chase settings attributes.
         self.max_header_bytes = settings.max_header_bytes
         self.max_body_bytes = settings.max_body_bytes
@@ -155,6 +166,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         state.connections.add(self)
         state.metrics.connections_opened += 1
+        if self.access_log:
+            peer = transport.get_extra_info("peername")
+            self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         self.phase_since = state.now
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -293,7 +307,7 @@ class HttpProtocol(asyncio.Protocol):
         )
         self.phase = IDLE
         self.phase_since = self.state.now
-        slot = ResponseSlot(self, monotonic())
+        slot = ResponseSlot(self, monotonic(), request if self.access_log else None)
         self.pending.append(slot)
         if not keep_alive:
             self.closing = True
@@ -308,6 +322,18 @@ class HttpProtocol(asyncio.Protocol):
             )
         if len(self.pending) > self.max_pipelined and not self.read_paused:
             self._update_reading()
+
+    def log_access(self, request: Request, data: bytes, seconds: float) -> None:
+        path = request.path.decode("latin-1")
+        access_log.info(
+            '%s "%s %s" %s %d %.1fms',
+            self.peer,
+            request.method.decode("latin-1"),
+            path if len(path) <= 200 else path[:200] + "...",
+            data[9:12].decode(),
+            len(data),
+            seconds * 1000,
+        )
 
     # Output, in request order
 

@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -96,12 +97,20 @@ def seal_orphan_logs(data_dir: Path, active: set[str]) -> None:
         asyncio.run(orphan.close())
 
 
-def configure_worker_logging(worker_id: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s {worker_id} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """HTTPS for boxes without a proxy in front; HTTP/1.1 only (no ALPN h2)."""
+    if not settings.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(
+            f"cannot load TLS certificate {settings.tls_cert} / key {settings.tls_key}: {exc}"
+        ) from None
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 def raise_open_file_limit(wanted: int) -> None:
@@ -143,8 +152,9 @@ def announce(settings: Settings, host: str, port: int, first_run_key: str | None
     if durability == "none":
         durability = "none (BENCHMARK ONLY: acknowledged events can be lost on a crash)"
     workers = f" workers {settings.workers}" if settings.workers > 1 else ""
+    scheme = "https" if settings.tls_cert else "http"
     print(
-        f"inslytic-fast {__version__} listening on http://{host}:{port} "
+        f"inslytic-fast {__version__} listening on {scheme}://{host}:{port} "
         f"data dir {settings.data_dir.resolve()} durability {durability}{workers} "
         f"pid {os.getpid()}",
         file=sys.stderr,
@@ -157,7 +167,7 @@ def announce(settings: Settings, host: str, port: int, first_run_key: str | None
         'First run: created project "default". Its API key is shown only this once:\n'
         f"  {first_run_key}\n"
         "Try it:\n"
-        f"  curl -i -X POST http://{url_host}:{port}/v1/ingest "
+        f"  curl -i -X POST {scheme}://{url_host}:{port}/v1/ingest "
         f'-H "Authorization: Bearer {first_run_key}" -H "Content-Type: application/json" '
         '-d \'{"events":[{"eventName":"page_viewed",'
         '"timestamp":"2026-02-16T10:30:00.000Z","anonymousId":"anon-123",'
@@ -196,6 +206,7 @@ class Server:
         self.app: App | None = None
         self.first_run_key: str | None = None
         self.data_dir_lock: DataDirLock | None = None
+        self.tls: ssl.SSLContext | None = None
         self.on_ready = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._stop: asyncio.Event | None = None
@@ -205,6 +216,7 @@ class Server:
     def open_storage(self) -> None:
         settings = self.settings
         check_data_dir(settings.data_dir)
+        self.tls = tls_context(settings)
         if self.standalone:
             self.data_dir_lock = acquire_data_dir(settings.data_dir)
             seal_orphan_logs(settings.data_dir, {self.worker_id})
@@ -267,7 +279,10 @@ class Server:
         self.state.now = loop.time()
         app, state = self.app, self.state
         server = await loop.create_server(
-            lambda: HttpProtocol(app, state), sock=sock, backlog=LISTEN_BACKLOG
+            lambda: HttpProtocol(app, state),
+            sock=sock,
+            backlog=LISTEN_BACKLOG,
+            ssl=self.tls,
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)

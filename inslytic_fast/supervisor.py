@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .auth import CatalogError, KeyRing
 from .config import Settings
+from .logs import configure as configure_logging
 from .server import (
     Server,
     StartupError,
@@ -31,7 +32,6 @@ from .server import (
     announce,
     bind_socket,
     check_data_dir,
-    configure_worker_logging,
     loop_factory,
     make_roller,
     run_dir,
@@ -75,7 +75,7 @@ def worker_main(
     inherited: socket.socket | None,
 ) -> None:
     """Entry point of a worker process (spawned: nothing is shared but what is passed)."""
-    configure_worker_logging(worker_id)
+    configure_logging(settings.log_format, worker_id)
     budget = SharedBudget(budget_path(settings.data_dir))
     limiter = SharedRateLimiter(budget, settings.workers)
     server = Server(settings, worker_id=worker_id, limiter=limiter, standalone=False)

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 STARTUP_DEADLINE_S = 30.0
-LISTENING_RE = re.compile(r"listening on http://([\d.]+):(\d+)")
+LISTENING_RE = re.compile(r"listening on https?://([\d.]+):(\d+)")
 KEY_RE = re.compile(r"^\s+(ik_\S+)\s*$", re.M)
 
 EXAMPLE_EVENT = {

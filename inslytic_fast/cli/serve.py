@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from ..config import ConfigError, add_arguments, example_config, resolve
@@ -35,11 +34,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"inslytic-fast: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from ..logs import configure
     from ..server import run as run_server
+
+    configure(settings.log_format)
 
     return run_server(settings)

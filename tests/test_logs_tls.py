@@ -1,0 +1,107 @@
+"""Log formats and escaping, the access log, and HTTPS."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import shutil
+import ssl
+import subprocess
+
+import orjson
+import pytest
+
+from inslytic_fast.logs import JsonFormatter, TextFormatter, escape
+
+from .conftest import cli
+
+
+def record(message: str, *args) -> logging.LogRecord:
+    return logging.LogRecord("inslytic_fast.test", logging.ERROR, __file__, 1, message, args, None)
+
+
+def test_escape_neutralises_line_breaks_and_terminal_escapes():
+    assert escape("ok /path") == "ok /path"
+    assert escape("a\r\nFAKE LINE\x1b[31m") == "a\\x0d\\x0aFAKE LINE\\x1b[31m"
+
+
+def test_text_lines_cannot_be_forged():
+    line = TextFormatter("w0").format(record("bad path %s", "/x\nERROR forged"))
+    assert "\n" not in line and "\\x0aERROR forged" in line and " w0 " in line
+
+
+def test_json_lines_are_one_object_each():
+    line = JsonFormatter("w1").format(record("path %s", "/x\n\x1b[2J"))
+    entry = orjson.loads(line)
+    assert entry["msg"] == "path /x\n\x1b[2J" and "\n" not in line
+    assert entry["level"] == "error" and entry["worker"] == "w1" and entry["ts"].endswith("Z")
+
+
+def test_access_log_in_json(make_server):
+    server = make_server("--workers", "1", "--access-log", "--log-format", "json")
+    server.request("GET", "/health?probe=1")
+    server.request("GET", "/nope")
+    server.stop()
+    entries = [orjson.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
+    access = [e["msg"] for e in entries if e["logger"] == "inslytic_fast.access"]
+    assert any('"GET /health" 200' in line for line in access), access
+    assert any('"GET /nope" 404' in line for line in access), access
+
+
+def test_no_access_log_by_default(shared_server):
+    shared_server.request("GET", "/health")
+    assert "inslytic_fast.access" not in shared_server.stderr()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_https_with_tls_cert_and_key(make_server, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = make_server("--workers", "1", "--tls-cert", str(cert), "--tls-key", str(key))
+    assert f"listening on https://127.0.0.1:{server.port}" in server.stderr()
+    context = ssl.create_default_context(cafile=str(cert))
+    conn = http.client.HTTPSConnection(server.host, server.port, context=context, timeout=10)
+    conn.request("GET", "/health")
+    resp = conn.getresponse()
+    assert (resp.status, resp.read()) == (200, b'{"status":"ok"}')
+    conn.close()
+    assert server.stop() == 0
+
+
+def test_tls_flags_go_together_and_bad_files_are_a_clear_error(tmp_path):
+    proc = cli("serve", "--tls-cert", "x.pem", data_dir=tmp_path / "d", check=False)
+    assert proc.returncode == 2 and "--tls-cert and --tls-key go together" in proc.stderr
+    proc = cli(
+        "serve",
+        "--port",
+        "0",
+        "--tls-cert",
+        "nope.pem",
+        "--tls-key",
+        "nope.pem",
+        data_dir=tmp_path / "d",
+        check=False,
+    )
+    assert proc.returncode == 2 and "cannot load TLS certificate" in proc.stderr
+    assert "Traceback" not in proc.stderr
