@@ -459,6 +459,10 @@ class Roller:
     def _convert(self, ndjson: Path, out: Path) -> int:
         con = self._connection()
         select = events_from_ndjson_sql(ndjson)
+        cutoff = self._retention_cutoff()
+        if cutoff is not None:
+            # Events already past retention would only be written to be dropped again.
+            select = f"SELECT * FROM ({select}) WHERE date >= DATE '{cutoff.isoformat()}'"
         copy = (
             f"COPY ({select}) TO {sql_string(out)} (FORMAT parquet, COMPRESSION zstd, "
             "PARTITION_BY (project, date), FILENAME_PATTERN '{i}', OVERWRITE_OR_IGNORE true)"
@@ -567,12 +571,18 @@ class Roller:
 
     # -- Retention ------------------------------------------------------------------------
 
+    def _retention_cutoff(self) -> dt.date | None:
+        """The oldest UTC date kept: partitions (and events) before it go."""
+        if self.retention_days is None:
+            return None
+        now = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+        return (now - dt.timedelta(days=self.retention_days)).date()
+
     def apply_retention(self) -> int:
         """Drop whole ``date=`` partitions older than retention_days; return how many."""
-        if self.retention_days is None:
+        cutoff = self._retention_cutoff()
+        if cutoff is None:
             return 0
-        now = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
-        cutoff = (now - dt.timedelta(days=self.retention_days)).date()
         dropped = 0
         with self._exclusive() as mine:
             if not mine:

@@ -422,3 +422,26 @@ def test_background_roller_converts_sealed_segments_and_stops(tmp_path):
         roller.stop()
     assert roller.events_rolled == 7 and roller.errors == 0
     assert batch_counts(tmp_path) == {"bg1": 3, "bg2": 4}
+
+
+def test_a_record_duckdb_cannot_read_is_quarantined_not_wedging_the_roller(tmp_path):
+    write_batches(tmp_path, {"good1": 2, "good2": 3})
+    segment = sealed_segments(tmp_path / "log")[-1]
+    poison = b'{"p":"shop","r":1,"b":"x","e":[{"eventName":"x","consentGiven":"maybe"}]}\n'
+    with open(segment, "ab") as f:
+        f.write(frame_record(poison))
+    assert Roller(tmp_path).roll_once() == 5
+    assert sealed_segments(tmp_path / "log") == []
+    assert batch_counts(tmp_path) == {"good1": 2, "good2": 3}
+    kept = b"".join(p.read_bytes() for p in (tmp_path / "quarantine").iterdir())
+    assert poison in kept
+
+
+def test_events_past_retention_are_not_written_by_the_roll(tmp_path):
+    write_batches(tmp_path, expected_batches("old", 4))
+    # 2026-02-18 12:00 UTC with one day kept: only the 2026-02-17 events are written.
+    now = dt.datetime(2026, 2, 18, 12, tzinfo=dt.UTC).timestamp()
+    converted = Roller(tmp_path, retention_days=1, clock=lambda: now).roll_once()
+    _, rows = run_query(tmp_path, 'SELECT count(*), min(CAST("timestamp" AS DATE)) FROM events')
+    assert rows == [(converted, dt.date(2026, 2, 17))]
+    assert 0 < converted < sum(expected_batches("old", 4).values())
