@@ -1,0 +1,536 @@
+"""``inslytic-fast stats``: a live view of a running server, what ``top`` is for a process.
+
+It scrapes ``GET /metrics`` once per interval and turns two successive scrapes into rates
+(events/s per project, rejects/s by reason, syncs/s), the interval's p99 request latency (from
+the histogram buckets' delta, as Prometheus' ``histogram_quantile`` does) and the storage gauges.
+With no server to scrape it walks the data dir for the storage figures alone, so an operator
+still sees the backlog of a box whose server is down.
+
+The pieces are sans-IO and read top to bottom: ``parse_metrics`` (text -> samples),
+``build_frame`` (two scrapes -> one frame, a plain dict that is also the ``--json`` output),
+``render_frame`` (frame -> text). Only ``fetch``/``run`` touch the network, the clock or stdout.
+The Prometheus text is parsed here rather than with ``prometheus_client``: that is a test-only
+dependency and the format's sample lines are simple.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+from ..config import DEFAULT_DATA_DIR
+from ..metrics import storage_gauges
+
+DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_INTERVAL_S = 1.0
+# Below this the view mostly measures its own scrapes (each one walks the server's data dir).
+MIN_INTERVAL_S = 0.05
+# A scrape slower than this is as good as down for a once-a-second view.
+SCRAPE_TIMEOUT_S = 2.0
+QUANTILE = 0.99
+# Rows per table on a terminal: enough for a busy box, short enough to keep the summary on screen.
+MAX_TABLE_ROWS = 20
+# ANSI: clear the screen, then cursor home (what `watch` and `top` do on every refresh).
+CLEAR_AND_HOME = "\x1b[2J\x1b[H"
+
+# Metric names, as inslytic_fast.metrics.render() writes them.
+EVENTS_ACCEPTED = "inslytic_events_accepted_total"
+BATCHES_REJECTED = "inslytic_batches_rejected_total"
+EVENTS_REJECTED = "inslytic_events_rejected_total"
+REQUESTS = "inslytic_http_requests_total"
+LATENCY_BUCKET = "inslytic_http_request_duration_seconds_bucket"
+LOG_SYNCS = "inslytic_log_syncs_total"
+LOG_EVENTS = "inslytic_log_events_total"
+LOG_SYNC_ERRORS = "inslytic_log_sync_errors_total"
+LAST_SYNC = "inslytic_log_last_sync_seconds"
+OPEN_CONNECTIONS = "inslytic_open_connections"
+RSS = "process_resident_memory_bytes"
+CPU = "process_cpu_seconds_total"
+# Optional: a server that exports its data dir's free space wins over a local statvfs.
+DISK_FREE = "inslytic_disk_free_bytes"
+STORAGE_GAUGES = ("log_pending_bytes", "roll_lag_seconds", "parquet_files", "parquet_bytes")
+
+Labels = tuple[tuple[str, str], ...]
+Samples = dict[tuple[str, Labels], float]
+
+
+# Parsing the exposition format
+
+
+_SAMPLE_RE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?\s*$")
+_LABEL_RE = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+class MetricsFormatError(ValueError):
+    """The page is not Prometheus text (a proxy's HTML error page, a wrong --url)."""
+
+
+def parse_metrics(text: str) -> Samples:
+    """Sample lines of the Prometheus text format -> {(name, sorted labels): value}."""
+    samples: Samples = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _SAMPLE_RE.match(line)
+        if match is None:
+            raise MetricsFormatError(f"line {lineno} is not a sample: {line[:80]!r}")
+        name, label_text, value_text = match.groups()
+        labels = _parse_labels(label_text or "", lineno)
+        try:
+            value = float(value_text)
+        except ValueError:
+            raise MetricsFormatError(f"line {lineno}: bad value {value_text!r}") from None
+        samples[(name, labels)] = value
+    return samples
+
+
+def _parse_labels(text: str, lineno: int) -> Labels:
+    labels = []
+    pos = 0
+    while pos < len(text):
+        match = _LABEL_RE.match(text, pos)
+        if match is None:
+            raise MetricsFormatError(f"line {lineno}: bad labels {text!r}")
+        value = re.sub(r"\\[\\\"n]", lambda m: _UNESCAPE[m.group()], match.group(2))
+        labels.append((match.group(1), value))
+        pos = match.end()
+    return tuple(sorted(labels))
+
+
+# From scrapes to a frame
+
+
+class Scrape:
+    __slots__ = ("at", "samples")
+
+    def __init__(self, at: float, samples: Samples) -> None:
+        self.at = at  # monotonic seconds
+        self.samples = samples
+
+
+def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    return {
+        dict(labels).get(label, ""): value for (n, labels), value in samples.items() if n == name
+    }
+
+
+def total(samples: Samples, name: str) -> float:
+    return sum(value for (n, _), value in samples.items() if n == name)
+
+
+def counter_delta(current: float, previous: float) -> float:
+    # A counter that went down means the server restarted: it counted `current` since then.
+    return current - previous if current >= previous else current
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Quantile from cumulative (upper bound, count) buckets, interpolated linearly inside the
+    bucket the rank falls in (Prometheus' histogram_quantile). None when nothing was observed."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound = lower_count = 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                # Above the largest finite bound all we know is "at least that".
+                return lower_bound
+            if count == lower_count:
+                return bound
+            share = (rank - lower_count) / (count - lower_count)
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def _latency_buckets(samples: Samples) -> dict[float, float]:
+    return {float(le): value for le, value in by_label(samples, LATENCY_BUCKET, "le").items()}
+
+
+def interval_quantile(q: float, previous: Samples, current: Samples) -> float | None:
+    now, before = _latency_buckets(current), _latency_buckets(previous)
+    restarted = sum(now.values()) < sum(before.values())
+    deltas = [(le, n if restarted else n - before.get(le, 0.0)) for le, n in now.items()]
+    return histogram_quantile(q, deltas)
+
+
+def _rates(current: dict[str, float], previous: dict[str, float], seconds: float) -> dict:
+    return {
+        key: counter_delta(value, previous.get(key, 0.0)) / seconds
+        for key, value in current.items()
+    }
+
+
+def build_frame(
+    previous: Scrape | None,
+    current: Scrape | None,
+    *,
+    url: str,
+    error: str | None = None,
+    storage: dict | None = None,
+    data_dir: Path | None = None,
+    disk_free: int | None = None,
+    wall_time: float | None = None,
+) -> dict:
+    """One view of the server: rates over previous -> current, gauges from current.
+
+    Without a previous scrape the rates are None (unknown, not zero). Without a current one
+    (server not reachable) only ``storage`` (from a walk of the data dir) fills the frame.
+    """
+    frame: dict = {
+        "time": dt.datetime.fromtimestamp(
+            time.time() if wall_time is None else wall_time, dt.UTC
+        ).isoformat(timespec="seconds"),
+        "url": url,
+        "reachable": current is not None,
+        "error": error,
+        "interval_s": None,
+        "events_per_s": None,
+        "events_per_s_total": None,
+        "rejected_batches_per_s": None,
+        "rejected_events_per_s": None,
+        "requests_per_s": None,
+        "p99_latency_s": None,
+        "syncs_per_s": None,
+        "events_per_sync": None,
+        "cpu_percent": None,
+        "events_accepted": None,
+        "last_sync_s": None,
+        "sync_errors": None,
+        "open_connections": None,
+        "rss_bytes": None,
+        "roll_lag_s": None,
+        "log_pending_bytes": None,
+        "parquet_files": None,
+        "parquet_bytes": None,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "disk_free_bytes": disk_free,
+    }
+    if current is None:
+        if storage is not None:
+            _storage_into(frame, storage)
+        return frame
+    now = current.samples
+    frame["events_accepted"] = {
+        project: _whole(n) for project, n in by_label(now, EVENTS_ACCEPTED, "project").items()
+    }
+    frame["last_sync_s"] = now.get((LAST_SYNC, ()))
+    frame["sync_errors"] = _whole(now.get((LOG_SYNC_ERRORS, ())))
+    frame["open_connections"] = _whole(now.get((OPEN_CONNECTIONS, ())))
+    frame["rss_bytes"] = _whole(now.get((RSS, ())))
+    _storage_into(frame, {key: now.get((f"inslytic_{key}", ())) for key in STORAGE_GAUGES})
+    if (DISK_FREE, ()) in now:
+        frame["disk_free_bytes"] = _whole(now[(DISK_FREE, ())])
+    if previous is None or current.at <= previous.at:
+        return frame
+    seconds = current.at - previous.at
+    before = previous.samples
+    events = _rates(frame["events_accepted"], by_label(before, EVENTS_ACCEPTED, "project"), seconds)
+    syncs = counter_delta(now.get((LOG_SYNCS, ()), 0.0), before.get((LOG_SYNCS, ()), 0.0))
+    synced = counter_delta(now.get((LOG_EVENTS, ()), 0.0), before.get((LOG_EVENTS, ()), 0.0))
+    frame.update(
+        interval_s=seconds,
+        events_per_s=events,
+        events_per_s_total=sum(events.values()),
+        rejected_batches_per_s=_rates(
+            by_label(now, BATCHES_REJECTED, "reason"),
+            by_label(before, BATCHES_REJECTED, "reason"),
+            seconds,
+        ),
+        rejected_events_per_s=_rates(
+            by_label(now, EVENTS_REJECTED, "reason"),
+            by_label(before, EVENTS_REJECTED, "reason"),
+            seconds,
+        ),
+        requests_per_s=counter_delta(total(now, REQUESTS), total(before, REQUESTS)) / seconds,
+        p99_latency_s=interval_quantile(QUANTILE, before, now),
+        syncs_per_s=syncs / seconds,
+        events_per_sync=synced / syncs if syncs else None,
+        cpu_percent=100.0
+        * counter_delta(now.get((CPU, ()), 0.0), before.get((CPU, ()), 0.0))
+        / seconds,
+    )
+    return frame
+
+
+def _whole(value: float | None) -> int | float | None:
+    # Prometheus values are floats; counts read better (and compare exactly) as ints.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _storage_into(frame: dict, storage: dict) -> None:
+    frame["roll_lag_s"] = storage.get("roll_lag_seconds")
+    frame["log_pending_bytes"] = _whole(storage.get("log_pending_bytes"))
+    frame["parquet_files"] = _whole(storage.get("parquet_files"))
+    frame["parquet_bytes"] = _whole(storage.get("parquet_bytes"))
+
+
+# Rendering
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.1f} ms"
+    return f"{value:.1f} s"
+
+
+def _table(rows: list[tuple[str, str, str]], limit: int | None) -> list[str]:
+    shown = rows if limit is None else rows[:limit]
+    width = max([len(name) for name, _, _ in shown] + [12])
+    lines = [f"  {name:<{width}}  {a:>12}  {b:>14}" for name, a, b in shown]
+    if len(shown) < len(rows):
+        lines.append(f"  ... {len(rows) - len(shown)} more")
+    return lines
+
+
+def render_frame(frame: dict, interval: float, limit: int | None = MAX_TABLE_ROWS) -> str:
+    """The frame as lines of text (no escape codes; the caller clears the screen on a tty)."""
+    lines = [f"inslytic-fast stats  {frame['url']}  {frame['time']}  every {interval:g} s"]
+    if not frame["reachable"]:
+        lines.append(f"server not reachable at {frame['url']}: {frame['error']}")
+        if frame["data_dir"] is None:
+            lines.append("no data dir to read storage figures from (use --data-dir)")
+        else:
+            lines.append(f"storage figures only, read from {frame['data_dir']}")
+    else:
+        lines.append(
+            f"ingest   {_num(frame['events_per_s_total'])} events/s  "
+            f"{_num(frame['requests_per_s'])} req/s  p99 {_seconds(frame['p99_latency_s'])}  "
+            f"conns {_num(frame['open_connections'], 0)}  rss {_bytes(frame['rss_bytes'])}  "
+            f"cpu {_num(frame['cpu_percent'], 0)}%"
+        )
+        errors = frame["sync_errors"]
+        lines.append(
+            f"commit   {_num(frame['syncs_per_s'])} syncs/s  "
+            f"{_num(frame['events_per_sync'])} events/sync  "
+            f"last sync {_seconds(frame['last_sync_s'])}"
+            + (f"  SYNC ERRORS {errors:.0f}" if errors else "")
+        )
+    lines.append(
+        f"storage  roll lag {_seconds(frame['roll_lag_s'])}  "
+        f"log pending {_bytes(frame['log_pending_bytes'])}  "
+        f"parquet {_num(frame['parquet_files'], 0)} files {_bytes(frame['parquet_bytes'])}  "
+        f"disk free {_bytes(frame['disk_free_bytes'])}"
+    )
+    if not frame["reachable"]:
+        return "\n".join(lines) + "\n"
+    rates = frame["events_per_s"] or {}
+    accepted = frame["events_accepted"] or {}
+    projects = sorted(accepted, key=lambda p: (-rates.get(p, 0.0), -accepted[p], p))
+    lines.append(f"  {'project':<12}  {'events/s':>12}  {'accepted':>14}")
+    lines += _table(
+        [(p, _num(rates.get(p) if rates else None), f"{accepted[p]:,.0f}") for p in projects],
+        limit,
+    )
+    batches = frame["rejected_batches_per_s"]
+    if batches:
+        events = frame["rejected_events_per_s"] or {}
+        lines.append(f"  {'rejected':<12}  {'batches/s':>12}  {'events/s':>14}")
+        reasons = sorted(batches, key=lambda r: (-batches[r], r))
+        lines += _table(
+            [(r, _num(batches[r]), _num(events.get(r)) if r in events else "") for r in reasons],
+            limit,
+        )
+    return "\n".join(lines) + "\n"
+
+
+# I/O: scraping, the data dir, the terminal
+
+
+def metrics_url(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/metrics") else url + "/metrics"
+
+
+def fetch(url: str, timeout: float = SCRAPE_TIMEOUT_S) -> tuple[Scrape | None, str | None]:
+    """One scrape, or None and why it failed (in words for the operator)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = resp.read()
+        at = time.monotonic()
+        return Scrape(at, parse_metrics(body.decode("utf-8", "replace"))), None
+    except urllib.error.HTTPError as exc:
+        return None, f"HTTP {exc.code} {exc.reason}"
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        return None, getattr(reason, "strerror", None) or str(reason)
+    except (OSError, MetricsFormatError) as exc:  # timeouts, resets, a page that is not metrics
+        return None, str(exc) or type(exc).__name__
+
+
+def disk_free(data_dir: Path) -> int | None:
+    try:
+        return shutil.disk_usage(data_dir).free
+    except OSError:
+        return None
+
+
+class View:
+    """Scrape, keep the previous scrape, and print one frame per call to ``step``."""
+
+    __slots__ = ("url", "data_dir", "interval", "as_json", "tty", "out", "previous")
+
+    def __init__(self, url: str, data_dir: Path, interval: float, as_json: bool, out) -> None:
+        self.url = url
+        self.data_dir = data_dir
+        self.interval = interval
+        self.as_json = as_json
+        self.out = out
+        self.tty = out.isatty() and not as_json
+        self.previous: Scrape | None = None
+
+    def scrape(self) -> tuple[Scrape | None, str | None]:
+        current, error = fetch(metrics_url(self.url))
+        return current, error
+
+    def frame(self, current: Scrape | None, error: str | None) -> dict:
+        local = self.data_dir if self.data_dir.is_dir() else None
+        storage = storage_gauges(local) if current is None and local is not None else None
+        frame = build_frame(
+            self.previous,
+            current,
+            url=self.url,
+            error=error,
+            storage=storage,
+            data_dir=local,
+            disk_free=None if local is None else disk_free(local),
+        )
+        if current is not None:
+            self.previous = current
+        return frame
+
+    def show(self, frame: dict) -> None:
+        if self.as_json:
+            self.out.write(orjson.dumps(frame).decode() + "\n")
+        elif self.tty:
+            self.out.write(CLEAR_AND_HOME + render_frame(frame, self.interval))
+        else:
+            self.out.write(render_frame(frame, self.interval, limit=None) + "\n")
+        self.out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.interval >= MIN_INTERVAL_S:
+        print(f"inslytic-fast: error: --interval must be >= {MIN_INTERVAL_S}", file=sys.stderr)
+        return 2
+    view = View(args.url, args.data_dir, args.interval, args.json, sys.stdout)
+    try:
+        if args.once:
+            return _once(view)
+        _live(view)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `stats | head`: the reader is gone, nothing left to say
+        sys.stderr.close()
+    return 0
+
+
+def _once(view: View) -> int:
+    """Two scrapes one interval apart, so the single frame has rates."""
+    current, error = view.scrape()
+    if current is not None:
+        view.previous = current
+        time.sleep(view.interval)
+        current, error = view.scrape()
+    frame = view.frame(current, error)
+    view.show(frame)
+    if current is None and frame["data_dir"] is None:
+        print(
+            f"inslytic-fast: error: server not reachable at {view.url} ({error}) "
+            f"and no data dir at {view.data_dir}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _live(view: View) -> None:
+    next_at = time.monotonic()
+    while True:
+        current, error = view.scrape()
+        view.show(view.frame(current, error))
+        # Paced on a fixed schedule, so a slow scrape does not stretch every later interval.
+        next_at = max(next_at + view.interval, time.monotonic())
+        time.sleep(next_at - time.monotonic())
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "stats",
+        help="live view of a running server (events/s, rejects, p99, commit, storage)",
+        description="A live view of a running server, refreshed every --interval seconds: "
+        "events/s per project, rejects by reason, p99 request latency, syncs/s and events per "
+        "sync, roll lag and disk use. Reads the server's /metrics; with the server down it "
+        "shows the storage figures of --data-dir. Ctrl-C quits.",
+    )
+    parser.add_argument(
+        "--url",
+        default=DEFAULT_URL,
+        help=f"the server's base URL (or its /metrics URL) (default: {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
+        help=f"data directory for free disk space, and for the storage figures when the "
+        f"server is not reachable (default: ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=DEFAULT_INTERVAL_S,
+        metavar="SECONDS",
+        help=f"seconds between refreshes (default: {DEFAULT_INTERVAL_S:g})",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="print one frame (two scrapes one interval apart) and exit; exit 1 when there is "
+        "neither a server nor a data dir to read",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per frame instead of text"
+    )
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m inslytic_fast.cli.stats``: the command on its own."""
+    parser = argparse.ArgumentParser(prog="inslytic-fast")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["stats", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
