@@ -70,6 +70,7 @@ IOV_MAX = 1024
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 
 SEGMENT_SUFFIX = ".log"
+SALVAGE_SUFFIX = ".salvage"  # a segment being rewritten by recovery; never read
 LOG_DIRNAME = "log"
 QUARANTINE_DIRNAME = "quarantine"
 _SEGMENT_RE = re.compile(r"^([A-Za-z0-9_]+)-(\d{20})\.log$")
@@ -144,6 +145,20 @@ def frame_record(payload: bytes) -> bytes:
     return RECORD_HEADER.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
+def _record_end(view: memoryview, offset: int, size: int) -> int:
+    """End offset of the valid record starting at ``offset``, or -1."""
+    if offset + HEADER_SIZE > size:
+        return -1
+    magic, length, crc = RECORD_HEADER.unpack_from(view, offset)
+    end = offset + HEADER_SIZE + length
+    if magic != RECORD_MAGIC or length == 0 or length > MAX_RECORD_BYTES or end > size:
+        return -1
+    payload = view[offset + HEADER_SIZE : end]
+    if zlib.crc32(payload) != crc or payload[-1] != 0x0A:
+        return -1
+    return end
+
+
 def scan_records(data: bytes | bytearray | memoryview) -> tuple[list[memoryview], int]:
     """Payloads of the valid record prefix of ``data`` and the offset where it ends.
 
@@ -154,19 +169,50 @@ def scan_records(data: bytes | bytearray | memoryview) -> tuple[list[memoryview]
     size = len(view)
     payloads: list[memoryview] = []
     offset = 0
-    unpack = RECORD_HEADER.unpack_from
-    crc32 = zlib.crc32
-    while offset + HEADER_SIZE <= size:
-        magic, length, crc = unpack(view, offset)
-        end = offset + HEADER_SIZE + length
-        if magic != RECORD_MAGIC or length == 0 or length > MAX_RECORD_BYTES or end > size:
-            break
-        payload = view[offset + HEADER_SIZE : end]
-        if crc32(payload) != crc or payload[-1] != 0x0A:
-            break
-        payloads.append(payload)
+    while (end := _record_end(view, offset, size)) > 0:
+        payloads.append(view[offset + HEADER_SIZE : end])
         offset = end
     return payloads, offset
+
+
+@dataclass(slots=True)
+class SegmentScan:
+    payloads: list[memoryview]  # of every valid record, in file order
+    records: list[tuple[int, int]]  # (start, end) of every valid framed record
+    damaged: list[tuple[int, int]]  # byte ranges that are not valid records
+
+    def only_tail_damaged(self, size: int) -> bool:
+        return len(self.damaged) == 1 and self.damaged[0][1] == size
+
+
+def scan_segment(data: bytes | bytearray) -> SegmentScan:
+    """Every valid record of a segment, resynchronising after a damaged stretch.
+
+    A torn tail damages only the end; a flipped bit in the middle of a segment must not cost
+    the acknowledged records after it. Resynchronising cannot be fooled by event data: a
+    header's length field (<= MAX_RECORD_BYTES) has a high byte below 0x20, which JSON text
+    never contains raw, and the CRC must match as well.
+    """
+    view = memoryview(data)
+    size = len(view)
+    scan = SegmentScan([], [], [])
+    offset = 0
+    while offset < size:
+        end = _record_end(view, offset, size)
+        if end > 0:
+            scan.payloads.append(view[offset + HEADER_SIZE : end])
+            scan.records.append((offset, end))
+            offset = end
+            continue
+        resume = data.find(RECORD_MAGIC, offset + 1)
+        while resume != -1 and _record_end(view, resume, size) < 0:
+            resume = data.find(RECORD_MAGIC, resume + 1)
+        if resume == -1:
+            scan.damaged.append((offset, size))
+            break
+        scan.damaged.append((offset, resume))
+        offset = resume
+    return scan
 
 
 def fsync_dir(path: Path) -> None:
@@ -212,29 +258,43 @@ def _fdatasync(fd: int) -> None:
 
 
 def recover_segment(data_dir: Path, path: Path) -> int:
-    """Cut a torn or corrupt tail off ``path`` at its last valid record; return bytes kept.
+    """Remove torn or corrupt bytes from ``path``, keeping every valid record; return its size.
 
-    Never cuts earlier than the last valid record: the prefix is exactly what scan_records
-    accepts. The cut bytes go to the quarantine directory first (a crash mid-recovery leaves
-    either the old file or the truncated one, and the tail is never lost silently).
+    A torn tail (the common case: a crash mid-write) is cut at the last valid record, never
+    earlier. Damage in the middle is cut out by rewriting the segment (tmp -> fsync -> rename
+    -> fsync dir), so the valid records after it survive. Removed bytes are kept in the
+    quarantine directory first; a crash mid-recovery leaves the old or the new file, whole.
     """
-    with open(path, "r+b") as f:
-        data = f.read()
-        _, valid_end = scan_records(data)
-        if valid_end < len(data):
-            tail = data[valid_end:]
-            target = quarantine_bytes(data_dir, path, valid_end, tail)
-            log.warning(
-                "commit log %s: cut %d bytes of torn/corrupt tail at offset %d (kept in %s)",
-                path.name,
-                len(tail),
-                valid_end,
-                target,
-            )
-            f.truncate(valid_end)
+    data = path.read_bytes()
+    scan = scan_segment(data)
+    if not scan.damaged:
+        return len(data)
+    for start, end in scan.damaged:
+        target = quarantine_bytes(data_dir, path, start, data[start:end])
+        log.warning(
+            "commit log %s: removed %d torn/corrupt bytes at offset %d (kept in %s)",
+            path.name,
+            end - start,
+            start,
+            target,
+        )
+    if scan.only_tail_damaged(len(data)):
+        kept = scan.damaged[0][0]
+        with open(path, "r+b") as f:
+            f.truncate(kept)
             f.flush()
             os.fsync(f.fileno())
-    return valid_end
+        return kept
+    salvage = path.with_name(path.name + SALVAGE_SUFFIX)
+    with open(salvage, "wb") as f:
+        for start, end in scan.records:
+            f.write(data[start:end])
+        f.flush()
+        os.fsync(f.fileno())
+        kept = f.tell()
+    os.replace(salvage, path)
+    fsync_dir(path.parent)
+    return kept
 
 
 # -- The writer ----------------------------------------------------------------------------
@@ -368,10 +428,12 @@ class CommitLog:
     def open(self) -> None:
         """Recover the tail, seal what was there, open a new segment durably. Before serving."""
         make_dirs_durable(self.log_dir)
+        for stale in self.log_dir.glob(f"{self.worker_id}-*{SALVAGE_SUFFIX}"):
+            stale.unlink()  # a recovery rewrite that a crash interrupted: the original is whole
         mine = list_segments(self.log_dir).get(self.worker_id, [])
         if mine:
             # Only the newest segment can have a torn tail: older ones were fully synced
-            # before their successor was created. The roller validates those as it reads.
+            # before their successor was created. The roller salvages those as it reads.
             recover_segment(self.data_dir, mine[-1])
         last_seq = parse_segment_name(mine[-1].name)[1] if mine else 0
         self._segment_seq = last_seq

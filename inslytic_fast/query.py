@@ -3,9 +3,9 @@
 Readers take no locks and never block the server. A snapshot is taken in this order, which is
 what makes it exact while the roller renames and deletes files under it:
 
-1. list the log segments and read each one; the valid record prefix is used (a tail still
-   being written fails its length/checksum test and is skipped, so a half-written record is
-   never shown). A segment that vanished meanwhile was fully rolled: it is simply not "live".
+1. list the log segments and read each one; every valid record is used (a tail still being
+   written fails its length/checksum test and is skipped, so a half-written record is never
+   shown). A segment that vanished meanwhile was fully rolled: it is simply not "live".
 2. list the Parquet files, skipping ``<segment>.*.parquet`` of every live segment (a roll that
    is part-way through publishing is read from the log instead), then read the compaction
    intents and skip the inputs of every intent whose output is present.
@@ -27,7 +27,7 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from .commitlog import LOG_DIRNAME, list_segments, scan_records
+from .commitlog import LOG_DIRNAME, list_segments, scan_segment
 from .storage import (
     EVENT_COLUMN_NAMES,
     EVENT_COLUMNS,
@@ -76,7 +76,7 @@ def take_snapshot(data_dir: Path) -> Snapshot:
                 except FileNotFoundError:
                     continue
                 snap.live_segments.add(path.name.rsplit(".", 1)[0])
-                snap.log_payloads.extend(scan_records(data)[0])
+                snap.log_payloads.extend(scan_segment(data).payloads)
         snap.parquet_files = _parquet_files(events_dir, snap.live_segments)
         still_there = {
             p.name.rsplit(".", 1)[0] for segs in list_segments(log_dir).values() for p in segs

@@ -43,7 +43,7 @@ from .commitlog import (
     list_segments,
     make_dirs_durable,
     quarantine_bytes,
-    scan_records,
+    scan_segment,
     sealed_segments,
 )
 
@@ -400,16 +400,17 @@ class Roller:
         staging = self.staging_dir / stem
         self._step("roll:start")
         data = segment.read_bytes()
-        payloads, valid_end = scan_records(data)
-        if valid_end < len(data):
-            # A sealed segment is complete by construction; trailing garbage is corruption.
-            # Keep it for forensics and roll the valid prefix.
-            target = quarantine_bytes(self.data_dir, segment, valid_end, data[valid_end:])
+        scan = scan_segment(data)
+        payloads = scan.payloads
+        for start, end in scan.damaged:
+            # A sealed segment is complete by construction: damage is corruption. Keep the
+            # bytes for forensics and roll every valid record around them.
+            target = quarantine_bytes(self.data_dir, segment, start, data[start:end])
             log.error(
                 "roller: %s has %d corrupt bytes at offset %d (kept in %s)",
                 segment.name,
-                len(data) - valid_end,
-                valid_end,
+                end - start,
+                start,
                 target,
             )
         converted = 0
@@ -417,7 +418,7 @@ class Roller:
             make_dirs_durable(staging)
             ndjson = staging / "in.ndjson"
             write_ndjson(ndjson, payloads)
-            del payloads, data
+            del payloads, scan, data
             self._step("roll:ndjson_written")
             out = staging / "out"
             converted = self._convert(ndjson, out)

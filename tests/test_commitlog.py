@@ -23,6 +23,7 @@ from inslytic_fast.commitlog import (
     list_segments,
     recover_segment,
     scan_records,
+    scan_segment,
     sealed_segments,
 )
 from inslytic_fast.storage import Roller
@@ -287,7 +288,7 @@ def test_torn_tail_is_cut_at_the_last_complete_record_for_every_offset(tmp_path)
     assert any((data_dir / "quarantine").iterdir())
 
 
-def test_random_byte_flips_keep_exactly_the_valid_prefix(tmp_path):
+def test_random_byte_flips_lose_only_the_damaged_record(tmp_path):
     source = tmp_path / "source.log"
     ends = _segment_with_records(source, 8)
     data = source.read_bytes()
@@ -302,9 +303,36 @@ def test_random_byte_flips_keep_exactly_the_valid_prefix(tmp_path):
         corrupt[pos] ^= rng.randrange(1, 256)
         victim.write_bytes(bytes(corrupt))
         kept = recover_segment(data_dir, victim)
-        damaged_record = max(i for i, s in enumerate(starts) if s <= pos)
-        assert kept == starts[damaged_record], pos
-        assert victim.read_bytes() == data[:kept]
+        damaged = max(i for i, s in enumerate(starts) if s <= pos)
+        survivors = b"".join(
+            data[s:e] for i, (s, e) in enumerate(zip(starts, ends, strict=True)) if i != damaged
+        )
+        # A flip in the last record is a corrupt tail: exactly the valid prefix remains.
+        # Anywhere else, the records after the damage are acknowledged data and survive.
+        assert victim.read_bytes() == survivors, pos
+        assert kept == len(survivors)
+        assert scan_records(victim.read_bytes())[1] == kept
+
+
+def test_damage_in_the_middle_of_the_active_segment_keeps_later_acked_records(tmp_path):
+    async def write(batches):
+        log = open_log(tmp_path)
+        driver = LogOnLoop(log)
+        for b in batches:
+            assert await driver.append("shop", b) is None
+        await log.close()
+        return log.segment_path
+
+    segment = run(write(["a", "b", "c", "d"]))
+    data = bytearray(segment.read_bytes())
+    second = scan_segment(bytes(data)).records[1]
+    data[second[0] + 40] ^= 0xFF  # a flipped byte inside record "b"
+    segment.write_bytes(bytes(data))
+    assert batch_counts(tmp_path) == {"a": 3, "c": 3, "d": 3}  # readers salvage too
+    run(write(["e"]))
+    assert [r["e"][0]["anonymousId"] for r in records_on_disk(tmp_path)] == ["a", "c", "d", "e"]
+    quarantined = b"".join(p.read_bytes() for p in (tmp_path / "quarantine").iterdir())
+    assert quarantined == bytes(data[second[0] : second[1]])
 
 
 def test_open_recovers_torn_tail_and_appends_after_it(tmp_path):

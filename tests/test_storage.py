@@ -17,7 +17,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from inslytic_fast.commitlog import CommitLog, frame_record, list_segments, sealed_segments
+from inslytic_fast.commitlog import (
+    CommitLog,
+    frame_record,
+    list_segments,
+    scan_segment,
+    sealed_segments,
+)
 from inslytic_fast.query import run_query
 from inslytic_fast.storage import EVENT_COLUMNS, Roller
 
@@ -166,7 +172,7 @@ def test_empty_sealed_segments_are_removed(tmp_path):
     assert parquet_files(tmp_path) == []
 
 
-def test_corrupt_sealed_segment_rolls_its_valid_prefix_and_keeps_the_rest(tmp_path):
+def test_corrupt_sealed_segment_rolls_its_valid_records_and_keeps_the_rest(tmp_path):
     write_batches(tmp_path, {"a": 2, "b": 2})
     segment = sealed_segments(tmp_path / "log")[-1]
     with open(segment, "ab") as f:
@@ -445,3 +451,16 @@ def test_events_past_retention_are_not_written_by_the_roll(tmp_path):
     _, rows = run_query(tmp_path, 'SELECT count(*), min(CAST("timestamp" AS DATE)) FROM events')
     assert rows == [(converted, dt.date(2026, 2, 17))]
     assert 0 < converted < sum(expected_batches("old", 4).values())
+
+
+def test_damage_inside_a_sealed_segment_costs_only_the_damaged_record(tmp_path):
+    write_batches(tmp_path, {"a": 2, "b": 2, "c": 2}, segment_max_bytes=1 << 20)
+    segment = sealed_segments(tmp_path / "log")[-1]
+    data = bytearray(segment.read_bytes())
+    start, end = scan_segment(bytes(data)).records[1]
+    data[start + 20] ^= 0x01
+    segment.write_bytes(bytes(data))
+    assert Roller(tmp_path).roll_once() == 4
+    assert batch_counts(tmp_path) == {"a": 2, "c": 2}
+    quarantined = b"".join(p.read_bytes() for p in (tmp_path / "quarantine").iterdir())
+    assert quarantined == bytes(data[start:end])
