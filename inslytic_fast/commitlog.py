@@ -238,16 +238,24 @@ def make_dirs_durable(path: Path) -> None:
         fsync_dir(directory.parent)
 
 
-def quarantine_bytes(data_dir: Path, source: Path, offset: int, data: bytes) -> Path:
-    """Keep bytes cut off a segment next to the data set instead of destroying them."""
+def quarantine_bytes(data_dir: Path, source: Path, offset: int, data: bytes) -> Path | None:
+    """Keep bytes cut off a segment next to the data set instead of destroying them.
+
+    Best effort: they are not valid records, so failing to keep them (a full disk at start-up)
+    must not stop recovery. Returns where they went, or None.
+    """
     qdir = data_dir / QUARANTINE_DIRNAME
-    make_dirs_durable(qdir)
     target = qdir / f"{source.name}.{offset}.{time.time_ns()}.tail"
-    with open(target, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(qdir)
+    try:
+        make_dirs_durable(qdir)
+        with open(target, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(qdir)
+    except OSError as exc:
+        log.error("could not keep %d damaged bytes of %s: %s", len(data), source.name, exc)
+        return None
     return target
 
 
