@@ -230,6 +230,11 @@ class Generator:
         else:
             self.loop.call_soon(self._tick)
 
+    def _spin(self) -> None:
+        # Keep the loop polling without sleeping, so this CPU never goes idle (see --spin).
+        if self.sending:
+            self.loop.call_soon(self._spin)
+
     # Phases
 
     async def _connect(self, first_request: int) -> Connection:
@@ -280,6 +285,8 @@ class Generator:
                 self.idle.append(conn)
             self._tick()
 
+        if spec.get("spin"):
+            self._spin()
         progress_task = self.loop.create_task(self._progress(begin, warmup + duration))
         await asyncio.sleep(max(0.0, begin + warmup - time.perf_counter()))
         usage_start = resource.getrusage(resource.RUSAGE_SELF)

@@ -117,3 +117,33 @@ def machine_info() -> dict:
         "packages": package_versions(),
         "git_revision": git_revision(),
     }
+
+
+def cpu_ticks() -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy, total) clock ticks since boot, from /proc/stat; {} off Linux."""
+    found = {}
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *values = line.split()
+            ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+            idle = ticks[3] + ticks[4]
+            found[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
+    return found
+
+
+def busy_share(before: dict, after: dict, cpus: list[int]) -> float | None:
+    """Fraction of the given CPUs' time that was busy (anyone's work) between two samples."""
+    busy = sum(after[c][0] - before[c][0] for c in cpus if c in before and c in after)
+    total = sum(after[c][1] - before[c][1] for c in cpus if c in before and c in after)
+    return busy / total if total else None
+
+
+def load_average() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import machine, targets
+from . import machine, profile, targets
 from .payloads import build_requests
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -36,6 +36,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 LOADGEN_READY_TIMEOUT_S = 30.0
 RSS_SAMPLE_INTERVAL_S = 0.5
 MICRO_TIMEOUT_S = 300.0
+# --wait-quiet: the machine counts as quiet below this busy share over a 1 s sample.
+QUIET_BUSY_SHARE = 0.15
 PERCENTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99, "p99_9": 0.999}
 
 
@@ -138,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="generator processes when one core cannot drive the server",
     )
     load.add_argument("--no-pin", action="store_true", help="do not pin server and generator")
+    load.add_argument(
+        "--spin",
+        action="store_true",
+        help="the generator polls without sleeping, so its CPU never idles (on VMs, waking an "
+        "idle vCPU can take milliseconds); costs that CPU entirely",
+    )
+    load.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on a shared machine: before each run wait up to SECONDS for the CPUs to be "
+        f"mostly idle (< {QUIET_BUSY_SHARE:.0%} busy); the report records what it found",
+    )
     out = parser.add_argument_group("report")
     out.add_argument(
         "--allow-errors",
@@ -147,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-queryable", action="store_true", help="skip time-until-queryable")
     out.add_argument("--queryable-timeout", type=float, default=120.0)
     out.add_argument("--micro", action="store_true", help="also run bench/micro_*.py")
+    out.add_argument(
+        "--profile",
+        metavar="PY_SPY",
+        help="path to a py-spy binary: sample the server during each measured window; raw "
+        "stacks go next to the JSON report, the top functions into it",
+    )
     out.add_argument(
         "--output",
         type=Path,
@@ -260,6 +282,19 @@ def percentiles_ms(latencies: array.array) -> dict[str, float | None]:
     return found
 
 
+def wait_until_quiet(limit_s: float) -> dict:
+    """Wait (up to limit_s) for all CPUs to be mostly idle; return what the last sample saw."""
+    cpus = machine.available_cpus()
+    deadline = time.monotonic() + limit_s
+    while True:
+        before = machine.cpu_ticks()
+        time.sleep(1.0)
+        share = machine.busy_share(before, machine.cpu_ticks(), cpus)
+        quiet = share is not None and share < QUIET_BUSY_SHARE
+        if quiet or time.monotonic() >= deadline:
+            return {"busy_share_before_run": round(share or 0.0, 3), "quiet": quiet}
+
+
 def run_once(
     args: argparse.Namespace,
     pinning: dict,
@@ -270,6 +305,7 @@ def run_once(
     progress: Progress,
 ) -> dict:
     server_cpus = set(pinning["server_cpus"]) or None
+    quiet = wait_until_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     if target == targets.EXTERNAL:
         server = targets.external(args.url, args.key, args.server_pid)
     else:
@@ -277,7 +313,9 @@ def run_once(
     scratch = Path(tempfile.mkdtemp(prefix="bench-loadgen-"))
     procs: list[subprocess.Popen] = []
     try:
-        return _measure(args, pinning, server, scenario, round_no, rate, progress, scratch, procs)
+        result = _measure(args, pinning, server, scenario, round_no, rate, progress, scratch, procs)
+        result["machine_before_run"] = quiet
+        return result
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -306,6 +344,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             "seed": args.seed + index,
             "connections": max(1, conns),
             "pipeline": args.pipeline,
+            "spin": args.spin,
             "rate": rate / count if rate else None,
             "warmup": args.warmup,
             "duration": args.duration,
@@ -348,10 +387,20 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     next_rss = window_start
     recent: dict[int, int] = {}
     title = f"[round {round_no}] {server.name:<14} {scenario.label}"
+    ticks_start = ticks_end = load_start = None
+    profiler = None
+    profile_path = scratch / "profile.txt"
     while finished < count:
         now = time.time()
+        if ticks_start is None and now >= window_start:
+            ticks_start = machine.cpu_ticks()
+            load_start = machine.load_average()
+        if ticks_end is None and now >= window_end:
+            ticks_end = machine.cpu_ticks()
         if server.pid and cpu_start is None and now >= window_start:
             cpu_start = machine.cpu_seconds(server.pid)
+            if args.profile:
+                profiler = profile.start(args.profile, server.pid, args.duration, profile_path)
         if server.pid and cpu_end is None and now >= window_end:
             cpu_end = machine.cpu_seconds(server.pid)
         if server.pid and window_start <= now <= window_end and now >= next_rss:
@@ -383,6 +432,22 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     finished_at = time.monotonic()
 
     memory = machine.memory_mb(server.pid) if server.pid else None
+    profile_summary = None
+    if profiler is not None:
+        try:
+            _, stderr = profiler.communicate(timeout=args.duration + 30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+            _, stderr = profiler.communicate()
+        if profile_path.exists():
+            collapsed = profile_path.read_text(errors="replace")
+            profile_summary = profile.summarize(collapsed)
+            keep = args.profile_dir / f"{server.name}-{scenario.name}-r{round_no}.collapsed.txt"
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            keep.write_text(collapsed)
+            profile_summary["raw"] = str(keep)
+        else:
+            profile_summary = {"error": stderr.decode(errors="replace")[-500:]}
     latencies = array.array("d")
     for index in range(count):
         with open(scratch / f"latency-{index}.bin", "rb") as source:
@@ -408,6 +473,26 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         if queryable_s is not None:
             queryable_s = round(queryable_s + waited, 2)
 
+    # Who else used the CPUs in the window: on a shared machine this explains the numbers.
+    all_cpus = machine.available_cpus()
+    server_core = pinning["server_cpus"] if pinning["applied"] and server.pid else []
+    contention = {
+        "load_average_1m_at_start": load_start,
+        "busy_share_all_cpus": None,
+        "busy_share_server_cpus": None,
+        "foreign_share_server_cpus": None,
+    }
+    if ticks_start and ticks_end:
+        contention["busy_share_all_cpus"] = _round(
+            machine.busy_share(ticks_start, ticks_end, all_cpus)
+        )
+        if server_core and server_cpu is not None:
+            busy = machine.busy_share(ticks_start, ticks_end, server_core)
+            if busy is not None:
+                contention["busy_share_server_cpus"] = round(busy, 3)
+                # Busy time on the server's core that was not the server's own.
+                foreign = busy - server_cpu / (window * len(server_core))
+                contention["foreign_share_server_cpus"] = round(max(0.0, foreign), 3)
     quarter = max(1, len(rss_samples) // 4)
     result = {
         "target": server.name,
@@ -448,6 +533,8 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         "events_accepted_total": total_events_accepted,
         "queryable_s": queryable_s,
         "queryable_count": queryable_count,
+        "profile": profile_summary,
+        "contention": contention,
         "loadgen": {
             "procs": count,
             "cpu_util": [p["loadgen_cpu_util"] for p in parts],
@@ -469,6 +556,10 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     result["problems"] = problems
     result["valid"] = not problems or (args.allow_errors and ok > 0)
     return result
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 # Reports
@@ -524,6 +615,10 @@ def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str
                     "non_202": sum(sum(r["non_202"].values()) for r in mine),
                     "errors": sum(r["errors"] for r in mine),
                     "inslytic_ratio": round(statistics.median(ratios), 3) if ratios else None,
+                    "foreign_share_server_cpus": median_of(
+                        mine, "contention", "foreign_share_server_cpus"
+                    ),
+                    "busy_share_all_cpus": median_of(mine, "contention", "busy_share_all_cpus"),
                 }
             )
     return rows
@@ -573,6 +668,10 @@ def _fmt(value, digits: int = 0) -> str:
     return f"{value:,.0f}"
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def _ratio(value) -> str:
     if value is None:
         return "-"
@@ -599,8 +698,8 @@ def markdown(report: dict) -> str:
         "",
         "| scenario | server | req/s | events/s | inslytic-fast ÷ this | p50 ms | p90 ms | "
         "p99 ms | p99.9 ms | CPU s / 1M events | peak RSS MB | queryable after s | "
-        "non-202 / errors |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "non-202 / errors | other load on server CPU |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in report["summary"]:
         lat = row["latency_ms"]
@@ -614,7 +713,7 @@ def markdown(report: dict) -> str:
             f"{_fmt(lat['p99'], 2)} | {_fmt(lat['p99_9'], 2)} | "
             f"{_fmt(row['server_cpu_s_per_1m_events'], 1)} | "
             f"{_fmt(row['server_peak_rss_mb'], 1)} | {_fmt(row['queryable_s'], 2)} | "
-            f"{row['non_202']} / {row['errors']} |"
+            f"{row['non_202']} / {row['errors']} | {_pct(row['foreign_share_server_cpus'])} |"
         )
     if report["goals"]:
         lines += ["", "| goal (issue 5) | measured | target | met |", "|---|--:|--:|:-:|"]
@@ -624,6 +723,10 @@ def markdown(report: dict) -> str:
                 f"| {goal['scenario']}: {goal['goal']} | {goal['measured']:,.2f} | "
                 f"{sign} {goal['target']:,g} | {'yes' if goal['met'] else 'no'} |"
             )
+    for run in report["runs"]:
+        if run.get("profile") and run["profile"].get("samples"):
+            title = f"py-spy, {run['target']}, {run['label']}, round {run['round']}"
+            lines += ["", "```", profile.as_text(run["profile"], title), "```"]
     for micro in report.get("micro", []):
         lines.append(f"\nmicro: `{json.dumps(micro)}`")
     return "\n".join(lines)
@@ -665,6 +768,8 @@ def main(argv: list[str] | None = None) -> int:
         # The runner itself only samples /proc, but it must not do so on the server's core.
         os.sched_setaffinity(0, set(pinning["loadgen_cpus"]))
     progress = Progress(sys.stderr.isatty())
+    output = args.output or default_output(args.smoke)
+    args.profile_dir = output.with_name(output.stem + "-profiles")
     sample = build_requests("127.0.0.1", 1, "k", args.scenario_list[0].events, seed=args.seed)
     runs: list[dict] = []
     max_rate: dict[tuple[str, int], float] = {}
@@ -712,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine.machine_info(),
         "pinning": pinning,
         "settings": {
+            "spin": args.spin,
+            "wait_quiet_s": args.wait_quiet,
             "mode": "url" if args.url else "self-hosted",
             "url": args.url,
             "targets": args.target_list,
@@ -735,7 +842,6 @@ def main(argv: list[str] | None = None) -> int:
         "micro": run_micro() if args.micro else [],
         "valid": all(r["valid"] for r in runs),
     }
-    output = args.output or default_output(args.smoke)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(report))

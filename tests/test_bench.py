@@ -182,3 +182,31 @@ def test_proc_figures_for_this_process():
     memory = machine.memory_mb(os.getpid())
     assert memory["peak"] >= memory["rss"] > 0
     assert machine.cpu_seconds(2**22 + 12345) is None
+
+
+def test_micro_ratelimit_prints_one_json_line():
+    proc = subprocess.run(
+        [sys.executable, "bench/micro_ratelimit.py", "--min-time", "0.01"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.strip().splitlines()
+    result = json.loads(line)
+    assert result["bench"] == "micro_ratelimit"
+    assert result["check_ns"] > 0 and result["check_and_headers_ns"] > 0
+
+
+def test_profile_summary_from_collapsed_stacks():
+    from bench.profile import summarize as summarize_profile
+
+    collapsed = (
+        "run (a/server.py:10);handle (a/protocol.py:20);decode (a/schema.py:5) 30\n"
+        "run (a/server.py:10);handle (a/protocol.py:21) 10\n"
+    )
+    found = summarize_profile(collapsed)
+    assert found["samples"] == 40
+    assert found["self"][0] == ["decode (a/schema.py)", 75.0]
+    assert ["handle (a/protocol.py)", 100.0] in found["inclusive"]
