@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -133,9 +134,30 @@ async def crash_writer(data_dir: Path, seed: int) -> None:
     await asyncio.gather(ticker(), *(producer(n) for n in range(CRASH_PRODUCERS)))
 
 
+def roll_and_die(data_dir: Path, action: str, step: str, occurrence: int) -> None:
+    """Run a roll or compaction and SIGKILL this process at the given step."""
+    seen: dict[str, int] = {}
+
+    def hook(name: str) -> None:
+        seen[name] = seen.get(name, 0) + 1
+        if (name, seen[name]) == (step, occurrence):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    roller = Roller(data_dir, step_hook=hook, compact_min_files=2)
+    roller.roll_once() if action == "roll" else roller.compact_once()
+    print("step never reached", file=sys.stderr)
+    os._exit(3)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "crash-writer":
         asyncio.run(crash_writer(Path(sys.argv[2]), int(sys.argv[3])))
+    elif len(sys.argv) == 6 and sys.argv[1] == "roll-and-die":
+        roll_and_die(Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
-        print("usage: python -m tests.storage_helpers crash-writer DIR SEED", file=sys.stderr)
+        print(
+            "usage: python -m tests.storage_helpers crash-writer DIR SEED\n"
+            "       python -m tests.storage_helpers roll-and-die DIR roll|compact STEP N",
+            file=sys.stderr,
+        )
         os._exit(2)

@@ -464,3 +464,46 @@ def test_damage_inside_a_sealed_segment_costs_only_the_damaged_record(tmp_path):
     assert batch_counts(tmp_path) == {"a": 2, "c": 2}
     quarantined = b"".join(p.read_bytes() for p in (tmp_path / "quarantine").iterdir())
     assert quarantined == bytes(data[start:end])
+
+
+def _kill_at(data_dir: Path, action: str, step: tuple[str, int]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.storage_helpers", "roll-and-die", str(data_dir), action]
+        + [step[0], str(step[1])],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
+def _sigkill_at_steps(tmp_path: Path, action: str, pick) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    if action == "roll":
+        batches = expected_batches("k", 10)
+        write_batches(base, batches, segment_max_bytes=6000)
+        steps = record_steps(base, lambda r: r.roll_once())
+    else:
+        batches = _many_small_files(base, rounds=2)
+        steps = record_steps(base, lambda r: r.compact_once())
+    for step in pick(steps):
+        data_dir = tmp_path / f"case-{step[0].replace(':', '-')}-{step[1]}"
+        shutil.copytree(base, data_dir)
+        _kill_at(data_dir, action, step)
+        assert batch_counts(data_dir) == batches, step
+        Roller(data_dir, compact_min_files=2).roll_once()
+        Roller(data_dir, compact_min_files=2).compact_once()
+        assert batch_counts(data_dir) == batches, step
+        assert sealed_segments(data_dir / "log") == []
+        shutil.rmtree(data_dir)
+
+
+def test_sigkill_between_two_renames_of_a_roll(tmp_path):
+    _sigkill_at_steps(tmp_path, "roll", lambda steps: [("roll:published_one", 2)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action", ["roll", "compact"])
+def test_sigkill_at_every_step(tmp_path, action):
+    _sigkill_at_steps(tmp_path, action, lambda steps: steps)
