@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="SECONDS",
         help="on a shared machine: before each run wait up to SECONDS for the CPUs to be "
-        f"mostly idle (< {QUIET_BUSY_SHARE:.0%} busy); the report records what it found",
+        f"mostly idle (< {QUIET_BUSY_SHARE * 100:.0f}%% busy); the report records what it found",
     )
     out = parser.add_argument_group("report")
     out.add_argument(
