@@ -297,7 +297,7 @@ def test_random_byte_flips_lose_only_the_damaged_record(tmp_path):
     data_dir.mkdir()
     victim = data_dir / "w0-00000000000000000001.log"
     rng = random.Random(1234)
-    for _ in range(300):
+    for _ in range(150):
         pos = rng.randrange(len(data))
         corrupt = bytearray(data)
         corrupt[pos] ^= rng.randrange(1, 256)

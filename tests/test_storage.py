@@ -268,7 +268,10 @@ def test_a_fault_at_any_compaction_step_then_recovery_gives_each_event_once(tmp_
     assert {"compact:intent_written", "compact:published", "compact:inputs_deleted"} <= {
         s for s, _ in steps
     }
-    for step in steps:
+    # Each partition repeats the same steps: the first and the last partition are enough.
+    first = [s for s in steps if s[1] == 1]
+    last = [s for s in steps if s[1] == max(n for _, n in steps)]
+    for step in first + last:
         data_dir = tmp_path / f"case-{step[0].replace(':', '-')}-{step[1]}"
         shutil.copytree(base, data_dir)
         with pytest.raises(Boom):
