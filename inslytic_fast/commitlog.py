@@ -69,6 +69,10 @@ IOV_MAX = 1024
 # reader allocate gigabytes, and is what DuckDB's read_json ``maximum_object_size`` is set to.
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 
+# Event ids append the event's index to the batch's id prefix as 3 hex digits (rand_b's low
+# 12 bits); the API caps a request at 1,000 events.
+MAX_EVENTS_PER_BATCH = 0x1000
+
 SEGMENT_SUFFIX = ".log"
 SALVAGE_SUFFIX = ".salvage"  # a segment being rewritten by recovery; never read
 LOG_DIRNAME = "log"
@@ -531,6 +535,8 @@ class CommitLog:
         length = len(head) + len(events_json) + len(RECORD_END)
         if length > MAX_RECORD_BYTES:
             raise ValueError(f"batch of {length} bytes exceeds MAX_RECORD_BYTES")
+        if count > MAX_EVENTS_PER_BATCH:
+            raise ValueError(f"batch of {count} events exceeds MAX_EVENTS_PER_BATCH")
         if type(events_json) is not bytes:
             # Written later without a copy: a caller's reusable buffer must not change under us.
             events_json = bytes(events_json)

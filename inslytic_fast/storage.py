@@ -319,6 +319,20 @@ class Roller:
         if self._step_hook is not None:
             self._step_hook(name)
 
+    def backlog(self) -> dict[str, float]:
+        """Sealed segments waiting to be rolled: count, bytes, age of the oldest (metrics)."""
+        count, size, oldest = 0, 0, None
+        for path in sealed_segments(self.log_dir):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            count += 1
+            size += st.st_size
+            oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+        age = max(0.0, self._clock() - oldest) if oldest is not None else 0.0
+        return {"segments": count, "bytes": size, "oldest_age_s": age}
+
     # -- Recovery -------------------------------------------------------------------------
 
     @contextlib.contextmanager

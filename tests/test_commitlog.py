@@ -594,3 +594,13 @@ def test_tick_while_a_sync_is_in_flight_still_rotates_and_measures(tmp_path, mon
         [orjson.loads(bytes(p))["e"][0]["anonymousId"] for p in scan_records(s.read_bytes())[0]]
         for s in segments
     ] == [["first", "held"], ["after"]]
+
+
+def test_batches_beyond_the_event_id_counter_are_rejected(tmp_path):
+    async def main():
+        log = open_log(tmp_path)
+        with pytest.raises(ValueError):
+            log.append("shop", b"[]", commitlog_module.MAX_EVENTS_PER_BATCH + 1, lambda e: None)
+        await log.close()
+
+    run(main())

@@ -510,3 +510,15 @@ def test_sigkill_between_two_renames_of_a_roll(tmp_path):
 @pytest.mark.parametrize("action", ["roll", "compact"])
 def test_sigkill_at_every_step(tmp_path, action):
     _sigkill_at_steps(tmp_path, action, lambda steps: steps)
+
+
+def test_backlog_reports_what_waits_for_the_roller(tmp_path):
+    roller = Roller(tmp_path)
+    assert roller.backlog() == {"segments": 0, "bytes": 0, "oldest_age_s": 0.0}
+    write_batches(tmp_path, {"a": 2, "b": 2}, segment_max_bytes=1000)
+    waiting = sealed_segments(tmp_path / "log")
+    backlog = roller.backlog()
+    assert backlog["segments"] == len(waiting) >= 2
+    assert backlog["bytes"] == sum(p.stat().st_size for p in waiting)
+    roller.roll_once()
+    assert roller.backlog()["segments"] == 0
