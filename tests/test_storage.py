@@ -515,7 +515,7 @@ def test_sigkill_at_every_step(tmp_path, action):
 def test_backlog_reports_what_waits_for_the_roller(tmp_path):
     roller = Roller(tmp_path)
     assert roller.backlog() == {"segments": 0, "bytes": 0, "oldest_age_s": 0.0}
-    write_batches(tmp_path, {"a": 2, "b": 2}, segment_max_bytes=1000)
+    write_batches(tmp_path, {"a": 2, "b": 2}, segment_max_bytes=500)
     waiting = sealed_segments(tmp_path / "log")
     backlog = roller.backlog()
     assert backlog["segments"] == len(waiting) >= 2
