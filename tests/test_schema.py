@@ -1022,3 +1022,17 @@ def test_corrupted_bodies_only_ever_raise_batch_rejected(flips, tail):
         except BatchRejected as error:
             assert error.details
             assert all(detail.isprintable() for detail in error.details)
+
+
+@pytest.mark.slow
+@settings(max_examples=5_000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=bodies())
+def test_fast_path_and_explain_agree_on_many_more_batches(body):
+    explained = SMALL.explain(body)
+    try:
+        SMALL.decode(body)
+    except BatchRejected as error:
+        assert (error.error, error.details) == (explained.error, explained.details) != ("", [])
+        assert explained.details
+    else:
+        assert explained.details == []
