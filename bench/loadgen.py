@@ -131,8 +131,9 @@ class Generator:
         self.rate = spec.get("rate")  # requests/s for this process; None -> closed loop
         self.connections: list[Connection] = []
         self.sending = False
+        self.scheduling = False  # open loop: new requests still come due
         self.measuring = False
-        self.window_start = 0.0
+        self.window_start = float("inf")
         self.window_end = float("inf")
         # Counters: "total" ones span warmup and drain (events the server must store);
         # the others only count responses that completed inside the measured window.
@@ -141,6 +142,7 @@ class Generator:
         self.ok = 0
         self.statuses: dict[str, int] = {}
         self.errors = 0
+        self.unanswered = 0
         self.latencies = array.array("d")
         self.send_lag = array.array("d")
         # Open loop: due times not yet sent, connections with room, and the schedule.
@@ -157,7 +159,14 @@ class Generator:
         self.total_requests += 1
         if status == b"202":
             self.total_ok += 1
-        if self.measuring and now <= self.window_end:
+        if self.rate is None:
+            # Closed loop: what completed inside the window.
+            counted = self.measuring and now <= self.window_end
+        else:
+            # Open loop: every request that came due inside the window, however late it is
+            # answered, so a backlog at the end of the window is not silently dropped.
+            counted = self.window_start <= now - latency < self.window_end
+        if counted:
             if status == b"202":
                 self.ok += 1
             else:
@@ -179,11 +188,13 @@ class Generator:
             intended = due.popleft()
             now = time.perf_counter()
             conn.send(intended)
-            if self.measuring:
+            if self.window_start <= intended < self.window_end:
                 self.send_lag.append(now - intended)
         if len(in_flight) < self.depth and not conn.idle:
             conn.idle = True
             self.idle.append(conn)
+        if not self.scheduling:
+            self._maybe_drained()
 
     def on_connection_lost(self, conn: Connection) -> None:
         lost = len(conn.in_flight)
@@ -211,7 +222,7 @@ class Generator:
     # Open-loop schedule
 
     def _tick(self) -> None:
-        if not self.sending:
+        if not self.scheduling:
             return
         now = time.perf_counter()
         due = self.due
@@ -248,7 +259,7 @@ class Generator:
         return conn
 
     def _maybe_drained(self) -> None:
-        if self.drained is None or self.drained.done() or self.sending:
+        if self.drained is None or self.drained.done() or self.due:
             return
         if all(conn.closed or not conn.in_flight for conn in self.connections):
             self.drained.set_result(None)
@@ -280,6 +291,7 @@ class Generator:
         else:
             self.interval = 1.0 / float(self.rate)
             self.next_due = begin
+            self.scheduling = True
             for conn in self.connections:
                 conn.idle = True
                 self.idle.append(conn)
@@ -296,7 +308,11 @@ class Generator:
         await asyncio.sleep(max(0.0, self.window_end - time.perf_counter()))
         usage_end = resource.getrusage(resource.RUSAGE_SELF)
         window = time.perf_counter() - self.window_start
-        self.sending = False
+        # Closed loop: stop sending. Open loop: stop scheduling, but requests that came due
+        # in the window and are still queued go out now and are measured like the rest.
+        self.scheduling = False
+        if self.rate is None:
+            self.sending = False
         progress_task.cancel()
         backlog = len(self.due)
 
@@ -307,6 +323,14 @@ class Generator:
             drained = True
         except TimeoutError:
             drained = False
+        self.sending = False
+        # Whatever is still unanswered gets the time it has waited so far: a lower bound.
+        given_up = time.perf_counter()
+        waiting = list(self.due) + [t for conn in self.connections for t in conn.in_flight]
+        for started in waiting:
+            if self.rate is None or self.window_start <= started < self.window_end:
+                self.latencies.append(given_up - started)
+                self.unanswered += 1
         self.measuring = False
         for conn in self.connections:
             if conn.transport is not None:
@@ -323,6 +347,7 @@ class Generator:
             "ok": self.ok,
             "statuses": self.statuses,
             "errors": self.errors,
+            "unanswered": self.unanswered,
             "responses": len(self.latencies),
             "total_ok": self.total_ok,
             "total_requests": self.total_requests,

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import machine, profile, targets
+from . import loadgen, machine, profile, targets
 from .payloads import build_requests
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -460,6 +460,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         for status, n in part["statuses"].items():
             statuses[status] = statuses.get(status, 0) + n
     errors = sum(p["errors"] for p in parts)
+    unanswered = sum(p["unanswered"] for p in parts)
     total_events_accepted = sum(p["total_ok"] for p in parts) * scenario.events
     events_per_s = ok * scenario.events / window
     server_cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
@@ -512,6 +513,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         "ok_202": ok,
         "non_202": statuses,
         "errors": errors,
+        "unanswered": unanswered,
         "drained": all(p["drained"] for p in parts),
         "server_pid_known": bool(server.pid),
         "server_cpu_s": round(server_cpu, 3) if server_cpu is not None else None,
@@ -550,7 +552,9 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     if errors:
         problems.append(f"{errors} connection errors")
     if not result["drained"]:
-        problems.append("responses still missing after the window")
+        problems.append(
+            f"{unanswered} requests unanswered {loadgen.DRAIN_TIMEOUT_S:g} s after the window"
+        )
     if queryable_s is None and server.name == targets.INSLYTIC and not args.no_queryable:
         problems.append(f"not all events queryable (last count {queryable_count})")
     result["problems"] = problems

@@ -27,7 +27,7 @@ SMOKE_TIMEOUT_S = 120
 RUN_FIELDS = {
     "target", "scenario", "label", "round", "events_per_request", "connections", "pipeline",
     "loop", "rate_req_per_s", "gzip", "window_s", "requests_per_s", "events_per_s", "latency_ms",
-    "ok_202", "non_202", "errors", "drained", "server_cpu_s", "server_cpu_util",
+    "ok_202", "non_202", "errors", "unanswered", "drained", "server_cpu_s", "server_cpu_util",
     "server_cpu_s_per_1m_events", "server_peak_rss_mb", "server_rss_mb_samples",
     "server_rss_growth_mb", "events_accepted_total", "queryable_s", "queryable_count", "loadgen",
     "problems", "valid",
