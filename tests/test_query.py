@@ -211,3 +211,10 @@ def test_cli_export_rejects_bad_times(data_dir, tmp_path, capsys):
         str(data_dir),
     )
     assert code == 2 and "--since" in err
+
+
+def test_cli_query_reads_sql_from_stdin(data_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(SQL))
+    code, out, _ = cli(capsys, "query", "-", "--data-dir", str(data_dir), "--format", "ndjson")
+    assert code == 0
+    assert [tuple(orjson.loads(line).values()) for line in out.splitlines()] == EXPECTED

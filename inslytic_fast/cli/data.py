@@ -49,7 +49,7 @@ def register(subparsers) -> None:
         epilog='example: inslytic-fast query "SELECT event_name, count(*) FROM events '
         "WHERE properties['path'] = '/pricing' GROUP BY ALL\"",
     )
-    query.add_argument("sql", help="the SQL to run; the relation is called events")
+    query.add_argument("sql", help="the SQL to run (the relation is called events); - reads stdin")
     _add_data_dir(query)
     query.add_argument(
         "--format",
@@ -75,7 +75,12 @@ def register(subparsers) -> None:
     export.add_argument(
         "--until", type=_timestamp, metavar="T", help="up to T exclusive (date or RFC 3339)"
     )
-    export.add_argument("--format", choices=EXPORT_FORMATS, default="parquet")
+    export.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="parquet",
+        help="parquet (ZSTD, default); csv or ndjson with RFC 3339 timestamps",
+    )
     export.add_argument("--force", action="store_true", help="replace an existing export file")
     _add_data_dir(export)
     export.set_defaults(func=cmd_export)
@@ -85,6 +90,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         type=Path,
+        metavar="DIR",
         default=Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
         help=f"data directory (default: ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR})",
     )
@@ -135,7 +141,11 @@ def _one_line(exc: BaseException) -> str:
 def cmd_query(args: argparse.Namespace) -> int:
     if not _check_data_dir(args.data_dir):
         return 1
-    code, result = _run(args.data_dir, args.sql)
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    if not sql.strip():
+        _error("empty SQL")
+        return 2
+    code, result = _run(args.data_dir, sql)
     if result is None:
         return code
     columns, rows = result
