@@ -362,6 +362,24 @@ def test_live_view_into_a_pipe_appends_plain_frames(tmp_path):
     assert proc.stderr.read() == b""
 
 
+def test_a_reader_that_goes_away_ends_the_view_quietly(tmp_path):
+    sock, url = unreachable_url()
+    with sock:
+        proc = subprocess.Popen(
+            [*STATS, "--url", url, "--data-dir", str(tmp_path), "--interval", "0.1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            read_until(proc.stdout.fileno(), b"inslytic-fast stats", 1, proc)
+            proc.stdout.close()  # as `stats | head -3` does once it has its lines
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.stderr.read() == b""
+
+
 def test_stats_is_wired_into_the_top_level_command():
     commands = build_parser()._subparsers._group_actions[0].choices
     if "stats" not in commands:

@@ -450,8 +450,10 @@ def run(args: argparse.Namespace) -> int:
         _live(view)
     except KeyboardInterrupt:
         pass
-    except BrokenPipeError:  # `stats | head`: the reader is gone, nothing left to say
-        sys.stderr.close()
+    except BrokenPipeError:
+        # `stats | head`: the reader is gone. Point stdout at /dev/null so the interpreter's
+        # final flush does not report the same broken pipe again (Python's signal docs' recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
