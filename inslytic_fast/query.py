@@ -120,7 +120,15 @@ def open_events(data_dir: Path, *, snapshot: Snapshot | None = None) -> duckdb.D
     (compaction and retention delete files that an old snapshot still names). The log tail is
     staged in a temporary file that is removed when the process exits.
     """
-    con, scratch = _open(data_dir, snapshot)
+    for attempt in range(MAX_QUERY_ATTEMPTS):
+        try:
+            con, scratch = _open(data_dir, snapshot)
+            break
+        except duckdb.IOException as exc:
+            if snapshot is not None or not _is_missing_file(exc):
+                raise
+            if attempt == MAX_QUERY_ATTEMPTS - 1:
+                raise
     if scratch is not None:
         atexit.register(_remove, scratch)
     return con
@@ -136,15 +144,33 @@ def _remove(path: str) -> None:
 def _open(
     data_dir: Path, snapshot: Snapshot | None
 ) -> tuple[duckdb.DuckDBPyConnection, str | None]:
+    """Views over ``snapshot`` (a fresh one if None); nothing is left behind if this fails."""
     if snapshot is None:
         snapshot = take_snapshot(data_dir)
+    scratch = _stage_log(snapshot)
     con = connect_duckdb()
-    scratch = None
-    if snapshot.log_payloads:
+    try:
+        _create_views(con, snapshot, scratch)
+    except BaseException:
+        con.close()
+        if scratch is not None:
+            _remove(scratch)
+        raise
+    return con, scratch
+
+
+def _stage_log(snapshot: Snapshot) -> str | None:
+    if not snapshot.log_payloads:
+        return None
+    fd, scratch = tempfile.mkstemp(prefix="inslytic-log-", suffix=".ndjson")
+    with os.fdopen(fd, "wb") as f:
+        f.writelines(snapshot.log_payloads)
+    return scratch
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot, scratch: str | None) -> None:
+    if scratch is not None:
         # A view, not a table: DuckDB then parses only the JSON fields a query uses.
-        fd, scratch = tempfile.mkstemp(prefix="inslytic-log-", suffix=".ndjson")
-        with os.fdopen(fd, "wb") as f:
-            f.writelines(snapshot.log_payloads)
         log_source = f"SELECT {_COLUMNS_SQL} FROM ({events_from_ndjson_sql(scratch)})"
     else:
         log_source = f"SELECT {_TYPED_NULLS} WHERE false"
@@ -161,7 +187,6 @@ def _open(
         )
     else:
         con.execute(f"CREATE TEMP VIEW events AS SELECT {_COLUMNS_SQL} FROM _log_events")
-    return con, scratch
 
 
 def _is_missing_file(exc: duckdb.Error) -> bool:
@@ -177,8 +202,9 @@ def run_query(data_dir: Path, sql: str, params=None):
     Retried on a new snapshot when a file the snapshot named was deleted under it.
     """
     for attempt in range(MAX_QUERY_ATTEMPTS):
-        con, scratch = _open(data_dir, None)
+        con = scratch = None
         try:
+            con, scratch = _open(data_dir, None)
             result = con.execute(sql, params)
             columns = [d[0] for d in result.description] if result.description else []
             rows = result.fetchall() if result.description else []
@@ -187,7 +213,8 @@ def run_query(data_dir: Path, sql: str, params=None):
             if not _is_missing_file(exc) or attempt == MAX_QUERY_ATTEMPTS - 1:
                 raise
         finally:
-            con.close()
+            if con is not None:
+                con.close()
             if scratch is not None:
                 _remove(scratch)
     raise AssertionError("unreachable")

@@ -218,3 +218,24 @@ def test_cli_query_reads_sql_from_stdin(data_dir, capsys, monkeypatch):
     code, out, _ = cli(capsys, "query", "-", "--data-dir", str(data_dir), "--format", "ndjson")
     assert code == 0
     assert [tuple(orjson.loads(line).values()) for line in out.splitlines()] == EXPECTED
+
+
+def test_a_file_deleted_under_a_snapshot_makes_the_query_retry(tmp_path, monkeypatch):
+    from inslytic_fast import query as query_module
+
+    populate(tmp_path, rolled={"r1": 2, "r2": 3}, in_log={"l1": 1})
+    populate(tmp_path, rolled={"r3": 4}, in_log={"l2": 2})
+    real_snapshot = query_module.take_snapshot
+    snapshots = []
+
+    def snapshot_then_compact(data_dir):
+        snap = real_snapshot(data_dir)
+        if not snapshots:
+            # The compactor replaces the files this snapshot names before DuckDB opens them.
+            assert Roller(data_dir, compact_min_files=2).compact_once() >= 1
+        snapshots.append(snap)
+        return snap
+
+    monkeypatch.setattr(query_module, "take_snapshot", snapshot_then_compact)
+    assert batch_counts(tmp_path) == {"r1": 2, "r2": 3, "r3": 4, "l1": 1, "l2": 2}
+    assert len(snapshots) == 2
