@@ -80,6 +80,24 @@ def test_parser_agrees_with_prometheus_client_on_awkward_labels():
     assert parse_metrics(text) == reference_samples(text)
 
 
+def test_every_metric_the_view_reads_is_on_the_page():
+    from inslytic_fast.cli import stats
+
+    metrics = Metrics()
+    metrics.accepted("shop", 1)
+    metrics.rejected("rate_limit", 2)
+    metrics.response(b"/v1/ingest", b"HTTP/1.1 202 ", 0.0, 0.001)
+    names = {name for name, _ in parse_metrics(page(metrics))}
+    wanted = {
+        value
+        for key, value in vars(stats).items()
+        if key.isupper() and isinstance(value, str) and value.startswith(("inslytic_", "process_"))
+    }
+    wanted |= {f"inslytic_{key}" for key in stats.STORAGE_GAUGES}
+    optional = {stats.DISK_FREE}  # read when a server exports it, else a local statvfs
+    assert wanted - optional <= names, sorted(wanted - optional - names)
+
+
 def test_parser_refuses_a_page_that_is_not_metrics():
     with pytest.raises(MetricsFormatError, match="line 1"):
         parse_metrics("<html><body>502 Bad Gateway</body></html>\n")
