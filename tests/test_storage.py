@@ -329,9 +329,17 @@ def test_retention_drops_whole_partitions_older_than_n_days(tmp_path):
 # -- SIGKILL -----------------------------------------------------------------------------------
 
 
-def _kill_writer_once(data_dir: Path, seed: int) -> dict[str, int]:
-    """Start the crash writer, SIGKILL it at a random moment, return the acked batches."""
-    rng = random.Random(seed)
+def _parse_acks(lines: list[bytes]) -> dict[str, int]:
+    acked: dict[str, int] = {}
+    for line in lines:
+        if line.endswith(b"\n"):  # a line cut by the kill was never fully reported
+            _, batch, count = line.decode().split()
+            acked[batch] = int(count)
+    return acked
+
+
+def _run_writer(data_dir: Path, seed: int, while_running) -> dict[str, int]:
+    """Start the crash writer, call ``while_running(lines)``, SIGKILL it; return the acks."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.storage_helpers", "crash-writer", str(data_dir), str(seed)],
         cwd=REPO_ROOT,
@@ -350,19 +358,20 @@ def _kill_writer_once(data_dir: Path, seed: int) -> dict[str, int]:
     thread.start()
     try:
         assert first_ack.wait(30), "crash writer never acknowledged a batch"
-        # The random kill moment: rotations and rolls happen every few tens of ms.
-        time.sleep(rng.uniform(0.05, 0.8))
+        while_running(lines)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         thread.join(30)
-    acked: dict[str, int] = {}
-    for line in lines:
-        if line.endswith(b"\n"):  # a line cut by the kill was never fully reported
-            _, batch, count = line.decode().split()
-            acked[batch] = int(count)
+    acked = _parse_acks(lines)
     assert acked
     return acked
+
+
+def _kill_writer_once(data_dir: Path, seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    # The random kill moment: rotations and rolls happen every few tens of ms.
+    return _run_writer(data_dir, seed, lambda lines: time.sleep(rng.uniform(0.05, 0.8)))
 
 
 def _check_acked_exactly_once(data_dir: Path, acked: dict[str, int]) -> None:
@@ -522,3 +531,17 @@ def test_backlog_reports_what_waits_for_the_roller(tmp_path):
     assert backlog["bytes"] == sum(p.stat().st_size for p in waiting)
     roller.roll_once()
     assert roller.backlog()["segments"] == 0
+
+
+def test_queries_during_live_appends_rolls_and_compactions_see_each_event_once(tmp_path):
+    checked = []
+
+    def query_repeatedly(lines: list[bytes]) -> None:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            acked_before = _parse_acks(list(lines))
+            _check_acked_exactly_once(tmp_path, acked_before)
+            checked.append(len(acked_before))
+
+    _run_writer(tmp_path, 5, query_repeatedly)
+    assert len(checked) >= 3 and checked[-1] > checked[0]
