@@ -25,6 +25,7 @@ from pathlib import Path
 from .auth import CatalogError, KeyRing
 from .config import Settings
 from .logs import configure as configure_logging
+from .roller_process import RollerProcess
 from .server import (
     Server,
     StartupError,
@@ -32,8 +33,8 @@ from .server import (
     announce,
     bind_socket,
     check_data_dir,
+    follow_parent,
     loop_factory,
-    make_roller,
     run_dir,
     seal_orphan_logs,
 )
@@ -75,10 +76,13 @@ def worker_main(
     inherited: socket.socket | None,
 ) -> None:
     """Entry point of a worker process (spawned: nothing is shared but what is passed)."""
+    parent_pid = os.getppid()
+    follow_parent(parent_pid, f"inslytic-{worker_id}")
     configure_logging(settings.log_format, worker_id)
     budget = SharedBudget(budget_path(settings.data_dir))
     limiter = SharedRateLimiter(budget, settings.workers)
     server = Server(settings, worker_id=worker_id, limiter=limiter, standalone=False)
+    server.parent_pid = parent_pid
     try:
         server.open_storage()
         sock = inherited or bind_socket(settings.host, settings.port, reuse_port=True)
@@ -132,7 +136,7 @@ class Supervisor:
         seal_orphan_logs(settings.data_dir, set(worker_ids(settings.workers)))
         clear_run_dir(settings.data_dir)
         SharedBudget(budget_path(settings.data_dir), create=True).close()
-        roller = make_roller(settings)
+        roller = RollerProcess(settings)
         roller.start()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
@@ -149,7 +153,7 @@ class Supervisor:
                     self._stop_all()
                     return 2
             announce(settings, host, port, first_run_key, sys.stdout)
-            self._monitor(wake_r)
+            self._monitor(wake_r, roller)
         finally:
             self._stop_all()
             roller.stop()
@@ -211,8 +215,9 @@ class Supervisor:
                 return f"exited with code {process.exitcode} before it was ready"
         return "did not become ready in time" if not self.stopping else None
 
-    def _monitor(self, wake_fd: int) -> None:
+    def _monitor(self, wake_fd: int, roller: RollerProcess) -> None:
         while not self.stopping:
+            roller.ensure_running()
             now = time.monotonic()
             timeout = None
             for worker in self.workers:
@@ -228,7 +233,8 @@ class Supervisor:
                 for w in self.workers
                 if w.process is not None and w.restart_at is None
             }
-            ready = wait([*sentinels, wake_fd], timeout)
+            # Wake at least once a second to look after the roller.
+            ready = wait([*sentinels, wake_fd], 1.0 if timeout is None else min(timeout, 1.0))
             if wake_fd in ready:
                 try:
                     os.read(wake_fd, 512)

@@ -6,7 +6,9 @@ import gzip
 import socket
 import subprocess
 import sys
+import time
 import zlib
+from pathlib import Path
 
 import orjson
 import pytest
@@ -272,3 +274,15 @@ def test_serve_help_lists_every_option():
     proc = cli("serve", "--help")
     for flag in ("--host", "--port", "--data-dir", "--config", "--durability", "BENCHMARKS ONLY"):
         assert flag in " ".join(proc.stdout.split())
+
+
+def test_the_roller_process_does_not_outlive_a_killed_server(make_server):
+    server = make_server("--workers", "1")
+    pid = server.proc.pid
+    children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert children, "the roller runs as a child process"
+    server.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{c}/cmdline").exists() for c in children)

@@ -21,10 +21,10 @@ def worker_pids(supervisor_pid: int) -> list[int]:
     pids = []
     for pid in map(int, children):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
         except FileNotFoundError:
             continue
-        if b"spawn_main" in cmdline:
+        if name.startswith("inslytic-w"):
             pids.append(pid)
     return pids
 
@@ -163,3 +163,28 @@ def test_sigterm_drains_every_worker_and_exits_zero(make_server):
             not Path(f"/proc/{pid}").exists()
             or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
         )
+
+
+def test_no_orphans_when_the_supervisor_is_killed(make_server):
+    server = make_server("--workers", "2")
+    supervisor = server.proc.pid
+    children = [
+        int(pid)
+        for pid in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    ]
+    assert len(worker_pids(supervisor)) == 2
+    server.kill()
+    deadline = time.monotonic() + 15
+    alive = children
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _running(pid)]
+        time.sleep(0.05)
+    assert not alive, f"orphans left running: {alive}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

@@ -1,0 +1,81 @@
+"""The roller in a process of its own, at a lower CPU priority.
+
+Rolling is DuckDB work (JSON parsing, ZSTD) that takes more CPU per event than serving does. In
+a thread it would share the serving loop's GIL, core and memory; in its own niced process the
+loop keeps the GIL, the kernel gives serving the CPU first, and DuckDB's buffers never count
+against the server's RSS. The roll only has to keep up on average: ``query`` reads the log tail,
+so events are queryable the moment they are acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+
+from .config import Settings
+
+log = logging.getLogger("inslytic_fast.roller")
+
+ROLLER_NICENESS = 10  # below serving, above idle: it must still keep up over minutes
+PARENT_CHECK_S = 1.0  # an orphaned roller (server SIGKILLed) exits within this
+STOP_TIMEOUT_S = 30.0  # a roll in progress finishes; its steps are idempotent anyway
+
+
+def roller_main(settings: Settings, parent_pid: int) -> None:
+    from .logs import configure
+    from .server import follow_parent, make_roller
+
+    follow_parent(parent_pid, "inslytic-roller")
+    configure(settings.log_format, "roller")
+    try:
+        os.nice(ROLLER_NICENESS)
+    except OSError:
+        pass
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    roller = make_roller(settings)
+    roller.start()
+    while not stop.wait(PARENT_CHECK_S):
+        if os.getppid() != parent_pid:
+            log.warning("server process %d is gone; roller exiting", parent_pid)
+            break
+    roller.stop()
+
+
+class RollerProcess:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: multiprocessing.process.BaseProcess | None = None
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.process = context.Process(
+            target=roller_main,
+            args=(self.settings, os.getpid()),
+            name="inslytic-fast-roller",
+        )
+        self.process.start()
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        self.process = None
+        if process.is_alive():
+            process.terminate()
+            process.join(STOP_TIMEOUT_S)
+            if process.is_alive():
+                log.error("roller did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
+                process.kill()
+                process.join()
+
+    def ensure_running(self) -> None:
+        """Called on the tick: a roller that died (OOM, a DuckDB crash) is started again."""
+        process = self.process
+        if process is not None and not process.is_alive():
+            log.error("roller exited with code %s; starting it again", process.exitcode)
+            self.start()
