@@ -443,16 +443,21 @@ def test_background_roller_converts_sealed_segments_and_stops(tmp_path):
 
 
 def test_a_record_duckdb_cannot_read_is_quarantined_not_wedging_the_roller(tmp_path):
-    write_batches(tmp_path, {"good1": 2, "good2": 3})
+    batches = expected_batches("good", 9)
+    write_batches(tmp_path, batches, segment_max_bytes=1 << 20)
     segment = sealed_segments(tmp_path / "log")[-1]
-    poison = b'{"p":"shop","r":1,"b":"x","e":[{"eventName":"x","consentGiven":"maybe"}]}\n'
+    poison = [
+        b'{"p":"shop","r":1,"b":"x","e":[{"eventName":"x","consentGiven":"maybe"}]}\n',
+        b'{"p":"shop","r":1,"b":"x","e":5}\n',
+    ]
     with open(segment, "ab") as f:
-        f.write(frame_record(poison))
-    assert Roller(tmp_path).roll_once() == 5
+        f.write(frame_record(poison[0]))
+        f.write(frame_record(poison[1]))
+    assert Roller(tmp_path).roll_once() == sum(batches.values())
     assert sealed_segments(tmp_path / "log") == []
-    assert batch_counts(tmp_path) == {"good1": 2, "good2": 3}
+    assert batch_counts(tmp_path) == batches
     kept = b"".join(p.read_bytes() for p in (tmp_path / "quarantine").iterdir())
-    assert poison in kept
+    assert kept == b"".join(poison)
 
 
 def test_events_past_retention_are_not_written_by_the_roll(tmp_path):
