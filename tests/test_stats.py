@@ -3,6 +3,7 @@ delta of two scrapes, and the command shows a real server (or its data dir when 
 
 from __future__ import annotations
 
+import http.server
 import io
 import os
 import pty
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from inslytic_fast.cli.stats import (
     Scrape,
     View,
     build_frame,
+    fetch,
     histogram_quantile,
     interval_quantile,
     metrics_url,
@@ -248,6 +251,42 @@ def test_render_limits_long_tables_on_a_terminal():
 # Against a real server
 
 
+class CannedHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the status and body its path names: /401, /html."""
+
+    answers = {
+        "/401": (401, b'{"error":"Unauthorized"}'),
+        "/html": (200, b"<html><body>502 Bad Gateway</body></html>"),
+    }
+
+    def do_GET(self):
+        status, body = self.answers[self.path]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_fetch_says_why_a_page_is_no_use():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CannedHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert fetch(base + "/401") == (None, "HTTP 401 Unauthorized")
+        scrape, error = fetch(base + "/html")
+        assert scrape is None and error.startswith("line 1 is not a sample")
+    finally:
+        server.shutdown()
+        server.server_close()
+    sock, url = unreachable_url()
+    with sock:
+        assert fetch(url + "/metrics") == (None, "Connection refused")
+
+
 def test_view_measures_what_a_real_server_accepted(make_server, tmp_path):
     server = make_server("--workers", "1", "--events-per-minute", "0")
     key = server.first_run_key
@@ -309,15 +348,19 @@ def test_once_with_neither_server_nor_data_dir_fails_with_one_line(tmp_path):
     assert proc.stderr.startswith("inslytic-fast: error: server not reachable")
 
 
-def test_bad_interval_is_a_usage_error(tmp_path):
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--interval", "0"), ("--url", "127.0.0.1:8080"), ("--url", "ftp://h")]
+)
+def test_bad_option_is_a_usage_error_in_one_line(tmp_path, flag, value):
     proc = subprocess.run(
-        [*STATS, "--interval", "0", "--data-dir", str(tmp_path)],
+        [*STATS, flag, value, "--data-dir", str(tmp_path), "--once"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 2
-    assert "--interval" in proc.stderr
+    assert proc.stderr.startswith(f"inslytic-fast: error: {flag}")
+    assert proc.stderr.count("\n") == 1
 
 
 def read_until(fd: int, needle: bytes, count: int, proc: subprocess.Popen) -> bytes:

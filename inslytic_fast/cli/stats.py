@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import http.client
 import math
 import os
 import re
@@ -384,7 +385,8 @@ def fetch(url: str, timeout: float = SCRAPE_TIMEOUT_S) -> tuple[Scrape | None, s
     except urllib.error.URLError as exc:
         reason = exc.reason
         return None, getattr(reason, "strerror", None) or str(reason)
-    except (OSError, MetricsFormatError) as exc:  # timeouts, resets, a page that is not metrics
+    # Timeouts, resets, a truncated answer, a page that is not metrics.
+    except (OSError, http.client.HTTPException, MetricsFormatError) as exc:
         return None, str(exc) or type(exc).__name__
 
 
@@ -396,7 +398,7 @@ def disk_free(data_dir: Path) -> int | None:
 
 
 class View:
-    """Scrape, keep the previous scrape, and print one frame per call to ``step``."""
+    """The command's state: where to scrape, the previous scrape, how to print a frame."""
 
     __slots__ = ("url", "data_dir", "interval", "as_json", "tty", "out", "previous")
 
@@ -410,8 +412,7 @@ class View:
         self.previous: Scrape | None = None
 
     def scrape(self) -> tuple[Scrape | None, str | None]:
-        current, error = fetch(metrics_url(self.url))
-        return current, error
+        return fetch(metrics_url(self.url))
 
     def frame(self, current: Scrape | None, error: str | None) -> dict:
         local = self.data_dir if self.data_dir.is_dir() else None
@@ -442,6 +443,12 @@ class View:
 def run(args: argparse.Namespace) -> int:
     if not args.interval >= MIN_INTERVAL_S:
         print(f"inslytic-fast: error: --interval must be >= {MIN_INTERVAL_S}", file=sys.stderr)
+        return 2
+    if not args.url.startswith(("http://", "https://")):
+        print(
+            f"inslytic-fast: error: --url must start with http:// or https://, got {args.url!r}",
+            file=sys.stderr,
+        )
         return 2
     view = View(args.url, args.data_dir, args.interval, args.json, sys.stdout)
     try:
