@@ -7,6 +7,7 @@ Layout under ``<data_dir>/events``::
     _compactions/<id>.json                                compaction intent (inputs -> output)
     .staging/                                             scratch: never read, wiped by recover()
     .trash/                                               partitions being dropped by retention
+    .roller.lock                                          one roller process at a time
 
 Exactly once, whatever step a roll dies at: outputs are named after their segment, written to
 staging, fsynced, renamed into place (a replay overwrites the same names) and their directories
@@ -14,6 +15,11 @@ fsynced; only then is the segment deleted. Readers (query.py) ignore a ``<segmen
 file while its segment is still in the log, so a half-published roll is read from the log and
 never twice. Compaction writes an intent naming inputs and output before the output appears;
 readers drop the inputs of an intent whose output exists, and recover() finishes or undoes it.
+
+Only one roller works on a data directory at a time (``.roller.lock``, flock per pass);
+readers take no lock. Compaction only touches files whose segment has left the log, and a
+roll skips events already past ``retention_days``. A record DuckDB cannot convert (ingest
+validation makes that "cannot happen") is quarantined rather than allowed to wedge the roller.
 
 Every step goes through ``self._step(name)`` so tests can inject a fault between each pair.
 """
