@@ -16,12 +16,20 @@ class Clock:
         return self.now
 
 
-def test_two_workers_never_accept_more_than_the_limit_together(tmp_path):
+def two_workers(tmp_path) -> tuple[SharedRateLimiter, SharedRateLimiter, Clock]:
+    """Two workers' limiters over one fresh table, sharing a fake clock."""
     path = tmp_path / "rl.bin"
     SharedBudget(path, create=True).close()
     clock = Clock()
-    a = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
-    b = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    return (
+        SharedRateLimiter(SharedBudget(path), workers=2, clock=clock),
+        SharedRateLimiter(SharedBudget(path), workers=2, clock=clock),
+        clock,
+    )
+
+
+def test_two_workers_never_accept_more_than_the_limit_together(tmp_path):
+    a, b, clock = two_workers(tmp_path)
     accepted = 0
     for i in range(3000):
         limiter = a if i % 3 else b
@@ -33,11 +41,7 @@ def test_two_workers_never_accept_more_than_the_limit_together(tmp_path):
 
 
 def test_small_limits_are_exact_and_a_refusing_worker_gives_its_lease_back(tmp_path):
-    path = tmp_path / "rl.bin"
-    SharedBudget(path, create=True).close()
-    clock = Clock()
-    a = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
-    b = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    a, b, clock = two_workers(tmp_path)
     assert a.bucket("p", 5, clock()).try_spend(3)
     assert not b.bucket("p", 5, clock()).try_spend(3)
     assert b.bucket("p", 5, clock()).tokens == 2
@@ -46,11 +50,7 @@ def test_small_limits_are_exact_and_a_refusing_worker_gives_its_lease_back(tmp_p
 
 
 def test_unused_leases_go_back_on_the_tick_so_the_other_worker_can_spend_them(tmp_path):
-    path = tmp_path / "rl.bin"
-    SharedBudget(path, create=True).close()
-    clock = Clock()
-    a = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
-    b = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    a, b, clock = two_workers(tmp_path)
     assert a.bucket("p", 100, clock()).try_spend(1)  # a leases 1 + a top-up of 3
     a.tick()  # marks the lease as used this tick
     a.tick()  # unused for a whole tick: given back
@@ -59,11 +59,7 @@ def test_unused_leases_go_back_on_the_tick_so_the_other_worker_can_spend_them(tm
 
 
 def test_the_window_refills_once_for_everyone(tmp_path):
-    path = tmp_path / "rl.bin"
-    SharedBudget(path, create=True).close()
-    clock = Clock()
-    a = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
-    b = SharedRateLimiter(SharedBudget(path), workers=2, clock=clock)
+    a, b, clock = two_workers(tmp_path)
     assert a.bucket("p", 10, clock()).try_spend(10)
     assert not b.bucket("p", 10, clock()).try_spend(1)
     clock.now += REFILL_SECONDS

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import orjson
 
-from .conftest import EXAMPLE_EVENT, cli
+from .conftest import EXAMPLE_EVENT
+from .crash_harness import counts_by_name
 
 RESTART_DEADLINE_S = 30.0
 
@@ -137,16 +138,7 @@ def test_a_killed_worker_is_restarted_and_loses_nothing_it_acknowledged(make_ser
         thread.join()
     assert "restarting" in server.stderr()
     assert server.stop() == 0
-    rows = orjson.loads(
-        cli(
-            "query",
-            "SELECT event_name, count(*) AS n FROM events GROUP BY ALL",
-            "--format",
-            "json",
-            data_dir=server.data_dir,
-        ).stdout
-    )
-    counts = {row["event_name"]: row["n"] for row in rows}
+    counts = counts_by_name(server.data_dir)
     assert all(counts.get(name) == 1 for name in acked), (
         "an acknowledged event is missing or doubled"
     )
