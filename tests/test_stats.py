@@ -38,7 +38,7 @@ from inslytic_fast.metrics import LATENCY_BUCKETS, Metrics, merge, render, stora
 
 from .conftest import EXAMPLE_EVENT
 
-STATS = [sys.executable, "-m", "inslytic_fast.cli.stats"]
+STATS = [sys.executable, "-m", "inslytic_fast", "stats"]
 OUTPUT_DEADLINE_S = 20.0
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import data, projects, serve
+from . import data, projects, serve, stats
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(subparsers)
     projects.register(subparsers)
     data.register(subparsers)
+    stats.register(subparsers)
     return parser
 
 
