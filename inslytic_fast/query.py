@@ -9,8 +9,11 @@ what makes it exact while the roller renames and deletes files under it:
 2. list the Parquet files, skipping ``<segment>.*.parquet`` of every live segment (a roll that
    is part-way through publishing is read from the log instead), then read the compaction
    intents and skip the inputs of every intent whose output is present.
-3. list the log again: if a live segment is gone, the roller finished it during the snapshot
-   and its Parquet files may have been compacted since step 2 began; start over.
+3. list the log again. A live segment that is gone was rolled during the snapshot; that is
+   harmless (its Parquet files were skipped in step 2) unless a compaction that chose its
+   inputs after step 1 began could have merged those files into an output listed in step 2.
+   Compaction outputs are named after that instant, so only then is the snapshot retaken:
+   a roller that rolls every few milliseconds cannot starve readers.
 
 DuckDB then reads the chosen files. Should one disappear before it is opened (compaction or
 retention deleted it), the query is retried on a fresh snapshot.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import atexit
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from .storage import (
     EVENTS_DIRNAME,
     HIVE_TYPES_SQL,
     INTENTS_DIRNAME,
+    compaction_started_ns,
     connect_duckdb,
     events_from_ndjson_sql,
     partition_dirs,
@@ -44,6 +49,9 @@ from .storage import (
 # A snapshot races only with a roll or compaction finishing in the same few milliseconds;
 # more than a handful of retries in a row means something else is wrong.
 MAX_SNAPSHOT_ATTEMPTS = 20
+# Compaction names and reader start times both come from the wall clock of this machine; the
+# slack covers an NTP step between the two (a false positive only costs a retry).
+CLOCK_SLACK_NS = 5_000_000_000
 MAX_QUERY_ATTEMPTS = 5
 
 _COLUMNS_SQL = ", ".join(f'"{name}"' for name in EVENT_COLUMN_NAMES)
@@ -58,32 +66,71 @@ class SnapshotError(RuntimeError):
 
 @dataclass(slots=True)
 class Snapshot:
+    """What one query reads. ``log_ndjson`` (a temp file the caller removes) holds the payload
+    lines of every valid log record: streamed there segment by segment, so memory stays at
+    one segment however far the roller is behind."""
+
     parquet_files: list[Path] = field(default_factory=list)
-    log_payloads: list = field(default_factory=list)  # memoryviews of payload lines
+    log_ndjson: str | None = None
+    log_records: int = 0
     live_segments: set[str] = field(default_factory=set)
+
+    def discard(self) -> None:
+        if self.log_ndjson is not None:
+            _remove(self.log_ndjson)
+            self.log_ndjson = None
 
 
 def take_snapshot(data_dir: Path) -> Snapshot:
     data_dir = Path(data_dir)
     log_dir = data_dir / LOG_DIRNAME
     events_dir = data_dir / EVENTS_DIRNAME
-    for _ in range(MAX_SNAPSHOT_ATTEMPTS):
-        snap = Snapshot()
-        for segments in list_segments(log_dir).values():
-            for path in segments:
-                try:
-                    data = path.read_bytes()
-                except FileNotFoundError:
-                    continue
-                snap.live_segments.add(path.name.rsplit(".", 1)[0])
-                snap.log_payloads.extend(scan_segment(data).payloads)
-        snap.parquet_files = _parquet_files(events_dir, snap.live_segments)
-        still_there = {
-            p.name.rsplit(".", 1)[0] for segs in list_segments(log_dir).values() for p in segs
-        }
-        if snap.live_segments <= still_there:
-            return snap
+    fd, scratch = tempfile.mkstemp(prefix="inslytic-log-", suffix=".ndjson")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for _ in range(MAX_SNAPSHOT_ATTEMPTS):
+                started_ns = time.time_ns()
+                out.seek(0)
+                out.truncate()
+                snap = Snapshot(log_ndjson=scratch)
+                for segments in list_segments(log_dir).values():
+                    for path in segments:
+                        try:
+                            data = path.read_bytes()
+                        except FileNotFoundError:
+                            continue
+                        snap.live_segments.add(path.name.rsplit(".", 1)[0])
+                        payloads = scan_segment(data).payloads
+                        out.writelines(payloads)
+                        snap.log_records += len(payloads)
+                        del payloads, data
+                snap.parquet_files = _parquet_files(events_dir, snap.live_segments)
+                still_there = {
+                    p.name.rsplit(".", 1)[0]
+                    for segs in list_segments(log_dir).values()
+                    for p in segs
+                }
+                if snap.live_segments <= still_there or not _compacted_since(
+                    snap.parquet_files, started_ns
+                ):
+                    if not snap.log_records:
+                        snap.discard()
+                    return snap
+    except BaseException:
+        _remove(scratch)
+        raise
+    _remove(scratch)
     raise SnapshotError("the data set kept changing while it was being read; try again")
+
+
+def _compacted_since(files: list[Path], started_ns: int) -> bool:
+    """Whether a compaction listed here chose its inputs after ``started_ns`` (with slack)."""
+    threshold = started_ns - CLOCK_SLACK_NS
+    for path in files:
+        began = compaction_started_ns(path.name)
+        if began is not None and began >= threshold:
+            return True
+    return False
 
 
 def _parquet_files(events_dir: Path, live: set[str]) -> list[Path]:
@@ -144,34 +191,26 @@ def _remove(path: str) -> None:
 def _open(
     data_dir: Path, snapshot: Snapshot | None
 ) -> tuple[duckdb.DuckDBPyConnection, str | None]:
-    """Views over ``snapshot`` (a fresh one if None); nothing is left behind if this fails."""
+    """Views over ``snapshot`` (a fresh one if None); nothing is left behind if this fails.
+
+    Returns the connection and the temp file the caller must remove once done with it.
+    """
     if snapshot is None:
         snapshot = take_snapshot(data_dir)
-    scratch = _stage_log(snapshot)
     con = connect_duckdb()
     try:
-        _create_views(con, snapshot, scratch)
+        _create_views(con, snapshot)
     except BaseException:
         con.close()
-        if scratch is not None:
-            _remove(scratch)
+        snapshot.discard()
         raise
-    return con, scratch
+    return con, snapshot.log_ndjson
 
 
-def _stage_log(snapshot: Snapshot) -> str | None:
-    if not snapshot.log_payloads:
-        return None
-    fd, scratch = tempfile.mkstemp(prefix="inslytic-log-", suffix=".ndjson")
-    with os.fdopen(fd, "wb") as f:
-        f.writelines(snapshot.log_payloads)
-    return scratch
-
-
-def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot, scratch: str | None) -> None:
-    if scratch is not None:
+def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot) -> None:
+    if snapshot.log_ndjson is not None:
         # A view, not a table: DuckDB then parses only the JSON fields a query uses.
-        log_source = f"SELECT {_COLUMNS_SQL} FROM ({events_from_ndjson_sql(scratch)})"
+        log_source = f"SELECT {_COLUMNS_SQL} FROM ({events_from_ndjson_sql(snapshot.log_ndjson)})"
     else:
         log_source = f"SELECT {_TYPED_NULLS} WHERE false"
     con.execute(f"CREATE TEMP VIEW _log_events AS {log_source}")

@@ -165,6 +165,16 @@ def write_ndjson(path: Path, payloads) -> None:
         f.writelines(payloads)
 
 
+def compaction_started_ns(parquet_name: str) -> int | None:
+    """When the compaction that wrote ``parquet_name`` chose its inputs (None: not compacted)."""
+    if not parquet_name.startswith(COMPACTED_PREFIX):
+        return None
+    try:
+        return int(parquet_name[len(COMPACTED_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
 def source_segment(parquet_name: str) -> str:
     """The segment stem a rolled Parquet file came from (``c-...`` for compaction outputs)."""
     return parquet_name.split(".", 1)[0]
@@ -581,6 +591,9 @@ class Roller:
 
     def _compact(self, partition: Path, inputs: list[str]) -> None:
         con = self._connection()
+        # Named after the wall clock *after* the inputs were chosen: a reader that began before
+        # this instant knows the compaction could not have taken a segment it read from the log
+        # (see query.take_snapshot).
         cid = f"{COMPACTED_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         output_name = cid + ".parquet"
         staged = self.staging_dir / output_name

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from inslytic_fast.cli import main
-from inslytic_fast.commitlog import frame_record, list_segments
+from inslytic_fast.commitlog import CommitLog, frame_record, list_segments
 from inslytic_fast.query import open_events, run_query, take_snapshot
 from inslytic_fast.storage import Roller
 
@@ -50,7 +50,8 @@ def data_dir(tmp_path):
 
 def test_events_is_parquet_plus_log(data_dir):
     snap = take_snapshot(data_dir)
-    assert snap.parquet_files and snap.log_payloads
+    assert snap.parquet_files and snap.log_records == 2
+    snap.discard()
     assert batch_counts(data_dir) == {"r1": 2, "r2": 3, "l1": 1, "l2": 4}
 
 
@@ -239,3 +240,32 @@ def test_a_file_deleted_under_a_snapshot_makes_the_query_retry(tmp_path, monkeyp
     monkeypatch.setattr(query_module, "take_snapshot", snapshot_then_compact)
     assert batch_counts(tmp_path) == {"r1": 2, "r2": 3, "r3": 4, "l1": 1, "l2": 2}
     assert len(snapshots) == 2
+
+
+@pytest.mark.parametrize("compact_too", [False, True])
+def test_a_roll_finishing_mid_snapshot_is_counted_once(tmp_path, monkeypatch, compact_too):
+    from inslytic_fast import query as query_module
+
+    populate(tmp_path, rolled={"r1": 2, "r2": 3}, in_log={"l1": 1})
+    populate(tmp_path, rolled={"r3": 4}, in_log={"l2": 2})
+    # Seal the active segments so the roller has work to do mid-snapshot.
+    log = CommitLog(tmp_path)
+    log.open()
+    log._close_fd()  # noqa: SLF001
+    real_listing = query_module._parquet_files
+    listings = []
+
+    def roll_then_list(events_dir, live):
+        if not listings:
+            assert Roller(tmp_path).roll_once() > 0  # segments read a moment ago vanish
+            if compact_too:
+                assert Roller(tmp_path, compact_min_files=2).compact_once() >= 1
+        listings.append(live)
+        return real_listing(events_dir, live)
+
+    monkeypatch.setattr(
+        query_module, "_parquet_files", roll_between_reading_the_log_and_listing_parquet
+    )
+    assert batch_counts(tmp_path) == {"r1": 2, "r2": 3, "r3": 4, "l1": 1, "l2": 2}
+    # Retaken only when a compaction could have merged what the first attempt read from the log.
+    assert len(listings) == (2 if compact_too else 1)
