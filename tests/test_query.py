@@ -263,9 +263,8 @@ def test_a_roll_finishing_mid_snapshot_is_counted_once(tmp_path, monkeypatch, co
         listings.append(live)
         return real_listing(events_dir, live)
 
-    monkeypatch.setattr(
-        query_module, "_parquet_files", roll_between_reading_the_log_and_listing_parquet
-    )
+    # The roller finishes between the snapshot reading the log and listing Parquet.
+    monkeypatch.setattr(query_module, "_parquet_files", roll_then_list)
     assert batch_counts(tmp_path) == {"r1": 2, "r2": 3, "r3": 4, "l1": 1, "l2": 2}
     # Retaken only when a compaction could have merged what the first attempt read from the log.
     assert len(listings) == (2 if compact_too else 1)
