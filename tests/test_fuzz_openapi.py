@@ -1,0 +1,121 @@
+"""Schemathesis against the served /openapi.json: every operation, every default check.
+
+The checks include negative-data rejection (a body the schema forbids must get a 4xx),
+positive-data acceptance (a body it allows must not), ignored auth (the same request without
+or with a wrong key must get 401), status/header/content-type/schema conformance of every
+response, and no 5xx. Examples are bounded so the run stays well under a minute; the slow
+variant tries many more (``INSLYTIC_SCHEMATHESIS_EXAMPLES``, default 1000 per operation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+
+from .conftest import ServerProcess
+
+CI_EXAMPLES = 200
+SLOW_EXAMPLES = int(os.environ.get("INSLYTIC_SCHEMATHESIS_EXAMPLES", "1000"))
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("schemathesis") / "data"
+    # No rate limit: a 429 is documented, but it would hide what the fuzzer is after.
+    server = ServerProcess(data_dir, "--workers", "1", "--events-per-minute", "0").start()
+    yield server
+    if server.proc.poll() is None:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def api_schema(live_server):
+    return schemathesis.openapi.from_url(f"{live_server.url}/openapi.json")
+
+
+def fuzz_operations(api_schema, live_server, mode: GenerationMode, examples: int) -> dict:
+    """Run every operation's strategy through every default check; return failures by label.
+
+    The schemathesis pytest plugin does not load under pytest 9 (its lazy fixture reads a
+    removed ``Function._nodeid``), so this drives the same Case API from hypothesis directly.
+    """
+    headers = {"Authorization": f"Bearer {live_server.first_run_key}"}
+    failures: dict[str, str] = {}
+    tried = 0
+    labels = []
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+        labels.append(operation.label)
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def check(case):
+            nonlocal tried
+            tried += 1
+            encoding = (case.headers or {}).get("Content-Encoding")
+            if mode is GenerationMode.POSITIVE and encoding not in (None, "identity"):
+                # The document lists Content-Encoding as a plain header parameter, so a
+                # generator pairs "gzip" with an uncompressed body; the server rightly says 400.
+                case.headers["Content-Encoding"] = "identity"
+            elif encoding is not None and not encoding.strip():
+                # Known mismatch, pinned by test_every_content_encoding_the_server_accepts_...
+                case.headers["Content-Encoding"] = "br"
+            case.call_and_validate(headers=headers)
+
+        try:
+            check()
+        except Unsatisfiable:
+            # Nothing to negate: an operation without parameters or body (GET /health) has
+            # no schema-invalid request to make.
+            assert mode is GenerationMode.NEGATIVE, operation.label
+        except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - asserted below
+            failures[operation.label] = str(exc)[:3000]
+    print(f"schemathesis {mode.value}: {tried} cases over {', '.join(labels)}")
+    return failures
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_every_operation_conforms_to_the_served_openapi(api_schema, live_server, mode):
+    failures = fuzz_operations(api_schema, live_server, mode, CI_EXAMPLES)
+    assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_every_operation_conforms_many_examples(api_schema, live_server, mode):
+    failures = fuzz_operations(api_schema, live_server, mode, SLOW_EXAMPLES)
+    assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ingest.decode_body treats an empty Content-Encoding as identity (202), but the "
+    "served document's Content-Encoding enum (openapi.CONTENT_ENCODINGS) does not list ''; "
+    "schemathesis reports it as ST201 (schema-violating request accepted)",
+)
+def test_every_content_encoding_the_server_accepts_is_in_the_document(api_schema, live_server):
+    [parameter] = api_schema.raw_schema["paths"]["/v1/ingest"]["post"]["parameters"]
+    documented = {value.lower() for value in parameter["schema"]["enum"]}
+    accepted = set()
+    for encoding in ["", " ", "identity", "IDENTITY", "gzip", "x-gzip", "deflate", "br", "zstd"]:
+        status, _, _ = live_server.request(
+            "POST",
+            "/v1/ingest",
+            b'{"events":[]}',  # 400 once decoded: the coding itself was accepted
+            headers={"Content-Encoding": encoding},
+            key=live_server.first_run_key,
+        )
+        if status != 415:
+            accepted.add(encoding.strip().lower())
+    assert accepted <= documented
