@@ -61,6 +61,8 @@ TRASH_DIRNAME = ".trash"
 INTENTS_DIRNAME = "_compactions"
 COMPACTED_PREFIX = "c-"
 ROLLER_LOCK_NAME = ".roller.lock"
+# DuckDB spill files; outside .staging, which recover() wipes while the connection lives.
+DUCKDB_TEMP_DIRNAME = ".duckdb_tmp"
 
 # Compaction: files under 32 MiB count as small; a partition is compacted once it holds 8 of
 # them, into outputs of at most ~256 MiB (DuckDB's default row group is ~120k rows; a few
@@ -327,7 +329,7 @@ class Roller:
         if self._con is None:
             make_dirs_durable(self.staging_dir)
             self._con = connect_duckdb(
-                temp_dir=self.staging_dir / "duckdb_tmp", threads=self.duckdb_threads
+                temp_dir=self.events_dir / DUCKDB_TEMP_DIRNAME, threads=self.duckdb_threads
             )
         return self._con
 
