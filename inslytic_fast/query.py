@@ -13,7 +13,9 @@ what makes it exact while the roller renames and deletes files under it:
    harmless (its Parquet files were skipped in step 2) unless a compaction that chose its
    inputs after step 1 began could have merged those files into an output listed in step 2.
    Compaction outputs are named after that instant, so only then is the snapshot retaken:
-   a roller that rolls every few milliseconds cannot starve readers.
+   a roller that rolls every few milliseconds cannot starve readers. Should compactions land
+   during several attempts in a row, the reader holds a shared flock on the roller's lock for
+   one attempt (the roller skips a pass); the commit log is never involved.
 
 DuckDB then reads the chosen files. Should one disappear before it is opened (compaction or
 retention deleted it), the query is retried on a fresh snapshot.
@@ -22,9 +24,12 @@ retention deleted it), the query is retried on a fresh snapshot.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +43,7 @@ from .storage import (
     EVENTS_DIRNAME,
     HIVE_TYPES_SQL,
     INTENTS_DIRNAME,
+    ROLLER_LOCK_NAME,
     compaction_started_ns,
     connect_duckdb,
     events_from_ndjson_sql,
@@ -46,9 +52,9 @@ from .storage import (
     sql_string,
 )
 
-# A snapshot races only with a roll or compaction finishing in the same few milliseconds;
-# more than a handful of retries in a row means something else is wrong.
-MAX_SNAPSHOT_ATTEMPTS = 20
+# A snapshot is retaken only when a compaction began while it read; after a handful of those
+# in a row it pauses the roller instead (see take_snapshot).
+LOCK_FREE_ATTEMPTS = 5
 # Compaction names and reader start times both come from the wall clock of this machine; the
 # slack covers an NTP step between the two (a false positive only costs a retry).
 CLOCK_SLACK_NS = 5_000_000_000
@@ -83,44 +89,70 @@ class Snapshot:
 
 def take_snapshot(data_dir: Path) -> Snapshot:
     data_dir = Path(data_dir)
-    log_dir = data_dir / LOG_DIRNAME
-    events_dir = data_dir / EVENTS_DIRNAME
     fd, scratch = tempfile.mkstemp(prefix="inslytic-log-", suffix=".ndjson")
     try:
         with os.fdopen(fd, "wb") as out:
-            for _ in range(MAX_SNAPSHOT_ATTEMPTS):
-                started_ns = time.time_ns()
-                out.seek(0)
-                out.truncate()
-                snap = Snapshot(log_ndjson=scratch)
-                for segments in list_segments(log_dir).values():
-                    for path in segments:
-                        try:
-                            data = path.read_bytes()
-                        except FileNotFoundError:
-                            continue
-                        snap.live_segments.add(path.name.rsplit(".", 1)[0])
-                        payloads = scan_segment(data).payloads
-                        out.writelines(payloads)
-                        snap.log_records += len(payloads)
-                        del payloads, data
-                snap.parquet_files = _parquet_files(events_dir, snap.live_segments)
-                still_there = {
-                    p.name.rsplit(".", 1)[0]
-                    for segs in list_segments(log_dir).values()
-                    for p in segs
-                }
-                if snap.live_segments <= still_there or not _compacted_since(
-                    snap.parquet_files, started_ns
-                ):
-                    if not snap.log_records:
-                        snap.discard()
+            for _ in range(LOCK_FREE_ATTEMPTS):
+                snap = _attempt(data_dir, out, scratch)
+                if snap is not None:
                     return snap
+            # Liveness: compactions kept landing during our reads. Hold the roller off for
+            # one snapshot (it skips a pass; ingest is never involved) and read a still set.
+            with _roller_paused(data_dir / EVENTS_DIRNAME):
+                snap = _attempt(data_dir, out, scratch)
+            if snap is not None:
+                return snap
     except BaseException:
         _remove(scratch)
         raise
     _remove(scratch)
     raise SnapshotError("the data set kept changing while it was being read; try again")
+
+
+def _attempt(data_dir: Path, out, scratch: str) -> Snapshot | None:
+    """One snapshot attempt into ``out``; None if it must be retaken (see module docstring)."""
+    log_dir = data_dir / LOG_DIRNAME
+    started_ns = time.time_ns()
+    out.seek(0)
+    out.truncate()
+    snap = Snapshot(log_ndjson=scratch)
+    for segments in list_segments(log_dir).values():
+        for path in segments:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            snap.live_segments.add(path.name.rsplit(".", 1)[0])
+            payloads = scan_segment(data).payloads
+            out.writelines(payloads)
+            snap.log_records += len(payloads)
+            del payloads, data
+    out.flush()
+    snap.parquet_files = _parquet_files(data_dir / EVENTS_DIRNAME, snap.live_segments)
+    still_there = {
+        p.name.rsplit(".", 1)[0] for segs in list_segments(log_dir).values() for p in segs
+    }
+    vanished = not snap.live_segments <= still_there
+    if vanished and _compacted_since(snap.parquet_files, started_ns):
+        return None
+    if not snap.log_records:
+        snap.discard()
+    return snap
+
+
+@contextlib.contextmanager
+def _roller_paused(events_dir: Path) -> Iterator[None]:
+    """A shared flock on the roller's lock: waits out the current pass, blocks the next."""
+    try:
+        fd = os.open(events_dir / ROLLER_LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        yield  # no roller has ever run here
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _compacted_since(files: list[Path], started_ns: int) -> bool:

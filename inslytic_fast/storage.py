@@ -367,7 +367,8 @@ class Roller:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    log.warning("roller: another process holds %s; skipping", ROLLER_LOCK_NAME)
+                    # Another roller process, or a reader pausing us for one snapshot.
+                    log.debug("roller: %s is held elsewhere; skipping a pass", ROLLER_LOCK_NAME)
                     yield False
                     return
                 yield True

@@ -268,3 +268,25 @@ def test_a_roll_finishing_mid_snapshot_is_counted_once(tmp_path, monkeypatch, co
     assert batch_counts(tmp_path) == {"r1": 2, "r2": 3, "r3": 4, "l1": 1, "l2": 2}
     # Retaken only when a compaction could have merged what the first attempt read from the log.
     assert len(listings) == (2 if compact_too else 1)
+
+
+def test_a_reader_starved_by_compactions_pauses_the_roller_for_one_snapshot(data_dir, monkeypatch):
+    from inslytic_fast import query as query_module
+
+    Roller(data_dir).roll_once()  # creates the roller's lock file, as a running server has
+    real_attempt = query_module._attempt
+    roller_could_run = []
+
+    def attempt(*args):
+        if len(roller_could_run) < query_module.LOCK_FREE_ATTEMPTS:
+            roller_could_run.append(True)
+            return None  # as if a compaction had landed during this attempt
+        with Roller(data_dir)._exclusive() as mine:  # noqa: SLF001
+            roller_could_run.append(mine)
+        return real_attempt(*args)
+
+    monkeypatch.setattr(query_module, "_attempt", attempt)
+    assert batch_counts(data_dir) == {"r1": 2, "r2": 3, "l1": 1, "l2": 4}
+    assert roller_could_run == [True] * query_module.LOCK_FREE_ATTEMPTS + [False]
+    with Roller(data_dir)._exclusive() as mine:  # noqa: SLF001 - released afterwards
+        assert mine
