@@ -63,11 +63,12 @@ def spell(value, rng: random.Random, duplicates: bool) -> str:
                 out.append(char)
         return '"' + "".join(out) + '"'
 
-    def render(v) -> str:
+    def render(v, top: bool = False) -> str:
         if isinstance(v, dict):
             items = []
             for key, item in v.items():
-                if duplicates and rng.random() < 0.1:
+                # Not at the top level: see test_a_decoy_events_key_before_the_real_one_...
+                if duplicates and not top and rng.random() < 0.1:
                     decoy = render(rng.choice([0, "x", None, [], {}]))
                     items.append(f"{ws()}{string(key)}{ws()}:{ws()}{decoy}")
                 items.append(f"{ws()}{string(key)}{ws()}:{ws()}{render(item)}{ws()}")
@@ -78,7 +79,7 @@ def spell(value, rng: random.Random, duplicates: bool) -> str:
             return string(v)
         return json.dumps(v)
 
-    return ws() + render(value) + ws()
+    return ws() + render(value, top=True) + ws()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -108,6 +109,27 @@ def test_fast_and_thorough_paths_agree_whatever_the_spelling(events, seed, dupli
     assert explained.details == []
     if not duplicates:
         assert SMALL.encode_events(decoded) == SMALL.encode_events(SMALL.decode(canonical))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="schema.Schema.explain decodes the envelope with `events: Raw`, so of two `events` "
+    "keys it sees only the last (valid) one and finds no problem, while the fast Batch decoder "
+    "validates every occurrence and rejects the first; decode() then answers with its generic "
+    "fallback 'events could not be decoded: ...'. Both reject, but explain() calls the body valid",
+)
+def test_a_decoy_events_key_before_the_real_one_is_explained_like_the_fast_path_rejects_it():
+    valid = {
+        "eventName": "e",
+        "timestamp": "2026-02-16T10:30:00Z",
+        "anonymousId": "a",
+        "sessionId": "s",
+        "consentGiven": True,
+    }
+    body = b'{"events": 0, "events": [%s]}' % json.dumps(valid).encode()
+    with pytest.raises(BatchRejected):
+        SMALL.decode(body)
+    assert SMALL.explain(body).details, "explain() must find what decode() rejected"
 
 
 # -- 2. Round trip through log -> Parquet -> query -----------------------------------------
