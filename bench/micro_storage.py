@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import statistics
@@ -43,8 +44,9 @@ from inslytic_fast.commitlog import CommitLog  # noqa: E402
 from inslytic_fast.query import run_query  # noqa: E402
 from inslytic_fast.storage import Roller  # noqa: E402
 
-# Distinct batches cycled through, so the log sees varied bytes (Parquet compression is honest).
-BATCH_VARIANTS = 32
+# Distinct batches cycled through, so the log sees varied bytes and Parquet compression is not
+# flattered by repetition (256 x 100 events ~ 12 MiB of pre-encoded JSON).
+BATCH_VARIANTS = 256
 
 
 def make_batches(batch_events: int, seed: int) -> list[bytes]:
@@ -199,6 +201,8 @@ def main() -> int:
                 result = query_log_tail(data_dir, args, batches)
             else:
                 parser.error(f"unknown stage {stage}")
+            # Other processes on the machine move these numbers: say how busy it was.
+            result["load_avg_1m"] = round(os.getloadavg()[0], 2)
             print(json.dumps(result), flush=True)
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
