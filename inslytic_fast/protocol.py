@@ -99,6 +99,7 @@ class HttpProtocol(asyncio.Protocol):
         "request",
         "url",
         "header_bytes",
+        "header_read_bytes",
         "body_parts",
         "body_size",
         "chunked",
@@ -129,7 +130,8 @@ class HttpProtocol(asyncio.Protocol):
         self.phase_since = state.now
         self.request = Request()
         self.url = b""
-        self.header_bytes = 0
+        self.header_bytes = 0  # url + header lines, as the parser reports them
+        self.header_read_bytes = 0  # bytes read while headers were still incomplete
         self.body_parts: list[bytes] = []
         self.body_size = 0
         self.chunked = False
@@ -182,8 +184,10 @@ class HttpProtocol(asyncio.Protocol):
         if self.closing:
             return  # answered with close (or lingering after an error): input is discarded
         if self.phase == HEADERS:
-            # Coarse guard across reads: httptools buffers a header until it is complete.
-            self.header_bytes += len(data)
+            # Coarse guard across reads: httptools buffers a header line until it is complete,
+            # so a never-ending line reaches no callback. Checked only if the headers are still
+            # incomplete after this read, when every byte of it was header bytes.
+            self.header_read_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -207,7 +211,7 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("unexpected error while parsing")
             self._fail(500, "Internal Server Error")
             return
-        if self.phase == HEADERS and self.header_bytes > self.max_header_bytes:
+        if self.phase == HEADERS and self.header_read_bytes > self.max_header_bytes:
             self._fail(431, self._error_message(431))
 
     def eof_received(self) -> bool:
@@ -230,6 +234,7 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = HEADERS
         self.phase_since = self.state.now
         self.header_bytes = 0
+        self.header_read_bytes = 0
         self.url = b""
         self.request = Request()
         self.body_parts = []

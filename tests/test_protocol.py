@@ -296,3 +296,12 @@ def test_draining_server_answers_with_connection_close():
     [(_, headers, _)] = split_responses(transport.take())
     assert headers["connection"] == "close"
     assert transport.closed
+
+
+def test_headers_split_across_reads_then_a_large_body_is_not_431():
+    conn, transport, app = make_conn(max_header_bytes=1024)
+    raw = post("/x", b"a" * 20_000)
+    conn.data_received(raw[:30])
+    conn.data_received(raw[30:])
+    assert statuses(transport.take()) == [200]
+    assert len(app.requests[0].body) == 20_000
