@@ -293,6 +293,10 @@ def _snippet(text: str, limit: int = 200) -> str:
 _DECODE_FAILURES = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
+class _BadEventCount(Exception):
+    """Raised on the fast path when the events array is empty or longer than max_events."""
+
+
 class _OversizedEvent(Exception):
     """Raised on the fast path when an event is larger than max_event_bytes."""
 
@@ -323,6 +327,8 @@ class Schema:
         "_encoder",
         "_max_event_bytes",
         "_min_event_bytes",
+        "_list_body_limit",
+        "_bounded_batch_decoder",
         "_envelope_decoder",
         "_raw_decoder",
         "_events_probe_decoder",
@@ -346,6 +352,20 @@ class Schema:
         # the shortest timestamp msgspec accepts, `true`; keys can only get longer (escapes).
         shortest = self.Event("x", datetime(1, 1, 1, tzinfo=UTC), "x", "x", True)
         self._min_event_bytes = len(self._encoder.encode(shortest))
+        # A body shorter than max_events + 1 shortest events cannot hold too many events, so the
+        # plain list decoder is bounded by the body size; longer bodies use the slot decoder.
+        self._list_body_limit = (limits.max_events + 1) * self._min_event_bytes
+        bounded_events = msgspec.defstruct(
+            "EventSlots",
+            [(f"e{i}", self.Event, UNSET) for i in range(limits.max_events + 1)],
+            array_like=True,
+            gc=False,
+            module=__name__,
+        )
+        bounded_batch = msgspec.defstruct(
+            "BoundedBatch", [("events", bounded_events)], gc=False, module=__name__
+        )
+        self._bounded_batch_decoder = msgspec.json.Decoder(bounded_batch)
 
         # The thorough pass: decoders that stop at Raw so each level can be checked on its own.
         envelope = msgspec.defstruct("Envelope", [("events", Raw, UNSET)], module=__name__)
@@ -376,7 +396,10 @@ class Schema:
         Returned events have UTC timestamps (offsets converted).
         """
         try:
-            events = self._batch_decoder.decode(body).events
+            if len(body) < self._list_body_limit:
+                events = self._batch_decoder.decode(body).events
+            else:
+                events = self._decode_bounded(body)
             # The other n-1 events take at least _min_event_bytes each, so when the body is no
             # longer than the cap plus that, no event can exceed the cap: skip the second pass.
             # Otherwise a list[Raw] pass gives every event's byte span. It costs ~0.75 ns per
@@ -393,7 +416,12 @@ class Schema:
                 timestamp = event.timestamp
                 if timestamp.tzinfo is not UTC:
                     event.timestamp = _to_utc(timestamp)
-        except (*_DECODE_FAILURES, _OversizedEvent, _OutOfRangeTimestamp) as fast_error:
+        except (
+            *_DECODE_FAILURES,
+            _BadEventCount,
+            _OversizedEvent,
+            _OutOfRangeTimestamp,
+        ) as fast_error:
             rejection = self.explain(body)
             if not rejection.details:  # the passes disagree (a bug or a decoder edge such as a
                 # nesting depth right at the recursion limit): still answer with something useful
@@ -402,6 +430,26 @@ class Schema:
                 )
             raise rejection from None
         return events
+
+    def _decode_bounded(self, body: bytes) -> list[Any]:
+        """Decode at most max_events + 1 events; msgspec skips any further ones unbuilt.
+
+        A list[Event] decoder builds every event before its length check: 24 MB of realistic
+        valid events (40,000) took ~1.3 s and ~76 MB to reject, blocking the event loop. Here the
+        array goes into an array-like Struct with max_events + 1 slots: ~60 ms and ~1 MB.
+        Allocating the slots costs ~4 us, hence only for bodies that could hold too many events.
+        """
+        slots = msgspec.structs.astuple(self._bounded_batch_decoder.decode(body).events)
+        if slots[-1] is not UNSET or slots[0] is UNSET:
+            raise _BadEventCount
+        low, high = 1, len(slots) - 1  # events fill a prefix: find the first empty slot
+        while low < high:
+            middle = (low + high) // 2
+            if slots[middle] is UNSET:
+                high = middle
+            else:
+                low = middle + 1
+        return list(slots[:low])
 
     def encode_events(self, events: list[Any]) -> bytes:
         """The events as one JSON array (the commit log's record format; see the module doc)."""

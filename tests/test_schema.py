@@ -655,6 +655,36 @@ def test_a_huge_events_array_is_refused_without_materialising_it():
     assert peak < 4 * 1024 * 1024, peak  # one object per element would be ~150 MB
 
 
+def test_far_too_many_valid_events_are_refused_without_building_them():
+    body = body_of(*[valid_event()] * 40_000)  # ~5.6 MiB of valid events
+    tracemalloc.start()
+    try:
+        error = rejection(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error.details == ["events must contain at most 1000 events"]
+    assert peak < 8 * 1024 * 1024, peak  # building them all takes ~16 MB
+
+
+@pytest.mark.parametrize("count", [999, 1000, 1001, 1002])
+def test_batch_size_limits_hold_on_both_decoders(count):
+    # Bodies this large take the slot decoder; a bad element past the limit is never built.
+    events = [valid_event(pageTitle="t" * 100)] * count
+    body = body_of(*events)
+    assert len(body) > (LIMITS.max_events + 1) * len(SHORTEST_EVENT)
+    if count <= LIMITS.max_events:
+        assert len(SCHEMA.decode(body)) == count
+    else:
+        assert details(body) == ["events must contain at most 1000 events"]
+        assert details(body_of(*events[:1000], 0)) == ["events must contain at most 1000 events"]
+
+
+def test_an_empty_events_array_in_a_large_body():
+    body = body_of(padding="x" * 200_000)
+    assert details(body) == ["events must contain at least 1 event"]
+
+
 def test_explain_of_a_valid_body_finds_nothing():
     assert SCHEMA.explain(REFERENCE_BODY).details == []
 
