@@ -4,8 +4,10 @@ Two passes share one definition of what is valid:
 
 * ``Schema.decode`` is the happy path: ONE msgspec decoder call turns the whole request body into
   a list of ``Event`` Structs (types, required fields, lengths, enum and timezone checks all run
-  in C).  Two follow-ups: a ``list[Raw]`` pass for the per-event byte cap, only when the body is
-  large enough to hold an oversized event, and a loop that converts offset timestamps to UTC.
+  in C).  Two follow-ups: a pass over the raw event spans for the per-event byte cap, only when
+  the body is large enough to hold an oversized event (on bodies that large it runs first and
+  also counts the events, so nothing is built for a body with too many or too large events),
+  and a loop that converts offset timestamps to UTC.
 * ``Schema.explain`` runs only after ``decode`` failed.  It walks the body event by event and field
   by field and lists every problem in the API reference's style (``"Event 0: eventName is
   required"``).  Every verdict comes from decoding the field with the very same annotated type the
@@ -37,10 +39,11 @@ Log format (``Schema.encode_events``): one JSON array, one object per event, key
 
 Error details (``BatchRejected.details``) hold at most ``MAX_ERROR_DETAILS`` entries: when there are
 more problems, the first ``MAX_ERROR_DETAILS - 1`` are listed and the last entry reads
-``"... and N more problems"``.  User-supplied property keys are echoed truncated to
-``ECHOED_KEY_CHARS`` characters and escaped like Python's ``repr``; values are not echoed (the one
-exception, a field the per-field view cannot explain such as a duplicated key, quotes msgspec's
-message cut to 200 printable characters).
+``"... and N more problems"``.  An event larger than ``max_event_bytes`` is reported as such and
+not examined further (bounded work: decoding is what the cap protects).  User-supplied property
+keys are echoed truncated to ``ECHOED_KEY_CHARS`` characters and escaped like Python's ``repr``;
+values are not echoed (the one exception, a field the per-field view cannot explain such as a
+duplicated key, quotes msgspec's message cut to 200 printable characters).
 """
 
 from __future__ import annotations
@@ -293,6 +296,18 @@ def _snippet(text: str, limit: int = 200) -> str:
 _DECODE_FAILURES = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
+def _filled_slots(slots: tuple) -> tuple:
+    """The leading slots an array-like decode filled (elements fill slots in order)."""
+    low, high = 0, len(slots)
+    while low < high:  # binary search for the first UNSET slot
+        middle = (low + high) // 2
+        if slots[middle] is UNSET:
+            high = middle
+        else:
+            low = middle + 1
+    return slots[:low]
+
+
 class _BadEventCount(Exception):
     """Raised on the fast path when the events array is empty or longer than max_events."""
 
@@ -324,14 +339,14 @@ class Schema:
         "Event",
         "_batch_decoder",
         "_raw_events_decoder",
+        "_slotted_batch_decoder",
         "_encoder",
         "_max_event_bytes",
         "_min_event_bytes",
-        "_list_body_limit",
-        "_bounded_batch_decoder",
+        "_measure_first_above",
         "_envelope_decoder",
         "_raw_decoder",
-        "_events_probe_decoder",
+        "_event_slots_decoder",
         "_event_decoder",
         "_raw_event_decoder",
         "_checks",
@@ -343,29 +358,37 @@ class Schema:
         self.Event = _build_event_struct(self.fields, limits)
         events_type = Annotated[list[self.Event], Meta(min_length=1, max_length=limits.max_events)]
         batch = msgspec.defstruct("Batch", [("events", events_type)], gc=False, module=__name__)
-        raw_events = msgspec.defstruct("RawEvents", [("events", list[Raw])], module=__name__)
         self._batch_decoder = msgspec.json.Decoder(batch)
-        self._raw_events_decoder = msgspec.json.Decoder(raw_events)
         self._encoder = msgspec.json.Encoder()
-        self._max_event_bytes = limits.max_event_bytes
-        # The shortest JSON a valid event can have: required fields only, one-character strings,
-        # the shortest timestamp msgspec accepts, `true`; keys can only get longer (escapes).
+
+        # Per-event byte cap. The shortest JSON a valid event can have: required fields only,
+        # one-character strings, the shortest timestamp msgspec accepts, `true` (keys can only
+        # get longer, through escapes). The other n-1 events of a body take at least that much.
         shortest = self.Event("x", datetime(1, 1, 1, tzinfo=UTC), "x", "x", True)
         self._min_event_bytes = len(self._encoder.encode(shortest))
-        # A body shorter than max_events + 1 shortest events cannot hold too many events, so the
-        # plain list decoder is bounded by the body size; longer bodies use the slot decoder.
-        self._list_body_limit = (limits.max_events + 1) * self._min_event_bytes
-        bounded_events = msgspec.defstruct(
+        self._max_event_bytes = limits.max_event_bytes
+        # Above this size no batch of at most max_events events can skip the byte-cap pass, so
+        # decode() runs that pass first: it also counts the events, and nothing is built for a
+        # body with too many or too large events (see decode).
+        self._measure_first_above = (
+            limits.max_event_bytes + (limits.max_events - 1) * self._min_event_bytes
+        )
+        raw_events = msgspec.defstruct("RawEvents", [("events", list[Raw])], module=__name__)
+        self._raw_events_decoder = msgspec.json.Decoder(raw_events)
+        # An array-like Struct with max_events + 1 slots: msgspec fills the slots in order and
+        # skips any further elements without building them, so a 20 MiB array costs no memory
+        # (a list[Raw] holds one object per element: ~750 MB for 10 million elements).
+        event_slots = msgspec.defstruct(
             "EventSlots",
-            [(f"e{i}", self.Event, UNSET) for i in range(limits.max_events + 1)],
+            [(f"e{i}", Raw, UNSET) for i in range(limits.max_events + 1)],
             array_like=True,
-            gc=False,
             module=__name__,
         )
-        bounded_batch = msgspec.defstruct(
-            "BoundedBatch", [("events", bounded_events)], gc=False, module=__name__
+        slotted_batch = msgspec.defstruct(
+            "SlottedBatch", [("events", event_slots)], module=__name__
         )
-        self._bounded_batch_decoder = msgspec.json.Decoder(bounded_batch)
+        self._slotted_batch_decoder = msgspec.json.Decoder(slotted_batch)
+        self._event_slots_decoder = msgspec.json.Decoder(event_slots)
 
         # The thorough pass: decoders that stop at Raw so each level can be checked on its own.
         envelope = msgspec.defstruct("Envelope", [("events", Raw, UNSET)], module=__name__)
@@ -374,16 +397,6 @@ class Schema:
         )
         self._envelope_decoder = msgspec.json.Decoder(envelope)
         self._raw_decoder = msgspec.json.Decoder(Raw)
-        # An array-like Struct with max_events + 1 slots: msgspec skips trailing elements
-        # beyond the slots without allocating, so a 20 MiB array of `0`s costs no memory (a
-        # list[Raw] would hold one object per element: ~750 MB for 10 million elements).
-        events_probe = msgspec.defstruct(
-            "EventsProbe",
-            [(f"e{i}", Raw, UNSET) for i in range(limits.max_events + 1)],
-            array_like=True,
-            module=__name__,
-        )
-        self._events_probe_decoder = msgspec.json.Decoder(events_probe)
         self._event_decoder = msgspec.json.Decoder(self.Event)
         self._raw_event_decoder = msgspec.json.Decoder(raw_event)
         self._checks = [(spec, self._field_check(spec)) for spec in self.fields]
@@ -396,20 +409,29 @@ class Schema:
         Returned events have UTC timestamps (offsets converted).
         """
         try:
-            if len(body) < self._list_body_limit:
+            cap = self._max_event_bytes
+            if len(body) > self._measure_first_above:
+                # Measure before building: a list[Event] decoder builds every event before its
+                # length check, so 24 MB of valid events (40,000) took ~1.3 s and ~76 MB to
+                # reject, and one 20 MiB event of tiny properties builds a dict ~10x its size.
+                # The slot pass costs the same as the byte-cap pass it replaces (~4 us more).
+                slots = self._slotted_batch_decoder.decode(body).events
+                raw_events = _filled_slots(msgspec.structs.astuple(slots))
+                if not raw_events or len(raw_events) > self.limits.max_events:
+                    raise _BadEventCount
+                if max(map(len, raw_events)) > cap:
+                    raise _OversizedEvent
                 events = self._batch_decoder.decode(body).events
             else:
-                events = self._decode_bounded(body)
-            # The other n-1 events take at least _min_event_bytes each, so when the body is no
-            # longer than the cap plus that, no event can exceed the cap: skip the second pass.
-            # Otherwise a list[Raw] pass gives every event's byte span. It costs ~0.75 ns per
-            # body byte (~400 ns for a 530-byte event, bench/micro_schema.py); no cheaper exact
-            # bound exists without it (per-event Python work costs more).
-            cap = self._max_event_bytes
-            if len(body) > cap + (len(events) - 1) * self._min_event_bytes:
-                sizes = map(len, self._raw_events_decoder.decode(body).events)
-                if max(sizes) > cap:
-                    raise _OversizedEvent
+                events = self._batch_decoder.decode(body).events
+                # The other n-1 events take at least _min_event_bytes each: while the body is
+                # no longer than the cap plus that, no event can exceed the cap. Otherwise a
+                # list[Raw] pass gives every event's byte span; it costs ~0.75 ns per body byte
+                # (~400 ns for a 530-byte event, bench/micro_schema.py), and no cheaper exact
+                # bound exists (per-event Python work costs more).
+                if len(body) > cap + (len(events) - 1) * self._min_event_bytes:
+                    if max(map(len, self._raw_events_decoder.decode(body).events)) > cap:
+                        raise _OversizedEvent
             # Measured on 1,000 events: this plain loop costs ~27 ns/event, less than a C-level
             # `set(map(attrgetter("timestamp.tzinfo"), events))` scan (~42 ns) or `all(...)`.
             for event in events:
@@ -430,26 +452,6 @@ class Schema:
                 )
             raise rejection from None
         return events
-
-    def _decode_bounded(self, body: bytes) -> list[Any]:
-        """Decode at most max_events + 1 events; msgspec skips any further ones unbuilt.
-
-        A list[Event] decoder builds every event before its length check: 24 MB of realistic
-        valid events (40,000) took ~1.3 s and ~76 MB to reject, blocking the event loop. Here the
-        array goes into an array-like Struct with max_events + 1 slots: ~60 ms and ~1 MB.
-        Allocating the slots costs ~4 us, hence only for bodies that could hold too many events.
-        """
-        slots = msgspec.structs.astuple(self._bounded_batch_decoder.decode(body).events)
-        if slots[-1] is not UNSET or slots[0] is UNSET:
-            raise _BadEventCount
-        low, high = 1, len(slots) - 1  # events fill a prefix: find the first empty slot
-        while low < high:
-            middle = (low + high) // 2
-            if slots[middle] is UNSET:
-                high = middle
-            else:
-                low = middle + 1
-        return list(slots[:low])
 
     def encode_events(self, events: list[Any]) -> bytes:
         """The events as one JSON array (the commit log's record format; see the module doc)."""
@@ -479,11 +481,10 @@ class Schema:
         if envelope.events is UNSET:
             return BatchRejected(VALIDATION_FAILED, ["events is required"])
         try:
-            probe = self._events_probe_decoder.decode(envelope.events)
+            slots = self._event_slots_decoder.decode(envelope.events)
         except msgspec.ValidationError:
             return BatchRejected(VALIDATION_FAILED, ["events must be an array"])
-        slots = msgspec.structs.astuple(probe)
-        raw_events = slots[: slots.index(UNSET)] if UNSET in slots else slots
+        raw_events = _filled_slots(msgspec.structs.astuple(slots))
         if not raw_events:
             return BatchRejected(VALIDATION_FAILED, ["events must contain at least 1 event"])
         if len(raw_events) > self.limits.max_events:
@@ -510,7 +511,10 @@ class Schema:
 
     def _explain_event(self, index: int, raw_event: Raw, problems: _Problems) -> None:
         if len(raw_event) > self._max_event_bytes:
+            # Not examined further: decoding is what the cap protects (a dict of tiny properties
+            # costs ~10x its JSON), and the event is refused whatever else is wrong with it.
             problems.add(index, f"event is larger than {self._max_event_bytes} bytes")
+            return
         try:
             event = self._event_decoder.decode(raw_event)
         except _DECODE_FAILURES as error:

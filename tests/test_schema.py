@@ -602,13 +602,26 @@ def test_byte_cap_counts_raw_bytes_including_escapes_and_whitespace():
     assert details(escaped, schema) == ["Event 0: event is larger than 400 bytes"]
 
 
-def test_oversized_event_other_problems_are_listed_too():
+def test_an_oversized_event_is_not_examined_further():
     schema = Schema(EventLimits(max_event_bytes=300))
     event = without("sessionId", junk="x" * 400)
-    assert details(body_of(event), schema) == [
+    assert details(body_of(event, without("eventName")), schema) == [
         "Event 0: event is larger than 300 bytes",
-        "Event 0: sessionId is required",
+        "Event 1: eventName is required",
     ]
+
+
+def test_one_huge_event_of_tiny_properties_is_refused_without_building_it():
+    properties = {f"k{i}": "" for i in range(300_000)}  # ~3.5 MiB of JSON
+    body = body_of(valid_event(properties=properties))
+    tracemalloc.start()
+    try:
+        error = rejection(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error.details == [f"Event 0: event is larger than {LIMITS.max_event_bytes} bytes"]
+    assert peak < 4 * 1024 * 1024, peak  # the dict alone would take ~30 MB
 
 
 # --------------------------------------------------------------------------- detail cap
@@ -669,7 +682,7 @@ def test_far_too_many_valid_events_are_refused_without_building_them():
 
 @pytest.mark.parametrize("count", [999, 1000, 1001, 1002])
 def test_batch_size_limits_hold_on_both_decoders(count):
-    # Bodies this large take the slot decoder; a bad element past the limit is never built.
+    # Bodies this large are measured (and counted) before any event is built.
     events = [valid_event(pageTitle="t" * 100)] * count
     body = body_of(*events)
     assert len(body) > (LIMITS.max_events + 1) * len(SHORTEST_EVENT)
