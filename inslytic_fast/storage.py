@@ -80,6 +80,9 @@ MAX_RETRY_DELAY_S = 30.0
 # One DuckDB thread by default: the serving processes keep the other cores. Measured with
 # bench/micro_storage.py, one thread converts ~70-100k events/s on a 2-core EPYC VM.
 DEFAULT_DUCKDB_THREADS = 1
+# DuckDB's default is 80% of RAM, which a background job next to the server must not take.
+# A 64 MiB segment converts in well under this; compaction sorts spill to DUCKDB_TEMP_DIRNAME.
+ROLLER_MEMORY_LIMIT = "1GB"
 
 # The commit log payload is {"p","r","b","e"}; ``e`` is the event array exactly as the API
 # names its fields. Unknown keys are ignored, missing optional keys become NULL.
@@ -182,7 +185,9 @@ def source_segment(parquet_name: str) -> str:
     return parquet_name.split(".", 1)[0]
 
 
-def connect_duckdb(*, threads: int | None = None, temp_dir: Path | None = None):
+def connect_duckdb(
+    *, threads: int | None = None, temp_dir: Path | None = None, memory_limit: str | None = None
+):
     """An in-memory DuckDB connection that reads and prints timestamps in UTC."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
@@ -190,6 +195,8 @@ def connect_duckdb(*, threads: int | None = None, temp_dir: Path | None = None):
         con.execute(f"SET threads = {int(threads)}")
     if temp_dir is not None:
         con.execute(f"SET temp_directory = {sql_string(temp_dir)}")
+    if memory_limit is not None:
+        con.execute(f"SET memory_limit = {sql_string(memory_limit)}")
     return con
 
 
@@ -329,7 +336,9 @@ class Roller:
         if self._con is None:
             make_dirs_durable(self.staging_dir)
             self._con = connect_duckdb(
-                temp_dir=self.events_dir / DUCKDB_TEMP_DIRNAME, threads=self.duckdb_threads
+                temp_dir=self.events_dir / DUCKDB_TEMP_DIRNAME,
+                threads=self.duckdb_threads,
+                memory_limit=ROLLER_MEMORY_LIMIT,
             )
         return self._con
 
