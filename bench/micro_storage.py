@@ -11,7 +11,8 @@ Prints one JSON line per stage:
 
 append_sync: N producers on uvloop, each appending a pre-encoded batch and waiting for its
 on_done before the next (like N busy HTTP connections); every ack is after fdatasync.
-roll: sealed segments -> ZSTD Parquet with the roller's single DuckDB thread.
+roll: sealed segments -> ZSTD Parquet with the roller's single DuckDB thread, then one
+compaction pass over the files that produced (merge + sort by timestamp).
 query_log_tail: a count(*) over events that are all still in the log (the worst case for
 query, which parses the log in Python and loads it into DuckDB).
 
@@ -144,6 +145,12 @@ def roll(data_dir: Path, args, batches: list[bytes]) -> dict:
     converted = roller.roll_once()
     elapsed = time.perf_counter() - started
     parquet_bytes = sum(p.stat().st_size for p in (data_dir / "events").rglob("*.parquet"))
+    files_before = len(list((data_dir / "events").rglob("*.parquet")))
+    roller.compact_min_files = 2
+    started = time.perf_counter()
+    compactions = roller.compact_once()
+    compact_s = time.perf_counter() - started
+    files_after = len(list((data_dir / "events").rglob("*.parquet")))
     roller.stop()
     return {
         "bench": "micro_storage",
@@ -155,6 +162,13 @@ def roll(data_dir: Path, args, batches: list[bytes]) -> dict:
         "log_mb": round(log_bytes / 1e6, 1),
         "parquet_mb": round(parquet_bytes / 1e6, 1),
         "log_mb_per_s": round(log_bytes / elapsed / 1e6, 1),
+        "compaction": {
+            "files_before": files_before,
+            "files_after": files_after,
+            "compactions": compactions,
+            "seconds": round(compact_s, 2),
+            "events_per_s": round(converted / compact_s) if compactions else None,
+        },
     }
 
 
