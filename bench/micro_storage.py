@@ -9,6 +9,7 @@ Prints one JSON line per stage:
   {"bench": "micro_storage", "stage": "roll", "events_per_s": ..., ...}
   {"bench": "micro_storage", "stage": "query_log_tail", ...}
 
+append_cpu: microseconds of event-loop time per append() (best of 3 x 5,000 calls).
 append_sync: N producers on uvloop, each appending a pre-encoded batch and waiting for its
 on_done before the next (like N busy HTTP connections); every ack is after fdatasync.
 roll: sealed segments -> ZSTD Parquet with the roller's single DuckDB thread, then one
@@ -113,6 +114,36 @@ async def append_sync(data_dir: Path, args, batches: list[bytes]) -> dict:
     }
 
 
+async def append_cpu(data_dir: Path, args, batches: list[bytes]) -> dict:
+    """Loop-thread cost of one append (the part that competes with request parsing)."""
+    log = CommitLog(data_dir, durability="none", worker_id="cpu", max_unrolled_bytes=1 << 40)
+    log.open()
+    log.start(asyncio.get_running_loop())
+    calls = 5_000
+
+    def ignore(error) -> None:
+        return None
+
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for i in range(calls):
+            log.append("bench", batches[i % BATCH_VARIANTS], args.batch, ignore)
+        best = min(best, time.perf_counter() - started)
+        await asyncio.sleep(0)  # let the sync thread drain between rounds
+        while log.stats.acked < log.stats.appends:
+            await asyncio.sleep(0.01)
+    await log.close()
+    return {
+        "bench": "micro_storage",
+        "stage": "append_cpu",
+        "batch_events": args.batch,
+        "batch_bytes_mean": round(statistics.mean(len(b) for b in batches)),
+        "us_per_append": round(best / calls * 1e6, 2),
+        "ns_per_event": round(best / calls / args.batch * 1e9, 1),
+    }
+
+
 async def fill_log(data_dir: Path, events: int, batch_events: int, batches: list[bytes]) -> None:
     """Write ``events`` into the log quickly (durability none: this is input for the roller)."""
     log = CommitLog(data_dir, durability="none", worker_id="fill")
@@ -195,7 +226,7 @@ def main() -> int:
     parser.add_argument("--durability", choices=("fsync", "none"), default="fsync")
     parser.add_argument("--data-dir", type=Path, help="default: a temp dir under bench/scratch")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--stages", default="append_sync,roll,query_log_tail")
+    parser.add_argument("--stages", default="append_cpu,append_sync,roll,query_log_tail")
     args = parser.parse_args()
     import uvloop
 
@@ -207,7 +238,9 @@ def main() -> int:
         base = args.data_dir or Path(tempfile.mkdtemp(dir=scratch_parent))
         data_dir = base / stage
         try:
-            if stage == "append_sync":
+            if stage == "append_cpu":
+                result = uvloop.run(append_cpu(data_dir, args, batches))
+            elif stage == "append_sync":
                 result = uvloop.run(append_sync(data_dir, args, batches))
             elif stage == "roll":
                 result = roll(data_dir, args, batches)
