@@ -1,7 +1,7 @@
 """SQL over everything acknowledged: the Parquet data set plus the records still in the log.
 
-Readers take no locks and never block the server. A snapshot is taken in this order, which is
-what makes it exact while the roller renames and deletes files under it:
+Readers never block the server and normally take no locks at all. A snapshot is taken in this
+order, which is what makes it exact while the roller renames and deletes files under it:
 
 1. list the log segments and read each one; every valid record is used (a tail still being
    written fails its length/checksum test and is skipped, so a half-written record is never
