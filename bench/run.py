@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON report path (default: bench/results/<date>-<host>.json)",
     )
     out.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="re-summarize a saved JSON report (rewrites its summary) and print its table",
+    )
+    out.add_argument(
         "--smoke",
         action="store_true",
         help="a few seconds end to end against inslytic-fast and the bare peer (CI)",
@@ -592,10 +598,19 @@ def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str
         for target, mine in by_target.items():
             if not mine:
                 continue
+            # Open loop: every server runs at its own offered rate, so a ratio says nothing.
             ratios = [
                 ours[r["round"]]["events_per_s"] / r["events_per_s"]
                 for r in mine
-                if r["round"] in ours and r["events_per_s"]
+                if r["round"] in ours and r["events_per_s"] and not scenario.open_loop
+            ]
+            # CPU seconds per event is what contention on a shared machine distorts least.
+            cpu_ratios = [
+                r["server_cpu_s_per_1m_events"] / ours[r["round"]]["server_cpu_s_per_1m_events"]
+                for r in mine
+                if r["round"] in ours
+                and r["server_cpu_s_per_1m_events"]
+                and ours[r["round"]]["server_cpu_s_per_1m_events"]
             ]
             rows.append(
                 {
@@ -619,6 +634,10 @@ def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str
                     "non_202": sum(sum(r["non_202"].values()) for r in mine),
                     "errors": sum(r["errors"] for r in mine),
                     "inslytic_ratio": round(statistics.median(ratios), 3) if ratios else None,
+                    "inslytic_ratio_per_round": [round(r, 3) for r in ratios],
+                    "cpu_cost_ratio": (
+                        round(statistics.median(cpu_ratios), 3) if cpu_ratios else None
+                    ),
                     "foreign_share_server_cpus": median_of(
                         mine, "contention", "foreign_share_server_cpus"
                     ),
@@ -647,6 +666,9 @@ def evaluate_goals(summary: list[dict], durability: str) -> list[dict]:
         bare = peers.get(("1", targets.BARE))
         if bare:
             add("1", "x bare-httptools req/s", bare["inslytic_ratio"], GOAL_VS_BARE)
+            # On a shared core throughput flatters whoever needs less CPU per request; the
+            # CPU-cost ratio is the figure a dedicated core would converge to.
+            add("1", "x bare-httptools, by CPU per request", bare["cpu_cost_ratio"], GOAL_VS_BARE)
     for name in ("100", "1000"):
         if name in ours:
             add(name, "events/s", ours[name]["events_per_s"], GOAL_EVENTS_PER_S)
@@ -656,6 +678,8 @@ def evaluate_goals(summary: list[dict], durability: str) -> list[dict]:
         add("open", "p99 ms at half max rate", ours["open"]["latency_ms"]["p99"], GOAL_OPEN_P99_MS,
             False)  # fmt: skip
     for name in ours:
+        if name == "open":
+            continue  # offered load, not throughput: see summarize()
         fastapi = peers.get((name, targets.FASTAPI))
         if fastapi:
             add(name, "x fastapi-ref events/s", fastapi["inslytic_ratio"], GOAL_VS_FASTAPI)
@@ -700,10 +724,11 @@ def markdown(report: dict) -> str:
         f"(+{report['settings']['warmup_s']:g} s warmup), interleaved; medians shown",
         f"- Command: `{report['command']}`",
         "",
-        "| scenario | server | req/s | events/s | inslytic-fast ÷ this | p50 ms | p90 ms | "
+        "| scenario | server | req/s | events/s | inslytic-fast ÷ this | CPU per event, "
+        "this ÷ inslytic-fast | p50 ms | p90 ms | "
         "p99 ms | p99.9 ms | CPU s / 1M events | peak RSS MB | queryable after s | "
         "non-202 / errors | other load on server CPU |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in report["summary"]:
         lat = row["latency_ms"]
@@ -713,7 +738,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {label} | {row['target']}{'' if row['valid'] else ' (INVALID)'} | "
             f"{_fmt(row['requests_per_s'])} | {_fmt(row['events_per_s'])} | "
-            f"{_ratio(row['inslytic_ratio'])} | {_fmt(lat['p50'], 2)} | {_fmt(lat['p90'], 2)} | "
+            f"{_ratio(row['inslytic_ratio'])} | {_ratio(row['cpu_cost_ratio'])} | "
+            f"{_fmt(lat['p50'], 2)} | {_fmt(lat['p90'], 2)} | "
             f"{_fmt(lat['p99'], 2)} | {_fmt(lat['p99_9'], 2)} | "
             f"{_fmt(row['server_cpu_s_per_1m_events'], 1)} | "
             f"{_fmt(row['server_peak_rss_mb'], 1)} | {_fmt(row['queryable_s'], 2)} | "
@@ -755,6 +781,28 @@ def run_micro() -> list[dict]:
     return found
 
 
+def render(path: Path) -> int:
+    """Recompute summary and goals of a saved report from its runs; print the table."""
+    report = json.loads(path.read_text())
+    scenarios: dict[str, Scenario] = {}
+    for run in report["runs"]:
+        scenarios.setdefault(
+            run["scenario"],
+            Scenario(
+                run["scenario"], run["events_per_request"], run["connections"],
+                open_loop=run["loop"] == "open",
+            ),
+        )  # fmt: skip
+    report["summary"] = summarize(
+        report["runs"], list(scenarios.values()), report["settings"]["targets"]
+    )
+    if report["goals"]:
+        report["goals"] = evaluate_goals(report["summary"], report["settings"]["durability"])
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
+    return 0
+
+
 def default_output(smoke: bool) -> Path:
     if smoke:
         return Path(tempfile.gettempdir()) / f"inslytic-bench-smoke-{os.getpid()}.json"
@@ -766,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     raw_argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw_argv)
+    if args.render:
+        return render(args.render)
     resolve_args(args, parser)
     pinning = plan_pinning(args)
     if pinning["applied"]:
