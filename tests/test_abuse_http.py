@@ -9,6 +9,7 @@ CR/LF and ANSI escapes. What a test claims about storage it checks with a query 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import resource
 import socket
@@ -329,10 +330,15 @@ def garbage_payloads(seed: int, count: int) -> list[bytes]:
 
 
 GARBAGE_PAYLOADS = 400
+SLOW_GARBAGE_PAYLOADS = int(os.environ.get("INSLYTIC_GARBAGE_PAYLOADS", "20000"))
 
 
-def test_garbage_bytes_get_4xx_or_a_close_and_never_a_crash(server):
-    payloads = garbage_payloads(seed=7, count=GARBAGE_PAYLOADS)
+@pytest.mark.parametrize(
+    "count",
+    [GARBAGE_PAYLOADS, pytest.param(SLOW_GARBAGE_PAYLOADS, marks=pytest.mark.slow)],
+)
+def test_garbage_bytes_get_4xx_or_a_close_and_never_a_crash(server, count):
+    payloads = garbage_payloads(seed=7 + count, count=count)
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda p: raw(server, p, shut_wr=True, timeout=15), payloads))
     seen: dict[int, int] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -108,7 +109,13 @@ def test_fast_and_thorough_paths_agree_whatever_the_spelling(events, seed, dupli
         return
     assert explained.details == []
     if not duplicates:
-        assert SMALL.encode_events(decoded) == SMALL.encode_events(SMALL.decode(canonical))
+        try:
+            same = SMALL.decode(canonical)
+        except BatchRejected as canonical_error:
+            # json.dumps escapes non-ASCII (6 bytes a character): only the byte cap may differ.
+            assert all("larger than" in d for d in canonical_error.details), canonical_error
+            return
+        assert SMALL.encode_events(decoded) == SMALL.encode_events(same)
 
 
 @pytest.mark.xfail(
@@ -247,23 +254,16 @@ def rows(data_dir: Path) -> list[dict]:
 
 
 ROUND_TRIP_EXAMPLES = 120
+SLOW_ROUND_TRIP_EXAMPLES = int(os.environ.get("INSLYTIC_ROUND_TRIP_EXAMPLES", "2000"))
+round_trip_batches = st.lists(
+    st.tuples(st.sampled_from(["shop", "blog"]), st.lists(valid_events(), min_size=1, max_size=4)),
+    min_size=1,
+    max_size=3,
+)
+ROUND_TRIP_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
-@settings(
-    max_examples=ROUND_TRIP_EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(
-    batches=st.lists(
-        st.tuples(
-            st.sampled_from(["shop", "blog"]), st.lists(valid_events(), min_size=1, max_size=4)
-        ),
-        min_size=1,
-        max_size=3,
-    )
-)
-def test_any_accepted_batch_round_trips_through_log_parquet_and_query(batches):
+def check_round_trip(batches) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="roundtrip-"))
     try:
         expected, appended = [], []
@@ -292,6 +292,21 @@ def test_any_accepted_batch_round_trips_through_log_parquet_and_query(batches):
                         assert row[column] == value, (stage, column, row[column], value)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@settings(max_examples=ROUND_TRIP_EXAMPLES, deadline=None, suppress_health_check=ROUND_TRIP_HEALTH)
+@given(batches=round_trip_batches)
+def test_any_accepted_batch_round_trips_through_log_parquet_and_query(batches):
+    check_round_trip(batches)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=SLOW_ROUND_TRIP_EXAMPLES, deadline=None, suppress_health_check=ROUND_TRIP_HEALTH
+)
+@given(batches=round_trip_batches)
+def test_round_trip_many_more_batches(batches):
+    check_round_trip(batches)
 
 
 # -- 3. The cut of a byte stream into reads does not change the answers --------------------
@@ -324,13 +339,6 @@ def answers(stream: bytes, cuts: list[int]) -> list:
     return [(status, body) for status, _, body in split_responses(transport.take())]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.HttpProtocol.data_received adds len(data) to header_bytes BEFORE parsing "
-    "when a read starts in the HEADERS phase; the on_header/on_url checks then compare that "
-    "inflated count with max_header_bytes, so headers split across reads followed by more than "
-    "16 KiB (a body, or pipelined requests) in the next read get a false 431",
-)
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(stream=request_streams(), data=st.data())
 def test_the_answers_do_not_depend_on_how_the_stream_is_cut(stream, data):
@@ -338,9 +346,6 @@ def test_the_answers_do_not_depend_on_how_the_stream_is_cut(stream, data):
     assert answers(stream, cuts) == answers(stream, [])
 
 
-@pytest.mark.xfail(
-    strict=True, reason="see test_the_answers_do_not_depend_on_how_the_stream_is_cut"
-)
 def test_headers_split_across_reads_then_a_20_kib_body_is_not_431():
     stream = post("/x", b"a" * 20_000)
     assert [status for status, _ in answers(stream, [30])] == [200]
