@@ -253,7 +253,7 @@ def rows(data_dir: Path) -> list[dict]:
     return [dict(zip(columns, row, strict=True)) for row in values]
 
 
-ROUND_TRIP_EXAMPLES = 120
+ROUND_TRIP_EXAMPLES = 80
 SLOW_ROUND_TRIP_EXAMPLES = int(os.environ.get("INSLYTIC_ROUND_TRIP_EXAMPLES", "2000"))
 round_trip_batches = st.lists(
     st.tuples(st.sampled_from(["shop", "blog"]), st.lists(valid_events(), min_size=1, max_size=4)),
