@@ -103,7 +103,7 @@ CRASH_BATCH_EVENTS = 20
 async def crash_writer(data_dir: Path, seed: int) -> None:
     rng = random.Random(seed)
     # Small segments so rotations and rolls happen all the time while we are killed.
-    log = CommitLog(data_dir, segment_max_bytes=32 * 1024, segment_max_age_s=0.2)
+    log = CommitLog(data_dir, segment_max_bytes=256 * 1024, segment_max_age_s=0.2)
     log.open()
     log.start(asyncio.get_running_loop())
     roller = Roller(data_dir, roll_interval_s=0.05, compact_interval_s=0.3, compact_min_files=4)
