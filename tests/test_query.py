@@ -290,3 +290,20 @@ def test_a_reader_starved_by_compactions_pauses_the_roller_for_one_snapshot(data
     assert roller_could_run == [True] * query_module.LOCK_FREE_ATTEMPTS + [False]
     with Roller(data_dir)._exclusive() as mine:  # noqa: SLF001 - released afterwards
         assert mine
+
+
+def test_cli_query_prints_any_duckdb_type(data_dir, capsys):
+    sql = (
+        "SELECT 12.5::DECIMAL(10,2) AS d, 170141183460469231731687303715884105727::HUGEINT AS h, "
+        "'x'::BLOB AS bl, DATE '2026-01-02' AS day, [1, 2] AS l"
+    )
+    code, out, _ = cli(capsys, "query", sql, "--data-dir", str(data_dir), "--format", "json")
+    assert code == 0
+    assert orjson.loads(out.replace("170141183460469231731687303715884105727", '"big"')) == [
+        {"d": "12.50", "h": "big", "bl": "78", "day": "2026-01-02", "l": [1, 2]}
+    ]
+    assert "170141183460469231731687303715884105727" in out  # a number, not rounded
+    code, out, _ = cli(capsys, "query", sql, "--data-dir", str(data_dir), "--format", "csv")
+    assert (
+        out.splitlines()[1] == '12.50,170141183460469231731687303715884105727,78,2026-01-02,"[1,2]"'
+    )

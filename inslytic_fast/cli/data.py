@@ -13,6 +13,7 @@ import argparse
 import csv
 import datetime as dt
 import decimal
+import json
 import os
 import sys
 import uuid
@@ -159,13 +160,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             out.write(format_json(columns, rows))
         else:
             for row in rows:
-                out.write(
-                    orjson.dumps(
-                        dict(zip(columns, row, strict=True)),
-                        default=_json_default,
-                        option=_ORJSON_OPTIONS,
-                    ).decode()
-                )
+                out.write(dumps_json(dict(zip(columns, row, strict=True))))
                 out.write("\n")
         out.flush()
     except BrokenPipeError:
@@ -186,13 +181,29 @@ def _json_default(value):
         return value.total_seconds()
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
-    raise TypeError(f"cannot encode {type(value).__name__}")
+    return str(value)  # whatever else DuckDB returns (e.g. BIT): its text form beats an error
 
 
 def format_json(columns: list[str], rows: list[tuple]) -> str:
     """One JSON array of row objects (an empty result is ``[]``)."""
-    objects = [dict(zip(columns, row, strict=True)) for row in rows]
-    return orjson.dumps(objects, default=_json_default, option=_ORJSON_OPTIONS).decode() + "\n"
+    return dumps_json([dict(zip(columns, row, strict=True)) for row in rows]) + "\n"
+
+
+def dumps_json(value) -> str:
+    try:
+        return orjson.dumps(value, default=_json_default, option=_ORJSON_OPTIONS).decode()
+    except TypeError:
+        # orjson stops at 64-bit integers; DuckDB has HUGEINT/UHUGEINT. The stdlib is slower
+        # but exact.
+        return json.dumps(value, default=_stdlib_default, separators=(",", ":"))
+
+
+def _stdlib_default(value):
+    if isinstance(value, dt.datetime):
+        return text_value(value)
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    return _json_default(value)
 
 
 def text_value(value, null: str = "") -> str:
@@ -209,7 +220,9 @@ def text_value(value, null: str = "") -> str:
             return value.replace(tzinfo=None).isoformat() + "Z"
         return value.isoformat()
     if isinstance(value, (dict, list, tuple)):
-        return orjson.dumps(value, default=_json_default, option=_ORJSON_OPTIONS).decode()
+        return dumps_json(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
     return str(value)
 
 
