@@ -763,7 +763,7 @@ def markdown(report: dict) -> str:
 
 
 def run_micro() -> list[dict]:
-    """Each bench/micro_*.py in a fresh interpreter; its last stdout line is one JSON object."""
+    """Each bench/micro_*.py in a fresh interpreter, collecting the JSON lines it prints."""
     found = []
     for path in sorted(BENCH_DIR.glob("micro_*.py")):
         proc = subprocess.run(
@@ -773,11 +773,18 @@ def run_micro() -> list[dict]:
             timeout=MICRO_TIMEOUT_S,
             cwd=BENCH_DIR.parent,
         )
-        lines = proc.stdout.strip().splitlines()
-        try:
-            found.append(json.loads(lines[-1]))
-        except (IndexError, json.JSONDecodeError):
-            found.append({"bench": path.stem, "error": (proc.stderr or proc.stdout)[-500:]})
+        # One JSON line per figure (some benchmarks print one per stage); other lines are prose.
+        results = []
+        for line in proc.stdout.splitlines():
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                results.append(value)
+        if proc.returncode != 0 or not results:
+            results.append({"bench": path.stem, "error": (proc.stderr or proc.stdout)[-500:]})
+        found.extend(results)
     return found
 
 
