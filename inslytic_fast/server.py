@@ -168,32 +168,32 @@ def make_roller(settings: Settings) -> Roller:
 
 
 def announce(settings: Settings, host: str, port: int, first_run_key: str | None, out) -> None:
-    """The one startup line (stderr) and, on first run, the default key with a curl line."""
+    """On first run the default key with a curl line (stdout), then the one startup line
+    (stderr). In that order: whoever waits for the startup line finds the key already written."""
+    scheme = "https" if settings.tls_cert else "http"
+    if first_run_key is not None:
+        url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        print(
+            'First run: created project "default". Its API key is shown only this once:\n'
+            f"  {first_run_key}\n"
+            "Try it:\n"
+            f"  curl -i -X POST {scheme}://{url_host}:{port}/v1/ingest "
+            f'-H "Authorization: Bearer {first_run_key}" -H "Content-Type: application/json" '
+            '-d \'{"events":[{"eventName":"page_viewed",'
+            '"timestamp":"2026-02-16T10:30:00.000Z","anonymousId":"anon-123",'
+            '"sessionId":"sess-456","consentGiven":true}]}\'',
+            file=out,
+            flush=True,
+        )
     durability = settings.durability
     if durability == "none":
         durability = "none (BENCHMARK ONLY: acknowledged events can be lost on a crash)"
     workers = f" workers {settings.workers}" if settings.workers > 1 else ""
-    scheme = "https" if settings.tls_cert else "http"
     print(
         f"inslytic-fast {__version__} listening on {scheme}://{host}:{port} "
         f"data dir {settings.data_dir.resolve()} durability {durability}{workers} "
         f"pid {os.getpid()}",
         file=sys.stderr,
-        flush=True,
-    )
-    if first_run_key is None:
-        return
-    url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(
-        'First run: created project "default". Its API key is shown only this once:\n'
-        f"  {first_run_key}\n"
-        "Try it:\n"
-        f"  curl -i -X POST {scheme}://{url_host}:{port}/v1/ingest "
-        f'-H "Authorization: Bearer {first_run_key}" -H "Content-Type: application/json" '
-        '-d \'{"events":[{"eventName":"page_viewed",'
-        '"timestamp":"2026-02-16T10:30:00.000Z","anonymousId":"anon-123",'
-        '"sessionId":"sess-456","consentGiven":true}]}\'',
-        file=out,
         flush=True,
     )
 

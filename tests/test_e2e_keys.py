@@ -35,19 +35,21 @@ def test_create_rotate_revoke_and_limits_reach_a_running_server(make_server, tmp
     new_key = cli("projects", "create", "shop", data_dir=data_dir).stdout.strip().splitlines()[-1]
     wait_for_status(server, new_key, 202)
 
-    cli("projects", "set-limit", "shop", "3", data_dir=data_dir)
-    wait_for_status(server, new_key, 429, events=[EXAMPLE_EVENT] * 4)
-
     rotated = (
-        cli("projects", "rotate-key", "shop", "--keep-old-for", "6", data_dir=data_dir)
+        cli("projects", "rotate-key", "shop", "--keep-old-for", "8", data_dir=data_dir)
         .stdout.strip()
         .splitlines()[-1]
     )
-    cli("projects", "set-limit", "shop", "unlimited", data_dir=data_dir)
     wait_for_status(server, rotated, 202)
     assert server.ingest([EXAMPLE_EVENT], new_key)[0] == 202, "old key valid during overlap"
-    # The old key expires 6 s after the rotation: then every worker refuses it.
-    wait_for_status(server, new_key, 401, deadline_s=6 + RELOAD_DEADLINE_S)
+
+    cli("projects", "set-limit", "shop", "3", data_dir=data_dir)
+    wait_for_status(server, rotated, 429, events=[EXAMPLE_EVENT] * 4)
+    cli("projects", "set-limit", "shop", "unlimited", data_dir=data_dir)
+    wait_for_status(server, rotated, 202, events=[EXAMPLE_EVENT] * 4)
+
+    # The old key expires 8 s after the rotation: then every worker refuses it.
+    wait_for_status(server, new_key, 401, deadline_s=8 + RELOAD_DEADLINE_S)
     assert server.ingest([EXAMPLE_EVENT], rotated)[0] == 202
 
     prefix = rotated[:12]
