@@ -88,6 +88,10 @@ QUARANTINE_DIRNAME = "quarantine"
 _SEGMENT_RE = re.compile(r"^([A-Za-z0-9_]+)-(\d{20})\.log$")
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
+# One getrandom() per 512 batch ids: a syscall per batch was 12% of the event loop's time with
+# 1-event requests (py-spy --native, bench/results/2026-11-26-vm-profiles.txt).
+RANDOM_POOL_BYTES = 7 * 512
+
 # -- Defaults ------------------------------------------------------------------------------
 
 # 64 MiB segments roll in well under a second with DuckDB and keep the number of Parquet files
@@ -375,6 +379,10 @@ class CommitLog:
         "_project_json",
         "_uuid_ms",
         "_uuid_seq",
+        "_random_pool",
+        "_random_pos",
+        "_uuid_ms_for_text",
+        "_uuid_ms_text",
         # Written by the sync thread while a job is in flight; the loop reads them only when
         # idle, except tick(), which takes a racy but harmless snapshot.
         "_fd",
@@ -429,6 +437,10 @@ class CommitLog:
         self._project_json: dict[str, bytes] = {}
         self._uuid_ms = 0
         self._uuid_seq = 0
+        self._random_pool = b""
+        self._random_pos = 0
+        self._uuid_ms_for_text = -1
+        self._uuid_ms_text = b""
         self._fd = -1
         self._segment_path: Path | None = None
         self._segment_seq = 0
@@ -596,12 +608,26 @@ class CommitLog:
             if self._uuid_seq > 0xFFF:
                 self._uuid_ms += 1
                 self._uuid_seq = 0
-        rand = int.from_bytes(os.urandom(7)) & 0x3FFFFFFFFFFFF  # 50 random bits
-        value = (
-            (self._uuid_ms << 80) | (0x7 << 76) | (self._uuid_seq << 64) | (0b10 << 62) | rand << 12
+        pos = self._random_pos
+        if pos >= len(self._random_pool):
+            self._random_pool = os.urandom(RANDOM_POOL_BYTES)
+            pos = 0
+        self._random_pos = pos + 7
+        # 50 random bits from the CSPRNG, drawn in bulk.
+        rand = int.from_bytes(self._random_pool[pos : pos + 7]) & 0x3FFFFFFFFFFFF
+        ms = self._uuid_ms
+        if ms != self._uuid_ms_for_text:
+            self._uuid_ms_for_text = ms
+            text = b"%012x" % ms
+            self._uuid_ms_text = text[:8] + b"-" + text[8:]
+        # time_high-time_low | "7" + rand_a (the counter) | variant 0b10 + 14 bits | 36 bits;
+        # the 3 hex digits the caller appends complete rand_b.
+        return b"%s-7%03x-%04x-%09x" % (
+            self._uuid_ms_text,
+            self._uuid_seq,
+            0x8000 | (rand >> 36),
+            rand & 0xFFFFFFFFF,
         )
-        h = f"{value:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:29]}".encode()
 
     # -- Sync orchestration (loop thread) -------------------------------------------------
 
