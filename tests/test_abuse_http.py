@@ -120,6 +120,26 @@ def test_ambiguous_framing_is_refused_and_nothing_behind_it_runs(server, case):
     assert stored_count(server.data_dir, f"smuggled-{case}") == 0
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="RFC 9112 s6.1: an HTTP/1.0 message with Transfer-Encoding must be treated as "
+    "faulty framing and the connection closed after it; protocol.HttpProtocol reads it as "
+    "chunked and, with Connection: keep-alive, serves the next request on the connection "
+    "(a 1.0 proxy in front frames it differently). Fix: in on_headers_complete, when "
+    "self.chunked and parser.get_http_version() == '1.0', answer 400 or set closing",
+)
+def test_http10_with_transfer_encoding_never_keeps_the_connection(server):
+    case = "http10-te-keepalive"
+    first = (
+        b"POST /health HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    follow = smuggled(server, case).replace(b"HTTP/1.1", b"HTTP/1.0")
+    got = raw(server, first + follow, timeout=5)
+    assert len(got.statuses()) <= 1 and got.closed
+    assert stored_count(server.data_dir, f"smuggled-{case}") == 0
+
+
 # Unusual but legal framings (RFC 9112): they must be read exactly as a strict parser reads
 # them: one ingest, its event stored once, then the next request on the connection answered.
 LEGAL_FRAMINGS = {
