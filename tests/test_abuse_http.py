@@ -543,7 +543,8 @@ def test_slowloris_is_cut_with_408_while_normal_traffic_keeps_its_latency(make_s
         target=run_slow_clients, args=(server.host, server.port, SLOWLORIS_SECONDS, outcomes)
     )
     attack.start()
-    time.sleep(1.0)  # let the slow connections open before measuring
+    # Measure only once the slow connections are all open.
+    poll_until(lambda: metric(server, "inslytic_open_connections") >= SLOW_CLIENTS, 10)
     during = timed_requests(server, SLOWLORIS_SECONDS - 2.0, key, "during")
     attack.join(SLOWLORIS_SECONDS + 30)
     assert not attack.is_alive()
