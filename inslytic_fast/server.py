@@ -164,7 +164,11 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
 
 
 def make_roller(settings: Settings) -> Roller:
-    return Roller(settings.data_dir, retention_days=settings.retention_days or None)
+    return Roller(
+        settings.data_dir,
+        retention_days=settings.retention_days or None,
+        duckdb_threads=settings.roller_threads,
+    )
 
 
 def announce(settings: Settings, host: str, port: int, first_run_key: str | None, out) -> None:
