@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from inslytic_fast.auth import KEY_PREFIX, generate_key
+from inslytic_fast.query import run_query
 
 from .adversarial_helpers import batch_body, event, exchange, ingest_request, poll_until
 from .conftest import cli
@@ -25,8 +26,6 @@ def create_project(data_dir: Path, name: str, limit: int) -> str:
 
 
 def project_of(data_dir: Path, like: str) -> dict[str, set[str]]:
-    from inslytic_fast.query import run_query
-
     _, rows = run_query(
         data_dir,
         "SELECT project, list(event_name) FROM events WHERE event_name LIKE ? GROUP BY ALL",
