@@ -868,8 +868,11 @@ def main(argv: list[str] | None = None) -> int:
                         + ("" if result["valid"] else f"  INVALID: {'; '.join(result['problems'])}")
                     )
     except (targets.TargetError, RuntimeError) as exc:
+        # Keep what was measured: a long session should not be lost to its last run.
+        aborted = str(exc)
         print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
+    else:
+        aborted = None
 
     summary = summarize(runs, args.scenario_list, args.target_list)
     report = {
@@ -898,15 +901,21 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": runs,
         "summary": summary,
-        # The goals are about the standard scenarios on a self-hosted server only.
-        "goals": [] if args.url or args.smoke else evaluate_goals(summary, args.durability),
+        # The goals are about the standard scenarios, plain JSON, on a self-hosted server.
+        "goals": []
+        if args.url or args.smoke or args.gzip
+        else evaluate_goals(summary, args.durability),
         "micro": run_micro() if args.micro else [],
-        "valid": all(r["valid"] for r in runs),
+        "aborted": aborted,
+        "valid": all(r["valid"] for r in runs) and not aborted and bool(runs),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
     print(markdown(report))
     print(f"\nJSON report: {output}", file=sys.stderr)
+    if aborted:
+        print(f"bench: aborted after {len(runs)} run(s); the report keeps them", file=sys.stderr)
+        return 1
     if not report["valid"]:
         print(
             "bench: some runs are INVALID (errors or non-202 answers); see above", file=sys.stderr

@@ -67,9 +67,17 @@ def test_smoke_run_succeeds_against_server_and_bare_peer(smoke):
 def test_smoke_report_has_every_field(smoke):
     _, output = smoke
     report = json.loads(output.read_text())
-    assert {"date", "command", "machine", "pinning", "settings", "runs", "summary", "goals"} <= set(
-        report
-    )
+    assert {
+        "date",
+        "command",
+        "machine",
+        "pinning",
+        "settings",
+        "runs",
+        "summary",
+        "goals",
+        "aborted",
+    } <= set(report)
     assert report["command"].startswith("python -m bench --smoke")
     assert MACHINE_FIELDS <= set(report["machine"])
     assert report["machine"]["packages"]["inslytic-fast"]
@@ -222,3 +230,30 @@ def test_profile_summary_from_collapsed_stacks():
     assert found["samples"] == 40
     assert found["self"][0] == ["decode (a/schema.py)", 75.0]
     assert ["handle (a/protocol.py)", 100.0] in found["inclusive"]
+
+
+def test_a_server_that_fails_to_start_aborts_with_a_report(tmp_path):
+    output = tmp_path / "aborted.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--smoke",
+            "--targets",
+            "inslytic-fast",
+            "--scenarios",
+            "1",
+            "--server-arg=--no-such-flag",
+            "--output",
+            str(output),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        cwd=REPO,
+    )
+    assert proc.returncode == 1
+    assert "did not start" in proc.stderr
+    report = json.loads(output.read_text())
+    assert report["aborted"] and report["valid"] is False and report["runs"] == []
