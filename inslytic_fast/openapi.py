@@ -18,7 +18,8 @@ OPENAPI_VERSION = "3.1.0"
 PREFLIGHT_ALLOW_METHODS = "POST, OPTIONS"
 PREFLIGHT_ALLOW_HEADERS = "Authorization, Content-Type, Content-Encoding"
 # ingest.decode_body accepts these codings (compared case-insensitively; x-gzip is gzip's alias).
-CONTENT_ENCODINGS = ("gzip", "x-gzip", "deflate", "identity")
+# "" is what an empty header means to the server: no coding (identity).
+CONTENT_ENCODINGS = ("gzip", "x-gzip", "deflate", "identity", "")
 
 _REF = "#/components/{}/{}"
 

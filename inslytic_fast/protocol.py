@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
@@ -53,6 +54,9 @@ _INTERESTING = {
     b"expect": _EXPECT,
     b"origin": _ORIGIN,
 }
+
+
+_KEY_IN_PATH = re.compile(r"ik_[A-Za-z0-9_]+")
 
 
 class _Reject(Exception):
@@ -275,6 +279,11 @@ class HttpProtocol(asyncio.Protocol):
             if value.strip().lower() != b"chunked":
                 self.error_status = 400
                 raise _Reject
+            # RFC 9112 s6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing (a
+            # 1.0 proxy in front would frame it by Content-Length or by close).
+            if self.parser.get_http_version() == "1.0":
+                self.error_status = 400
+                raise _Reject
             self.chunked = True
         elif which == _EXPECT:
             self.expect_continue = value.strip().lower() == b"100-continue"
@@ -330,6 +339,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def log_access(self, request: Request, data: bytes, seconds: float) -> None:
         path = request.path.decode("latin-1")
+        if "ik_" in path:  # an SDK misconfigured to put its key in the URL: never log the key
+            path = _KEY_IN_PATH.sub("ik_[REDACTED]", path)
         access_log.info(
             '%s "%s %s" %s %d %.1fms',
             self.peer,

@@ -496,7 +496,19 @@ class Schema:
         problems = _Problems()
         for index, raw_event in enumerate(raw_events):
             self._explain_event(index, raw_event, problems)
-        return BatchRejected(VALIDATION_FAILED, problems.details())
+        details = problems.details()
+        if not details:
+            # The envelope keeps the last of repeated keys ({"events": 0, "events": [...]}) while
+            # the fast decoder checks every occurrence: let it have the final word.
+            try:
+                self._batch_decoder.decode(body)
+            except _DECODE_FAILURES as error:
+                details = [
+                    _snippet(
+                        f"body is invalid (a repeated key is checked at each occurrence): {error}"
+                    )
+                ]
+        return BatchRejected(VALIDATION_FAILED, details)
 
     @staticmethod
     def _invalid_json(error: BaseException, body_length: int) -> BatchRejected:

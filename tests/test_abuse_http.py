@@ -120,14 +120,6 @@ def test_ambiguous_framing_is_refused_and_nothing_behind_it_runs(server, case):
     assert stored_count(server.data_dir, f"smuggled-{case}") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 9112 s6.1: an HTTP/1.0 message with Transfer-Encoding must be treated as "
-    "faulty framing and the connection closed after it; protocol.HttpProtocol reads it as "
-    "chunked and, with Connection: keep-alive, serves the next request on the connection "
-    "(a 1.0 proxy in front frames it differently). Fix: in on_headers_complete, when "
-    "self.chunked and parser.get_http_version() == '1.0', answer 400 or set closing",
-)
 def test_http10_with_transfer_encoding_never_keeps_the_connection(server):
     case = "http10-te-keepalive"
     first = (
@@ -397,12 +389,9 @@ def test_1000_idle_connections_do_not_stop_others_being_served(server):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < IDLE_CONNECTIONS + 200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    base = metric(server, "inslytic_open_connections")
     idle = [socket.create_connection((server.host, server.port)) for _ in range(IDLE_CONNECTIONS)]
     try:
-        poll_until(
-            lambda: metric(server, "inslytic_open_connections") >= base + IDLE_CONNECTIONS, 10
-        )
+        poll_until(lambda: metric(server, "inslytic_open_connections") >= IDLE_CONNECTIONS, 10)
         latencies = []
         for i in range(50):
             started = time.perf_counter()

@@ -127,12 +127,6 @@ def test_every_operation_conforms_many_examples(api_schema, live_server, mode):
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest.decode_body treats an empty Content-Encoding as identity (202), but the "
-    "served document's Content-Encoding enum (openapi.CONTENT_ENCODINGS) does not list ''; "
-    "schemathesis reports it as ST201 (schema-violating request accepted)",
-)
 def test_every_content_encoding_the_server_accepts_is_in_the_document(api_schema, live_server):
     [parameter] = api_schema.raw_schema["paths"]["/v1/ingest"]["post"]["parameters"]
     documented = {value.lower() for value in parameter["schema"]["enum"]}

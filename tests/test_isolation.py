@@ -196,11 +196,6 @@ def test_no_plaintext_key_in_data_dir_logs_or_error_bodies(make_server, tmp_path
     assert not [s[:6] for s in secrets for text in logs if s in text]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.HttpProtocol.log_access logs the request path as sent; a key a client "
-    "pastes into the path (a common SDK misconfiguration) is written to the access log",
-)
 def test_a_key_pasted_into_the_path_is_not_written_to_the_access_log(make_server, tmp_path):
     server = make_server("--workers", "1", "--access-log")
     key = server.first_run_key

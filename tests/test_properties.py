@@ -118,13 +118,6 @@ def test_fast_and_thorough_paths_agree_whatever_the_spelling(events, seed, dupli
         assert SMALL.encode_events(decoded) == SMALL.encode_events(same)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schema.Schema.explain decodes the envelope with `events: Raw`, so of two `events` "
-    "keys it sees only the last (valid) one and finds no problem, while the fast Batch decoder "
-    "validates every occurrence and rejects the first; decode() then answers with its generic "
-    "fallback 'events could not be decoded: ...'. Both reject, but explain() calls the body valid",
-)
 def test_a_decoy_events_key_before_the_real_one_is_explained_like_the_fast_path_rejects_it():
     valid = {
         "eventName": "e",

@@ -79,6 +79,7 @@ def test_query_string_is_not_part_of_the_path():
         b"POST /x HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
         b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: a\nb\r\n\r\n",
+        b"POST /x HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
     ],
 )
 def test_malformed_or_ambiguous_requests_get_400_and_close(raw):
