@@ -30,6 +30,35 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (supervisor, workers, roller), from /proc children lists."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                queue += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """cpu_seconds summed over the process tree (children that exit mid-window are missed)."""
+    total = [cpu_seconds(p) for p in process_tree(pid)]
+    known = [t for t in total if t is not None]
+    return sum(known) if known else None
+
+
+def tree_memory_mb(pid: int) -> dict[str, float] | None:
+    """memory_mb summed over the process tree (the peak is a sum of per-process peaks)."""
+    parts = [m for m in (memory_mb(p) for p in process_tree(pid)) if m]
+    if not parts:
+        return None
+    return {"rss": sum(m["rss"] for m in parts), "peak": sum(m["peak"] for m in parts)}
+
+
 def memory_mb(pid: int) -> dict[str, float] | None:
     """Current (VmRSS) and peak (VmHWM) resident set of a process, in MiB."""
     try:

@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--no-pin", action="store_true", help="do not pin server and generator")
     load.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="inslytic-fast serve --workers N (default 1: the one-core targets). With N > 1 the "
+        "server may use every CPU (it shares them with the generator; the report says so) and "
+        "CPU seconds and RSS are summed over supervisor, workers and roller",
+    )
+    load.add_argument(
         "--spin",
         action="store_true",
         help="the generator polls without sleeping, so its CPU never idles (on VMs, waking an "
@@ -244,6 +252,13 @@ def plan_pinning(args: argparse.Namespace) -> dict:
         }
     if args.url and not args.server_pid:
         return {"applied": True, "server_cpus": [], "loadgen_cpus": cpus, "reason": "remote"}
+    if args.workers > 1:
+        return {
+            "applied": False,
+            "reason": f"--workers {args.workers}: server and generator share all {len(cpus)} CPUs",
+            "server_cpus": [],
+            "loadgen_cpus": [],
+        }
     return {"applied": True, "server_cpus": cpus[:1], "loadgen_cpus": cpus[1:], "reason": ""}
 
 
@@ -315,7 +330,8 @@ def run_once(
     if target == targets.EXTERNAL:
         server = targets.external(args.url, args.key, args.server_pid)
     else:
-        server = targets.start_target(target, server_cpus, args.durability, args.server_arg)
+        server_args = [*args.server_arg, "--workers", str(args.workers)]
+        server = targets.start_target(target, server_cpus, args.durability, server_args)
     scratch = Path(tempfile.mkdtemp(prefix="bench-loadgen-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -335,6 +351,9 @@ def run_once(
 
 
 def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch, procs) -> dict:
+    several = args.workers > 1 and server.name == targets.INSLYTIC
+    cpu_of = machine.tree_cpu_seconds if several else machine.cpu_seconds
+    memory_of = machine.tree_memory_mb if several else machine.memory_mb
     count = args.loadgen_procs
     loadgen_cpus = pinning["loadgen_cpus"] if pinning["applied"] else []
     lines: queue.Queue = queue.Queue()
@@ -404,13 +423,13 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         if ticks_end is None and now >= window_end:
             ticks_end = machine.cpu_ticks()
         if server.pid and cpu_start is None and now >= window_start:
-            cpu_start = machine.cpu_seconds(server.pid)
+            cpu_start = cpu_of(server.pid)
             if args.profile:
                 profiler = profile.start(args.profile, server.pid, args.duration, profile_path)
         if server.pid and cpu_end is None and now >= window_end:
-            cpu_end = machine.cpu_seconds(server.pid)
+            cpu_end = cpu_of(server.pid)
         if server.pid and window_start <= now <= window_end and now >= next_rss:
-            memory = machine.memory_mb(server.pid)
+            memory = memory_of(server.pid)
             if memory:
                 rss_samples.append(round(memory["rss"], 1))
             next_rss = now + RSS_SAMPLE_INTERVAL_S
@@ -437,7 +456,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         raise RuntimeError(f"{count - len(results)} load generator process(es) failed")
     finished_at = time.monotonic()
 
-    memory = machine.memory_mb(server.pid) if server.pid else None
+    memory = memory_of(server.pid) if server.pid else None
     profile_summary = None
     if profiler is not None:
         try:
@@ -889,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
             "scenarios": [s.name for s in args.scenario_list],
             "durability": args.durability if not args.url else None,
             "server_args": args.server_arg,
+            "workers": args.workers,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "rounds": args.rounds,
