@@ -51,6 +51,8 @@ from typing import Annotated
 
 import msgspec
 
+from .durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.json"
@@ -213,14 +215,6 @@ def _parse_catalog(path: Path, data: bytes) -> CatalogDoc:
 _encoder = msgspec.json.Encoder()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # The catalog: what the CLI edits -----------------------------------------------------------
 
 
@@ -310,7 +304,7 @@ class Catalog:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.data_dir)
+        fsync_dir(self.data_dir)
 
     # Operations used by the CLI (and ensure_default_project) ---------------------------------
 

@@ -61,6 +61,8 @@ from pathlib import Path
 
 import orjson
 
+from .durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 # -- Framing -------------------------------------------------------------------------------
@@ -229,14 +231,6 @@ def scan_segment(data: bytes | bytearray) -> SegmentScan:
         scan.damaged.append((offset, resume))
         offset = resume
     return scan
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_dirs_durable(path: Path) -> None:

@@ -45,13 +45,13 @@ import orjson
 from .commitlog import (
     LOG_DIRNAME,
     MAX_RECORD_BYTES,
-    fsync_dir,
     list_segments,
     make_dirs_durable,
     quarantine_bytes,
     scan_segment,
     sealed_segments,
 )
+from .durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
