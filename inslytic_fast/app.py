@@ -8,7 +8,7 @@ import orjson
 
 from .ingest import Ingestor, Responder
 from .request import Request
-from .responses import PROMETHEUS_CONTENT_TYPE, Responses, error_body
+from .responses import JSON_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Responses, error_body
 
 HEALTH_BODY = b'{"status":"ok"}'
 READY_BODY = b'{"status":"ready"}'
@@ -24,6 +24,7 @@ PREFLIGHT_HEADERS = (
 
 INGEST_METHODS = b"POST, OPTIONS"
 READ_METHODS = b"GET, HEAD"
+READ_ROUTES = frozenset((b"/health", b"/ready", b"/metrics", b"/openapi.json"))
 
 
 class App:
@@ -65,45 +66,12 @@ class App:
                 slot.respond(self.responses.no_content(PREFLIGHT_HEADERS, origin=req.origin))
             else:
                 slot.respond(self._method_not_allowed(req, INGEST_METHODS))
-        elif path == b"/health":
+        elif path in READ_ROUTES:
             slot.route = path
-            slot.respond(self._read(req, HEALTH_BODY, self.health_headers))
-        elif path == b"/ready":
-            slot.route = path
-            reason = self.readiness()
-            if reason is None:
-                slot.respond(self._read(req, READY_BODY, self.health_headers))
-            elif req.method in (b"GET", b"HEAD"):
-                slot.respond(
-                    self.responses.render(
-                        503,
-                        error_body("Not ready", [reason]),
-                        b"Retry-After: 1\r\n" + self.health_headers,
-                        origin=req.origin,
-                        close=not req.keep_alive,
-                        head=req.method == b"HEAD",
-                    )
-                )
+            if method == b"GET" or method == b"HEAD":
+                slot.respond(self._read(req, path))
             else:
                 slot.respond(self._method_not_allowed(req, READ_METHODS))
-        elif path == b"/metrics":
-            slot.route = path
-            if req.method in (b"GET", b"HEAD"):
-                slot.respond(
-                    self.responses.render(
-                        200,
-                        self.metrics_page(),
-                        origin=req.origin,
-                        close=not req.keep_alive,
-                        head=req.method == b"HEAD",
-                        content_type=PROMETHEUS_CONTENT_TYPE,
-                    )
-                )
-            else:
-                slot.respond(self._method_not_allowed(req, READ_METHODS))
-        elif path == b"/openapi.json":
-            slot.route = path
-            slot.respond(self._read(req, self.openapi_body))
         else:
             slot.respond(
                 self.responses.render(
@@ -111,17 +79,32 @@ class App:
                 )
             )
 
-    def _read(self, req: Request, body: bytes, extra: bytes = b"") -> bytes:
-        if req.method == b"GET" or req.method == b"HEAD":
-            return self.responses.render(
-                200,
-                body,
-                extra,
-                origin=req.origin,
-                close=not req.keep_alive,
-                head=req.method == b"HEAD",
-            )
-        return self._method_not_allowed(req, READ_METHODS)
+    def _read(self, req: Request, path: bytes) -> bytes:
+        """GET/HEAD of a read-only route; the page is built only once the method is known good."""
+        status, extra, content_type = 200, b"", JSON_CONTENT_TYPE
+        if path == b"/health":
+            body, extra = HEALTH_BODY, self.health_headers
+        elif path == b"/ready":
+            reason = self.readiness()
+            if reason is None:
+                body, extra = READY_BODY, self.health_headers
+            else:
+                status = 503
+                body = error_body("Not ready", [reason])
+                extra = b"Retry-After: 1\r\n" + self.health_headers
+        elif path == b"/metrics":
+            body, content_type = self.metrics_page(), PROMETHEUS_CONTENT_TYPE
+        else:
+            body = self.openapi_body
+        return self.responses.render(
+            status,
+            body,
+            extra,
+            origin=req.origin,
+            close=not req.keep_alive,
+            head=req.method == b"HEAD",
+            content_type=content_type,
+        )
 
     def _method_not_allowed(self, req: Request, allow: bytes) -> bytes:
         return self.responses.render(

@@ -145,7 +145,9 @@ def raise_open_file_limit(wanted: int) -> None:
         pass
 
 
-def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+def bind_socket(
+    host: str, port: int, *, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -158,7 +160,8 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
         if exc.errno == errno.EADDRINUSE:
             raise StartupError(f"cannot listen on {host}:{port}: address already in use") from None
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.listen(LISTEN_BACKLOG)
+    if listen:
+        sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 

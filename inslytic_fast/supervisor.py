@@ -167,22 +167,14 @@ class Supervisor:
         if not HAS_REUSEPORT:
             self.listen_sock = bind_socket(settings.host, settings.port)
             return self.listen_sock
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((settings.host, settings.port))
-            # bind() succeeds next to another SO_REUSEPORT listener (say, a second server of
-            # ours on another data dir) and the kernel would split traffic between the two.
-            if settings.port and _port_answers(settings.host, settings.port):
-                raise OSError(98, "address already in use")
-        except OSError as exc:
+        sock = bind_socket(settings.host, settings.port, reuse_port=True, listen=False)
+        # bind() succeeds next to another SO_REUSEPORT listener (say, a second server of ours
+        # on another data dir) and the kernel would split traffic between the two.
+        if settings.port and _port_answers(settings.host, settings.port):
             sock.close()
             raise StartupError(
-                f"cannot listen on {settings.host}:{settings.port}: "
-                f"{'address already in use' if exc.errno == 98 else exc.strerror or exc}"
-            ) from None
+                f"cannot listen on {settings.host}:{settings.port}: address already in use"
+            )
         return sock
 
     def _on_signal(self, signum, frame) -> None:
