@@ -3,10 +3,10 @@
 A 202 means the batch is in a log file and fdatasync has returned. Appends that arrive while a
 sync is running share the next one (group commit); an idle lone append is written at once, at
 the end of the current loop iteration (``call_soon``, not a timer), so it costs one sync.
-Framing, checksums, writes and syncs run on one dedicated thread (``zlib.crc32`` on large
-buffers, ``os.writev`` and ``os.fdatasync`` all release the GIL), so the loop keeps parsing while
-the disk works. On the loop an append costs a few microseconds: it formats a ~100-byte envelope
-head and keeps a reference to the caller's events bytes, which writev sends without a copy.
+``append`` frames and checksums the record on the loop (~1 us for a small batch); one dedicated
+thread runs the ``os.writev`` and ``os.fdatasync`` of each group commit (both release the GIL),
+so the loop keeps parsing while the disk works and the thread runs almost no Python: each line
+of Python there is a GIL hand-off with the loop.
 
 On-disk layout (shared with storage.py, which rolls sealed segments to Parquet, and query.py,
 which reads the log tail without locks)::
@@ -71,9 +71,11 @@ RECORD_MAGIC = b"IFL1"
 RECORD_HEADER = struct.Struct("<4sII")
 HEADER_SIZE = RECORD_HEADER.size
 RECORD_END = b"}\n"  # closes the JSON object the envelope head opened, and the NDJSON line
-RECORD_OVERHEAD = HEADER_SIZE + len(RECORD_END)
 # Buffers per writev call: Linux's UIO_MAXIOV (what sysconf("SC_IOV_MAX") reports there).
 IOV_MAX = 1024
+# Records whose events are at most this long are copied into one buffer when framed (cheaper
+# than three writev parts); longer ones are written from the caller's bytes without a copy.
+COPY_RECORD_MAX_BYTES = 16 * 1024
 # A record is one HTTP request body plus ~120 bytes of envelope. Ingest bodies are capped far
 # below this (1,000 events per request); the bound keeps a corrupt length field from making a
 # reader allocate gigabytes, and is what DuckDB's read_json ``maximum_object_size`` is set to.
@@ -90,8 +92,8 @@ QUARANTINE_DIRNAME = "quarantine"
 _SEGMENT_RE = re.compile(r"^([A-Za-z0-9_]+)-(\d{20})\.log$")
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
-# One getrandom() per 512 batch ids: a syscall per batch was 12% of the event loop's time with
-# 1-event requests (py-spy --native, bench/results/2026-11-26-vm-profiles.txt).
+# One getrandom() per 512 milliseconds that saw batches: a syscall per batch was 12% of the event
+# loop's time with 1-event requests (py-spy --native, bench/results/2026-11-26-vm-profiles.txt).
 RANDOM_POOL_BYTES = 7 * 512
 
 # -- Defaults ------------------------------------------------------------------------------
@@ -375,8 +377,8 @@ class CommitLog:
         "_uuid_seq",
         "_random_pool",
         "_random_pos",
-        "_uuid_ms_for_text",
-        "_uuid_ms_text",
+        "_uuid_head",
+        "_uuid_tail",
         # Written by the sync thread while a job is in flight; the loop reads them only when
         # idle, except tick(), which takes a racy but harmless snapshot.
         "_fd",
@@ -416,7 +418,7 @@ class CommitLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        # (head, events_json) per record, framed and checksummed by the sync thread.
+        # Framed records as writev parts, in append order.
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._pending_waiters: list[tuple[Callable[[BaseException | None], None], int]] = []
@@ -433,8 +435,8 @@ class CommitLog:
         self._uuid_seq = 0
         self._random_pool = b""
         self._random_pos = 0
-        self._uuid_ms_for_text = -1
-        self._uuid_ms_text = b""
+        self._uuid_head = b""
+        self._uuid_tail = b""
         self._fd = -1
         self._segment_path: Path | None = None
         self._segment_seq = 0
@@ -547,17 +549,29 @@ class CommitLog:
             received_us,
             self._batch_id_prefix(received_us // 1000),
         )
-        length = len(head) + len(events_json) + len(RECORD_END)
-        if length > MAX_RECORD_BYTES:
-            raise ValueError(f"batch of {length} bytes exceeds MAX_RECORD_BYTES")
         if count > MAX_EVENTS_PER_BATCH:
             raise ValueError(f"batch of {count} events exceeds MAX_EVENTS_PER_BATCH")
-        if type(events_json) is not bytes:
-            # Written later without a copy: a caller's reusable buffer must not change under us.
-            events_json = bytes(events_json)
-        pending = self._pending
-        pending.append(head)
-        pending.append(events_json)
+        # Framed here, so the sync thread runs no per-record Python (each line of Python there
+        # is a GIL hand-off with the loop). Small records are joined into one buffer (one
+        # copy, ~0.5 us); large ones go to writev as they are, the checksum chained over parts.
+        if len(events_json) <= COPY_RECORD_MAX_BYTES:
+            payload = head + events_json + RECORD_END
+            length = len(payload)
+            self._pending.append(RECORD_HEADER.pack(RECORD_MAGIC, length, zlib.crc32(payload)))
+            self._pending.append(payload)
+        else:
+            if type(events_json) is not bytes:
+                # Written later without a copy: a caller's reusable buffer must not change.
+                events_json = bytes(events_json)
+            length = len(head) + len(events_json) + len(RECORD_END)
+            if length > MAX_RECORD_BYTES:
+                raise ValueError(f"batch of {length} bytes exceeds MAX_RECORD_BYTES")
+            crc = zlib.crc32(RECORD_END, zlib.crc32(events_json, zlib.crc32(head)))
+            self._pending += (
+                RECORD_HEADER.pack(RECORD_MAGIC, length, crc) + head,
+                events_json,
+                RECORD_END,
+            )
         self._pending_bytes = pending_bytes + HEADER_SIZE + length
         self._pending_waiters.append((on_done, count))
         self.stats.appends += 1
@@ -602,26 +616,24 @@ class CommitLog:
             if self._uuid_seq > 0xFFF:
                 self._uuid_ms += 1
                 self._uuid_seq = 0
+            else:
+                return b"%b%03x%b" % (self._uuid_head, self._uuid_seq, self._uuid_tail)
+        # A new millisecond: new timestamp text and 50 fresh random bits from the CSPRNG (drawn
+        # in bulk). Batches of the same millisecond share them and differ in the counter, which
+        # keeps ids unique in this process; another worker's ids differ in the random bits.
+        # Formatting only the counter per batch halves the cost of an id (1.0 -> ~0.4 us).
         pos = self._random_pos
         if pos >= len(self._random_pool):
             self._random_pool = os.urandom(RANDOM_POOL_BYTES)
             pos = 0
         self._random_pos = pos + 7
-        # 50 random bits from the CSPRNG, drawn in bulk.
         rand = int.from_bytes(self._random_pool[pos : pos + 7]) & 0x3FFFFFFFFFFFF
-        ms = self._uuid_ms
-        if ms != self._uuid_ms_for_text:
-            self._uuid_ms_for_text = ms
-            text = b"%012x" % ms
-            self._uuid_ms_text = text[:8] + b"-" + text[8:]
+        text = b"%012x" % self._uuid_ms
         # time_high-time_low | "7" + rand_a (the counter) | variant 0b10 + 14 bits | 36 bits;
         # the 3 hex digits the caller appends complete rand_b.
-        return b"%s-7%03x-%04x-%09x" % (
-            self._uuid_ms_text,
-            self._uuid_seq,
-            0x8000 | (rand >> 36),
-            rand & 0xFFFFFFFFF,
-        )
+        self._uuid_head = text[:8] + b"-" + text[8:] + b"-7"
+        self._uuid_tail = b"-%04x-%09x" % (0x8000 | (rand >> 36), rand & 0xFFFFFFFFF)
+        return b"%b%03x%b" % (self._uuid_head, self._uuid_seq, self._uuid_tail)
 
     # -- Sync orchestration (loop thread) -------------------------------------------------
 
@@ -634,15 +646,16 @@ class CommitLog:
             return
         buf = self._pending
         waiters = self._pending_waiters
+        size = self._pending_bytes
         self._pending = []
         self._pending_bytes = 0
         self._pending_waiters = []
         rotate = self._rotate_due or self._segment_size >= self._segment_max_bytes
         self._rotate_due = False
         self._syncing = True
-        self._jobs.put((_JOB_WRITE, buf, waiters, rotate))
+        self._jobs.put((_JOB_WRITE, buf, size, waiters, rotate))
 
-    def _on_job_done(self, kind: int, buf, waiters, error, latency: float) -> None:
+    def _on_job_done(self, kind: int, written: int, waiters, error, latency: float) -> None:
         self._syncing = False
         stats = self.stats
         if kind == _JOB_REPAIR:
@@ -654,7 +667,6 @@ class CommitLog:
             self._wake_idle_waiters()
             return
         if error is None:
-            written = sum(len(part) for part in buf) + len(waiters) * RECORD_OVERHEAD
             stats.syncs += 1
             stats.bytes += written
             stats.last_sync_latency_s = latency
@@ -693,7 +705,7 @@ class CommitLog:
 
     def _start_repair(self) -> None:
         self._syncing = True
-        self._jobs.put((_JOB_REPAIR, None, None, False))
+        self._jobs.put((_JOB_REPAIR, None, 0, None, False))
 
     @staticmethod
     def _failure(error: BaseException) -> LogUnavailable:
@@ -767,7 +779,7 @@ class CommitLog:
             job = jobs.get()
             if job is _STOP:
                 return
-            kind, buf, waiters, rotate = job
+            kind, buf, size, waiters, rotate = job
             started = time.perf_counter()
             error: BaseException | None = None
             try:
@@ -777,7 +789,7 @@ class CommitLog:
                     if rotate:
                         self._rotate()
                     if buf:
-                        self._write_records(buf)
+                        self._write_records(buf, size)
                         if self._fsync:
                             _fdatasync(self._fd)
                         self._durable_size = self._segment_size
@@ -792,40 +804,33 @@ class CommitLog:
                         pass
             latency = time.perf_counter() - started
             try:
-                loop.call_soon_threadsafe(self._on_job_done, kind, buf, waiters, error, latency)
+                loop.call_soon_threadsafe(self._on_job_done, kind, size, waiters, error, latency)
             except RuntimeError:
                 return  # loop closed under us: nobody is waiting any more
 
-    def _write_records(self, parts: list[bytes]) -> None:
-        """Frame (head, events) pairs and write them with writev: no copy of the events.
-
-        The checksums are computed here rather than on the loop: zlib.crc32 releases the GIL
-        for large buffers, so it runs in parallel with request parsing.
-        """
-        crc32 = zlib.crc32
-        pack = RECORD_HEADER.pack
-        iov: list[bytes] = []
-        for k in range(0, len(parts), 2):
-            head = parts[k]
-            events = parts[k + 1]
-            crc = crc32(RECORD_END, crc32(events, crc32(head)))
-            iov.append(pack(RECORD_MAGIC, len(head) + len(events) + len(RECORD_END), crc) + head)
-            iov.append(events)
-            iov.append(RECORD_END)
+    def _write_records(self, parts: list[bytes], size: int) -> None:
+        """writev the framed records (``size`` bytes in all), finishing short writes."""
         fd = self._fd
-        for start in range(0, len(iov), IOV_MAX):
-            chunk = iov[start : start + IOV_MAX]
-            expected = sum(len(b) for b in chunk)
+        if len(parts) <= IOV_MAX:  # the common case: one syscall, no Python per record
+            written = os.writev(fd, parts)
+            self._segment_size += written
+            if written < size:
+                self._finish_short_write(parts, written)
+            return
+        for start in range(0, len(parts), IOV_MAX):
+            chunk = parts[start : start + IOV_MAX]
             written = os.writev(fd, chunk)
             self._segment_size += written
-            if written < expected:
-                # Short write (rare: a signal, a nearly full disk). Finish it the slow way; a
-                # real failure raises from os.write.
-                rest = memoryview(b"".join(chunk))[written:]
-                while rest:
-                    n = os.write(fd, rest)
-                    self._segment_size += n
-                    rest = rest[n:]
+            if written < sum(map(len, chunk)):
+                self._finish_short_write(chunk, written)
+
+    def _finish_short_write(self, parts: list[bytes], written: int) -> None:
+        # Rare: a signal or a nearly full disk. A real failure raises from os.write.
+        rest = memoryview(b"".join(parts))[written:]
+        while rest:
+            n = os.write(self._fd, rest)
+            self._segment_size += n
+            rest = rest[n:]
 
     def _rotate(self) -> None:
         old_fd = self._fd
