@@ -108,6 +108,16 @@ DEFAULT_MAX_UNROLLED_BYTES = 2 * 1024 * 1024 * 1024
 # Leave room for the roller's Parquet output and DuckDB temp files before the disk is full.
 DEFAULT_MIN_FREE_BYTES = 512 * 1024 * 1024
 
+# Group commit window: while producers are concurrent (the last sync carried more than one
+# batch), a sync starts no sooner than this after the previous one started, so each sync
+# carries more batches. A sync costs ~100-200 us of CPU on this project's reference VM
+# (fdatasync on virtio plus the thread hand-off): without the window, 8,000 one-event
+# requests/s from 64 connections made ~3,000 syncs/s of 2.6 batches, used 0.8 of a core and
+# had a p99 of 6 ms (131 ms at 12,000/s). A lone producer never waits. The idea of
+# PostgreSQL's commit_delay + commit_siblings and MySQL's binlog_group_commit_sync_delay;
+# libuv timers resolve milliseconds, so this is the smallest window a timer can express.
+COMMIT_WINDOW_S = 0.001
+
 # Retry-After hints (seconds) per refusal reason: overload clears as soon as the roller catches
 # up (it polls every second); a full disk needs an operator or retention, so back off longer.
 RETRY_AFTER_OVERLOADED = 1
@@ -366,6 +376,8 @@ class CommitLog:
         "_pending_waiters",
         "_syncing",
         "_sync_scheduled",
+        "_last_sync_started",
+        "_last_sync_batches",
         "_rotate_due",
         "_unsound",
         "_closing",
@@ -424,6 +436,8 @@ class CommitLog:
         self._pending_waiters: list[tuple[Callable[[BaseException | None], None], int]] = []
         self._syncing = False
         self._sync_scheduled = False
+        self._last_sync_started = 0.0
+        self._last_sync_batches = 0
         self._rotate_due = False
         self._unsound: BaseException | None = None
         self._closing = False
@@ -576,10 +590,7 @@ class CommitLog:
         self._pending_waiters.append((on_done, count))
         self.stats.appends += 1
         if not self._syncing and not self._sync_scheduled:
-            # Not a timer: runs after the I/O callbacks of this loop iteration, so requests
-            # that arrived together share the first sync too.
-            self._sync_scheduled = True
-            self._loop.call_soon(self._start_sync)
+            self._schedule_sync()
 
     def refusal(self) -> str | None:
         """Why append would refuse right now, or None (for /ready; same tests as append)."""
@@ -637,6 +648,18 @@ class CommitLog:
 
     # -- Sync orchestration (loop thread) -------------------------------------------------
 
+    def _schedule_sync(self) -> None:
+        """Start the next group commit soon: a lone producer's at the end of this loop
+        iteration (not a timer, so requests that arrived together share it too); while
+        producers are concurrent, once COMMIT_WINDOW_S has passed since the last one started."""
+        self._sync_scheduled = True
+        if self._last_sync_batches > 1:
+            delay = self._last_sync_started + COMMIT_WINDOW_S - time.monotonic()
+            if delay > 0:
+                self._loop.call_later(delay, self._start_sync)
+                return
+        self._loop.call_soon(self._start_sync)
+
     def _start_sync(self) -> None:
         self._sync_scheduled = False
         if self._syncing or self._unsound is not None:
@@ -653,6 +676,8 @@ class CommitLog:
         rotate = self._rotate_due or self._segment_size >= self._segment_max_bytes
         self._rotate_due = False
         self._syncing = True
+        self._last_sync_started = time.monotonic()
+        self._last_sync_batches = len(waiters)
         self._jobs.put((_JOB_WRITE, buf, size, waiters, rotate))
 
     def _on_job_done(self, kind: int, written: int, waiters, error, latency: float) -> None:
@@ -674,16 +699,17 @@ class CommitLog:
                 stats.max_sync_latency_s = latency
             self._unrolled_bytes += written
             self._free_bytes -= written
+            # The next group first: the disk works while these answers are written.
+            if self._pending_waiters or self._rotate_due:
+                self._schedule_sync()
+            else:
+                self._wake_idle_waiters()
             events = 0
             for on_done, count in waiters:
                 events += count
                 self._fire(on_done, None)
             stats.acked += len(waiters)
             stats.events += events
-            if self._pending_waiters or self._rotate_due:
-                self._start_sync()
-            else:
-                self._wake_idle_waiters()
             return
         # fsyncgate: the kernel may already have dropped the dirty pages; never retry these.
         stats.sync_errors += 1

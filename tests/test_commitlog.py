@@ -144,6 +144,78 @@ def test_lone_append_syncs_at_once_without_a_timer(tmp_path, monkeypatch):
     run(main())
 
 
+class SyncStarts:
+    """Records when each group commit starts and whether it waited for the commit window."""
+
+    def __init__(self, log: CommitLog, monkeypatch) -> None:
+        self.times: list[float] = []
+        self.batches: list[int] = []
+        self.windowed: list[float] = []  # call_later delays the log asked for
+        real_start, real_call_later = CommitLog._start_sync, log._loop.call_later
+        loop = log._loop
+
+        def call_later(delay, callback, *args):
+            self.windowed.append(delay)
+            return real_call_later(delay, callback, *args)
+
+        def start_sync(self_log: CommitLog) -> None:
+            pending = len(self_log._pending_waiters)
+            real_start(self_log)
+            if pending and not self_log._pending_waiters:  # this call started a sync
+                self.times.append(loop.time())
+                self.batches.append(pending)
+
+        monkeypatch.setattr(CommitLog, "_start_sync", start_sync)
+        monkeypatch.setattr(loop, "call_later", call_later)
+
+
+def test_a_lone_producer_never_waits_for_the_commit_window(tmp_path, monkeypatch):
+    async def main():
+        log = open_log(tmp_path)
+        starts = SyncStarts(log, monkeypatch)
+        driver = LogOnLoop(log)
+        for i in range(20):  # an SDK sending one batch at a time
+            assert await driver.append("shop", f"b{i}", 1) is None
+        assert starts.batches == [1] * 20
+        assert starts.windowed == []  # every sync started at the end of its loop iteration
+        await log.close()
+
+    run(main())
+
+
+def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, monkeypatch):
+    window = commitlog_module.COMMIT_WINDOW_S
+
+    async def main():
+        log = open_log(tmp_path, durability="none")
+        starts = SyncStarts(log, monkeypatch)
+        driver = LogOnLoop(log)
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + 0.3
+
+        async def producer(name: str) -> int:
+            sent = 0
+            while loop.time() < stop_at:
+                assert await driver.append("shop", f"{name}-{sent}", 1) is None
+                sent += 1
+            return sent
+
+        sent = sum(await asyncio.gather(*(producer(f"p{i}") for i in range(16))))
+        await log.close()
+        return sent, starts
+
+    sent, starts = run(main())
+    assert sum(starts.batches) == sent
+    assert starts.windowed and all(0 < d <= window for d in starts.windowed)
+    # After a sync that carried several batches, the next one waits out the window (the
+    # loop's timer may fire up to its clock resolution early, hence the small allowance).
+    pairs = zip(starts.times[:-1], starts.times[1:], starts.batches[:-1], strict=True)
+    gaps = [later - earlier for earlier, later, batches in pairs if batches > 1]
+    assert gaps and min(gaps) >= window * 0.9
+    # Without the window 16 producers on a no-fsync log would sync thousands of times in 0.3 s.
+    assert len(starts.times) <= 0.3 / window + 2
+
+
 def test_batch_ids_are_time_ordered_uuidv7_prefixes(tmp_path):
     async def main():
         log = open_log(tmp_path)
