@@ -457,6 +457,9 @@ class KeyRing:
         self._catalog = Catalog(data_dir, clock=clock)
         self._clock = clock
         self._by_digest: dict[bytes, tuple[Project, float | None]] = {}
+        # Keys that matched a digest since the catalog was installed: at most one entry per
+        # catalog key, emptied by every reload (so a revoked key stops at once).
+        self._verified: dict[bytes, tuple[Project, float | None]] = {}
         self._projects: dict[str, Project] = {}
         # What the last read saw: the file's stat signature, whether it was racily recent,
         # and its bytes (None: no file). The CLI replaces the file by rename, so the inode
@@ -491,19 +494,24 @@ class KeyRing:
     ) -> Project | None:
         """The project ``api_key`` (the bytes after "Bearer ") belongs to, or None.
 
-        Runs once per request: the checksum is inlined and globals are bound as defaults
-        (~15% faster than calling _checksum, measured); keep it in step with _checksum."""
-        if len(api_key) != KEY_LENGTH or api_key[:_BODY_START] != _KEY_PREFIX_BYTES:
-            return None
-        high, low = divmod(_crc32(api_key[_BODY_START:_BODY_END]), _PAIR_RADIX)
-        top, mid = divmod(high, _PAIR_RADIX)
-        if _pairs[top] + _pairs[mid] + _pairs[low] != api_key[_BODY_END:]:
-            return None  # mistyped, truncated or made-up key: no hashing, no map probe
-        # Hashing first also makes the dict probe useless as a timing oracle: an attacker
-        # cannot steer which digest bytes a guess shares with a real one.
-        entry = self._by_digest.get(_sha256(api_key).digest())
+        Runs once per request: a key seen before is one dict probe (~1.0 -> ~0.3 us; the probe
+        compares bytes only after a full match of the per-process randomised hash, so it is no
+        timing oracle). A new key pays the inlined checksum (globals bound as defaults, ~15%
+        faster than calling _checksum, measured; keep it in step with _checksum) and SHA-256."""
+        entry = self._verified.get(api_key)
         if entry is None:
-            return None
+            if len(api_key) != KEY_LENGTH or api_key[:_BODY_START] != _KEY_PREFIX_BYTES:
+                return None
+            high, low = divmod(_crc32(api_key[_BODY_START:_BODY_END]), _PAIR_RADIX)
+            top, mid = divmod(high, _PAIR_RADIX)
+            if _pairs[top] + _pairs[mid] + _pairs[low] != api_key[_BODY_END:]:
+                return None  # mistyped, truncated or made-up key: no hashing, no map probe
+            # Hashing first also makes the dict probe useless as a timing oracle: an attacker
+            # cannot steer which digest bytes a guess shares with a real one.
+            entry = self._by_digest.get(_sha256(api_key).digest())
+            if entry is None:
+                return None
+            self._verified[bytes(api_key)] = entry
         project, expires_at = entry
         if expires_at is not None and self._clock() >= expires_at:
             return None
@@ -603,8 +611,9 @@ class KeyRing:
             for key in record.keys:
                 expires = None if key.expires is None else key.expires.timestamp()
                 by_digest[bytes.fromhex(key.sha256)] = (project, expires)
-        # Two assignments, no await in between: a request sees the old map or the new one.
+        # No await in between: a request sees the old maps or the new ones.
         self._by_digest = by_digest
+        self._verified = {}
         self._projects = projects
 
 

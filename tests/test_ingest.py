@@ -239,3 +239,21 @@ def test_media_types(world, content_type, ok):
     assert isinstance(decision, Admission) is ok
     if not ok:
         assert decision.status == 415
+
+
+def test_a_cached_202_is_the_rendered_one_and_follows_the_date(monkeypatch):
+    responses = Responses()
+    assert responses.accepted(3) == responses.render(202, b'{"accepted":3}')
+    assert responses.accepted(3) is responses.accepted(3)
+    new_date = "Thu, 01 Jan 2026 00:00:00 GMT"
+    monkeypatch.setattr("inslytic_fast.responses.formatdate", lambda usegmt: new_date)
+    responses.tick()
+    assert b"Date: " + new_date.encode() + b"\r\n" in responses.accepted(3)
+    assert responses.accepted(3) == responses.render(202, b'{"accepted":3}')
+    limits = b"X-RateLimit-Limit: 10\r\n"
+    assert limits in responses.accepted(3, limits)
+    assert b"Connection: close" in responses.accepted(3, close=True)
+    only_one = Responses(("https://app.example",))
+    allowed = only_one.accepted(1, origin=b"https://app.example")
+    assert b"Access-Control-Allow-Origin: https://app.example" in allowed
+    assert b"Access-Control-Allow-Origin" not in only_one.accepted(1, origin=b"https://evil")

@@ -50,6 +50,18 @@ def test_a_request_fed_one_byte_at_a_time():
     assert app.requests[0].authorization == b"Bearer k"
 
 
+@pytest.mark.parametrize(
+    "name", [b"Authorization", b"authorization", b"AUTHORIZATION", b"aUtHoRiZaTiOn"]
+)
+def test_header_names_are_case_insensitive(name):
+    conn, transport, app = make_conn()
+    raw = post("/x", b"{}", (name + b": Bearer k\r\nCONTENT-TYPE: text/plain\r\n").decode())
+    conn.data_received(raw)
+    assert statuses(transport.take()) == [200]
+    assert app.requests[0].authorization == b"Bearer k"
+    assert app.requests[0].content_type == b"text/plain"
+
+
 def test_chunked_body_is_reassembled():
     conn, transport, app = make_conn()
     raw = (
