@@ -109,14 +109,18 @@ DEFAULT_MAX_UNROLLED_BYTES = 2 * 1024 * 1024 * 1024
 DEFAULT_MIN_FREE_BYTES = 512 * 1024 * 1024
 
 # Group commit window: while producers are concurrent (the last sync carried more than one
-# batch), a sync starts no sooner than this after the previous one started, so each sync
-# carries more batches. A sync costs ~100-200 us of CPU on this project's reference VM
-# (fdatasync on virtio plus the thread hand-off): without the window, 8,000 one-event
-# requests/s from 64 connections made ~3,000 syncs/s of 2.6 batches, used 0.8 of a core and
-# had a p99 of 6 ms (131 ms at 12,000/s). A lone producer never waits. The idea of
+# batch), a sync that would carry fewer than FULL_SYNC_BATCHES batches (and under
+# FULL_SYNC_BYTES) starts no sooner than COMMIT_WINDOW_S after the previous one started, so it
+# gathers company. A sync costs ~100-200 us of CPU on this project's reference VM (fdatasync
+# on virtio plus the thread hand-off): without the window, 8,000 one-event requests/s from 64
+# connections made ~3,000 syncs/s of 2.6 batches, used 0.8 of a core and had a p99 of 6 ms
+# (131 ms at 12,000/s). A lone producer never waits, nor does a full group (64 closed-loop
+# connections bring ~32 batches a sync: waiting would only idle the core). The idea of
 # PostgreSQL's commit_delay + commit_siblings and MySQL's binlog_group_commit_sync_delay;
 # libuv timers resolve milliseconds, so this is the smallest window a timer can express.
 COMMIT_WINDOW_S = 0.001
+FULL_SYNC_BATCHES = 16
+FULL_SYNC_BYTES = 1024 * 1024
 
 # Retry-After hints (seconds) per refusal reason: overload clears as soon as the roller catches
 # up (it polls every second); a full disk needs an operator or retention, so back off longer.
@@ -378,6 +382,7 @@ class CommitLog:
         "_sync_scheduled",
         "_last_sync_started",
         "_last_sync_batches",
+        "_sync_timer",
         "_rotate_due",
         "_unsound",
         "_closing",
@@ -438,6 +443,7 @@ class CommitLog:
         self._sync_scheduled = False
         self._last_sync_started = 0.0
         self._last_sync_batches = 0
+        self._sync_timer: asyncio.TimerHandle | None = None
         self._rotate_due = False
         self._unsound: BaseException | None = None
         self._closing = False
@@ -591,6 +597,14 @@ class CommitLog:
         self.stats.appends += 1
         if not self._syncing and not self._sync_scheduled:
             self._schedule_sync()
+        elif self._sync_timer is not None and (
+            len(self._pending_waiters) >= FULL_SYNC_BATCHES
+            or self._pending_bytes >= FULL_SYNC_BYTES
+        ):
+            # The window's company has arrived: start at the end of this iteration instead.
+            self._sync_timer.cancel()
+            self._sync_timer = None
+            self._loop.call_soon(self._start_sync)
 
     def refusal(self) -> str | None:
         """Why append would refuse right now, or None (for /ready; same tests as append)."""
@@ -649,19 +663,24 @@ class CommitLog:
     # -- Sync orchestration (loop thread) -------------------------------------------------
 
     def _schedule_sync(self) -> None:
-        """Start the next group commit soon: a lone producer's at the end of this loop
-        iteration (not a timer, so requests that arrived together share it too); while
-        producers are concurrent, once COMMIT_WINDOW_S has passed since the last one started."""
+        """Start the next group commit soon: at the end of this loop iteration (not a timer,
+        so requests that arrived together share it too) for a lone producer or a full group;
+        otherwise once COMMIT_WINDOW_S has passed since the last one started."""
         self._sync_scheduled = True
-        if self._last_sync_batches > 1:
+        if (
+            self._last_sync_batches > 1
+            and len(self._pending_waiters) < FULL_SYNC_BATCHES
+            and self._pending_bytes < FULL_SYNC_BYTES
+        ):
             delay = self._last_sync_started + COMMIT_WINDOW_S - time.monotonic()
             if delay > 0:
-                self._loop.call_later(delay, self._start_sync)
+                self._sync_timer = self._loop.call_later(delay, self._start_sync)
                 return
         self._loop.call_soon(self._start_sync)
 
     def _start_sync(self) -> None:
         self._sync_scheduled = False
+        self._sync_timer = None
         if self._syncing or self._unsound is not None:
             return
         if not self._pending_waiters and not self._rotate_due:

@@ -151,12 +151,14 @@ class SyncStarts:
         self.times: list[float] = []
         self.batches: list[int] = []
         self.windowed: list[float] = []  # call_later delays the log asked for
+        self.timers: list[asyncio.TimerHandle] = []
         real_start, real_call_later = CommitLog._start_sync, log._loop.call_later
         loop = log._loop
 
         def call_later(delay, callback, *args):
             self.windowed.append(delay)
-            return real_call_later(delay, callback, *args)
+            self.timers.append(real_call_later(delay, callback, *args))
+            return self.timers[-1]
 
         def start_sync(self_log: CommitLog) -> None:
             pending = len(self_log._pending_waiters)
@@ -200,7 +202,9 @@ def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, 
                 sent += 1
             return sent
 
-        sent = sum(await asyncio.gather(*(producer(f"p{i}") for i in range(16))))
+        # Fewer producers than a full group: every sync waits out the window.
+        producers = commitlog_module.FULL_SYNC_BATCHES // 2
+        sent = sum(await asyncio.gather(*(producer(f"p{i}") for i in range(producers))))
         await log.close()
         return sent, starts
 
@@ -212,8 +216,28 @@ def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, 
     pairs = zip(starts.times[:-1], starts.times[1:], starts.batches[:-1], strict=True)
     gaps = [later - earlier for earlier, later, batches in pairs if batches > 1]
     assert gaps and min(gaps) >= window * 0.9
-    # Without the window 16 producers on a no-fsync log would sync thousands of times in 0.3 s.
+    # Without the window 8 producers on a no-fsync log would sync thousands of times in 0.3 s.
     assert len(starts.times) <= 0.3 / window + 2
+
+
+def test_a_full_group_does_not_wait_for_the_window(tmp_path, monkeypatch):
+    full = commitlog_module.FULL_SYNC_BATCHES
+
+    async def main():
+        log = open_log(tmp_path, durability="none")
+        starts = SyncStarts(log, monkeypatch)
+        driver = LogOnLoop(log)
+        await asyncio.gather(*(driver.append("shop", f"a{i}", 1) for i in range(3)))
+        # The last sync carried 3 batches: a smaller group would now wait for company ...
+        windowed = len(starts.windowed)
+        await asyncio.gather(*(driver.append("shop", f"b{i}", 1) for i in range(full)))
+        # ... a full one starts at the end of the loop iteration that filled it: the timer its
+        # first batch set is cancelled.
+        assert starts.batches[-1] == full
+        assert len(starts.timers) == windowed + 1 and starts.timers[-1].cancelled()
+        await log.close()
+
+    run(main())
 
 
 def test_batch_ids_are_time_ordered_uuidv7_prefixes(tmp_path):
