@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
+    # Listen before announcing: uvicorn only listens once the app has started, and a generator
+    # connecting in between was refused (a --compare run aborted on it).
+    sock.listen(2048)
     config = uvicorn.Config(
         app,
         loop="uvloop",
