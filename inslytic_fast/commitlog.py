@@ -121,6 +121,12 @@ DEFAULT_MIN_FREE_BYTES = 512 * 1024 * 1024
 COMMIT_WINDOW_S = 0.001
 FULL_SYNC_BATCHES = 16
 FULL_SYNC_BYTES = 1024 * 1024
+# When a sync finishes and the next group already carries this much, it starts at once: a loop
+# iteration of large batches lasts milliseconds, and waiting for its end cost 100-event
+# requests ~5% (305-325k -> 324-332k events/s). Smaller groups start at the end of the
+# iteration so the requests parsed in it join: with 1-event requests from 64 connections,
+# starting at once gave 29-32k req/s, waiting for the iteration 33-37k.
+SYNC_AT_ONCE_BYTES = 256 * 1024
 
 # Retry-After hints (seconds) per refusal reason: overload clears as soon as the roller catches
 # up (it polls every second); a full disk needs an operator or retention, so back off longer.
@@ -662,11 +668,12 @@ class CommitLog:
 
     # -- Sync orchestration (loop thread) -------------------------------------------------
 
-    def _schedule_sync(self) -> None:
-        """Start the next group commit soon: at the end of this loop iteration (not a timer,
-        so requests that arrived together share it too) for a lone producer or a full group;
-        otherwise once COMMIT_WINDOW_S has passed since the last one started."""
-        self._sync_scheduled = True
+    def _schedule_sync(self, *, at_once: bool = False) -> None:
+        """Start the next group commit: for a lone producer or a full group at the end of this
+        loop iteration (not a timer, so requests that arrived together share it too), or now
+        (``at_once``: a sync just finished, and its successor already carries
+        SYNC_AT_ONCE_BYTES); otherwise once COMMIT_WINDOW_S has passed since the last one
+        started."""
         if (
             self._last_sync_batches > 1
             and len(self._pending_waiters) < FULL_SYNC_BATCHES
@@ -674,9 +681,14 @@ class CommitLog:
         ):
             delay = self._last_sync_started + COMMIT_WINDOW_S - time.monotonic()
             if delay > 0:
+                self._sync_scheduled = True
                 self._sync_timer = self._loop.call_later(delay, self._start_sync)
                 return
-        self._loop.call_soon(self._start_sync)
+        if at_once and self._pending_bytes >= SYNC_AT_ONCE_BYTES:
+            self._start_sync()
+        else:
+            self._sync_scheduled = True
+            self._loop.call_soon(self._start_sync)
 
     def _start_sync(self) -> None:
         self._sync_scheduled = False
@@ -720,7 +732,7 @@ class CommitLog:
             self._free_bytes -= written
             # The next group first: the disk works while these answers are written.
             if self._pending_waiters or self._rotate_due:
-                self._schedule_sync()
+                self._schedule_sync(at_once=True)
             else:
                 self._wake_idle_waiters()
             events = 0

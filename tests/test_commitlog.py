@@ -240,6 +240,40 @@ def test_a_full_group_does_not_wait_for_the_window(tmp_path, monkeypatch):
     run(main())
 
 
+@pytest.mark.parametrize(("events", "at_once"), [(1, False), (2_000, True)])
+def test_a_waiting_group_starts_at_once_only_when_it_is_large(
+    tmp_path, monkeypatch, events, at_once
+):
+    """Small groups start at the end of the loop iteration (the requests parsed in it join);
+    a group of SYNC_AT_ONCE_BYTES or more starts the moment the previous sync finishes."""
+    gate = SyncGate(monkeypatch, hold_first=True)
+
+    async def main():
+        log = open_log(tmp_path)
+        loop = asyncio.get_running_loop()
+        deferred = []
+        real_call_soon = loop.call_soon
+
+        def call_soon(callback, *args, **kwargs):
+            if getattr(callback, "__name__", "") == "_start_sync":
+                deferred.append(callback)
+            return real_call_soon(callback, *args, **kwargs)
+
+        driver = LogOnLoop(log)
+        first = driver.append("shop", "first", 1)
+        await loop.run_in_executor(None, gate.started.wait, 10)
+        monkeypatch.setattr(loop, "call_soon", call_soon)
+        waiting = driver.append("shop", "waiting", events)  # joins the group behind the sync
+        size = log._pending_bytes
+        assert (size >= commitlog_module.SYNC_AT_ONCE_BYTES) is at_once
+        gate.release.set()
+        assert await first is None and await waiting is None
+        assert bool(deferred) is not at_once
+        await log.close()
+
+    run(main())
+
+
 def test_batch_ids_are_time_ordered_uuidv7_prefixes(tmp_path):
     async def main():
         log = open_log(tmp_path)
