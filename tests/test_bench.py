@@ -219,6 +219,23 @@ def test_micro_ratelimit_prints_one_json_line():
     assert result["check_ns"] > 0 and result["check_and_headers_ns"] > 0
 
 
+@pytest.mark.parametrize("extra", [[], ["--durability", "fsync", "--events", "10"]])
+def test_micro_hotpath_serves_real_requests_and_prints_one_json_line(extra):
+    proc = subprocess.run(
+        [sys.executable, "bench/micro_hotpath.py", "--windows", "1", "--connections", "4", *extra],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.strip().splitlines()
+    result = json.loads(line)
+    assert result["bench"] == "micro_hotpath"
+    assert set(result["statuses"]) == {"202"} and result["statuses"]["202"] >= 4
+    assert 0 < result["us_per_request_best"] <= result["us_per_request_median"]
+
+
 def test_profile_summary_from_collapsed_stacks():
     from bench.profile import summarize as summarize_profile
 
