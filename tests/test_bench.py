@@ -204,9 +204,10 @@ def test_proc_figures_for_this_process():
     assert machine.cpu_seconds(2**22 + 12345) is None
 
 
-def test_micro_ratelimit_prints_one_json_line():
+def run_micro_script(name: str, *args: str) -> dict:
+    """Run bench/<name>.py as the runner does and return the one JSON line it must print."""
     proc = subprocess.run(
-        [sys.executable, "bench/micro_ratelimit.py", "--min-time", "0.01"],
+        [sys.executable, f"bench/{name}.py", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -215,23 +216,18 @@ def test_micro_ratelimit_prints_one_json_line():
     assert proc.returncode == 0, proc.stderr
     (line,) = proc.stdout.strip().splitlines()
     result = json.loads(line)
-    assert result["bench"] == "micro_ratelimit"
+    assert result["bench"] == name
+    return result
+
+
+def test_micro_ratelimit_prints_one_json_line():
+    result = run_micro_script("micro_ratelimit", "--min-time", "0.01")
     assert result["check_ns"] > 0 and result["check_and_headers_ns"] > 0
 
 
 @pytest.mark.parametrize("extra", [[], ["--durability", "fsync", "--events", "10"]])
 def test_micro_hotpath_serves_real_requests_and_prints_one_json_line(extra):
-    proc = subprocess.run(
-        [sys.executable, "bench/micro_hotpath.py", "--windows", "1", "--connections", "4", *extra],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (line,) = proc.stdout.strip().splitlines()
-    result = json.loads(line)
-    assert result["bench"] == "micro_hotpath"
+    result = run_micro_script("micro_hotpath", "--windows", "1", "--connections", "4", *extra)
     assert set(result["statuses"]) == {"202"} and result["statuses"]["202"] >= 4
     assert 0 < result["us_per_request_best"] <= result["us_per_request_median"]
 

@@ -171,11 +171,14 @@ class SyncStarts:
         monkeypatch.setattr(loop, "call_later", call_later)
 
 
+def watched_log(tmp_path: Path, monkeypatch, **kwargs) -> tuple[CommitLog, SyncStarts, LogOnLoop]:
+    log = open_log(tmp_path, **kwargs)
+    return log, SyncStarts(log, monkeypatch), LogOnLoop(log)
+
+
 def test_a_lone_producer_never_waits_for_the_commit_window(tmp_path, monkeypatch):
     async def main():
-        log = open_log(tmp_path)
-        starts = SyncStarts(log, monkeypatch)
-        driver = LogOnLoop(log)
+        log, starts, driver = watched_log(tmp_path, monkeypatch)
         for i in range(20):  # an SDK sending one batch at a time
             assert await driver.append("shop", f"b{i}", 1) is None
         assert starts.batches == [1] * 20
@@ -189,9 +192,7 @@ def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, 
     window = commitlog_module.COMMIT_WINDOW_S
 
     async def main():
-        log = open_log(tmp_path, durability="none")
-        starts = SyncStarts(log, monkeypatch)
-        driver = LogOnLoop(log)
+        log, starts, driver = watched_log(tmp_path, monkeypatch, durability="none")
         loop = asyncio.get_running_loop()
         stop_at = loop.time() + 0.3
 
@@ -224,9 +225,7 @@ def test_a_full_group_does_not_wait_for_the_window(tmp_path, monkeypatch):
     full = commitlog_module.FULL_SYNC_BATCHES
 
     async def main():
-        log = open_log(tmp_path, durability="none")
-        starts = SyncStarts(log, monkeypatch)
-        driver = LogOnLoop(log)
+        log, starts, driver = watched_log(tmp_path, monkeypatch, durability="none")
         await asyncio.gather(*(driver.append("shop", f"a{i}", 1) for i in range(3)))
         # The last sync carried 3 batches: a smaller group would now wait for company ...
         windowed = len(starts.windowed)
