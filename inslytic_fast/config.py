@@ -148,6 +148,10 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """What ``resolve`` produced. Built directly (embedding, tests, bench harnesses) the defaults
+    are OPTIONS' (tests/test_config.py keeps them equal), except that ``workers`` and
+    ``roller_threads`` are 1 instead of "one per CPU"."""
+
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path(DEFAULT_DATA_DIR)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from inslytic_fast.config import OPTIONS, ConfigError, example_config, resolve
+from inslytic_fast.config import OPTIONS, ConfigError, Settings, example_config, resolve
 
 
 def no_flags(**given):
@@ -27,6 +27,19 @@ def test_defaults():
     assert settings.max_decompressed_bytes == 20 * 1024 * 1024
     assert settings.cors_origins == ("*",)
     assert settings.workers == len(os.sched_getaffinity(0))
+
+
+def test_settings_built_directly_default_to_the_options_table():
+    """Settings() (embedding, tests, bench harnesses) must not drift from OPTIONS. The two
+    'one per CPU' options are the exception: built directly, Settings means one process with
+    one roller thread, whatever the machine."""
+    resolved = resolve(no_flags(), environ={})
+    direct = Settings()
+    for opt in OPTIONS:
+        if opt.name in ("workers", "roller_threads"):
+            assert getattr(direct, opt.name) == 1
+            continue
+        assert getattr(direct, opt.name) == getattr(resolved, opt.name), opt.name
 
 
 def test_precedence_flag_over_env_over_file_over_default(tmp_path):
