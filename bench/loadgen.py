@@ -42,6 +42,20 @@ CONNECT_TIMEOUT_S = 10.0
 TIMER_RESOLUTION_S = 0.001
 CONTENT_LENGTH = b"\r\ncontent-length:"
 CONTENT_LENGTH_TITLE = b"\r\nContent-Length:"
+RETRY_AFTER = b"\r\nretry-after:"
+# Answers after which a client should wait before its next request (the API reference: 429
+# and 503 carry Retry-After); an SDK does, so the generator does too on that connection.
+BACK_OFF_STATUSES = (b"429", b"503")
+
+
+def retry_after_seconds(head: bytes) -> float:
+    """Retry-After of a response head in seconds; 1 s if absent or an HTTP-date."""
+    at = head.lower().find(RETRY_AFTER)
+    if at < 0:
+        return 1.0
+    end = head.find(b"\r\n", at + len(RETRY_AFTER))
+    value = head[at + len(RETRY_AFTER) : end if end > 0 else len(head)].strip()
+    return float(value) if value.isdigit() else 1.0
 
 
 class ProtocolFailure(Exception):
@@ -49,7 +63,17 @@ class ProtocolFailure(Exception):
 
 
 class Connection(asyncio.Protocol):
-    __slots__ = ("gen", "transport", "buffer", "in_flight", "request_index", "closed", "idle")
+    __slots__ = (
+        "gen",
+        "transport",
+        "buffer",
+        "in_flight",
+        "request_index",
+        "closed",
+        "idle",
+        "resume_at",
+        "resume_handle",
+    )
 
     def __init__(self, gen: Generator, first_request: int) -> None:
         self.gen = gen
@@ -60,6 +84,8 @@ class Connection(asyncio.Protocol):
         self.request_index = first_request
         self.closed = False
         self.idle = False  # queued in Generator.idle (open loop), so never queued twice
+        self.resume_at = 0.0  # perf_counter time before which this connection sends nothing
+        self.resume_handle: asyncio.TimerHandle | None = None
 
     # Protocol interface
 
@@ -100,7 +126,10 @@ class Connection(asyncio.Protocol):
             if body_end > size:
                 break
             if in_flight:
-                gen.on_response(data[pos + 9 : pos + 12], now - in_flight.popleft(), now)
+                status = data[pos + 9 : pos + 12]
+                gen.on_response(status, now - in_flight.popleft(), now)
+                if status in BACK_OFF_STATUSES:
+                    self.resume_at = now + retry_after_seconds(bytes(data[pos:head_end]))
             pos = body_end
         if pos < size:
             self.buffer = bytearray(data[pos:])
@@ -178,6 +207,13 @@ class Generator:
         if not self.sending or conn.closed:
             self._maybe_drained()
             return
+        if conn.resume_at:
+            wait = conn.resume_at - time.perf_counter()
+            if wait > 0:  # honouring Retry-After: nothing on this connection until then
+                if conn.resume_handle is None:
+                    conn.resume_handle = self.loop.call_later(wait, self._resume, conn)
+                return
+            conn.resume_at = 0.0
         in_flight = conn.in_flight
         if self.rate is None:
             while len(in_flight) < self.depth:
@@ -195,6 +231,10 @@ class Generator:
             self.idle.append(conn)
         if not self.scheduling:
             self._maybe_drained()
+
+    def _resume(self, conn: Connection) -> None:
+        conn.resume_handle = None
+        self.refill(conn)
 
     def on_connection_lost(self, conn: Connection) -> None:
         lost = len(conn.in_flight)

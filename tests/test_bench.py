@@ -7,6 +7,7 @@ works and that its report carries every field the README and issue 5 promise.
 from __future__ import annotations
 
 import array
+import asyncio
 import gzip
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench import machine, payloads
+from bench import loadgen, machine, payloads
 from bench.run import percentiles_ms, summarize
 from bench.targets import _first_int
 
@@ -162,6 +163,50 @@ def test_gzip_requests_carry_an_inflatable_body():
     head, body = request.split(b"\r\n\r\n", 1)
     assert b"Content-Encoding: gzip" in head
     assert len(orjson.loads(gzip.decompress(body))["events"]) == 10
+
+
+def test_retry_after_values():
+    head = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 2"
+    assert loadgen.retry_after_seconds(head) == 7.0
+    assert loadgen.retry_after_seconds(head.replace(b"Retry-After", b"retry-after")) == 7.0
+    assert loadgen.retry_after_seconds(b"HTTP/1.1 503 x\r\nContent-Length: 2") == 1.0
+    dated = b"HTTP/1.1 429 x\r\nRetry-After: Wed, 21 Oct 2026 07:28:00 GMT"
+    assert loadgen.retry_after_seconds(dated) == 1.0
+
+
+def test_the_generator_honours_retry_after_like_an_sdk(tmp_path):
+    """Against a server that answers every request 503 + Retry-After: 1, each connection sends
+    about once a second instead of as fast as the server answers."""
+    answer = (
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+
+    class Overloaded(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            for _ in range(data.count(b"\r\n\r\n")):  # bodies here never contain one
+                self.transport.write(answer)
+
+    async def main():
+        server = await asyncio.get_running_loop().create_server(Overloaded, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        spec = {
+            "host": "127.0.0.1", "port": port, "key": "k", "connections": 2, "pipeline": 1,
+            "rate": None, "warmup": 0, "duration": 1.5, "latency_path": str(tmp_path / "lat"),
+        }  # fmt: skip
+        requests, _ = payloads.build_requests("127.0.0.1", port, "k", 1, seed=1, use_gzip=False)
+        try:
+            return await loadgen.Generator(spec, requests).run()
+        finally:
+            server.close()
+
+    result = asyncio.run(asyncio.wait_for(main(), 30))
+    # Two connections, answered at once, then 1 s apart: ~2 requests each in 1.5 s.
+    assert 2 <= result["total_requests"] <= 8
+    assert result["total_ok"] == 0 and result["statuses"].get("503", 0) >= 2
 
 
 def test_percentiles_from_latencies():
