@@ -603,10 +603,7 @@ class CommitLog:
         self.stats.appends += 1
         if not self._syncing and not self._sync_scheduled:
             self._schedule_sync()
-        elif self._sync_timer is not None and (
-            len(self._pending_waiters) >= FULL_SYNC_BATCHES
-            or self._pending_bytes >= FULL_SYNC_BYTES
-        ):
+        elif self._sync_timer is not None and self._group_is_full():
             # The window's company has arrived: start at the end of this iteration instead.
             self._sync_timer.cancel()
             self._sync_timer = None
@@ -674,11 +671,7 @@ class CommitLog:
         (``at_once``: a sync just finished, and its successor already carries
         SYNC_AT_ONCE_BYTES); otherwise once COMMIT_WINDOW_S has passed since the last one
         started."""
-        if (
-            self._last_sync_batches > 1
-            and len(self._pending_waiters) < FULL_SYNC_BATCHES
-            and self._pending_bytes < FULL_SYNC_BYTES
-        ):
+        if self._last_sync_batches > 1 and not self._group_is_full():
             delay = self._last_sync_started + COMMIT_WINDOW_S - time.monotonic()
             if delay > 0:
                 self._sync_scheduled = True
@@ -689,6 +682,13 @@ class CommitLog:
         else:
             self._sync_scheduled = True
             self._loop.call_soon(self._start_sync)
+
+    def _group_is_full(self) -> bool:
+        """The waiting group is worth a sync of its own: no commit window for it."""
+        return (
+            len(self._pending_waiters) >= FULL_SYNC_BATCHES
+            or self._pending_bytes >= FULL_SYNC_BYTES
+        )
 
     def _start_sync(self) -> None:
         self._sync_scheduled = False
@@ -867,18 +867,12 @@ class CommitLog:
 
     def _write_records(self, parts: list[bytes], size: int) -> None:
         """writev the framed records (``size`` bytes in all), finishing short writes."""
-        fd = self._fd
-        if len(parts) <= IOV_MAX:  # the common case: one syscall, no Python per record
-            written = os.writev(fd, parts)
+        # One writev per IOV_MAX parts: almost always one, whose size is already known.
+        chunks = [parts[i : i + IOV_MAX] for i in range(0, len(parts), IOV_MAX)]
+        for chunk in chunks:
+            written = os.writev(self._fd, chunk)
             self._segment_size += written
-            if written < size:
-                self._finish_short_write(parts, written)
-            return
-        for start in range(0, len(parts), IOV_MAX):
-            chunk = parts[start : start + IOV_MAX]
-            written = os.writev(fd, chunk)
-            self._segment_size += written
-            if written < sum(map(len, chunk)):
+            if written < (size if len(chunks) == 1 else sum(map(len, chunk))):
                 self._finish_short_write(chunk, written)
 
     def _finish_short_write(self, parts: list[bytes], written: int) -> None:
