@@ -611,15 +611,21 @@ def test_an_oversized_event_is_not_examined_further():
     ]
 
 
-def test_one_huge_event_of_tiny_properties_is_refused_without_building_it():
-    properties = {f"k{i}": "" for i in range(300_000)}  # ~3.5 MiB of JSON
-    body = body_of(valid_event(properties=properties))
+def rejection_and_peak_memory(body: bytes) -> tuple[BatchRejected, int]:
+    """The rejection of ``body`` and the peak bytes Python allocated while finding it."""
     tracemalloc.start()
     try:
         error = rejection(body)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    return error, peak
+
+
+def test_one_huge_event_of_tiny_properties_is_refused_without_building_it():
+    properties = {f"k{i}": "" for i in range(300_000)}  # ~3.5 MiB of JSON
+    body = body_of(valid_event(properties=properties))
+    error, peak = rejection_and_peak_memory(body)
     assert error.details == [f"Event 0: event is larger than {LIMITS.max_event_bytes} bytes"]
     assert peak < 4 * 1024 * 1024, peak  # the dict alone would take ~30 MB
 
@@ -658,24 +664,14 @@ def test_explain_is_bounded_on_a_hostile_batch():
 
 def test_a_huge_events_array_is_refused_without_materialising_it():
     body = b'{"events": [' + b"0," * 2_000_000 + b"0]}"
-    tracemalloc.start()
-    try:
-        error = rejection(body)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    error, peak = rejection_and_peak_memory(body)
     assert error.details == ["events must contain at most 1000 events"]
     assert peak < 4 * 1024 * 1024, peak  # one object per element would be ~150 MB
 
 
 def test_far_too_many_valid_events_are_refused_without_building_them():
     body = body_of(*[valid_event()] * 40_000)  # ~5.6 MiB of valid events
-    tracemalloc.start()
-    try:
-        error = rejection(body)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    error, peak = rejection_and_peak_memory(body)
     assert error.details == ["events must contain at most 1000 events"]
     assert peak < 8 * 1024 * 1024, peak  # building them all takes ~16 MB
 

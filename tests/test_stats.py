@@ -3,6 +3,7 @@ delta of two scrapes, and the command shows a real server (or its data dir when 
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -381,63 +383,52 @@ def read_until(fd: int, needle: bytes, count: int, proc: subprocess.Popen) -> by
     return seen
 
 
-def test_live_view_on_a_terminal_redraws_and_ctrl_c_exits_0(tmp_path):
+@contextlib.contextmanager
+def live_view(tmp_path: Path, stdout) -> Iterator[subprocess.Popen]:
+    """`stats` against a port nobody serves, refreshing every 0.1 s; killed if still running."""
     sock, url = unreachable_url()
-    primary, secondary = pty.openpty()
     with sock:
         proc = subprocess.Popen(
             [*STATS, "--url", url, "--data-dir", str(tmp_path), "--interval", "0.1"],
-            stdout=secondary,
+            stdout=stdout,
             stderr=subprocess.PIPE,
         )
-        os.close(secondary)
         try:
-            seen = read_until(primary, CLEAR_AND_HOME.encode(), 2, proc)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=20) == 0
+            yield proc
         finally:
             if proc.poll() is None:
                 proc.kill()
-            os.close(primary)
+
+
+def test_live_view_on_a_terminal_redraws_and_ctrl_c_exits_0(tmp_path):
+    primary, secondary = pty.openpty()
+    try:
+        with live_view(tmp_path, secondary) as proc:
+            os.close(secondary)
+            seen = read_until(primary, CLEAR_AND_HOME.encode(), 2, proc)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0
+    finally:
+        os.close(primary)
     assert seen.startswith(CLEAR_AND_HOME.encode())
     assert b"server not reachable" in seen
     assert proc.stderr.read() == b""
 
 
 def test_live_view_into_a_pipe_appends_plain_frames(tmp_path):
-    sock, url = unreachable_url()
-    with sock:
-        proc = subprocess.Popen(
-            [*STATS, "--url", url, "--data-dir", str(tmp_path), "--interval", "0.1"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            seen = read_until(proc.stdout.fileno(), b"inslytic-fast stats", 3, proc)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with live_view(tmp_path, subprocess.PIPE) as proc:
+        seen = read_until(proc.stdout.fileno(), b"inslytic-fast stats", 3, proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
     assert b"\x1b" not in seen
     assert proc.stderr.read() == b""
 
 
 def test_a_reader_that_goes_away_ends_the_view_quietly(tmp_path):
-    sock, url = unreachable_url()
-    with sock:
-        proc = subprocess.Popen(
-            [*STATS, "--url", url, "--data-dir", str(tmp_path), "--interval", "0.1"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            read_until(proc.stdout.fileno(), b"inslytic-fast stats", 1, proc)
-            proc.stdout.close()  # as `stats | head -3` does once it has its lines
-            assert proc.wait(timeout=20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with live_view(tmp_path, subprocess.PIPE) as proc:
+        read_until(proc.stdout.fileno(), b"inslytic-fast stats", 1, proc)
+        proc.stdout.close()  # as `stats | head -3` does once it has its lines
+        assert proc.wait(timeout=20) == 0
     assert proc.stderr.read() == b""
 
 
