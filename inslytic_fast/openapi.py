@@ -82,6 +82,19 @@ def _event_schema(limits: EventLimits) -> dict[str, Any]:
     }
 
 
+def _error_body(min_details: int = 0) -> dict[str, Any]:
+    """``{"error": ..., "details": [...]}``, the body of every 4xx and 503."""
+    details: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
+    if min_details:
+        details["minItems"] = min_details
+    details["maxItems"] = MAX_ERROR_DETAILS
+    return {
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}, "details": details},
+        "additionalProperties": False,
+    }
+
+
 def _schemas(limits: EventLimits) -> dict[str, Any]:
     return {
         "Event": _event_schema(limits),
@@ -114,16 +127,7 @@ def _schemas(limits: EventLimits) -> dict[str, Any]:
         },
         "Error": {
             "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {"type": "string"},
-                "details": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "maxItems": MAX_ERROR_DETAILS,
-                },
-            },
-            "additionalProperties": False,
+            **_error_body(),
         },
         "ValidationError": {
             "type": "object",
@@ -133,17 +137,7 @@ def _schemas(limits: EventLimits) -> dict[str, Any]:
                 f"At most {MAX_ERROR_DETAILS} details: beyond that the last line reads "
                 "`... and N more problems`."
             ),
-            "required": ["error"],
-            "properties": {
-                "error": {"type": "string"},
-                "details": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "minItems": 1,
-                    "maxItems": MAX_ERROR_DETAILS,
-                },
-            },
-            "additionalProperties": False,
+            **_error_body(min_details=1),
             "examples": [
                 {
                     "error": "Validation failed",
