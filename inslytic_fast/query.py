@@ -37,6 +37,7 @@ import duckdb
 import orjson
 
 from .commitlog import LOG_DIRNAME, list_segments, scan_segment
+from .purges import Purge, purged_sql, read_purges
 from .storage import (
     EVENT_COLUMN_NAMES,
     EVENT_COLUMNS,
@@ -80,6 +81,7 @@ class Snapshot:
     log_ndjson: str | None = None
     log_records: int = 0
     live_segments: set[str] = field(default_factory=set)
+    purges: list[Purge] = field(default_factory=list)  # read first: see _attempt
 
     def discard(self) -> None:
         if self.log_ndjson is not None:
@@ -116,6 +118,9 @@ def _attempt(data_dir: Path, out, scratch: str) -> Snapshot | None:
     out.seek(0)
     out.truncate()
     snap = Snapshot(log_ndjson=scratch)
+    # Tombstones before anything else: a purge recorded later may delete files this snapshot
+    # lists (the query is then retried), but never shows it events the tombstone hides.
+    snap.purges = read_purges(data_dir / EVENTS_DIRNAME)
     for segments in list_segments(log_dir).values():
         for path in segments:
             try:
@@ -252,12 +257,17 @@ def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot) -> None:
             f"CREATE TEMP VIEW _parquet_events AS SELECT {_COLUMNS_SQL} FROM read_parquet("
             f"{files}, hive_partitioning=true, hive_types={HIVE_TYPES_SQL}, union_by_name=true)"
         )
-        con.execute(
-            f"CREATE TEMP VIEW events AS SELECT {_COLUMNS_SQL} FROM _parquet_events "
+        source = (
+            f"SELECT {_COLUMNS_SQL} FROM _parquet_events "
             f"UNION ALL SELECT {_COLUMNS_SQL} FROM _log_events"
         )
     else:
-        con.execute(f"CREATE TEMP VIEW events AS SELECT {_COLUMNS_SQL} FROM _log_events")
+        source = f"SELECT {_COLUMNS_SQL} FROM _log_events"
+    if snapshot.purges:
+        # Purged events may still sit in the log, or in files the roller has yet to remove.
+        purged = purged_sql(snapshot.purges, "project", "epoch_us(received_at)")
+        source = f"SELECT * FROM ({source}) WHERE NOT {purged}"
+    con.execute(f"CREATE TEMP VIEW events AS {source}")
 
 
 def _is_missing_file(exc: duckdb.Error) -> bool:

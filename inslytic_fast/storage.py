@@ -51,7 +51,8 @@ from .commitlog import (
     scan_segment,
     sealed_segments,
 )
-from .durable import fsync_dir
+from .durable import fsync_dir, write_file_durably
+from .purges import mark_applied, purged_sql, read_purges
 
 log = logging.getLogger(__name__)
 
@@ -225,23 +226,56 @@ def partition_dirs(events_dir: Path) -> list[Path]:
     return found
 
 
+def apply_purges_locked(events_dir: Path) -> int:
+    """Remove ``project=NAME/`` of every purge not yet applied; the caller holds the roller
+    lock. All of it is purgeable: a purged name cannot be created again before this ran."""
+    applied = 0
+    for purge in read_purges(events_dir):
+        if purge.applied:
+            continue
+        partition = events_dir / f"project={purge.project}"
+        if partition.exists():
+            # Rename first, as retention does: the files vanish from readers at once, and
+            # recover() finishes the delete after a crash.
+            trash = events_dir / TRASH_DIRNAME
+            make_dirs_durable(trash)
+            doomed = trash / uuid.uuid4().hex
+            os.rename(partition, doomed)
+            fsync_dir(events_dir)
+            shutil.rmtree(doomed, ignore_errors=True)
+        mark_applied(events_dir, purge)
+        applied += 1
+    return applied
+
+
+def apply_purges_now(data_dir: Path, wait_s: float) -> bool:
+    """Apply recorded purges under the roller lock, waiting up to ``wait_s`` for a roller pass
+    to finish. False if the lock stayed busy: the roller's next pass applies them then."""
+    events_dir = Path(data_dir) / EVENTS_DIRNAME
+    make_dirs_durable(events_dir)
+    fd = os.open(events_dir / ROLLER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+        apply_purges_locked(events_dir)
+        return True
+    finally:
+        os.close(fd)
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    """write tmp -> fsync -> rename -> fsync(dir)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class Roller:
@@ -442,6 +476,9 @@ class Roller:
             total = 0
             for segment in sealed_segments(self.log_dir):
                 total += self._roll_segment(segment)
+            # After the rolls: a roll that read the tombstones before a purge was recorded
+            # published files of the purged project, and they go now.
+            apply_purges_locked(self.events_dir)
             return total
 
     def _roll_segment(self, segment: Path) -> int:
@@ -513,6 +550,10 @@ class Roller:
         if cutoff is not None:
             # Events already past retention would only be written to be dropped again.
             select = f"SELECT * FROM ({select}) WHERE date >= DATE '{cutoff.isoformat()}'"
+        purges = read_purges(self.events_dir)
+        if purges:
+            purged = purged_sql(purges, "project", "epoch_us(received_at)")
+            select = f"SELECT * FROM ({select}) WHERE NOT {purged}"
         copy = (
             f"COPY ({select}) TO {sql_string(out)} (FORMAT parquet, COMPRESSION zstd, "
             "PARTITION_BY (project, date), FILENAME_PATTERN '{i}', OVERWRITE_OR_IGNORE true)"
@@ -630,7 +671,7 @@ class Roller:
             "inputs": inputs,
         }
         intent_path = self.intents_dir / (cid + ".json")
-        _write_durable(intent_path, orjson.dumps(intent))
+        write_file_durably(intent_path, orjson.dumps(intent))
         self._step("compact:intent_written")
         os.replace(staged, partition / output_name)
         fsync_dir(partition)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
-import shutil
 import sys
 import time
 from datetime import UTC, datetime
@@ -34,11 +34,16 @@ from inslytic_fast.auth import (
     shown,
     valid_project_name,
 )
+from inslytic_fast.commitlog import LOG_DIRNAME, list_segments
 from inslytic_fast.config import DEFAULT_DATA_DIR
+from inslytic_fast.purges import record_purge, why_name_is_blocked
 
 DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
 # Where the storage layer keeps a project's events: <data_dir>/events/project=<name>/.
 EVENTS_DIR = "events"
+# A purge removes files under the roller's lock. A roll takes seconds; a compaction pass can
+# take longer, and then the roller's next pass removes them instead.
+PURGE_LOCK_WAIT_S = 30.0
 
 # Long enough to roll a new key through a deploy and the clients' config in a working day
 # across time zones; short enough that a key meant to die does not linger for weeks.
@@ -190,7 +195,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     delete.add_argument(
         "--purge",
         action="store_true",
-        help=f"also remove its stored events (<data_dir>/{EVENTS_DIR}/project=NAME/)",
+        help=f"also remove its stored events (<data_dir>/{EVENTS_DIR}/project=NAME/ and those "
+        "still in the commit log; safe while the server runs)",
     )
     delete.set_defaults(func=cmd_delete)
     return parser
@@ -274,6 +280,9 @@ def _print_new_key(name: str, key: str) -> None:
 
 @_run
 def cmd_create(args: argparse.Namespace, catalog: Catalog) -> int:
+    blocked = why_name_is_blocked(catalog.data_dir / EVENTS_DIR, args.name)
+    if blocked is not None:
+        raise ProjectError(blocked)
     key = catalog.create_project(args.name, args.events_per_minute)
     if args.json:
         _emit_json(
@@ -376,26 +385,31 @@ def cmd_revoke_key(args: argparse.Namespace, catalog: Catalog) -> int:
 
 @_run
 def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
-    events_dir = catalog.data_dir / EVENTS_DIR / f"project={args.name}"
+    events_dir = catalog.data_dir / EVENTS_DIR
+    partition = events_dir / f"project={args.name}"
     try:
         catalog.delete_project(args.name)
         deleted = True
     except ProjectError:
         # `delete NAME --purge` after a plain `delete NAME` removes the data left behind.
-        if not (args.purge and events_dir.is_dir()):
+        if not (args.purge and _has_events(catalog.data_dir, args.name)):
             raise
         deleted = False
-    purged = False
-    if args.purge and events_dir.is_dir():
-        shutil.rmtree(events_dir)
-        purged = True
+    files_removed = False
+    if args.purge:
+        # The tombstone first: from here on no reader or roll shows these events again.
+        record_purge(events_dir, args.name)
+        from inslytic_fast.storage import apply_purges_now  # duckdb: only for --purge
+
+        files_removed = apply_purges_now(catalog.data_dir, PURGE_LOCK_WAIT_S)
     if args.json:
         _emit_json(
             {
                 "name": args.name,
                 "deleted": deleted,
-                "purged": purged,
-                "events_dir": str(events_dir),
+                "purged": args.purge,
+                "files_removed": files_removed,
+                "events_dir": str(partition),
             }
         )
         return 0
@@ -403,8 +417,31 @@ def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
         print(f"Deleted project {args.name!r}; its keys stop working within seconds.")
     else:
         print(f"Project {args.name!r} was already deleted.")
-    if purged:
-        print(f"Removed its events: {events_dir}")
-    elif events_dir.is_dir():
-        print(f"Its events stay in {events_dir} (delete --purge removes them).")
+    if args.purge:
+        print(
+            f"Purged its events: queries no longer show them, and events still in the commit "
+            f"log are dropped when they roll. Its files in {partition} "
+            + ("are gone." if files_removed else "go with the roller's next pass.")
+        )
+    elif partition.is_dir():
+        print(f"Its events stay in {partition} (delete --purge removes them).")
     return 0
+
+
+def _has_events(data_dir: Path, name: str) -> bool:
+    """Whether a deleted project left events behind: Parquet files or records in the log."""
+    if (data_dir / EVENTS_DIR / f"project={name}").is_dir():
+        return True
+    needle = b'{"p":' + json.dumps(name).encode() + b","
+    for segments in list_segments(data_dir / LOG_DIRNAME).values():
+        for path in segments:
+            try:
+                with open(path, "rb") as f:
+                    if f.seek(0, os.SEEK_END) == 0:
+                        continue
+                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                        if data.find(needle) >= 0:
+                            return True
+            except FileNotFoundError:
+                continue  # rolled meanwhile
+    return False

@@ -1,0 +1,135 @@
+"""Purge tombstones: `projects delete NAME --purge` as a promise every reader and writer keeps.
+
+Removing ``events/project=NAME/`` alone is not a purge while a server runs: the project's events
+still in the commit log would be rolled back into that directory, and ``query`` shows the log
+tail until then. So a purge is recorded first, durably, as a tombstone::
+
+    <data_dir>/events/_purges/<NAME>.json
+    {"project": NAME, "received_before_us": T, "applied": false}
+
+and means: no event of project NAME received at or before T exists any more. The roller drops
+such events from every segment it rolls, ``query`` filters them out of the Parquet files and
+the log alike, and the files already under ``project=NAME/`` are removed under the roller's
+lock (by the CLI at once, or by the roller's next pass), which then marks the tombstone
+applied. T is the purge's time plus PURGE_GRACE_S: servers notice the deleted project's keys
+only at their next catalog check, and events accepted until then must go too.
+
+Tombstones stay (they are tiny): the log may hold such events for a while, and the filter is
+what keeps them out. A project of the same name can be created again once its tombstone is
+applied and T has passed; its events are newer than T and untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from .commitlog import make_dirs_durable
+from .durable import write_file_durably
+
+PURGES_DIRNAME = "_purges"
+# The server checks the key catalog once a second (its tick); 5 s leaves room for a busy loop
+# or a worker that is slow to notice, and is short enough that re-creating the name can wait.
+PURGE_GRACE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    project: str
+    received_before_us: int  # inclusive: events received at or before this are purged
+    applied: bool  # the Parquet files that held them are gone
+
+
+def purges_dir(events_dir: Path) -> Path:
+    return events_dir / PURGES_DIRNAME
+
+
+def read_purges(events_dir: Path) -> list[Purge]:
+    """Every tombstone, sorted by project (a file being replaced is read whole or not at all)."""
+    found: list[Purge] = []
+    try:
+        entries = sorted(os.scandir(purges_dir(events_dir)), key=lambda e: e.name)
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        if not entry.name.endswith(".json"):
+            continue  # a write -> rename in progress
+        try:
+            doc = orjson.loads(Path(entry.path).read_bytes())
+        except FileNotFoundError:
+            continue
+        found.append(Purge(doc["project"], int(doc["received_before_us"]), bool(doc["applied"])))
+    return found
+
+
+def find_purge(events_dir: Path, project: str) -> Purge | None:
+    for purge in read_purges(events_dir):
+        if purge.project == project:
+            return purge
+    return None
+
+
+def record_purge(events_dir: Path, project: str, now: float | None = None) -> Purge:
+    """Write (or extend) the tombstone of ``project``: durable before this returns."""
+    now = time.time() if now is None else now
+    before_us = int((now + PURGE_GRACE_S) * 1_000_000)
+    previous = find_purge(events_dir, project)
+    if previous is not None:
+        before_us = max(before_us, previous.received_before_us)
+    purge = Purge(project, before_us, applied=False)
+    _write(events_dir, purge)
+    return purge
+
+
+def mark_applied(events_dir: Path, purge: Purge) -> Purge:
+    done = Purge(purge.project, purge.received_before_us, applied=True)
+    _write(events_dir, done)
+    return done
+
+
+def _write(events_dir: Path, purge: Purge) -> None:
+    directory = purges_dir(events_dir)
+    make_dirs_durable(directory)
+    doc = {
+        "project": purge.project,
+        "received_before_us": purge.received_before_us,
+        "applied": purge.applied,
+    }
+    write_file_durably(directory / f"{purge.project}.json", orjson.dumps(doc))
+
+
+def why_name_is_blocked(events_dir: Path, project: str, now: float | None = None) -> str | None:
+    """Why ``project`` cannot be created again yet (None: it can)."""
+    purge = find_purge(events_dir, project)
+    if purge is None:
+        return None
+    now = time.time() if now is None else now
+    if not purge.applied:
+        return f"project {project!r} is still being purged; try again in a few seconds"
+    wait = purge.received_before_us / 1_000_000 - now
+    if wait > 0:
+        return f"project {project!r} was just purged; its name is free again in {wait:.0f} s"
+    return None
+
+
+def purged_sql(purges: list[Purge], project_column: str, received_us_sql: str) -> str:
+    """A SQL predicate that is true for purged rows ('false' when there is nothing to purge).
+
+    ``received_us_sql`` is an expression giving the event's receive time in microseconds.
+    """
+    if not purges:
+        return "false"
+    terms = [
+        f"({project_column} = {_sql_string(p.project)} "
+        f"AND {received_us_sql} <= {p.received_before_us})"
+        for p in purges
+    ]
+    return "(" + " OR ".join(terms) + ")"
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"

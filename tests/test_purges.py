@@ -1,0 +1,178 @@
+"""`projects delete --purge`: tombstones honoured by query and the roller (real files, DuckDB)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from inslytic_fast.commitlog import CommitLog, sealed_segments
+from inslytic_fast.purges import (
+    PURGE_GRACE_S,
+    find_purge,
+    mark_applied,
+    record_purge,
+    why_name_is_blocked,
+)
+from inslytic_fast.query import run_query
+from inslytic_fast.storage import Roller, apply_purges_now
+
+from .conftest import EXAMPLE_EVENT, cli
+from .storage_helpers import LogOnLoop
+
+BEFORE_PURGE = 1_790_000_000.0  # 2026-09-21, the clock the log stamps received_at with
+PURGED_AT = BEFORE_PURGE + 10
+AFTER_GRACE = PURGED_AT + PURGE_GRACE_S + 1
+
+
+def append_batches(data_dir, received_at: float, batches: list[tuple[str, str, int]]) -> None:
+    """Append (project, batch id, events) at a fixed receive time, then seal the segment."""
+
+    async def main():
+        log = CommitLog(data_dir, clock=lambda: received_at)
+        log.open()
+        log.start(asyncio.get_running_loop())
+        driver = LogOnLoop(log)
+        for project, batch, count in batches:
+            assert await driver.append(project, batch, count) is None
+        await log.close()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=60))
+    reopened = CommitLog(data_dir)
+    reopened.open()  # seals the last segment, as a restart does
+    reopened._close_fd()  # noqa: SLF001 - no loop needed to close an idle log
+
+
+def counts(data_dir) -> dict[str, int]:
+    _, rows = run_query(data_dir, "SELECT project, count(*) FROM events GROUP BY ALL")
+    return dict(rows)
+
+
+def test_a_purge_hides_log_and_parquet_events_at_once_and_no_roll_brings_them_back(tmp_path):
+    events_dir = tmp_path / "events"
+    append_batches(tmp_path, BEFORE_PURGE, [("shop", "s1", 3), ("blog", "b1", 2)])
+    Roller(tmp_path).roll_once()
+    assert (events_dir / "project=shop").is_dir()
+    # More of both in the log, not rolled yet.
+    append_batches(tmp_path, BEFORE_PURGE + 1, [("shop", "s2", 4), ("blog", "b2", 1)])
+    assert sealed_segments(tmp_path / "log")
+    assert counts(tmp_path) == {"shop": 7, "blog": 3}
+
+    purge = record_purge(events_dir, "shop", now=PURGED_AT)
+    assert purge.received_before_us == int((PURGED_AT + PURGE_GRACE_S) * 1_000_000)
+    # Queries honour it before any file is touched: Parquet and log alike.
+    assert (events_dir / "project=shop").is_dir()
+    assert counts(tmp_path) == {"blog": 3}
+
+    # The roll drops the purged events from the log and removes what was rolled before.
+    Roller(tmp_path).roll_once()
+    assert not sealed_segments(tmp_path / "log")
+    assert not (events_dir / "project=shop").exists()
+    assert find_purge(events_dir, "shop").applied
+    assert counts(tmp_path) == {"blog": 3}
+
+    # A project of the same name after the grace period is a new project: its events stay.
+    append_batches(tmp_path, AFTER_GRACE, [("shop", "s3", 5)])
+    assert counts(tmp_path) == {"blog": 3, "shop": 5}
+    Roller(tmp_path).roll_once()
+    assert counts(tmp_path) == {"blog": 3, "shop": 5}
+    _, rows = run_query(tmp_path, "SELECT DISTINCT anonymous_id FROM events WHERE project='shop'")
+    assert rows == [("s3",)]
+
+
+def test_events_accepted_during_the_grace_period_are_purged_too(tmp_path):
+    # Servers stop accepting a deleted project's keys at their next catalog check.
+    events_dir = tmp_path / "events"
+    record_purge(events_dir, "shop", now=PURGED_AT)
+    append_batches(tmp_path, PURGED_AT + PURGE_GRACE_S - 0.5, [("shop", "late", 2)])
+    assert counts(tmp_path) == {}
+    Roller(tmp_path).roll_once()
+    assert not (events_dir / "project=shop").exists()
+    assert counts(tmp_path) == {}
+
+
+def test_purging_again_extends_the_tombstone_and_applies_again(tmp_path):
+    events_dir = tmp_path / "events"
+    first = record_purge(events_dir, "shop", now=PURGED_AT)
+    mark_applied(events_dir, first)
+    append_batches(tmp_path, AFTER_GRACE, [("shop", "again", 2)])
+    Roller(tmp_path).roll_once()
+    assert counts(tmp_path) == {"shop": 2}
+    second = record_purge(events_dir, "shop", now=AFTER_GRACE + 1)
+    assert second.received_before_us > first.received_before_us and not second.applied
+    assert counts(tmp_path) == {}
+    assert apply_purges_now(tmp_path, wait_s=5)
+    assert not (events_dir / "project=shop").exists()
+
+
+def test_the_name_is_free_again_only_once_applied_and_past_the_grace(tmp_path):
+    events_dir = tmp_path / "events"
+    assert why_name_is_blocked(events_dir, "shop", now=PURGED_AT) is None
+    purge = record_purge(events_dir, "shop", now=PURGED_AT)
+    assert "still being purged" in why_name_is_blocked(events_dir, "shop", now=AFTER_GRACE)
+    mark_applied(events_dir, purge)
+    assert "free again in 5 s" in why_name_is_blocked(events_dir, "shop", now=PURGED_AT)
+    assert why_name_is_blocked(events_dir, "shop", now=AFTER_GRACE) is None
+    assert why_name_is_blocked(events_dir, "blog", now=PURGED_AT) is None
+
+
+def test_a_purge_waits_for_the_roller_lock_and_otherwise_leaves_it_to_the_roller(tmp_path):
+    events_dir = tmp_path / "events"
+    append_batches(tmp_path, BEFORE_PURGE, [("shop", "s1", 3)])
+    Roller(tmp_path).roll_once()
+    record_purge(events_dir, "shop", now=PURGED_AT)
+    roller = Roller(tmp_path)
+    with roller._exclusive() as mine:  # noqa: SLF001 - a roller pass in progress
+        assert mine
+        assert apply_purges_now(tmp_path, wait_s=0.2) is False
+        assert (events_dir / "project=shop").is_dir()
+    assert counts(tmp_path) == {}
+    roller.roll_once()  # the next pass applies it
+    assert not (events_dir / "project=shop").exists()
+    assert find_purge(events_dir, "shop").applied
+
+
+def test_purge_while_serving_keeps_the_events_out_across_restarts(make_server, tmp_path):
+    data_dir = tmp_path / "live"
+    shop_key = cli("projects", "create", "shop", data_dir=data_dir).stdout.split()[-1]
+    blog_key = cli("projects", "create", "blog", data_dir=data_dir).stdout.split()[-1]
+    server = make_server("--workers", "1", data_dir=data_dir)
+    assert server.ingest([EXAMPLE_EVENT] * 3, shop_key)[0] == 202
+    assert server.ingest([EXAMPLE_EVENT] * 2, blog_key)[0] == 202
+    server.stop()
+    server.start()  # the restart seals the log; the roller rolls it to Parquet
+    wait_for(lambda: (data_dir / "events" / "project=shop").is_dir())
+    assert server.ingest([EXAMPLE_EVENT] * 4, shop_key)[0] == 202  # in the log
+
+    out = json.loads(
+        cli("projects", "delete", "shop", "--purge", "--json", data_dir=data_dir).stdout
+    )
+    assert out["deleted"] and out["purged"] and out["files_removed"]
+    assert not (data_dir / "events" / "project=shop").exists()
+    assert query_counts(data_dir) == {"blog": 2}
+
+    server.stop()
+    server.start()  # seals the segment that still holds 4 purged events; the roller rolls it
+    wait_for(lambda: not sealed_segments(data_dir / "log"))
+    assert not (data_dir / "events" / "project=shop").exists()
+    assert query_counts(data_dir) == {"blog": 2}
+    refused = cli("projects", "create", "shop", data_dir=data_dir, check=False)
+    assert refused.returncode == 1 and "was just purged" in refused.stderr
+
+
+def query_counts(data_dir) -> dict[str, int]:
+    proc = cli(
+        "query",
+        "SELECT project, count(*) AS n FROM events GROUP BY ALL",
+        "--format",
+        "json",
+        data_dir=data_dir,
+    )
+    return {row["project"]: row["n"] for row in json.loads(proc.stdout)}
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
