@@ -51,6 +51,7 @@ from .storage import (
     partition_dirs,
     source_segment,
     sql_string,
+    write_lines,
 )
 
 # A snapshot is retaken only when a compaction began while it read; after a handful of those
@@ -129,7 +130,7 @@ def _attempt(data_dir: Path, out, scratch: str) -> Snapshot | None:
                 continue
             snap.live_segments.add(path.name.rsplit(".", 1)[0])
             payloads = scan_segment(data).payloads
-            out.writelines(payloads)
+            write_lines(out, payloads)
             snap.log_records += len(payloads)
             del payloads, data
     out.flush()

