@@ -51,6 +51,25 @@ def tree_cpu_seconds(pid: int) -> float | None:
     return sum(known) if known else None
 
 
+# The name the roller process gives itself (prctl PR_SET_NAME, inslytic_fast.server.follow_parent).
+ROLLER_COMM = "inslytic-roller"
+
+
+def roller_cpu_seconds(pid: int) -> float | None:
+    """cpu_seconds of the roller process(es) under ``pid``; None if there is none."""
+    total = None
+    for child in process_tree(pid)[1:]:
+        try:
+            comm = Path(f"/proc/{child}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == ROLLER_COMM:
+            seconds = cpu_seconds(child)
+            if seconds is not None:
+                total = (total or 0.0) + seconds
+    return total
+
+
 def tree_memory_mb(pid: int) -> dict[str, float] | None:
     """memory_mb summed over the process tree (the peak is a sum of per-process peaks)."""
     parts = [m for m in (memory_mb(p) for p in process_tree(pid)) if m]

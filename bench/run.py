@@ -353,6 +353,9 @@ def run_once(
 def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch, procs) -> dict:
     several = args.workers > 1 and server.name == targets.INSLYTIC
     cpu_of = machine.tree_cpu_seconds if several else machine.cpu_seconds
+    # The roller is a process of its own: its CPU is measured apart (and, with several
+    # workers, taken out of the tree's) so "serving" and "rolling" are both on the record.
+    roller_of = machine.roller_cpu_seconds if server.name == targets.INSLYTIC else None
     memory_of = machine.tree_memory_mb if several else machine.memory_mb
     count = args.loadgen_procs
     loadgen_cpus = pinning["loadgen_cpus"] if pinning["applied"] else []
@@ -405,7 +408,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
 
     window_start = start_at + args.warmup
     window_end = window_start + args.duration
-    cpu_start = cpu_end = None
+    cpu_start = cpu_end = roller_start = roller_end = None
     rss_samples: list[float] = []
     results: dict[int, dict] = {}
     finished = 0
@@ -424,10 +427,12 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             ticks_end = machine.cpu_ticks()
         if server.pid and cpu_start is None and now >= window_start:
             cpu_start = cpu_of(server.pid)
+            roller_start = roller_of(server.pid) if roller_of else None
             if args.profile:
                 profiler = profile.start(args.profile, server.pid, args.duration, profile_path)
         if server.pid and cpu_end is None and now >= window_end:
             cpu_end = cpu_of(server.pid)
+            roller_end = roller_of(server.pid) if roller_of else None
         if server.pid and window_start <= now <= window_end and now >= next_rss:
             memory = memory_of(server.pid)
             if memory:
@@ -489,6 +494,11 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     total_events_accepted = sum(p["total_ok"] for p in parts) * scenario.events
     events_per_s = ok * scenario.events / window
     server_cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
+    roller_cpu = None
+    if roller_start is not None and roller_end is not None and roller_end >= roller_start:
+        roller_cpu = roller_end - roller_start  # a roller restarted mid-window: unknown
+        if several and server_cpu is not None:
+            server_cpu -= roller_cpu
 
     queryable_s = queryable_count = None
     if server.name == targets.INSLYTIC and not args.no_queryable and server.data_dir:
@@ -548,6 +558,12 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             if server_cpu is not None and ok
             else None
         ),
+        "roller_cpu_s": round(roller_cpu, 3) if roller_cpu is not None else None,
+        "roller_cpu_s_per_1m_events": (
+            round(roller_cpu / (ok * scenario.events) * 1e6, 2)
+            if roller_cpu is not None and ok
+            else None
+        ),
         "server_peak_rss_mb": round(memory["peak"], 1) if memory else None,
         "server_rss_mb_samples": rss_samples,
         "server_rss_growth_mb": (
@@ -594,6 +610,14 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 # Reports
 
 
+def _total_cpu_per_1m(run: dict) -> float | None:
+    """Serving plus rolling CPU seconds per 1M events (peers have no roller)."""
+    serving = run["server_cpu_s_per_1m_events"]
+    if serving is None:
+        return None
+    return serving + (run.get("roller_cpu_s_per_1m_events") or 0.0)
+
+
 def median_of(runs: list[dict], *path: str) -> float | None:
     values = []
     for run in runs:
@@ -623,13 +647,14 @@ def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str
                 for r in mine
                 if r["round"] in ours and r["events_per_s"] and not scenario.open_loop
             ]
-            # CPU seconds per event is what contention on a shared machine distorts least.
+            # CPU seconds per event is what contention on a shared machine distorts least. Ours
+            # includes the roller's: a peer's figure is all the work it does for an event.
             cpu_ratios = [
-                r["server_cpu_s_per_1m_events"] / ours[r["round"]]["server_cpu_s_per_1m_events"]
+                _total_cpu_per_1m(r) / _total_cpu_per_1m(ours[r["round"]])
                 for r in mine
                 if r["round"] in ours
-                and r["server_cpu_s_per_1m_events"]
-                and ours[r["round"]]["server_cpu_s_per_1m_events"]
+                and _total_cpu_per_1m(r)
+                and _total_cpu_per_1m(ours[r["round"]])
             ]
             rows.append(
                 {
@@ -645,6 +670,7 @@ def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str
                     },
                     "rate_req_per_s": median_of(mine, "rate_req_per_s"),
                     "server_cpu_s_per_1m_events": median_of(mine, "server_cpu_s_per_1m_events"),
+                    "roller_cpu_s_per_1m_events": median_of(mine, "roller_cpu_s_per_1m_events"),
                     "server_peak_rss_mb": max(
                         (r["server_peak_rss_mb"] for r in mine if r["server_peak_rss_mb"]),
                         default=None,
@@ -745,9 +771,9 @@ def markdown(report: dict) -> str:
         "",
         "| scenario | server | req/s | events/s | inslytic-fast ÷ this | CPU per event, "
         "this ÷ inslytic-fast | p50 ms | p90 ms | "
-        "p99 ms | p99.9 ms | CPU s / 1M events | peak RSS MB | queryable after s | "
-        "non-202 / errors | other load on server CPU |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "p99 ms | p99.9 ms | CPU s / 1M events | roller CPU s / 1M events | peak RSS MB | "
+        "queryable after s | non-202 / errors | other load on server CPU |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in report["summary"]:
         lat = row["latency_ms"]
@@ -761,6 +787,7 @@ def markdown(report: dict) -> str:
             f"{_fmt(lat['p50'], 2)} | {_fmt(lat['p90'], 2)} | "
             f"{_fmt(lat['p99'], 2)} | {_fmt(lat['p99_9'], 2)} | "
             f"{_fmt(row['server_cpu_s_per_1m_events'], 1)} | "
+            f"{_fmt(row.get('roller_cpu_s_per_1m_events'), 1)} | "
             f"{_fmt(row['server_peak_rss_mb'], 1)} | {_fmt(row['queryable_s'], 2)} | "
             f"{row['non_202']} / {row['errors']} | {_pct(row['foreign_share_server_cpus'])} |"
         )
@@ -877,7 +904,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"[round {round_no}] {target:<14} {scenario.label:<42} "
                         f"{result['requests_per_s']:>10,.0f} req/s {result['events_per_s']:>11,.0f}"
                         f" ev/s  p99 {_fmt(lat['p99'], 2)} ms  CPU/1M ev "
-                        f"{_fmt(result['server_cpu_s_per_1m_events'], 1)} s  RSS "
+                        f"{_fmt(result['server_cpu_s_per_1m_events'], 1)} s"
+                        + (
+                            f" + roller {_fmt(result['roller_cpu_s_per_1m_events'], 1)} s"
+                            if result["roller_cpu_s_per_1m_events"] is not None
+                            else ""
+                        )
+                        + "  RSS "
                         f"{_fmt(result['server_peak_rss_mb'], 1)} MB"
                         + (
                             f"  queryable {result['queryable_s']} s"
