@@ -495,8 +495,10 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     events_per_s = ok * scenario.events / window
     server_cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
     roller_cpu = None
-    if roller_start is not None and roller_end is not None and roller_end >= roller_start:
-        roller_cpu = roller_end - roller_start  # a roller restarted mid-window: unknown
+    # Not found at the start: the roller was still starting (it names itself once imported),
+    # so all it has used is the window's. Less at the end than at the start: it was restarted.
+    if roller_end is not None and roller_end >= (roller_start or 0.0):
+        roller_cpu = roller_end - (roller_start or 0.0)
         if several and server_cpu is not None:
             server_cpu -= roller_cpu
 
