@@ -35,7 +35,6 @@ case (see ``KeyRing.reload_if_changed``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -52,6 +51,7 @@ from typing import Annotated
 import msgspec
 
 from .durable import fsync_dir
+from .filelock import lock_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -249,18 +249,11 @@ class Catalog:
             where = exc.filename or self.lock_path
             raise CatalogError(f"cannot lock catalog: {where}: {exc.strerror}") from None
         try:
-            deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise CatalogError(
-                            f"catalog lock {self.lock_path} is still held after "
-                            f"{LOCK_TIMEOUT_SECONDS:g} s; is another inslytic-fast command stuck?"
-                        ) from None
-                    time.sleep(_LOCK_POLL_SECONDS)
+            if not lock_exclusive(fd, LOCK_TIMEOUT_SECONDS, _LOCK_POLL_SECONDS):
+                raise CatalogError(
+                    f"catalog lock {self.lock_path} is still held after "
+                    f"{LOCK_TIMEOUT_SECONDS:g} s; is another inslytic-fast command stuck?"
+                )
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the flock

@@ -52,6 +52,7 @@ from .commitlog import (
     sealed_segments,
 )
 from .durable import fsync_dir, write_file_durably
+from .filelock import lock_exclusive
 from .purges import mark_applied, purged_sql, read_purges
 
 log = logging.getLogger(__name__)
@@ -265,15 +266,8 @@ def apply_purges_now(data_dir: Path, wait_s: float) -> bool:
     make_dirs_durable(events_dir)
     fd = os.open(events_dir / ROLLER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(0.05)
+        if not lock_exclusive(fd, wait_s):
+            return False
         apply_purges_locked(events_dir)
         return True
     finally:
