@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 
 import orjson
@@ -25,6 +26,8 @@ PREFLIGHT_HEADERS = (
 INGEST_METHODS = b"POST, OPTIONS"
 READ_METHODS = b"GET, HEAD"
 READ_ROUTES = frozenset((b"/health", b"/ready", b"/metrics", b"/openapi.json"))
+METRICS_ROUTE = b"/metrics"
+METRICS_CHALLENGE = b'WWW-Authenticate: Bearer realm="metrics"\r\n'
 
 
 class App:
@@ -35,6 +38,9 @@ class App:
         "health_headers",
         "metrics_page",
         "readiness",
+        "ingest_route",
+        "read_routes",
+        "metrics_authorization",
     )
 
     def __init__(
@@ -46,11 +52,20 @@ class App:
         worker_id: str = "w0",
         metrics_page: Callable[[], bytes] = lambda: b"",
         readiness: Callable[[], str | None] = lambda: None,
+        serves_api: bool = True,
+        serves_metrics: bool = True,
+        metrics_token: str = "",
     ) -> None:
         self.ingestor = ingestor
         self.responses = responses
         self.metrics_page = metrics_page
         self.readiness = readiness
+        # The main port serves the API and, unless --metrics-port moves it, /metrics; the
+        # metrics port serves /metrics alone. Routes it does not serve are not found.
+        self.ingest_route = INGEST_ROUTE if serves_api else None
+        routes = READ_ROUTES if serves_api else frozenset((METRICS_ROUTE,))
+        self.read_routes = routes if serves_metrics else routes - {METRICS_ROUTE}
+        self.metrics_authorization = b"Bearer " + metrics_token.encode() if metrics_token else None
         self.openapi_body = orjson.dumps(openapi)
         # Which worker answered: lets operators and tests see every worker is alive.
         self.health_headers = b"X-Inslytic-Worker: " + worker_id.encode() + b"\r\n"
@@ -58,7 +73,7 @@ class App:
     def handle(self, req: Request, slot: Responder) -> None:
         path = req.path
         method = req.method
-        if path == b"/v1/ingest":
+        if path == self.ingest_route:
             slot.route = INGEST_ROUTE
             if method == b"POST":
                 self.ingestor.submit(req, slot)
@@ -66,7 +81,7 @@ class App:
                 slot.respond(self.responses.no_content(PREFLIGHT_HEADERS, origin=req.origin))
             else:
                 slot.respond(self._method_not_allowed(req, INGEST_METHODS))
-        elif path in READ_ROUTES:
+        elif path in self.read_routes:
             slot.route = path
             if method == b"GET" or method == b"HEAD":
                 slot.respond(self._read(req, path))
@@ -92,8 +107,15 @@ class App:
                 status = 503
                 body = error_body("Not ready", [reason])
                 extra = b"Retry-After: 1\r\n" + self.health_headers
-        elif path == b"/metrics":
-            body, content_type = self.metrics_page(), PROMETHEUS_CONTENT_TYPE
+        elif path == METRICS_ROUTE:
+            expected = self.metrics_authorization
+            if expected is not None and not hmac.compare_digest(req.authorization or b"", expected):
+                status, extra = 401, METRICS_CHALLENGE
+                body = error_body(
+                    "Unauthorized", ["/metrics needs 'Authorization: Bearer <metrics token>'"]
+                )
+            else:
+                body, content_type = self.metrics_page(), PROMETHEUS_CONTENT_TYPE
         else:
             body = self.openapi_body
         return self.responses.render(

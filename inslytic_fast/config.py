@@ -121,6 +121,20 @@ OPTIONS: tuple[Option, ...] = (
         False,
         "log one line per request (method, path, status, bytes, ms); off by default for speed",
     ),
+    # Prometheus scrapes over a management network, the API on the public one.
+    Option(
+        "metrics_port",
+        int,
+        0,
+        "serve GET /metrics on this port only (same --host), not on --port; 0: on --port",
+    ),
+    Option(
+        "metrics_token",
+        str,
+        "",
+        "require 'Authorization: Bearer TOKEN' on GET /metrics (Prometheus' bearer_token); "
+        "empty: no auth. Prefer the env var: flags show in ps",
+    ),
     Option("tls_cert", str, "", "PEM certificate chain: serve HTTPS (needs --tls-key)"),
     Option("tls_key", str, "", "PEM private key for --tls-cert"),
     Option(
@@ -174,6 +188,8 @@ class Settings:
     roller_threads: int = 1
     log_format: str = "text"
     access_log: bool = False
+    metrics_port: int = 0
+    metrics_token: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     sources: dict[str, str] = field(default_factory=dict, compare=False)
@@ -241,6 +257,10 @@ def resolve(
         sources[opt.name] = source
     if not 0 < values["port"] < 65536 and values["port"] != 0:
         raise ConfigError(f"{sources['port']}: port must be 0-65535")
+    if not 0 <= values["metrics_port"] < 65536:
+        raise ConfigError(f"{sources['metrics_port']}: metrics_port must be 0-65535")
+    if values["metrics_port"] and values["metrics_port"] == values["port"]:
+        raise ConfigError("--metrics-port must differ from --port (0 serves /metrics on --port)")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
     if values["workers"] == 0:

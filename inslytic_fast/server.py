@@ -197,9 +197,10 @@ def announce(settings: Settings, host: str, port: int, first_run_key: str | None
     if durability == "none":
         durability = "none (BENCHMARK ONLY: acknowledged events can be lost on a crash)"
     workers = f" workers {settings.workers}" if settings.workers > 1 else ""
+    metrics = f" metrics on port {settings.metrics_port}" if settings.metrics_port else ""
     print(
         f"inslytic-fast {__version__} listening on {scheme}://{host}:{port} "
-        f"data dir {settings.data_dir.resolve()} durability {durability}{workers} "
+        f"data dir {settings.data_dir.resolve()} durability {durability}{workers}{metrics} "
         f"pid {os.getpid()}",
         file=sys.stderr,
         flush=True,
@@ -233,6 +234,7 @@ class Server:
         self.commitlog: CommitLog | None = None
         self.roller: RollerProcess | None = None
         self.app: App | None = None
+        self.metrics_app: App | None = None  # with --metrics-port: /metrics on its own socket
         self.first_run_key: str | None = None
         self.data_dir_lock: DataDirLock | None = None
         self.parent_pid: int | None = None  # a worker stops when its supervisor is gone
@@ -295,13 +297,36 @@ class Server:
             worker_id=self.worker_id,
             metrics_page=self.metrics_page,
             readiness=self.readiness,
+            serves_metrics=not settings.metrics_port,
+            metrics_token=settings.metrics_token,
         )
+        if settings.metrics_port:
+            self.metrics_app = App(
+                ingestor,
+                self.responses,
+                openapi,
+                worker_id=self.worker_id,
+                metrics_page=self.metrics_page,
+                serves_api=False,
+                metrics_token=settings.metrics_token,
+            )
 
-    async def serve(self, sock: socket.socket | None = None) -> None:
+    def bind_metrics_socket(self) -> socket.socket | None:
+        """The --metrics-port socket (shared by the workers, like the main port), or None."""
+        settings = self.settings
+        if not settings.metrics_port:
+            return None
+        return bind_socket(settings.host, settings.metrics_port, reuse_port=not self.standalone)
+
+    async def serve(
+        self, sock: socket.socket | None = None, metrics_sock: socket.socket | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         settings = self.settings
         if sock is None:
             sock = bind_socket(settings.host, settings.port)
+        if metrics_sock is None:
+            metrics_sock = self.bind_metrics_socket()
         self._stop = asyncio.Event()
         self.commitlog.start(loop)
         if self.roller is not None:
@@ -314,6 +339,17 @@ class Server:
             backlog=LISTEN_BACKLOG,
             ssl=self.tls,
         )
+        servers = [server]
+        if metrics_sock is not None:
+            metrics_app = self.metrics_app
+            servers.append(
+                await loop.create_server(
+                    lambda: HttpProtocol(metrics_app, state),
+                    sock=metrics_sock,
+                    backlog=LISTEN_BACKLOG,
+                    ssl=self.tls,
+                )
+            )
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         self._tick_handle = loop.call_later(TICK_SECONDS, self._tick, loop)
@@ -334,7 +370,7 @@ class Server:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-            await self._shutdown(server, loop)
+            await self._shutdown(servers, loop)
 
     def request_stop(self) -> None:
         if self._stop is not None:
@@ -389,11 +425,12 @@ class Server:
         except Exception:
             log.exception("error in the 1 s tick")
 
-    async def _shutdown(self, server: asyncio.AbstractServer, loop) -> None:
+    async def _shutdown(self, servers: list[asyncio.AbstractServer], loop) -> None:
         state = self.state
         state.draining = True
         state.ready = False
-        server.close()  # stop accepting
+        for server in servers:
+            server.close()  # stop accepting
         log.info(
             "draining: %d connections, up to %.0f s",
             len(state.connections),
@@ -441,9 +478,10 @@ def run(settings: Settings) -> int:
     try:
         server.open_storage()
         sock = bind_socket(settings.host, settings.port)
+        metrics_sock = server.bind_metrics_socket()
     except StartupError as exc:
         print(f"inslytic-fast: error: {exc}", file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(server.serve(sock))
+        runner.run(server.serve(sock, metrics_sock))
     return 0

@@ -86,6 +86,7 @@ def worker_main(
     try:
         server.open_storage()
         sock = inherited or bind_socket(settings.host, settings.port, reuse_port=True)
+        metrics_sock = server.bind_metrics_socket()
     except StartupError as exc:
         ready.send(("error", str(exc)))
         sys.exit(2)
@@ -93,7 +94,7 @@ def worker_main(
     import asyncio
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(server.serve(sock))
+        runner.run(server.serve(sock, metrics_sock))
 
 
 class Worker:
@@ -170,11 +171,12 @@ class Supervisor:
         sock = bind_socket(settings.host, settings.port, reuse_port=True, listen=False)
         # bind() succeeds next to another SO_REUSEPORT listener (say, a second server of ours
         # on another data dir) and the kernel would split traffic between the two.
-        if settings.port and _port_answers(settings.host, settings.port):
-            sock.close()
-            raise StartupError(
-                f"cannot listen on {settings.host}:{settings.port}: address already in use"
-            )
+        for port in (settings.port, settings.metrics_port):
+            if port and _port_answers(settings.host, port):
+                sock.close()
+                raise StartupError(
+                    f"cannot listen on {settings.host}:{port}: address already in use"
+                )
         return sock
 
     def _on_signal(self, signum, frame) -> None:

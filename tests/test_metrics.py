@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import http.client
+import os
 import signal
+import socket
 import time
 
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inslytic_fast.metrics import Metrics, merge, render, storage_gauges
 
-from .conftest import EXAMPLE_EVENT
+from .conftest import EXAMPLE_EVENT, cli
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -125,3 +129,85 @@ def test_ready_and_ingest_answer_503_when_the_disk_is_short(make_server):
     status, headers, body = server.ingest([EXAMPLE_EVENT], server.first_run_key)
     assert status == 503 and int(headers["retry-after"]) >= 1
     assert server.request("GET", "/health")[0] == 200, "liveness stays up"
+
+
+# -- /metrics token and port (issue 8) -----------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(host: str, port: int, path: str, token: str | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def test_a_metrics_token_is_required_when_set(make_server):
+    server = make_server("--workers", "1", env={"INSLYTIC_METRICS_TOKEN": "s3cret-token"})
+    status, headers, body = server.request("GET", "/metrics")
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+    assert b"Authorization: Bearer" in body and b"s3cret" not in body
+    assert server.request("GET", "/metrics", key="wrong")[0] == 401
+    status, _, body = server.request("GET", "/metrics", key="s3cret-token")
+    assert status == 200 and b"inslytic_events_accepted_total" in body
+    # Nothing else needs it, and the API's own keys still work as before.
+    assert server.request("GET", "/health")[0] == 200
+    assert server.ingest([EXAMPLE_EVENT], server.first_run_key)[0] == 202
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_metrics_port_serves_metrics_alone_and_the_api_port_does_not(make_server, workers):
+    port = free_port()
+    server = make_server(
+        "--workers", workers, "--metrics-port", str(port), "--events-per-minute", "0"
+    )
+    assert f"metrics on port {port}" in server.stderr()
+    assert server.ingest([EXAMPLE_EVENT] * 3, server.first_run_key)[0] == 202
+    assert server.request("GET", "/metrics")[0] == 404
+    assert get(server.host, port, "/v1/ingest")[0] == 404
+    assert get(server.host, port, "/health")[0] == 404
+    deadline = time.monotonic() + 10
+    while True:  # with 2 workers the other worker's count arrives with its 1 s tick
+        status, headers, body = get(server.host, port, "/metrics")
+        assert status == 200 and headers["content-type"].startswith("text/plain")
+        got = samples(body.decode())
+        if got.get(("inslytic_events_accepted_total", (("project", "default"),))) == 3:
+            break
+        assert time.monotonic() < deadline, got
+        time.sleep(0.2)
+
+
+def test_stats_sends_the_metrics_token(make_server):
+    port = free_port()
+    env = {"INSLYTIC_METRICS_TOKEN": "tok-123"}
+    server = make_server("--workers", "1", "--metrics-port", str(port), env=env)
+    url = f"http://{server.host}:{port}"
+    refused = cli("stats", "--once", "--json", "--interval", "0.2", "--url", url, check=False)
+    assert "HTTP 401" in refused.stdout + refused.stderr
+    ok = cli(
+        "stats", "--once", "--json", "--interval", "0.2", "--url", url, env={**os.environ, **env}
+    )
+    frame = orjson.loads(ok.stdout.splitlines()[-1])
+    assert frame.get("error") is None, frame
+
+
+def test_metrics_port_in_use_is_a_clear_startup_error(make_server, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = cli(
+            "serve", "--port", "0", "--metrics-port", str(port), "--workers", "1",
+            data_dir=tmp_path / "d", check=False,
+        )  # fmt: skip
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in proc.stderr

@@ -34,6 +34,7 @@ from ..config import DEFAULT_DATA_DIR
 from ..metrics import storage_gauges
 
 DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
+METRICS_TOKEN_ENV = "INSLYTIC_METRICS_TOKEN"  # the serve option's env var (config.OPTIONS)
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_INTERVAL_S = 1.0
 # Below this the view mostly measures its own scrapes (each one walks the server's data dir).
@@ -373,10 +374,15 @@ def metrics_url(url: str) -> str:
     return url if url.endswith("/metrics") else url + "/metrics"
 
 
-def fetch(url: str, timeout: float = SCRAPE_TIMEOUT_S) -> tuple[Scrape | None, str | None]:
+def fetch(
+    url: str, timeout: float = SCRAPE_TIMEOUT_S, token: str = ""
+) -> tuple[Scrape | None, str | None]:
     """One scrape, or None and why it failed (in words for the operator)."""
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             body = resp.read()
         at = time.monotonic()
         return Scrape(at, parse_metrics(body.decode("utf-8", "replace"))), None
@@ -400,10 +406,13 @@ def disk_free(data_dir: Path) -> int | None:
 class View:
     """The command's state: where to scrape, the previous scrape, how to print a frame."""
 
-    __slots__ = ("url", "data_dir", "interval", "as_json", "tty", "out", "previous")
+    __slots__ = ("url", "token", "data_dir", "interval", "as_json", "tty", "out", "previous")
 
-    def __init__(self, url: str, data_dir: Path, interval: float, as_json: bool, out) -> None:
+    def __init__(
+        self, url: str, data_dir: Path, interval: float, as_json: bool, out, token: str = ""
+    ) -> None:
         self.url = url
+        self.token = token
         self.data_dir = data_dir
         self.interval = interval
         self.as_json = as_json
@@ -412,7 +421,7 @@ class View:
         self.previous: Scrape | None = None
 
     def scrape(self) -> tuple[Scrape | None, str | None]:
-        return fetch(metrics_url(self.url))
+        return fetch(metrics_url(self.url), token=self.token)
 
     def frame(self, current: Scrape | None, error: str | None) -> dict:
         local = self.data_dir if self.data_dir.is_dir() else None
@@ -450,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    view = View(args.url, args.data_dir, args.interval, args.json, sys.stdout)
+    view = View(args.url, args.data_dir, args.interval, args.json, sys.stdout, args.metrics_token)
     try:
         if args.once:
             return _once(view)
@@ -529,6 +538,13 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per frame instead of text"
+    )
+    parser.add_argument(
+        "--metrics-token",
+        default=os.environ.get(METRICS_TOKEN_ENV, ""),
+        metavar="TOKEN",
+        help="bearer token of a server started with --metrics-token "
+        f"(default: ${METRICS_TOKEN_ENV}, the variable the server reads too)",
     )
     parser.set_defaults(func=run)
 
