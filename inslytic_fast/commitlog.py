@@ -62,6 +62,7 @@ from pathlib import Path
 import orjson
 
 from .durable import fsync_dir
+from .metrics import LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +379,7 @@ class CommitLog:
         "_min_free_bytes",
         "_clock",
         "stats",
+        "sync_latency",
         "_loop",
         "_thread",
         "_jobs",
@@ -438,6 +440,7 @@ class CommitLog:
         self._min_free_bytes = min_free_bytes
         self._clock = clock
         self.stats = LogStats()
+        self.sync_latency = Histogram(LATENCY_BUCKETS)  # per group commit, not per request
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -726,6 +729,7 @@ class CommitLog:
             stats.syncs += 1
             stats.bytes += written
             stats.last_sync_latency_s = latency
+            self.sync_latency.observe(latency)
             if latency > stats.max_sync_latency_s:
                 stats.max_sync_latency_s = latency
             self._unrolled_bytes += written

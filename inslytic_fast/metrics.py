@@ -34,7 +34,6 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
-EVENTS_PER_SYNC_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000)
 
 ROUTES = (b"/v1/ingest", b"/health", b"/ready", b"/metrics", b"/openapi.json")
 OTHER_ROUTE = b"other"
@@ -114,11 +113,22 @@ def _sum_into(total: dict, part: dict) -> None:
         total[key] = total.get(key, 0) + value
 
 
+def _empty_latency() -> dict:
+    return {"counts": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0}
+
+
+def _add_histogram(into: dict, part: dict) -> None:
+    into["counts"] = [a + b for a, b in zip(into["counts"], part["counts"], strict=True)]
+    into["sum"] += part["sum"]
+    into["count"] += part["count"]
+
+
 def merge(snapshots: Iterable[dict]) -> dict:
     """Sum snapshots of several workers (counters and histograms add up)."""
     merged: dict = {
         "responses": {},
-        "request_latency": {"counts": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0},
+        "request_latency": _empty_latency(),
+        "commit_latency": _empty_latency(),
         "events_accepted": {},
         "batches_accepted": {},
         "batches_rejected": {},
@@ -132,11 +142,9 @@ def merge(snapshots: Iterable[dict]) -> dict:
         for route, status, n in snap["responses"]:
             key = (route, status)
             merged["responses"][key] = merged["responses"].get(key, 0) + n
-        hist = merged["request_latency"]
-        part = snap["request_latency"]
-        hist["counts"] = [a + b for a, b in zip(hist["counts"], part["counts"], strict=True)]
-        hist["sum"] += part["sum"]
-        hist["count"] += part["count"]
+        _add_histogram(merged["request_latency"], snap["request_latency"])
+        if "commit_latency" in snap:  # a worker's snapshot always has it; tests' may not
+            _add_histogram(merged["commit_latency"], snap["commit_latency"])
         for name in ("events_accepted", "batches_accepted", "batches_rejected", "events_rejected"):
             _sum_into(merged[name], snap[name])
         merged["bytes_received"] += snap["bytes_received"]
@@ -214,18 +222,21 @@ def render(merged: dict, storage: dict) -> bytes:
     for (route, status), n in sorted(merged["responses"].items()):
         labels = f'route="{_escape(route)}",status="{status}"'
         out.append(f"inslytic_http_requests_total{{{labels}}} {n}")
-    family(
+
+    def histogram(name: str, help_text: str, hist: dict) -> None:
+        family(name, "histogram", help_text)
+        cumulative = 0
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), hist["counts"], strict=True):
+            cumulative += count
+            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+        out.append(f"{name}_sum {hist['sum']}")
+        out.append(f"{name}_count {hist['count']}")
+
+    histogram(
         "inslytic_http_request_duration_seconds",
-        "histogram",
         "From a complete request to its response being queued for writing.",
+        merged["request_latency"],
     )
-    hist = merged["request_latency"]
-    cumulative = 0
-    for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), hist["counts"], strict=True):
-        cumulative += count
-        out.append(f'inslytic_http_request_duration_seconds_bucket{{le="{bound}"}} {cumulative}')
-    out.append(f"inslytic_http_request_duration_seconds_sum {hist['sum']}")
-    out.append(f"inslytic_http_request_duration_seconds_count {hist['count']}")
     family("inslytic_events_accepted_total", "counter", "Events stored durably, by project.")
     for project, n in sorted(merged["events_accepted"].items()):
         out.append(f'inslytic_events_accepted_total{{project="{_escape(project)}"}} {n}')
@@ -270,6 +281,11 @@ def render(merged: dict, storage: dict) -> bytes:
     out.append(f"inslytic_log_events_per_sync {log_stats.get('events', 0) / syncs if syncs else 0}")
     family("inslytic_log_last_sync_seconds", "gauge", "Latest sync's duration (worst worker).")
     out.append(f"inslytic_log_last_sync_seconds {log_stats.get('last_sync_latency_s', 0.0)}")
+    histogram(
+        "inslytic_log_sync_duration_seconds",
+        "Group commits: writev + fdatasync of one group, as the sync thread timed it.",
+        merged["commit_latency"],
+    )
     for key, help_text in (
         ("log_pending_bytes", "Commit-log bytes not yet rolled to Parquet."),
         ("roll_lag_seconds", "Age of the oldest log segment not yet rolled."),

@@ -381,6 +381,7 @@ class Server:
     def metrics_snapshot(self) -> dict:
         snapshot = self.state.metrics.snapshot()
         snapshot["log"] = dataclasses.asdict(self.commitlog.stats)
+        snapshot["commit_latency"] = self.commitlog.sync_latency.snapshot()
         snapshot["gauges"] = process_gauges(len(self.state.connections))
         return snapshot
 

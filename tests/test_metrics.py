@@ -73,7 +73,12 @@ def test_counters_match_what_was_sent(make_server):
     ok = ("inslytic_http_requests_total", (("route", "/v1/ingest"), ("status", "202")))
     assert got[ok] == 3
     assert got[("inslytic_log_events_total", ())] == 6
-    assert got[("inslytic_log_syncs_total", ())] >= 1
+    syncs = got[("inslytic_log_syncs_total", ())]
+    assert syncs >= 1
+    # The commit latency histogram counts every sync, each somewhere between 0 and 10 s.
+    assert got[("inslytic_log_sync_duration_seconds_count", ())] == syncs
+    assert got[("inslytic_log_sync_duration_seconds_bucket", (("le", "10.0"),))] == syncs
+    assert 0 < got[("inslytic_log_sync_duration_seconds_sum", ())] < syncs * 10
     assert got[("process_resident_memory_bytes", ())] > 10_000_000
 
 
@@ -92,6 +97,9 @@ def test_metrics_sum_over_workers(make_server):
         time.sleep(0.2)
     else:
         raise AssertionError(f"metrics never summed to {sent}: {got}")
+    # Histograms add up across workers too: one observation per sync of either worker.
+    syncs = got[("inslytic_log_syncs_total", ())]
+    assert got[("inslytic_log_sync_duration_seconds_count", ())] == syncs >= 2
 
 
 def test_ready_is_200_when_serving_and_503_while_draining(make_server):
