@@ -290,26 +290,22 @@ class Server:
         openapi = build_openapi(
             limits, max_body_bytes=settings.max_body_bytes, server_version=__version__
         )
-        self.app = App(
-            ingestor,
-            self.responses,
-            openapi,
-            worker_id=self.worker_id,
-            metrics_page=self.metrics_page,
-            readiness=self.readiness,
-            serves_metrics=not settings.metrics_port,
-            metrics_token=settings.metrics_token,
-        )
-        if settings.metrics_port:
-            self.metrics_app = App(
+
+        def app(**listener: bool) -> App:
+            return App(
                 ingestor,
                 self.responses,
                 openapi,
                 worker_id=self.worker_id,
                 metrics_page=self.metrics_page,
-                serves_api=False,
+                readiness=self.readiness,
                 metrics_token=settings.metrics_token,
+                **listener,
             )
+
+        self.app = app(serves_metrics=not settings.metrics_port)
+        if settings.metrics_port:
+            self.metrics_app = app(serves_api=False)
 
     def bind_metrics_socket(self) -> socket.socket | None:
         """The --metrics-port socket (shared by the workers, like the main port), or None."""
