@@ -180,3 +180,23 @@ def wait_for(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def test_a_purge_cut_short_after_its_rename_is_finished_by_the_next_pass(tmp_path):
+    # A crash between moving project=shop/ to .trash and marking the tombstone applied.
+    events_dir = tmp_path / "events"
+    append_batches(tmp_path, BEFORE_PURGE, [("shop", "s1", 3), ("blog", "b1", 2)])
+    Roller(tmp_path).roll_once()
+    record_purge(events_dir, "shop", now=PURGED_AT)
+    trash = events_dir / ".trash"
+    trash.mkdir()
+    (events_dir / "project=shop").rename(trash / "cut-short")
+    assert not find_purge(events_dir, "shop").applied
+    assert counts(tmp_path) == {"blog": 2}
+
+    roller = Roller(tmp_path)
+    roller.recover()  # what a restart does first: the half-deleted files go
+    assert not any(trash.iterdir())
+    roller.roll_once()
+    assert find_purge(events_dir, "shop").applied
+    assert counts(tmp_path) == {"blog": 2}
