@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from inslytic_fast.cli.stats import fetch as fetch_metrics
+
 from . import loadgen, machine, profile, targets
 from .payloads import build_requests
 
@@ -96,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_argument_group("what to benchmark")
     where.add_argument("--url", help="your deployment, e.g. http://10.0.0.5:8080 (plain HTTP)")
     where.add_argument("--key", help="API key of a project on --url (give it an unlimited rate)")
+    where.add_argument(
+        "--metrics-token",
+        default=os.environ.get("INSLYTIC_METRICS_TOKEN", ""),
+        help="with --url: the server's --metrics-token, for the server-side latency figures "
+        "(default: $INSLYTIC_METRICS_TOKEN)",
+    )
     where.add_argument(
         "--server-pid",
         type=int,
@@ -356,6 +364,12 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     # The roller is a process of its own: its CPU is measured apart (and, with several
     # workers, taken out of the tree's) so "serving" and "rolling" are both on the record.
     roller_of = machine.roller_cpu_seconds if server.name == targets.INSLYTIC else None
+    # inslytic-fast's own request histogram, read before and after the window: how long the
+    # server took, as against how long the client waited (queueing on busy connections).
+    scrape_of = None
+    if server.name in (targets.INSLYTIC, targets.EXTERNAL):
+        url = f"http://{server.host}:{server.port}/metrics"
+        scrape_of = lambda: fetch_metrics(url, token=args.metrics_token)[0]  # noqa: E731
     memory_of = machine.tree_memory_mb if several else machine.memory_mb
     count = args.loadgen_procs
     loadgen_cpus = pinning["loadgen_cpus"] if pinning["applied"] else []
@@ -409,6 +423,8 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     window_start = start_at + args.warmup
     window_end = window_start + args.duration
     cpu_start = cpu_end = roller_start = roller_end = None
+    scrape_start = scrape_end = None
+    scraped_start = scraped_end = False
     rss_samples: list[float] = []
     results: dict[int, dict] = {}
     finished = 0
@@ -433,6 +449,10 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         if server.pid and cpu_end is None and now >= window_end:
             cpu_end = cpu_of(server.pid)
             roller_end = roller_of(server.pid) if roller_of else None
+        if scrape_of and not scraped_start and now >= window_start:
+            scraped_start, scrape_start = True, scrape_of()
+        if scrape_of and not scraped_end and now >= window_end:
+            scraped_end, scrape_end = True, scrape_of()
         if server.pid and window_start <= now <= window_end and now >= next_rss:
             memory = memory_of(server.pid)
             if memory:
@@ -560,6 +580,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             if server_cpu is not None and ok
             else None
         ),
+        "server_latency_ms": server_side_latency(scrape_start, scrape_end),
         "roller_cpu_s": round(roller_cpu, 3) if roller_cpu is not None else None,
         "roller_cpu_s_per_1m_events": (
             round(roller_cpu / (ok * scenario.events) * 1e6, 2)
@@ -610,6 +631,35 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 
 # Reports
+
+
+SERVER_LATENCY_METRIC = "inslytic_http_request_duration_seconds_bucket"
+
+
+def server_side_latency(before, after) -> dict | None:
+    """Percentile upper bounds (bucket edges, ms) of the requests the server answered between
+    two scrapes of its /metrics, and the share answered within 5 ms; None without both.
+
+    The histogram counts every route, but in a window nearly every request is an ingest. With
+    several workers the other workers' counts are up to one tick (1 s) old."""
+    if before is None or after is None:
+        return None
+    counts = {}
+    for (name, labels), value in after.samples.items():
+        if name == SERVER_LATENCY_METRIC:
+            edge = dict(labels)["le"]
+            counts[edge] = value - before.samples.get((name, labels), 0.0)
+    total = counts.get("+Inf", 0.0)
+    if total <= 0:
+        return None
+    edges = sorted((float(e), n) for e, n in counts.items())  # cumulative, by edge
+    out = {}
+    for key, q in (("p50_le", 0.5), ("p99_le", 0.99), ("p99_9_le", 0.999)):
+        edge = next(e for e, n in edges if n >= q * total)
+        out[key] = None if edge == float("inf") else round(edge * 1000, 3)
+    out["share_within_5ms"] = round(counts.get("0.005", 0.0) / total, 4)
+    out["requests"] = int(total)
+    return out
 
 
 def _total_cpu_per_1m(run: dict) -> float | None:
@@ -673,6 +723,7 @@ def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str
                     "rate_req_per_s": median_of(mine, "rate_req_per_s"),
                     "server_cpu_s_per_1m_events": median_of(mine, "server_cpu_s_per_1m_events"),
                     "roller_cpu_s_per_1m_events": median_of(mine, "roller_cpu_s_per_1m_events"),
+                    "server_p99_le_ms": median_of(mine, "server_latency_ms", "p99_le"),
                     "server_peak_rss_mb": max(
                         (r["server_peak_rss_mb"] for r in mine if r["server_peak_rss_mb"]),
                         default=None,
@@ -910,6 +961,11 @@ def main(argv: list[str] | None = None) -> int:
                         + (
                             f" + roller {_fmt(result['roller_cpu_s_per_1m_events'], 1)} s"
                             if result["roller_cpu_s_per_1m_events"] is not None
+                            else ""
+                        )
+                        + (
+                            f"  server p99 <= {result['server_latency_ms']['p99_le']} ms"
+                            if result["server_latency_ms"]
                             else ""
                         )
                         + "  RSS "

@@ -19,8 +19,9 @@ import orjson
 import pytest
 
 from bench import loadgen, machine, payloads
-from bench.run import percentiles_ms, summarize
+from bench.run import percentiles_ms, server_side_latency, summarize
 from bench.targets import _first_int
+from inslytic_fast.cli.stats import Scrape, parse_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_TIMEOUT_S = 120
@@ -29,7 +30,7 @@ RUN_FIELDS = {
     "target", "scenario", "label", "round", "events_per_request", "connections", "pipeline",
     "loop", "rate_req_per_s", "gzip", "window_s", "requests_per_s", "events_per_s", "latency_ms",
     "ok_202", "non_202", "errors", "unanswered", "drained", "server_cpu_s", "server_cpu_util",
-    "server_cpu_s_per_1m_events", "roller_cpu_s", "roller_cpu_s_per_1m_events",
+    "server_cpu_s_per_1m_events", "roller_cpu_s", "roller_cpu_s_per_1m_events", "server_latency_ms",
     "server_peak_rss_mb", "server_rss_mb_samples",
     "server_rss_growth_mb", "events_accepted_total", "queryable_s", "queryable_count", "loadgen",
     "problems", "valid",
@@ -98,8 +99,13 @@ def test_smoke_report_has_every_field(smoke):
             # Measured apart from serving; a smoke window may end before the roller has
             # named itself (test_the_roller_is_found_by_its_name covers the lookup).
             assert run["roller_cpu_s"] is None or run["roller_cpu_s"] >= 0
+            # The server's own histogram over the window (its /metrics, read before and after).
+            served = run["server_latency_ms"]
+            assert served["requests"] > 0  # its window is the runner's, not the generator's
+            assert 0 <= served["share_within_5ms"] <= 1
         else:
             assert run["roller_cpu_s"] is None
+            assert run["server_latency_ms"] is None  # the peers have no /metrics
     open_runs = [r for r in report["runs"] if r["scenario"] == "open"]
     assert all(r["loop"] == "open" and r["rate_req_per_s"] for r in open_runs)
 
@@ -343,3 +349,26 @@ def test_the_roller_is_found_by_its_name_and_its_cpu_measured():
     finally:
         child.stdin.close()
         child.wait(timeout=10)
+
+
+def test_server_side_latency_is_read_from_two_scrapes_of_the_histogram():
+    def scrape(counts: list[int]) -> Scrape:
+        edges = ["0.001", "0.005", "0.025", "+Inf"]
+        lines = [
+            f'inslytic_http_request_duration_seconds_bucket{{le="{edge}"}} {n}'
+            for edge, n in zip(edges, counts, strict=True)
+        ]
+        return Scrape(0.0, parse_metrics("\n".join(lines)))
+
+    # In the window: 900 answered within 1 ms, 95 more within 5 ms, 4 within 25 ms, 1 later.
+    before, after = scrape([100, 100, 100, 100]), scrape([1000, 1095, 1099, 1100])
+    got = server_side_latency(before, after)
+    assert got == {
+        "p50_le": 1.0,
+        "p99_le": 5.0,
+        "p99_9_le": 25.0,
+        "share_within_5ms": 0.995,
+        "requests": 1000,
+    }
+    assert server_side_latency(None, after) is None
+    assert server_side_latency(after, after) is None  # nothing answered in between
