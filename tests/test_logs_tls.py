@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
 
@@ -78,14 +79,24 @@ def test_https_with_tls_cert_and_key(make_server, tmp_path):
         check=True,
         capture_output=True,
     )
-    server = make_server("--workers", "1", "--tls-cert", str(cert), "--tls-key", str(key))
+    with socket.socket() as probe:  # a free port for --metrics-port
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    server = make_server(
+        "--workers", "1", "--tls-cert", str(cert), "--tls-key", str(key),
+        "--metrics-port", str(metrics_port),
+    )  # fmt: skip
     assert f"listening on https://127.0.0.1:{server.port}" in server.stderr()
     context = ssl.create_default_context(cafile=str(cert))
-    conn = http.client.HTTPSConnection(server.host, server.port, context=context, timeout=10)
-    conn.request("GET", "/health")
-    resp = conn.getresponse()
-    assert (resp.status, resp.read()) == (200, b'{"status":"ok"}')
-    conn.close()
+    for port, path, expected in (
+        (server.port, "/health", b'{"status":"ok"}'),
+        (metrics_port, "/metrics", b"# HELP inslytic_http_requests_total"),  # HTTPS there too
+    ):
+        conn = http.client.HTTPSConnection(server.host, port, context=context, timeout=10)
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read().startswith(expected)
+        conn.close()
     assert server.stop() == 0
 
 
