@@ -114,22 +114,3 @@ def why_name_is_blocked(events_dir: Path, project: str, now: float | None = None
     if wait > 0:
         return f"project {project!r} was just purged; its name is free again in {wait:.0f} s"
     return None
-
-
-def purged_sql(purges: list[Purge], project_column: str, received_us_sql: str) -> str:
-    """A SQL predicate that is true for purged rows ('false' when there is nothing to purge).
-
-    ``received_us_sql`` is an expression giving the event's receive time in microseconds.
-    """
-    if not purges:
-        return "false"
-    terms = [
-        f"({project_column} = {_sql_string(p.project)} "
-        f"AND {received_us_sql} <= {p.received_before_us})"
-        for p in purges
-    ]
-    return "(" + " OR ".join(terms) + ")"
-
-
-def _sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"

@@ -37,7 +37,7 @@ import duckdb
 import orjson
 
 from .commitlog import LOG_DIRNAME, list_segments, scan_segment
-from .purges import Purge, purged_sql, read_purges
+from .purges import Purge, read_purges
 from .storage import (
     EVENT_COLUMN_NAMES,
     EVENT_COLUMNS,
@@ -51,6 +51,7 @@ from .storage import (
     partition_dirs,
     source_segment,
     sql_string,
+    without_purged,
     write_lines,
 )
 
@@ -264,10 +265,8 @@ def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot) -> None:
         )
     else:
         source = f"SELECT {_COLUMNS_SQL} FROM _log_events"
-    if snapshot.purges:
-        # Purged events may still sit in the log, or in files the roller has yet to remove.
-        purged = purged_sql(snapshot.purges, "project", "epoch_us(received_at)")
-        source = f"SELECT * FROM ({source}) WHERE NOT {purged}"
+    # Purged events may still sit in the log, or in files the roller has yet to remove.
+    source = without_purged(source, snapshot.purges)
     con.execute(f"CREATE TEMP VIEW events AS {source}")
 
 

@@ -355,7 +355,7 @@ class Server:
             self.first_run_key = None
         # What exists now (modules, the app, decoders, the catalog) lives as long as the process.
         # Frozen, it is skipped by the collector's full passes, which walked ~30,000 objects and
-        # stopped the loop for 12-35 ms once every ~10 s under load (a gc.callbacks probe).
+        # stopped the loop for 10-39 ms once every 10-30 s under load (a gc.callbacks probe).
         gc.collect()
         gc.freeze()
         self.state.ready = True

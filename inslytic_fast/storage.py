@@ -53,7 +53,7 @@ from .commitlog import (
 )
 from .durable import fsync_dir, write_file_durably
 from .filelock import lock_exclusive
-from .purges import mark_applied, purged_sql, read_purges
+from .purges import Purge, mark_applied, read_purges
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,17 @@ def write_lines(f, payloads) -> None:
         f.write(b"".join(payloads[i : i + LINES_PER_WRITE]))
 
 
+def without_purged(select: str, purges: list[Purge]) -> str:
+    """``select`` (rows of the events relation) minus the events purge tombstones cover."""
+    if not purges:
+        return select
+    purged = " OR ".join(
+        f"(project = {sql_string(p.project)} AND epoch_us(received_at) <= {p.received_before_us})"
+        for p in purges
+    )
+    return f"SELECT * FROM ({select}) WHERE NOT ({purged})"
+
+
 def write_ndjson(path: Path, payloads) -> None:
     with open(path, "wb") as f:
         write_lines(f, payloads)
@@ -237,6 +248,16 @@ def partition_dirs(events_dir: Path) -> list[Path]:
     return found
 
 
+def drop_dir(directory: Path, trash_dir: Path) -> None:
+    """Delete a partition directory: renamed into trash first, so it vanishes from readers at
+    once and recover() finishes the delete after a crash. The caller holds the roller lock."""
+    make_dirs_durable(trash_dir)
+    doomed = trash_dir / uuid.uuid4().hex
+    os.rename(directory, doomed)
+    fsync_dir(directory.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def apply_purges_locked(events_dir: Path) -> int:
     """Remove ``project=NAME/`` of every purge not yet applied; the caller holds the roller
     lock. All of it is purgeable: a purged name cannot be created again before this ran."""
@@ -246,14 +267,7 @@ def apply_purges_locked(events_dir: Path) -> int:
             continue
         partition = events_dir / f"project={purge.project}"
         if partition.exists():
-            # Rename first, as retention does: the files vanish from readers at once, and
-            # recover() finishes the delete after a crash.
-            trash = events_dir / TRASH_DIRNAME
-            make_dirs_durable(trash)
-            doomed = trash / uuid.uuid4().hex
-            os.rename(partition, doomed)
-            fsync_dir(events_dir)
-            shutil.rmtree(doomed, ignore_errors=True)
+            drop_dir(partition, events_dir / TRASH_DIRNAME)
         mark_applied(events_dir, purge)
         applied += 1
     return applied
@@ -554,10 +568,7 @@ class Roller:
         if cutoff is not None:
             # Events already past retention would only be written to be dropped again.
             select = f"SELECT * FROM ({select}) WHERE date >= DATE '{cutoff.isoformat()}'"
-        purges = read_purges(self.events_dir)
-        if purges:
-            purged = purged_sql(purges, "project", "epoch_us(received_at)")
-            select = f"SELECT * FROM ({select}) WHERE NOT {purged}"
+        select = without_purged(select, read_purges(self.events_dir))
         copy = (
             f"COPY ({select}) TO {sql_string(out)} (FORMAT parquet, COMPRESSION zstd, "
             "PARTITION_BY (project, date), FILENAME_PATTERN '{i}', OVERWRITE_OR_IGNORE true)"
@@ -712,13 +723,7 @@ class Roller:
                     continue
                 if day >= cutoff:
                     continue
-                # Rename first: the partition disappears atomically for readers, then the
-                # files go. recover() finishes the delete after a crash.
-                make_dirs_durable(self.trash_dir)
-                doomed = self.trash_dir / uuid.uuid4().hex
-                os.rename(partition, doomed)
-                fsync_dir(partition.parent)
-                shutil.rmtree(doomed, ignore_errors=True)
+                drop_dir(partition, self.trash_dir)
                 dropped += 1
         self.partitions_dropped += dropped
         return dropped
