@@ -364,12 +364,15 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     # The roller is a process of its own: its CPU is measured apart (and, with several
     # workers, taken out of the tree's) so "serving" and "rolling" are both on the record.
     roller_of = machine.roller_cpu_seconds if server.name == targets.INSLYTIC else None
+
     # inslytic-fast's own request histogram, read before and after the window: how long the
     # server took, as against how long the client waited (queueing on busy connections).
-    scrape_of = None
-    if server.name in (targets.INSLYTIC, targets.EXTERNAL):
+    def scrape():
+        if server.name not in (targets.INSLYTIC, targets.EXTERNAL):
+            return None  # the peers have no /metrics
         url = f"http://{server.host}:{server.port}/metrics"
-        scrape_of = lambda: fetch_metrics(url, token=args.metrics_token)[0]  # noqa: E731
+        return fetch_metrics(url, token=args.metrics_token)[0]
+
     memory_of = machine.tree_memory_mb if several else machine.memory_mb
     count = args.loadgen_procs
     loadgen_cpus = pinning["loadgen_cpus"] if pinning["applied"] else []
@@ -424,7 +427,6 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     window_end = window_start + args.duration
     cpu_start = cpu_end = roller_start = roller_end = None
     scrape_start = scrape_end = None
-    scraped_start = scraped_end = False
     rss_samples: list[float] = []
     results: dict[int, dict] = {}
     finished = 0
@@ -436,11 +438,14 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     profile_path = scratch / "profile.txt"
     while finished < count:
         now = time.time()
+        # cpu_ticks() is never None (an empty dict off Linux): these run once each.
         if ticks_start is None and now >= window_start:
             ticks_start = machine.cpu_ticks()
             load_start = machine.load_average()
+            scrape_start = scrape()
         if ticks_end is None and now >= window_end:
             ticks_end = machine.cpu_ticks()
+            scrape_end = scrape()
         if server.pid and cpu_start is None and now >= window_start:
             cpu_start = cpu_of(server.pid)
             roller_start = roller_of(server.pid) if roller_of else None
@@ -449,10 +454,6 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         if server.pid and cpu_end is None and now >= window_end:
             cpu_end = cpu_of(server.pid)
             roller_end = roller_of(server.pid) if roller_of else None
-        if scrape_of and not scraped_start and now >= window_start:
-            scraped_start, scrape_start = True, scrape_of()
-        if scrape_of and not scraped_end and now >= window_end:
-            scraped_end, scrape_end = True, scrape_of()
         if server.pid and window_start <= now <= window_end and now >= next_rss:
             memory = memory_of(server.pid)
             if memory:
