@@ -6,6 +6,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,13 @@ def cli(*args: str, data_dir: Path | None = None, check: bool = True, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}: {proc.stderr}")
     return proc
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for options such as --metrics-port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class ServerProcess:

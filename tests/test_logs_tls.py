@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import logging
 import shutil
-import socket
 import ssl
 import subprocess
 
@@ -14,7 +13,7 @@ import pytest
 
 from inslytic_fast.logs import JsonFormatter, TextFormatter, escape
 
-from .conftest import cli
+from .conftest import cli, free_port
 
 
 def record(message: str, *args) -> logging.LogRecord:
@@ -79,9 +78,7 @@ def test_https_with_tls_cert_and_key(make_server, tmp_path):
         check=True,
         capture_output=True,
     )
-    with socket.socket() as probe:  # a free port for --metrics-port
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port = free_port()
     server = make_server(
         "--workers", "1", "--tls-cert", str(cert), "--tls-key", str(key),
         "--metrics-port", str(metrics_port),

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inslytic_fast.metrics import Metrics, merge, render, storage_gauges
 
-from .conftest import EXAMPLE_EVENT, cli
+from .conftest import EXAMPLE_EVENT, cli, free_port
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -140,12 +140,6 @@ def test_ready_and_ingest_answer_503_when_the_disk_is_short(make_server):
 
 
 # -- /metrics token and port (issue 8) -----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get(host: str, port: int, path: str, token: str | None = None) -> tuple[int, dict, bytes]:
