@@ -364,8 +364,10 @@ class Server:
         try:
             await self._stop.wait()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
+            # A later SIGTERM must not cut the drain short: after a terminal's Ctrl-C reached
+            # every process of the group, the supervisor's SIGTERM follows (its default action
+            # killed workers with their log unsealed). A second Ctrl-C still interrupts.
+            loop.remove_signal_handler(signal.SIGINT)
             await self._shutdown(servers, loop)
 
     def request_stop(self) -> None:
