@@ -489,13 +489,16 @@ class CommitLog:
         for stale in self.log_dir.glob(f"{self.worker_id}-*{SALVAGE_SUFFIX}"):
             stale.unlink()  # a recovery rewrite that a crash interrupted: the original is whole
         mine = list_segments(self.log_dir).get(self.worker_id, [])
-        if mine:
-            # Only the newest segment can have a torn tail: older ones were fully synced
-            # before their successor was created. The roller salvages those as it reads.
-            recover_segment(self.data_dir, mine[-1])
-        last_seq = parse_segment_name(mine[-1].name)[1] if mine else 0
-        self._segment_seq = last_seq
-        self._open_new_segment()
+        # Only the newest segment can have a torn tail: older ones were fully synced before
+        # their successor was created. The roller salvages those as it reads.
+        if mine and recover_segment(self.data_dir, mine[-1]) == 0:
+            # The empty successor a clean close left (or a rotation a crash cut short): it
+            # already seals its predecessor, so it becomes the active segment.
+            fd = os.open(mine[-1], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._use_segment(fd, mine[-1], parse_segment_name(mine[-1].name)[1])
+        else:
+            self._segment_seq = parse_segment_name(mine[-1].name)[1] if mine else 0
+            self._open_new_segment()
         self._refresh_space()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -513,7 +516,7 @@ class CommitLog:
         self._closing = True
         closing_repair_tried = False
         if self._thread is None:
-            self._close_fd()
+            self._close_and_seal()
             return
         while True:
             if self._syncing or self._sync_scheduled:
@@ -530,17 +533,31 @@ class CommitLog:
         self._jobs.put(_STOP)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._thread = None
-        self._close_fd()
+        self._close_and_seal()
 
-    def _close_fd(self) -> None:
-        if self._fd >= 0:
-            if self._unsound is None:
-                try:
-                    _fdatasync(self._fd)
-                except OSError as exc:
-                    log.error("commit log: final sync of %s failed: %s", self._segment_path, exc)
-            os.close(self._fd)
-            self._fd = -1
+    def _close_and_seal(self) -> None:
+        """Final sync and close; then, if the segment holds records and every byte of it is on
+        disk, create its (empty) successor: a segment with a successor is sealed, so the roll
+        on the way out converts it, instead of the next start."""
+        if self._fd < 0:
+            return
+        synced = False
+        if self._unsound is None:
+            try:
+                _fdatasync(self._fd)
+                synced = True
+            except OSError as exc:
+                log.error("commit log: final sync of %s failed: %s", self._segment_path, exc)
+        os.close(self._fd)
+        self._fd = -1
+        if not synced or self._segment_size == 0:
+            return
+        try:
+            fd, _, _ = self._create_segment()
+        except OSError as exc:  # harmless: the next start seals it instead
+            log.warning("commit log: could not seal %s: %s", self._segment_path, exc)
+            return
+        os.close(fd)
 
     # -- Hot path (loop thread) -----------------------------------------------------------
 
@@ -904,6 +921,10 @@ class CommitLog:
         self._open_new_segment()
 
     def _open_new_segment(self) -> None:
+        self._use_segment(*self._create_segment())
+
+    def _create_segment(self) -> tuple[int, Path, int]:
+        """The successor of the current segment, created durably: (fd, path, seq)."""
         # Sequence numbers follow the wall clock in microseconds so a name is never reused
         # after the roller deleted every older segment (Parquet files are named after it).
         seq = max(self._segment_seq + 1, time.time_ns() // 1000)
@@ -915,6 +936,9 @@ class CommitLog:
         except BaseException:
             os.close(fd)
             raise
+        return fd, path, seq
+
+    def _use_segment(self, fd: int, path: Path, seq: int) -> None:
         self._fd = fd
         self._segment_path = path
         self._segment_seq = seq

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 
 from .config import Settings
 
@@ -22,6 +23,13 @@ log = logging.getLogger("inslytic_fast.roller")
 ROLLER_NICENESS = 10  # below serving, above idle: it must still keep up over minutes
 PARENT_CHECK_S = 1.0  # an orphaned roller (server SIGKILLed) exits within this
 STOP_TIMEOUT_S = 30.0  # a roll in progress finishes; its steps are idempotent anyway
+# What a clean stop spends rolling the segments the server just sealed (a 64 MiB segment takes
+# ~1 s). The systemd unit's TimeoutStopSec=30 and the Dockerfile's --stop-timeout 30 leave
+# room for a 10 s drain and this; whatever is left rolls at the next start.
+FINAL_ROLL_BUDGET_S = 10.0
+# A reader holds the roller lock for one snapshot (milliseconds); a segment whose roll waits
+# longer for it is left to the next start.
+FINAL_ROLL_LOCK_WAIT_S = 1.0
 
 
 def roller_main(settings: Settings, parent_pid: int) -> None:
@@ -61,6 +69,13 @@ class RollerProcess:
         self.process.start()
 
     def stop(self) -> None:
+        """Stop the roller process, then roll what is sealed by now in this process.
+
+        Called once the commit logs are closed (and so sealed): after a clean stop every
+        acknowledged event is in Parquet, for whoever copies or reads ``events/`` directly.
+        The final pass runs here rather than in the roller because a terminal's Ctrl-C (the
+        whole process group) can stop the roller before the server has sealed its log.
+        """
         process = self.process
         if process is None:
             return
@@ -72,6 +87,7 @@ class RollerProcess:
                 log.error("roller did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
                 process.kill()
                 process.join()
+        roll_before_exit(self.settings)
 
     def ensure_running(self) -> None:
         """Called on the tick: a roller that died (OOM, a DuckDB crash) is started again."""
@@ -79,3 +95,36 @@ class RollerProcess:
         if process is not None and not process.is_alive():
             log.error("roller exited with code %s; starting it again", process.exitcode)
             self.start()
+
+
+def roll_before_exit(settings: Settings, budget_s: float = FINAL_ROLL_BUDGET_S) -> int:
+    """Roll the sealed segments, oldest first, for up to ``budget_s``; return events rolled."""
+    from .commitlog import sealed_segments
+    from .server import make_roller
+
+    roller = make_roller(settings)
+    started = time.monotonic()
+    deadline = started + budget_s
+    rolled = 0
+    try:
+        left = sealed_segments(roller.log_dir)
+        while left and time.monotonic() < deadline:
+            rolled += roller.roll_once(stop_after=deadline)
+            before, left = left, sealed_segments(roller.log_dir)
+            if left == before:  # the roller lock is held elsewhere
+                if time.monotonic() - started >= FINAL_ROLL_LOCK_WAIT_S:
+                    break
+                time.sleep(0.05)
+    except Exception:  # the segments stay in the log: queryable, and rolled at the next start
+        log.exception("final roll failed; the next start rolls the rest")
+        return rolled
+    finally:
+        roller.stop()
+    if rolled or left:
+        log.info(
+            "rolled %d events to Parquet before exit in %.1f s%s",
+            rolled,
+            time.monotonic() - started,
+            f"; {len(left)} log segments left for the next start" if left else "",
+        )
+    return rolled

@@ -485,14 +485,23 @@ class Roller:
 
     # -- Roll -----------------------------------------------------------------------------
 
-    def roll_once(self) -> int:
-        """Roll every sealed segment; return the number of events converted."""
+    def roll_once(self, stop_after: float | None = None) -> int:
+        """Roll every sealed segment, oldest first; return the number of events converted.
+
+        With ``stop_after`` (a time.monotonic() deadline) no segment is started after it, nor
+        once ``stop()`` was called (a stopping server rolls the rest itself, see
+        roller_process.roll_before_exit).
+        """
         with self._exclusive() as mine:
             if not mine:
                 return 0
             self._recover_locked()
             total = 0
             for segment in sealed_segments(self.log_dir):
+                if self._stop.is_set() or (
+                    stop_after is not None and time.monotonic() >= stop_after
+                ):
+                    break
                 total += self._roll_segment(segment)
             # After the rolls: a roll that read the tombstones before a purge was recorded
             # published files of the purged project, and they go now.

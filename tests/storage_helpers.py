@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from inslytic_fast.commitlog import CommitLog
+from inslytic_fast.commitlog import CommitLog, list_segments
 from inslytic_fast.query import run_query
 from inslytic_fast.storage import Roller
 
@@ -85,6 +85,14 @@ class LogOnLoop:
 
         self.log.append(project, make_events(batch_id, count, **kwargs), count, on_done)
         return fut
+
+
+def as_after_a_crash(data_dir: Path, worker_id: str = "w0") -> None:
+    """Remove the empty successor a clean close creates to seal the last segment: the log as
+    a SIGKILL after the last sync leaves it (that segment still the active one)."""
+    newest = list_segments(data_dir / "log")[worker_id][-1]
+    assert newest.stat().st_size == 0, newest
+    newest.unlink()
 
 
 def open_log(data_dir: Path, **kwargs) -> CommitLog:

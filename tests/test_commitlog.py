@@ -28,7 +28,7 @@ from inslytic_fast.commitlog import (
 )
 from inslytic_fast.storage import Roller
 
-from .storage_helpers import LogOnLoop, batch_counts, make_events, open_log
+from .storage_helpers import LogOnLoop, as_after_a_crash, batch_counts, make_events, open_log
 
 
 def run(coro):
@@ -341,7 +341,9 @@ def test_rotation_by_size_seals_previous_segment_durably(tmp_path):
     rotations = run(main())
     assert rotations >= 2
     segments = list_segments(tmp_path / "log")["w0"]
-    assert len(segments) == rotations + 1
+    # One per rotation, the last written one, and the empty successor that seals it on close.
+    assert len(segments) == rotations + 2
+    assert segments[-1].stat().st_size == 0
     assert sealed_segments(tmp_path / "log") == segments[:-1]
     assert len(records_on_disk(tmp_path)) == 12
 
@@ -365,8 +367,7 @@ def test_rotation_by_age_on_tick(tmp_path):
 
     run(main())
     segments = list_segments(tmp_path / "log")["w0"]
-    assert len(segments) == 2
-    assert [len(scan_records(p.read_bytes())[0]) for p in segments] == [1, 1]
+    assert [len(scan_records(p.read_bytes())[0]) for p in segments] == [1, 1, 0]
 
 
 def test_open_seals_existing_segments_and_numbers_grow(tmp_path):
@@ -379,9 +380,39 @@ def test_open_seals_existing_segments_and_numbers_grow(tmp_path):
 
         run(main())
     segments = list_segments(tmp_path / "log")["w0"]
-    assert len(segments) == 3
+    # Each clean close sealed its segment with an empty successor, which the next open reused.
+    assert [
+        [orjson.loads(bytes(p))["e"][0]["anonymousId"] for p in scan_records(s.read_bytes())[0]]
+        for s in segments
+    ] == [["r0"], ["r1"], ["r2"], []]
     assert segments == sorted(segments)
-    assert len(sealed_segments(tmp_path / "log")) == 2
+    assert sealed_segments(tmp_path / "log") == segments[:-1]
+
+
+def test_a_clean_close_seals_only_a_segment_it_wrote_to(tmp_path):
+    async def main():
+        log = open_log(tmp_path)
+        await log.close()
+
+    run(main())
+    run(main())
+    assert len(list_segments(tmp_path / "log")["w0"]) == 1
+    assert sealed_segments(tmp_path / "log") == []
+
+
+def test_a_close_whose_final_sync_fails_does_not_seal(tmp_path, monkeypatch):
+    def failing_fdatasync(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    async def main():
+        log = open_log(tmp_path)
+        assert await LogOnLoop(log).append("shop", "good") is None
+        monkeypatch.setattr(commitlog_module, "_fdatasync", failing_fdatasync)
+        await log.close()
+
+    run(main())
+    # The segment is not known to be whole on disk: the next start recovers it as active.
+    assert sealed_segments(tmp_path / "log") == []
 
 
 # -- Torn and corrupt tails -------------------------------------------------------------------
@@ -453,6 +484,7 @@ def test_damage_in_the_middle_of_the_active_segment_keeps_later_acked_records(tm
         return log.segment_path
 
     segment = run(write(["a", "b", "c", "d"]))
+    as_after_a_crash(tmp_path)
     data = bytearray(segment.read_bytes())
     second = scan_segment(bytes(data)).records[1]
     data[second[0] + 40] ^= 0xFF  # a flipped byte inside record "b"
@@ -474,6 +506,7 @@ def test_open_recovers_torn_tail_and_appends_after_it(tmp_path):
         return log.segment_path
 
     segment = run(write(["a", "b", "c"]))
+    as_after_a_crash(tmp_path)
     size = segment.stat().st_size
     with open(segment, "r+b") as f:
         f.truncate(size - 7)  # tear the last record
@@ -722,7 +755,7 @@ def test_tick_while_a_sync_is_in_flight_still_rotates_and_measures(tmp_path, mon
     assert [
         [orjson.loads(bytes(p))["e"][0]["anonymousId"] for p in scan_records(s.read_bytes())[0]]
         for s in segments
-    ] == [["first", "held"], ["after"]]
+    ] == [["first", "held"], ["after"], []]
 
 
 def test_batches_beyond_the_event_id_counter_are_rejected(tmp_path):

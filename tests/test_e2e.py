@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -286,3 +288,48 @@ def test_the_roller_process_does_not_outlive_a_killed_server(make_server):
     while time.monotonic() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
         time.sleep(0.05)
     assert not any(Path(f"/proc/{c}/cmdline").exists() for c in children)
+
+
+def _process_tree(pid: int) -> list[int]:
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return tree
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_a_clean_stop_leaves_every_acknowledged_event_in_parquet(make_server, workers, how):
+    import duckdb
+
+    from inslytic_fast.commitlog import list_segments, scan_records
+    from inslytic_fast.query import run_query
+
+    server = make_server("--workers", workers, "--events-per-minute", "0")
+    names = []
+    for i in range(30):
+        batch = [event(i * 3 + j) for j in range(3)]
+        assert server.ingest(batch, server.first_run_key)[0] == 202
+        names += [e["eventName"] for e in batch]
+    if how == "Ctrl-C":  # a terminal signals the whole foreground process group at once
+        for pid in _process_tree(server.proc.pid):
+            os.kill(pid, signal.SIGINT)
+        assert server.proc.wait(timeout=30) == 0
+    else:
+        assert server.stop() == 0
+
+    segments = [p for segs in list_segments(server.data_dir / "log").values() for p in segs]
+    assert [p for p in segments if scan_records(p.read_bytes())[0]] == []
+    parquet = str(server.data_dir / "events" / "**" / "*.parquet")
+    rows = duckdb.sql(f"SELECT event_name FROM read_parquet('{parquet}')").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(names)
+    assert "rolled 90 events to Parquet before exit" in server.stderr()
+
+    server.start()  # nothing is rolled twice: the restart's log is empty
+    assert run_query(server.data_dir, "SELECT count(*) FROM events")[1] == [(len(names),)]
+    assert server.stop() == 0

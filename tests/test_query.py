@@ -23,23 +23,18 @@ def run(coro):
 
 
 def populate(data_dir, *, rolled: dict[str, int], in_log: dict[str, int]) -> None:
-    """``rolled`` batches end up in Parquet, ``in_log`` ones stay in the (active) log."""
+    """``rolled`` batches end up in Parquet, ``in_log`` ones stay in the log (not rolled)."""
 
-    async def main():
+    async def write(batches: dict[str, int], projects: tuple[str, ...]) -> None:
         log = open_log(data_dir)
         driver = LogOnLoop(log)
-        for batch, count in rolled.items():
-            assert await driver.append("shop", batch, count) is None
-        await log.close()
-        log = open_log(data_dir)  # seals the first segment
-        driver = LogOnLoop(log)
-        for n, (batch, count) in enumerate(in_log.items()):
-            project = "blog" if n % 2 else "shop"
-            assert await driver.append(project, batch, count) is None
-        await log.close()
+        for n, (batch, count) in enumerate(batches.items()):
+            assert await driver.append(projects[n % len(projects)], batch, count) is None
+        await log.close()  # a clean close seals the segment
 
-    run(main())
+    run(write(rolled, ("shop",)))
     Roller(data_dir).roll_once()
+    run(write(in_log, ("shop", "blog")))
 
 
 @pytest.fixture
@@ -251,7 +246,7 @@ def test_a_roll_finishing_mid_snapshot_is_counted_once(tmp_path, monkeypatch, co
     # Seal the active segments so the roller has work to do mid-snapshot.
     log = CommitLog(tmp_path)
     log.open()
-    log._close_fd()  # noqa: SLF001
+    log._close_and_seal()  # noqa: SLF001
     real_listing = query_module._parquet_files
     listings = []
 

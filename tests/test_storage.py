@@ -23,6 +23,7 @@ from inslytic_fast.commitlog import (
     list_segments,
     scan_segment,
     sealed_segments,
+    segment_name,
 )
 from inslytic_fast.query import run_query
 from inslytic_fast.storage import EVENT_COLUMNS, Roller
@@ -47,7 +48,7 @@ def run(coro):
 
 
 def write_batches(data_dir: Path, batches: dict[str, int], *, segment_max_bytes=4000) -> None:
-    """Append batches (two projects, two dates) and seal every segment by reopening."""
+    """Append batches (two projects, two dates); the clean close seals every segment."""
 
     async def main():
         log = open_log(data_dir, segment_max_bytes=segment_max_bytes)
@@ -58,9 +59,6 @@ def write_batches(data_dir: Path, batches: dict[str, int], *, segment_max_bytes=
         await log.close()
 
     run(main())
-    reopened = CommitLog(data_dir)
-    reopened.open()  # seals the last segment, as a restart does
-    reopened._close_fd()  # noqa: SLF001 - no loop needed to close an idle log
 
 
 def expected_batches(prefix: str, n: int) -> dict[str, int]:
@@ -161,11 +159,32 @@ def test_events_relation_has_the_documented_columns_and_values(tmp_path):
     assert abs(received.timestamp() - time.time()) < 600
 
 
+def test_a_stopping_roller_finishes_its_segment_and_starts_no_other(tmp_path):
+    batches = expected_batches("s", 30)
+    write_batches(tmp_path, batches, segment_max_bytes=2000)
+    sealed = sealed_segments(tmp_path / "log")
+    assert len(sealed) >= 3
+
+    def stop_after_the_first(step: str) -> None:
+        if step == "roll:segment_deleted":
+            roller._stop.set()  # noqa: SLF001 - what stop() sets, without joining this thread
+
+    roller = Roller(tmp_path, step_hook=stop_after_the_first)
+    roller.roll_once()
+    assert sealed_segments(tmp_path / "log") == sealed[1:]
+    # A deadline already past starts nothing; without one, the rest is rolled.
+    assert Roller(tmp_path).roll_once(stop_after=time.monotonic()) == 0
+    assert sealed_segments(tmp_path / "log") == sealed[1:]
+    Roller(tmp_path).roll_once()
+    assert sealed_segments(tmp_path / "log") == []
+    assert batch_counts(tmp_path) == batches
+
+
 def test_empty_sealed_segments_are_removed(tmp_path):
-    for _ in range(3):
-        log = CommitLog(tmp_path)
-        log.open()
-        log._close_fd()  # noqa: SLF001
+    # As an earlier version left them (every start opened a new segment).
+    (tmp_path / "log").mkdir()
+    for seq in (1, 2, 3):
+        (tmp_path / "log" / segment_name("w0", seq)).touch()
     assert len(sealed_segments(tmp_path / "log")) == 2
     assert Roller(tmp_path).roll_once() == 0
     assert sealed_segments(tmp_path / "log") == []
@@ -391,7 +410,7 @@ def _check_acked_exactly_once(data_dir: Path, acked: dict[str, int]) -> None:
 def _restart_recovery(data_dir: Path) -> None:
     log = CommitLog(data_dir)
     log.open()
-    log._close_fd()  # noqa: SLF001
+    log._close_and_seal()  # noqa: SLF001
     Roller(data_dir).roll_once()
 
 

@@ -222,10 +222,12 @@ def test_bit_flips_in_a_sealed_segment_are_reported_quarantined_and_lose_only_th
     server = make_server("--workers", "1", "--events-per-minute", "0", data_dir=data_dir)
     key = server.first_run_key
     old = ingest_batches(server, key, "old", 12)  # one record per request
-    assert server.stop() == 0
     lock = RollerLock(data_dir)
     try:
-        server.start()  # the old segment is now sealed; the roller cannot take it yet
+        # The clean stop seals the old segment; neither its final roll nor the restarted
+        # roller can take it while the lock is held.
+        assert server.stop() == 0
+        server.start()
         new = ingest_batches(server, key, "new", 4)
         [segment] = [p for p in list_segments(data_dir / "log")["w0"][:-1] if p.stat().st_size]
         data = bytearray(segment.read_bytes())
