@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,15 @@ OPTIONS: tuple[Option, ...] = (
         0,
         "DuckDB threads converting the log to Parquet; 0: one per 4 usable CPUs (at least 1)",
     ),
+    # A roll on the serving core slowed fdatasync to 4-7 ms on a 2-vCPU VM (README, Benchmarks):
+    # a server pinned with taskset or CPUAffinity= needs somewhere else to put the roller.
+    Option(
+        "roller_cpus",
+        str,
+        "",
+        "CPUs the roller process runs on, as taskset -c lists them (2, 2-3, 0,2-5); "
+        "empty: the CPUs the server runs on",
+    ),
     Option(
         "log_format", str, "text", "log lines for people or for shippers", choices=("text", "json")
     ),
@@ -160,6 +170,37 @@ class ConfigError(Exception):
     """A setting that cannot be used; the message names its source."""
 
 
+# One part of a Linux cpu-list (taskset -c, cpuset.cpus): a CPU or an inclusive range. ASCII
+# digits only: int() would also take other scripts' digits.
+_CPU_LIST_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+
+
+def parse_cpu_list(text: str, cpu_count: int) -> tuple[int, ...]:
+    """``"0,2-3"`` -> ``(0, 2, 3)``: distinct, ascending, each below ``cpu_count``. ``""`` ->
+    ``()``: no CPUs chosen. ValueError names the part at fault."""
+    if not text.strip():
+        return ()
+    cpus: set[int] = set()
+    for raw_part in text.split(","):
+        part = raw_part.strip()
+        if not part:
+            raise ValueError(f"has an empty part in {text!r}")
+        match = _CPU_LIST_PART.fullmatch(part)
+        if match is None:
+            if part.startswith("-"):
+                raise ValueError(f"part {part!r} is negative")
+            raise ValueError(f"part {part!r} is not a CPU number or a range such as 2-5")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise ValueError(f"part {part!r} is a range that runs backwards")
+        if last >= cpu_count:
+            have = f"CPUs 0-{cpu_count - 1}" if cpu_count > 1 else "only CPU 0"
+            raise ValueError(f"part {part!r} names CPU {last}; this machine has {have}")
+        cpus.update(range(first, last + 1))
+    return tuple(sorted(cpus))
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What ``resolve`` produced. Built directly (embedding, tests, bench harnesses) the defaults
@@ -186,6 +227,7 @@ class Settings:
     retention_days: int = 0
     workers: int = 1
     roller_threads: int = 1
+    roller_cpus: tuple[int, ...] = ()  # empty: the roller keeps the server's affinity
     log_format: str = "text"
     access_log: bool = False
     metrics_port: int = 0
@@ -269,6 +311,13 @@ def resolve(
         # Rolling costs ~10 us/event on one DuckDB thread, serving ~4 us: on a big box the
         # roller needs threads of its own to keep up, on a small one it must not crowd serving.
         values["roller_threads"] = max(1, usable_cpus() // 4)
+    try:
+        # All of the machine's CPUs, not only this process's: the point is to leave its pin.
+        values["roller_cpus"] = parse_cpu_list(values["roller_cpus"], os.cpu_count() or 1)
+    except ValueError as exc:
+        raise ConfigError(f"{sources['roller_cpus']}: roller_cpus {exc}") from None
+    if values["roller_cpus"] and not hasattr(os, "sched_setaffinity"):
+        raise ConfigError(f"{sources['roller_cpus']}: roller_cpus needs Linux (sched_setaffinity)")
     values["data_dir"] = Path(values["data_dir"]).expanduser()
     values["cors_origins"] = tuple(
         o.strip() for o in str(values["cors_origins"]).split(",") if o.strip()

@@ -38,6 +38,10 @@ def roller_main(settings: Settings, parent_pid: int) -> None:
 
     follow_parent(parent_pid, "inslytic-roller")
     configure(settings.log_format, "roller")
+    if settings.roller_cpus:
+        # Before the roller starts its thread and DuckDB its pool: sched_setaffinity(0) moves
+        # only the calling thread, and threads inherit it from their creator.
+        move_to_cpus(settings.roller_cpus)
     try:
         os.nice(ROLLER_NICENESS)
     except OSError:
@@ -52,6 +56,36 @@ def roller_main(settings: Settings, parent_pid: int) -> None:
             log.warning("server process %d is gone; roller exiting", parent_pid)
             break
     roller.stop()
+
+
+def move_to_cpus(cpus: tuple[int, ...]) -> None:
+    """Leave the affinity inherited from the server (roller_cpus). A refusal (a cgroup cpuset
+    without these CPUs, a CPU offline) keeps the inherited one: a roller on the serving core is
+    slower serving, no roller at all is an unrolled log that fills the disk."""
+    wanted = ",".join(map(str, cpus))
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        inherited = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        log.error(
+            "roller_cpus %s refused by the kernel (%s); the roller stays on CPUs %s",
+            wanted,
+            exc.strerror or exc,
+            inherited,
+        )
+        return
+    # The kernel drops CPUs outside the cgroup's cpuset, and offline ones, without an error:
+    # report what it kept.
+    got = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    if got == wanted:
+        log.info("roller runs on CPUs %s (roller_cpus)", got)
+    else:
+        log.warning(
+            "roller runs on CPUs %s of roller_cpus %s (the kernel left out the others: outside "
+            "the cgroup's cpuset, or offline)",
+            got,
+            wanted,
+        )
 
 
 class RollerProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import re
@@ -52,10 +53,17 @@ def free_port() -> int:
 class ServerProcess:
     """``inslytic-fast serve`` as a subprocess on an ephemeral port, output captured to files."""
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.args = args
         self.env = {**os.environ, **(env or {})}
+        self.cpus = cpus  # pinned as taskset -c or systemd's CPUAffinity= would
         self.proc: subprocess.Popen | None = None
         self.host = "127.0.0.1"
         self.port = 0
@@ -83,8 +91,9 @@ class ServerProcess:
             str(self.data_dir),
             *self.args,
         ]
+        pin = functools.partial(os.sched_setaffinity, 0, self.cpus) if self.cpus else None
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=self.env)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=self.env, preexec_fn=pin)
         deadline = time.monotonic() + STARTUP_DEADLINE_S
         while time.monotonic() < deadline:
             match = LISTENING_RE.search(self.stderr())
@@ -154,8 +163,10 @@ def make_server(tmp_path):
     """Factory: start servers on fresh data dirs; every one is killed at teardown."""
     started: list[ServerProcess] = []
 
-    def factory(*args: str, data_dir: Path | None = None, env=None) -> ServerProcess:
-        server = ServerProcess(data_dir or tmp_path / f"data{len(started)}", *args, env=env)
+    def factory(*args: str, data_dir: Path | None = None, env=None, cpus=None) -> ServerProcess:
+        server = ServerProcess(
+            data_dir or tmp_path / f"data{len(started)}", *args, env=env, cpus=cpus
+        )
         started.append(server)
         return server.start()
 

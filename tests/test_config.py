@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from inslytic_fast.config import OPTIONS, ConfigError, Settings, example_config, resolve
+from inslytic_fast.config import (
+    OPTIONS,
+    ConfigError,
+    Settings,
+    example_config,
+    parse_cpu_list,
+    resolve,
+)
 
 
 def no_flags(**given):
@@ -97,3 +104,50 @@ def test_example_config_lists_every_option_and_loads_back_to_the_defaults(tmp_pa
     path = tmp_path / "example.toml"
     path.write_text(text)
     assert resolve(no_flags(), environ={}, config_file=str(path)) == resolve(no_flags(), environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [
+        ("", ()),
+        ("2", (2,)),
+        ("2,3", (2, 3)),
+        ("2-5", (2, 3, 4, 5)),
+        ("0,2-3", (0, 2, 3)),
+        ("3,1,1-2", (1, 2, 3)),  # taskset -c takes overlaps and any order; so do we
+        (" 1 , 0 ", (0, 1)),  # an env var written "0, 1"
+        ("7-7", (7,)),
+    ],
+)
+def test_cpu_lists_parse_as_taskset_reads_them(text, cpus):
+    assert parse_cpu_list(text, cpu_count=8) == cpus
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("2,,3", "empty part in '2,,3'"),
+        ("2,", "empty part in '2,'"),
+        ("5-2", "part '5-2' is a range that runs backwards"),
+        ("-1", "part '-1' is negative"),
+        ("two", "part 'two' is not a CPU number"),
+        ("1-", "part '1-' is not a CPU number"),
+        ("0-6:2", "part '0-6:2' is not a CPU number"),  # taskset's stride: not supported
+        ("\u0663", "is not a CPU number"),  # an Arabic-Indic 3: int() would take it
+        ("8", "part '8' names CPU 8; this machine has CPUs 0-7"),
+        ("0,6-9", "part '6-9' names CPU 9; this machine has CPUs 0-7"),
+    ],
+)
+def test_bad_cpu_lists_name_the_part_at_fault(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_cpu_list(text, cpu_count=8)
+
+
+def test_roller_cpus_resolve_to_a_tuple_and_bad_ones_name_source_and_setting():
+    assert resolve(no_flags(), environ={}).roller_cpus == ()
+    assert resolve(no_flags(roller_cpus="0"), environ={}).roller_cpus == (0,)
+    beyond = os.cpu_count()
+    with pytest.raises(ConfigError, match=f"^--roller-cpus: roller_cpus part '{beyond}' names"):
+        resolve(no_flags(roller_cpus=str(beyond)), environ={})
+    with pytest.raises(ConfigError, match="^INSLYTIC_ROLLER_CPUS: roller_cpus has an empty part"):
+        resolve(no_flags(), environ={"INSLYTIC_ROLLER_CPUS": "0,"})
