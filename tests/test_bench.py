@@ -19,7 +19,16 @@ import orjson
 import pytest
 
 from bench import loadgen, machine, payloads
-from bench.run import percentiles_ms, server_side_latency, summarize
+from bench.run import (
+    build_parser,
+    percentiles_ms,
+    pinning_text,
+    plan_pinning,
+    resolve_args,
+    serve_args,
+    server_side_latency,
+    summarize,
+)
 from bench.targets import _first_int
 from inslytic_fast.cli.stats import Scrape, parse_metrics
 
@@ -84,7 +93,10 @@ def test_smoke_report_has_every_field(smoke):
     assert report["command"].startswith("python -m bench --smoke")
     assert MACHINE_FIELDS <= set(report["machine"])
     assert report["machine"]["packages"]["inslytic-fast"]
-    assert {"applied", "server_cpus", "loadgen_cpus", "reason"} <= set(report["pinning"])
+    assert {"applied", "server_cpus", "loadgen_cpus", "reason", "roller_cpus"} <= set(
+        report["pinning"]
+    )
+    assert report["pinning"]["roller_cpus"] == []  # by default it shares the server's CPU
     for run in report["runs"]:
         assert RUN_FIELDS <= set(run), RUN_FIELDS - set(run)
         assert set(run["latency_ms"]) == {"p50", "p90", "p99", "p99_9", "max"}
@@ -149,6 +161,69 @@ def test_url_without_key_is_a_usage_error():
     )
     assert proc.returncode == 2
     assert "--url and --key go together" in proc.stderr
+
+
+def bench_args(*argv: str):
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    resolve_args(args, parser)
+    return args
+
+
+def test_roller_cpu_reaches_the_server_and_the_reports_pinning():
+    cpus = machine.available_cpus()
+    args = bench_args("--roller-cpu", str(cpus[-1]))
+    assert serve_args(args)[-2:] == ["--roller-cpus", str(cpus[-1])]
+    pinning = plan_pinning(args)
+    assert pinning["roller_cpus"] == [cpus[-1]]
+    if pinning["applied"]:
+        assert pinning_text(pinning, self_hosted=True) == (
+            f"server on CPU {pinning['server_cpus']}, its roller on CPU [{cpus[-1]}], "
+            f"load generator on CPU {pinning['loadgen_cpus']}"
+        )
+    else:
+        assert pinning_text(pinning, self_hosted=True).endswith(f"; roller on CPU [{cpus[-1]}]")
+
+    default = bench_args("--workers", "2")
+    assert "--roller-cpus" not in serve_args(default)
+    assert plan_pinning(default)["roller_cpus"] == []
+
+
+def test_the_pinning_sentence_says_where_the_roller_ran():
+    pinned = {"applied": True, "reason": "", "server_cpus": [0], "loadgen_cpus": [1]}
+    # Saved before roller_cpus was recorded: the roller inherited the server's pin.
+    assert pinning_text(pinned, self_hosted=True) == (
+        "server on CPU [0] with its roller, load generator on CPU [1]"
+    )
+    assert pinning_text({**pinned, "roller_cpus": []}, self_hosted=True) == (
+        "server on CPU [0] with its roller, load generator on CPU [1]"
+    )
+    assert pinning_text({**pinned, "roller_cpus": [1]}, self_hosted=True) == (
+        "server on CPU [0], its roller on CPU [1], load generator on CPU [1]"
+    )
+    remote = {"applied": True, "reason": "remote", "server_cpus": [], "loadgen_cpus": [0, 1]}
+    assert (
+        pinning_text(remote, self_hosted=False) == "server on CPU [], load generator on CPU [0, 1]"
+    )
+    unpinned = {"applied": False, "reason": "--no-pin", "server_cpus": [], "loadgen_cpus": []}
+    assert pinning_text({**unpinned, "roller_cpus": [1]}, self_hosted=True) == (
+        "not pinned (--no-pin); roller on CPU [1]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--roller-cpu", "65536"], "--roller-cpu 65536: this run may use CPUs"),
+        (["--roller-cpu", "0", "--targets", "bare-httptools"], "--roller-cpu places the roller"),
+        (["--roller-cpu", "0", "--url", "http://127.0.0.1:1", "--key", "k"], "places the roller"),
+    ],
+)
+def test_roller_cpu_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_args(*argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 # Parts
