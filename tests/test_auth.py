@@ -598,4 +598,5 @@ def test_lookup_cost(catalog, ring, capsys):
         results[label] = best
     with capsys.disabled():
         print("\nKeyRing.lookup ns/call (best of 5):", {k: round(v) for k, v in results.items()})
-    assert results["typo"] < results["valid"] < 20_000
+    # A key seen before is one dict probe; a mistyped one pays the checksum (never a hash).
+    assert results["valid"] < results["typo"] < 20_000
