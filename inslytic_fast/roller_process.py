@@ -4,7 +4,8 @@ Rolling is DuckDB work (JSON parsing, ZSTD) that takes more CPU per event than s
 a thread it would share the serving loop's GIL, core and memory; in its own niced process the
 loop keeps the GIL, the kernel gives serving the CPU first, and DuckDB's buffers never count
 against the server's RSS. The roll only has to keep up on average: ``query`` reads the log tail,
-so events are queryable the moment they are acknowledged.
+so events are queryable the moment they are acknowledged. On a clean stop, the stopping process
+rolls what its closed logs sealed (``roll_before_exit``), so ``events/`` alone is complete.
 """
 
 from __future__ import annotations
