@@ -157,8 +157,9 @@ def roll_before_exit(settings: Settings, budget_s: float = FINAL_ROLL_BUDGET_S) 
         roller.stop()
     if rolled or left:
         log.info(
-            "rolled %d events to Parquet before exit in %.1f s%s",
+            "rolled %d event%s to Parquet before exit in %.1f s%s",
             rolled,
+            "" if rolled == 1 else "s",
             time.monotonic() - started,
             f"; {len(left)} log segments left for the next start" if left else "",
         )
