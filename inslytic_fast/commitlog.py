@@ -62,6 +62,7 @@ from pathlib import Path
 import orjson
 
 from .durable import fsync_dir
+from .logs import RepeatedFailure
 from .metrics import LATENCY_BUCKETS, Histogram
 
 log = logging.getLogger(__name__)
@@ -380,6 +381,8 @@ class CommitLog:
         "_clock",
         "stats",
         "sync_latency",
+        "_space_failure",
+        "_repair_failure",
         "_loop",
         "_thread",
         "_jobs",
@@ -441,6 +444,8 @@ class CommitLog:
         self._clock = clock
         self.stats = LogStats()
         self.sync_latency = Histogram(LATENCY_BUCKETS)  # per group commit, not per request
+        self._space_failure = RepeatedFailure(log, "commit log: free space check")
+        self._repair_failure = RepeatedFailure(log, "commit log: repair")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -738,8 +743,11 @@ class CommitLog:
             if error is None:
                 log.warning("commit log %s: sound again after %s", self.worker_id, self._unsound)
                 self._unsound = None
+                self._repair_failure.succeeded()
             else:
-                log.error("commit log %s: repair failed, still refusing: %s", self.worker_id, error)
+                self._repair_failure.failed(
+                    "commit log %s: repair failed, still refusing: %s", self.worker_id, error
+                )
             self._wake_idle_waiters()
             return
         if error is None:
@@ -819,7 +827,9 @@ class CommitLog:
         try:
             self._refresh_space()
         except OSError as exc:
-            log.error("commit log: cannot check free space: %s", exc)
+            self._space_failure.failed("commit log: cannot check free space: %s", exc)
+        else:
+            self._space_failure.succeeded()
         if self._unsound is not None:
             if not self._syncing:
                 self._start_repair()  # the last attempt failed; try again

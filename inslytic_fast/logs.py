@@ -71,3 +71,49 @@ def configure(log_format: str = "text", worker_id: str | None = None) -> None:
 
 
 access_log = logging.getLogger("inslytic_fast.access")
+
+
+# A failure that recurs on every 1 s tick (a read-only remount, a full disk, a vanished data
+# dir) logged a traceback per second per worker; journald's default rate limit then drops the
+# lines that matter. One line an episode, a reminder a minute, and one line when it ends.
+REPEAT_REMINDER_S = 60.0
+
+
+class RepeatedFailure:
+    """Log a failure that may recur every tick: the first occurrence (with the traceback if
+    asked), then at most one reminder per ``every_s`` with the count, then its end."""
+
+    __slots__ = ("logger", "what", "every_s", "clock", "count", "first_at", "logged_at")
+
+    def __init__(
+        self, logger: logging.Logger, what: str, every_s: float = REPEAT_REMINDER_S, clock=None
+    ) -> None:
+        self.logger = logger
+        self.what = what
+        self.every_s = every_s
+        self.clock = clock or time.monotonic
+        self.count = 0
+        self.first_at = 0.0
+        self.logged_at = 0.0
+
+    def failed(self, message: str, *args, exc_info: bool = False) -> None:
+        now = self.clock()
+        self.count += 1
+        if self.count == 1:
+            self.first_at = self.logged_at = now
+            self.logger.error(message, *args, exc_info=exc_info)
+        elif now - self.logged_at >= self.every_s:
+            self.logged_at = now
+            self.logger.error(
+                message + " (%d times in %.0f s)", *args, self.count, now - self.first_at
+            )
+
+    def succeeded(self) -> None:
+        if self.count > 1:
+            self.logger.warning(
+                "%s: working again after %d failures in %.0f s",
+                self.what,
+                self.count,
+                self.clock() - self.first_at,
+            )
+        self.count = 0

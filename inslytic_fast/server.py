@@ -28,6 +28,7 @@ from .auth import CatalogError, KeyRing
 from .commitlog import LOG_DIRNAME, CommitLog, list_segments
 from .config import Settings
 from .ingest import Ingestor
+from .logs import RepeatedFailure
 from .metrics import merge, process_gauges, read_snapshots, storage_gauges, write_snapshot
 from .metrics import render as render_metrics
 from .openapi import build_openapi
@@ -233,6 +234,7 @@ class Server:
         self.keyring: KeyRing | None = None
         self.commitlog: CommitLog | None = None
         self.roller: RollerProcess | None = None
+        self._tick_failure = RepeatedFailure(log, "the 1 s tick")
         self.app: App | None = None
         self.metrics_app: App | None = None  # with --metrics-port: /metrics on its own socket
         self.first_run_key: str | None = None
@@ -422,7 +424,9 @@ class Server:
                 path = run_dir(self.settings.data_dir) / self._snapshot_name()
                 write_snapshot(path, self.metrics_snapshot())
         except Exception:
-            log.exception("error in the 1 s tick")
+            self._tick_failure.failed("error in the 1 s tick", exc_info=True)
+        else:
+            self._tick_failure.succeeded()
 
     async def _shutdown(self, servers: list[asyncio.AbstractServer], loop) -> None:
         state = self.state

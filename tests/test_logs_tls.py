@@ -7,11 +7,12 @@ import logging
 import shutil
 import ssl
 import subprocess
+import time
 
 import orjson
 import pytest
 
-from inslytic_fast.logs import JsonFormatter, TextFormatter, escape
+from inslytic_fast.logs import JsonFormatter, RepeatedFailure, TextFormatter, escape
 
 from .conftest import cli, free_port
 
@@ -35,6 +36,52 @@ def test_json_lines_are_one_object_each():
     entry = orjson.loads(line)
     assert entry["msg"] == "path /x\n\x1b[2J" and "\n" not in line
     assert entry["level"] == "error" and entry["worker"] == "w1" and entry["ts"].endswith("Z")
+
+
+def test_a_failure_repeating_every_tick_is_one_line_a_minute_and_one_when_it_ends(caplog):
+    now = [0.0]
+    failure = RepeatedFailure(
+        logging.getLogger("inslytic_fast.test"), "the probe", clock=lambda: now[0]
+    )
+    with caplog.at_level(logging.INFO, logger="inslytic_fast.test"):
+        for _ in range(150):  # 150 ticks, one a second
+            try:
+                raise OSError(30, "Read-only file system")
+            except OSError as exc:
+                failure.failed("cannot write: %s", exc, exc_info=True)
+            now[0] += 1
+        failure.succeeded()
+        failure.succeeded()  # nothing more to say
+        failure.failed("cannot write: %s", "again")  # a new episode is logged at once
+    lines = [(r.levelname, r.getMessage(), bool(r.exc_info)) for r in caplog.records]
+    assert lines == [
+        ("ERROR", "cannot write: [Errno 30] Read-only file system", True),
+        ("ERROR", "cannot write: [Errno 30] Read-only file system (61 times in 60 s)", False),
+        ("ERROR", "cannot write: [Errno 30] Read-only file system (121 times in 120 s)", False),
+        ("WARNING", "the probe: working again after 150 failures in 150 s", False),
+        ("ERROR", "cannot write: again", False),
+    ]
+
+
+def test_a_tick_that_keeps_failing_logs_once_not_every_second(make_server):
+    # Workers write a metrics snapshot into run/ every tick: a file in its place makes that
+    # fail each second, as a read-only remount or a vanished data dir would.
+    server = make_server("--workers", "2")
+    run_dir = server.data_dir / "run"
+    saved = server.data_dir / "run.saved"
+    run_dir.rename(saved)
+    run_dir.write_bytes(b"")
+    time.sleep(3.5)  # three ticks or more in each worker
+    errors = server.stderr().count("error in the 1 s tick")
+    assert errors == 2, server.stderr()  # one per worker
+    run_dir.unlink()
+    saved.rename(run_dir)
+    deadline = time.monotonic() + 10
+    while server.stderr().count("the 1 s tick: working again") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stderr().count("the 1 s tick: working again") == 2, server.stderr()
+    assert server.request("GET", "/health")[0] == 200
+    assert server.stop() == 0
 
 
 def test_access_log_in_json(make_server):
