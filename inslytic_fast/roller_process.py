@@ -139,17 +139,14 @@ def roll_before_exit(settings: Settings, budget_s: float = FINAL_ROLL_BUDGET_S) 
 
     roller = make_roller(settings)
     started = time.monotonic()
-    deadline = started + budget_s
     rolled = 0
     try:
         left = sealed_segments(roller.log_dir)
-        while left and time.monotonic() < deadline:
-            rolled += roller.roll_once(stop_after=deadline)
-            before, left = left, sealed_segments(roller.log_dir)
-            if left == before:  # the roller lock is held elsewhere
-                if time.monotonic() - started >= FINAL_ROLL_LOCK_WAIT_S:
-                    break
-                time.sleep(0.05)
+        if left:
+            rolled = roller.roll_once(
+                stop_after=started + budget_s, lock_wait_s=FINAL_ROLL_LOCK_WAIT_S
+            )
+            left = sealed_segments(roller.log_dir)
     except Exception:  # the segments stay in the log: queryable, and rolled at the next start
         log.exception("final roll failed; the next start rolls the rest")
         return rolled

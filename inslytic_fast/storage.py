@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import logging
 import os
 import shutil
@@ -422,19 +421,18 @@ class Roller:
     # -- Recovery -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[bool]:
+    def _exclusive(self, wait_s: float = 0.0) -> Iterator[bool]:
         """This thread's turn, and no other roller process on the data directory.
 
-        Yields False (do nothing this pass) when another process holds the roller lock: two
-        rollers would wipe each other's staging. Readers never take it.
+        Yields False (do nothing this pass) when another process still holds the roller lock
+        after ``wait_s``: two rollers would wipe each other's staging. A reader takes it (shared)
+        only to pause the roller for one snapshot.
         """
         with self._lock:
             make_dirs_durable(self.events_dir)
             fd = os.open(self.events_dir / ROLLER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                if not lock_exclusive(fd, wait_s):
                     # Another roller process, or a reader pausing us for one snapshot.
                     log.debug("roller: %s is held elsewhere; skipping a pass", ROLLER_LOCK_NAME)
                     yield False
@@ -485,14 +483,15 @@ class Roller:
 
     # -- Roll -----------------------------------------------------------------------------
 
-    def roll_once(self, stop_after: float | None = None) -> int:
+    def roll_once(self, stop_after: float | None = None, lock_wait_s: float = 0.0) -> int:
         """Roll every sealed segment, oldest first; return the number of events converted.
 
         With ``stop_after`` (a time.monotonic() deadline) no segment is started after it, nor
         once ``stop()`` was called (a stopping server rolls the rest itself, see
-        roller_process.roll_before_exit).
+        roller_process.roll_before_exit). ``lock_wait_s``: how long to wait for the roller
+        lock before giving up on this pass.
         """
-        with self._exclusive() as mine:
+        with self._exclusive(lock_wait_s) as mine:
             if not mine:
                 return 0
             self._recover_locked()

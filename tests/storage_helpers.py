@@ -8,6 +8,7 @@ stdout after each on_done(None).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
 import signal
@@ -85,6 +86,19 @@ class LogOnLoop:
 
         self.log.append(project, make_events(batch_id, count, **kwargs), count, on_done)
         return fut
+
+
+class RollerLock:
+    """Holds the roller's process lock, so the server's roller leaves sealed segments alone."""
+
+    def __init__(self, data_dir: Path) -> None:
+        events = data_dir / "events"
+        events.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(events / ".roller.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        os.close(self.fd)
 
 
 def as_after_a_crash(data_dir: Path, worker_id: str = "w0") -> None:

@@ -25,10 +25,12 @@ from inslytic_fast.commitlog import (
     sealed_segments,
     segment_name,
 )
+from inslytic_fast.config import Settings
 from inslytic_fast.query import run_query
+from inslytic_fast.roller_process import FINAL_ROLL_LOCK_WAIT_S, roll_before_exit
 from inslytic_fast.storage import EVENT_COLUMNS, Roller
 
-from .storage_helpers import LogOnLoop, batch_counts, open_log
+from .storage_helpers import LogOnLoop, RollerLock, batch_counts, open_log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Spread over two UTC days (the last microsecond of one and the first of the next).
@@ -178,6 +180,29 @@ def test_a_stopping_roller_finishes_its_segment_and_starts_no_other(tmp_path):
     Roller(tmp_path).roll_once()
     assert sealed_segments(tmp_path / "log") == []
     assert batch_counts(tmp_path) == batches
+
+
+def test_the_final_roll_waits_for_a_reader_holding_the_roller_lock(tmp_path):
+    batches = expected_batches("f", 6)
+    write_batches(tmp_path, batches)
+    lock = RollerLock(tmp_path)  # a reader's snapshot: released well within the wait
+    threading.Timer(FINAL_ROLL_LOCK_WAIT_S / 4, lock.release).start()
+    assert roll_before_exit(Settings(data_dir=tmp_path)) == sum(batches.values())
+    assert sealed_segments(tmp_path / "log") == []
+    assert batch_counts(tmp_path) == batches
+
+
+def test_the_final_roll_leaves_the_log_to_the_next_start_if_the_lock_stays_held(tmp_path):
+    write_batches(tmp_path, expected_batches("f", 6))
+    sealed = sealed_segments(tmp_path / "log")
+    lock = RollerLock(tmp_path)
+    try:
+        started = time.monotonic()
+        assert roll_before_exit(Settings(data_dir=tmp_path)) == 0
+        assert time.monotonic() - started >= FINAL_ROLL_LOCK_WAIT_S
+    finally:
+        lock.release()
+    assert sealed_segments(tmp_path / "log") == sealed
 
 
 def test_empty_sealed_segments_are_removed(tmp_path):

@@ -8,7 +8,6 @@ server process through the real file system, and the audit is a query of what it
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import signal
@@ -25,6 +24,7 @@ from inslytic_fast.query import run_query
 
 from .adversarial_helpers import batch_body, poll_until
 from .conftest import ServerProcess
+from .storage_helpers import RollerLock
 
 MiB = 1024 * 1024
 DISK_BYTES = 20 * MiB
@@ -185,19 +185,6 @@ def test_disk_full_mid_run_gives_503_never_a_false_202_and_recovers_by_itself(sm
 
 
 # -- Bit rot in sealed segments ------------------------------------------------------------
-
-
-class RollerLock:
-    """Holds the roller's process lock, so the server's roller leaves sealed segments alone."""
-
-    def __init__(self, data_dir: Path) -> None:
-        events = data_dir / "events"
-        events.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(events / ".roller.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        os.close(self.fd)
 
 
 def ingest_batches(server: ServerProcess, key: str, tag: str, count: int) -> list[list[str]]:
