@@ -1,8 +1,9 @@
 """Process lifecycle: open storage, listen, tick once a second, drain on SIGTERM.
 
-Start-up order follows the data: the data dir must be writable, the key catalog loads (and
-the first run creates the default project), the commit log recovers its tail, the roller
-catches up in the background, and only then does the socket accept connections. Shutdown is
+Start-up order follows the data: the port is bound, the data dir must be writable, the key
+catalog loads, the commit log recovers its tail, the roller catches up in the background, and
+only then does the socket accept connections (and a first run create the default project,
+whose key would be lost if the start failed after it). Shutdown is
 the reverse: stop accepting, finish in-flight requests and their commits, seal the log.
 """
 
@@ -257,10 +258,6 @@ class Server:
         keyring = KeyRing(settings.data_dir)
         try:
             keyring.load()
-            if self.standalone:
-                self.first_run_key = keyring.ensure_default_project()
-                if self.first_run_key is not None:
-                    keyring.load()
         except CatalogError as exc:
             raise StartupError(str(exc)) from None
         commitlog = CommitLog(
@@ -353,6 +350,9 @@ class Server:
         self._tick_handle = loop.call_later(TICK_SECONDS, self._tick, loop)
         host, port = sock.getsockname()[:2]
         if self.standalone:
+            # Only now that the port is ours: a start that fails earlier (port in use) must not
+            # have created the project whose key it never got to show.
+            self.first_run_key = self.keyring.ensure_default_project()
             announce(settings, host, port, self.first_run_key, self.out)
             self.first_run_key = None
         # What exists now (modules, the app, decoders, the catalog) lives as long as the process.
@@ -479,9 +479,9 @@ def run(settings: Settings) -> int:
         return Supervisor(settings).run()
     server = Server(settings)
     try:
-        server.open_storage()
         sock = bind_socket(settings.host, settings.port)
         metrics_sock = server.bind_metrics_socket()
+        server.open_storage()
     except StartupError as exc:
         print(f"inslytic-fast: error: {exc}", file=sys.stderr)
         return 2

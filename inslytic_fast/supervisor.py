@@ -37,6 +37,7 @@ from .server import (
     loop_factory,
     run_dir,
     seal_orphan_logs,
+    tls_context,
 )
 from .sharedlimit import SharedBudget, SharedRateLimiter
 
@@ -124,8 +125,11 @@ class Supervisor:
             self.data_dir_lock = acquire_data_dir(settings.data_dir)
             keyring = KeyRing(settings.data_dir)
             keyring.load()
-            first_run_key = keyring.ensure_default_project()
             reservation = self._reserve_port()
+            tls_context(settings)  # a bad certificate fails here, before the first-run key
+            # Created once the port is ours; undone below if a worker cannot start, so a
+            # failed first start never leaves a project whose key nobody was shown.
+            first_run_key = keyring.ensure_default_project()
         except CatalogError as exc:
             print(f"inslytic-fast: error: {exc}", file=sys.stderr)
             return 2
@@ -152,6 +156,8 @@ class Supervisor:
                         f"inslytic-fast: error: worker {worker.worker_id}: {error}", file=sys.stderr
                     )
                     self._stop_all()
+                    if first_run_key is not None:
+                        keyring.catalog_path.unlink(missing_ok=True)
                     return 2
             announce(settings, host, port, first_run_key, sys.stdout)
             self._monitor(wake_r, roller)

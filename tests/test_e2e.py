@@ -258,6 +258,22 @@ def test_port_in_use_is_one_clear_line_and_exit_2(shared_server, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_first_start_on_a_busy_port_does_not_lose_the_first_run_key(
+    shared_server, make_server, tmp_path, workers
+):
+    data_dir = tmp_path / "fresh"
+    busy = cli(
+        "serve", "--workers", workers, "--port", str(shared_server.port),
+        data_dir=data_dir, check=False,
+    )  # fmt: skip
+    assert busy.returncode == 2 and "address already in use" in busy.stderr
+    assert "ik_" not in busy.stdout
+    server = make_server("--workers", workers, data_dir=data_dir)
+    assert server.first_run_key, server.stdout()
+    assert server.ingest([EXAMPLE_EVENT], server.first_run_key)[0] == 202
+
+
 def test_unwritable_data_dir_is_one_clear_line_and_exit_2(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
