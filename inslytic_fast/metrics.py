@@ -9,6 +9,7 @@ whichever worker answers a scrape sums the others' snapshots with its own live c
 from __future__ import annotations
 
 import os
+import re
 import resource
 import time
 from bisect import bisect_left
@@ -196,7 +197,10 @@ def storage_gauges(data_dir: Path) -> dict:
                 if entry.name.endswith(".log"):
                     st = entry.stat()
                     log_bytes += st.st_size
-                    oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+                    if st.st_size == 0:
+                        continue  # an empty active segment waits for nothing, however old
+                    received = _first_record_received_at(entry.path, st.st_mtime)
+                    oldest = received if oldest is None else min(oldest, received)
     except FileNotFoundError:
         pass
     return {
@@ -205,6 +209,23 @@ def storage_gauges(data_dir: Path) -> dict:
         "log_pending_bytes": log_bytes,
         "roll_lag_seconds": 0.0 if oldest is None else max(0.0, time.time() - oldest),
     }
+
+
+# The commit log's record envelope opens {"p":"<project>","r":<received_at_us>: the first
+# record's receive time is when the segment's oldest event arrived (commitlog.py, framing).
+_RECEIVED_AT = re.compile(rb'\{"p":"(?:[^"\\]|\\.)*","r":(\d+),')
+_FIRST_RECORD_PEEK_BYTES = 512
+
+
+def _first_record_received_at(path: str, fallback: float) -> float:
+    """Unix time at which the oldest event in a log segment was received (one small read)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_FIRST_RECORD_PEEK_BYTES)
+    except OSError:
+        return fallback
+    match = _RECEIVED_AT.match(head, 12)  # after the record header: magic, length, crc32
+    return int(match.group(1)) / 1_000_000 if match else fallback
 
 
 def _escape(value: str) -> str:
@@ -288,7 +309,7 @@ def render(merged: dict, storage: dict) -> bytes:
     )
     for key, help_text in (
         ("log_pending_bytes", "Commit-log bytes not yet rolled to Parquet."),
-        ("roll_lag_seconds", "Age of the oldest log segment not yet rolled."),
+        ("roll_lag_seconds", "Age of the oldest event not yet rolled to Parquet (0: none)."),
         ("parquet_files", "Parquet files in the data set."),
         ("parquet_bytes", "Bytes of Parquet in the data set."),
     ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import signal
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inslytic_fast.metrics import Metrics, merge, render, storage_gauges
 
 from .conftest import EXAMPLE_EVENT, cli, free_port
+from .storage_helpers import LogOnLoop, open_log
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -213,3 +215,21 @@ def test_metrics_port_in_use_is_a_clear_startup_error(make_server, tmp_path):
         )  # fmt: skip
     assert proc.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in proc.stderr
+
+
+def test_roll_lag_is_the_age_of_the_oldest_unrolled_event_not_of_an_empty_segment(tmp_path):
+    received_at = time.time() - 100
+
+    async def main():
+        log = open_log(tmp_path, clock=lambda: received_at)
+        # An idle server: its active segment is empty, however long ago it was created.
+        hour_ago = time.time() - 3600
+        os.utime(log.segment_path, (hour_ago, hour_ago))
+        assert storage_gauges(tmp_path)["roll_lag_seconds"] == 0
+        assert await LogOnLoop(log).append("shop", "b0", 2) is None
+        os.utime(log.segment_path)  # written just now, holding an event received 100 s ago
+        lag = storage_gauges(tmp_path)["roll_lag_seconds"]
+        assert 100 <= lag < 3600
+        await log.close()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
