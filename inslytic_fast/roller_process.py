@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 
+from .children import leave_sigint_to_parent, start_child
 from .config import Settings
 
 log = logging.getLogger("inslytic_fast.roller")
@@ -37,6 +38,7 @@ def roller_main(settings: Settings, parent_pid: int) -> None:
     from .logs import configure
     from .server import follow_parent, make_roller
 
+    leave_sigint_to_parent()
     follow_parent(parent_pid, "inslytic-roller")
     configure(settings.log_format, "roller")
     if settings.roller_cpus:
@@ -48,8 +50,7 @@ def roller_main(settings: Settings, parent_pid: int) -> None:
     except OSError:
         pass
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     roller = make_roller(settings)
     roller.start()
     while not stop.wait(PARENT_CHECK_S):
@@ -101,7 +102,7 @@ class RollerProcess:
             args=(self.settings, os.getpid()),
             name="inslytic-fast-roller",
         )
-        self.process.start()
+        start_child(self.process)
 
     def stop(self) -> None:
         """Stop the roller process, then roll what is sealed by now in this process.

@@ -345,7 +345,9 @@ class Server:
                     ssl=self.tls,
                 )
             )
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        # A worker leaves SIGINT to its supervisor (start_child), which stops it with SIGTERM.
+        stop_signals = (signal.SIGTERM, signal.SIGINT) if self.standalone else (signal.SIGTERM,)
+        for signum in stop_signals:
             loop.add_signal_handler(signum, self._stop.set)
         self._tick_handle = loop.call_later(TICK_SECONDS, self._tick, loop)
         host, port = sock.getsockname()[:2]
@@ -369,7 +371,8 @@ class Server:
             # A later SIGTERM must not cut the drain short: after a terminal's Ctrl-C reached
             # every process of the group, the supervisor's SIGTERM follows (its default action
             # killed workers with their log unsealed). A second Ctrl-C still interrupts.
-            loop.remove_signal_handler(signal.SIGINT)
+            if self.standalone:
+                loop.remove_signal_handler(signal.SIGINT)
             await self._shutdown(servers, loop)
 
     def request_stop(self) -> None:

@@ -23,6 +23,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from .auth import CatalogError, KeyRing
+from .children import leave_sigint_to_parent, start_child
 from .config import Settings
 from .logs import configure as configure_logging
 from .roller_process import RollerProcess
@@ -77,6 +78,7 @@ def worker_main(
     inherited: socket.socket | None,
 ) -> None:
     """Entry point of a worker process (spawned: nothing is shared but what is passed)."""
+    leave_sigint_to_parent()
     parent_pid = os.getppid()
     follow_parent(parent_pid, f"inslytic-{worker_id}")
     configure_logging(settings.log_format, worker_id)
@@ -120,6 +122,12 @@ class Supervisor:
 
     def run(self) -> int:
         settings = self.settings
+        # From the start: a Ctrl-C while workers are still starting is a clean stop too.
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
         try:
             check_data_dir(settings.data_dir)
             self.data_dir_lock = acquire_data_dir(settings.data_dir)
@@ -143,26 +151,25 @@ class Supervisor:
         SharedBudget(budget_path(settings.data_dir), create=True).close()
         roller = RollerProcess(settings)
         roller.start()
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
         try:
             for worker in self.workers:
+                if self.stopping:
+                    return 0
                 error = self._start(worker, wait_ready=True)
                 if error:
                     print(
                         f"inslytic-fast: error: worker {worker.worker_id}: {error}", file=sys.stderr
                     )
-                    self._stop_all()
-                    if first_run_key is not None:
-                        keyring.catalog_path.unlink(missing_ok=True)
                     return 2
+            if self.stopping:
+                return 0
             announce(settings, host, port, first_run_key, sys.stdout)
+            first_run_key = None
             self._monitor(wake_r, roller)
         finally:
             self._stop_all()
+            if first_run_key is not None:  # never shown: undo the first run's project
+                keyring.catalog_path.unlink(missing_ok=True)
             roller.stop()
             reservation.close()
         return 0
@@ -195,7 +202,7 @@ class Supervisor:
             args=(self.settings, worker.worker_id, child_conn, self.listen_sock),
             name=f"inslytic-fast-{worker.worker_id}",
         )
-        process.start()
+        start_child(process)
         child_conn.close()
         worker.process = process
         worker.conn = parent_conn

@@ -349,3 +349,29 @@ def test_a_clean_stop_leaves_every_acknowledged_event_in_parquet(make_server, wo
     server.start()  # nothing is rolled twice: the restart's log is empty
     assert run_query(server.data_dir, "SELECT count(*) FROM events")[1] == [(len(names),)]
     assert server.stop() == 0
+
+
+def test_ctrl_c_while_workers_are_starting_is_a_clean_stop(tmp_path):
+    data_dir = tmp_path / "data"
+    cmd = [sys.executable, "-m", "inslytic_fast", "serve", "--workers", "2", "--port", "0"]
+    proc = subprocess.Popen(
+        [*cmd, "--data-dir", str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        # The roller and the first worker exist: the worker is still importing its modules.
+        deadline = time.monotonic() + 30
+        while len(_process_tree(proc.pid)) < 3 and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.005)
+        tree = _process_tree(proc.pid)
+        assert len(tree) >= 3, "the supervisor never started its children"
+        for pid in tree:  # a terminal signals the whole foreground process group at once
+            os.kill(pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+    assert b"listening on" not in err  # it stopped before it served ...
+    assert b"ik_" not in out and not (data_dir / "catalog.json").exists()  # ... with no key
