@@ -164,7 +164,7 @@ async def fill_log(data_dir: Path, events: int, batch_events: int, batches: list
 def seal(data_dir: Path, worker_id: str) -> None:
     log = CommitLog(data_dir, worker_id=worker_id)
     log.open()
-    log._close_fd()  # noqa: SLF001 - an idle log needs no loop to close
+    log._close_and_seal()  # noqa: SLF001 - an idle log needs no loop to close
 
 
 def roll(data_dir: Path, args, batches: list[bytes]) -> dict:

@@ -255,9 +255,12 @@ def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot) -> None:
     con.execute(f"CREATE TEMP VIEW _log_events AS {log_source}")
     if snapshot.parquet_files:
         files = "[" + ", ".join(sql_string(p) for p in snapshot.parquet_files) + "]"
+        # UNION BY NAME with a typed empty row set: files written before a column existed
+        # (event_columns.py) read it as NULL even when no file in the snapshot has it.
         con.execute(
-            f"CREATE TEMP VIEW _parquet_events AS SELECT {_COLUMNS_SQL} FROM read_parquet("
-            f"{files}, hive_partitioning=true, hive_types={HIVE_TYPES_SQL}, union_by_name=true)"
+            f"CREATE TEMP VIEW _parquet_events AS SELECT {_COLUMNS_SQL} FROM (SELECT * FROM "
+            f"read_parquet({files}, hive_partitioning=true, hive_types={HIVE_TYPES_SQL}, "
+            f"union_by_name=true) UNION ALL BY NAME SELECT {_TYPED_NULLS} WHERE false)"
         )
         source = (
             f"SELECT {_COLUMNS_SQL} FROM _parquet_events "

@@ -41,6 +41,7 @@ from urllib.parse import unquote
 import duckdb
 import orjson
 
+from . import event_columns
 from .commitlog import (
     LOG_DIRNAME,
     MAX_RECORD_BYTES,
@@ -85,40 +86,8 @@ DEFAULT_DUCKDB_THREADS = 1
 # A 64 MiB segment converts in well under this; compaction sorts spill to DUCKDB_TEMP_DIRNAME.
 ROLLER_MEMORY_LIMIT = "1GB"
 
-# The commit log payload is {"p","r","b","e"}; ``e`` is the event array exactly as the API
-# names its fields. Unknown keys are ignored, missing optional keys become NULL.
-EVENT_STRUCT = (
-    "STRUCT("
-    'eventName VARCHAR, "timestamp" VARCHAR, anonymousId VARCHAR, sessionId VARCHAR, '
-    "consentGiven BOOLEAN, userId VARCHAR, properties MAP(VARCHAR, VARCHAR), "
-    "pageUrl VARCHAR, pageTitle VARCHAR, referrer VARCHAR, utmSource VARCHAR, "
-    "utmMedium VARCHAR, utmCampaign VARCHAR, deviceType VARCHAR, browser VARCHAR, os VARCHAR"
-    ")[]"
-)
-
-# The ``events`` relation, in order, with DuckDB types.
-EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("event_id", "VARCHAR"),
-    ("project", "VARCHAR"),
-    ("event_name", "VARCHAR"),
-    ("timestamp", "TIMESTAMPTZ"),
-    ("received_at", "TIMESTAMPTZ"),
-    ("anonymous_id", "VARCHAR"),
-    ("session_id", "VARCHAR"),
-    ("user_id", "VARCHAR"),
-    ("consent_given", "BOOLEAN"),
-    ("properties", "MAP(VARCHAR, VARCHAR)"),
-    ("page_url", "VARCHAR"),
-    ("page_title", "VARCHAR"),
-    ("referrer", "VARCHAR"),
-    ("utm_source", "VARCHAR"),
-    ("utm_medium", "VARCHAR"),
-    ("utm_campaign", "VARCHAR"),
-    ("device_type", "VARCHAR"),
-    ("browser", "VARCHAR"),
-    ("os", "VARCHAR"),
-)
-EVENT_COLUMN_NAMES = tuple(name for name, _ in EVENT_COLUMNS)
+EVENT_COLUMN_NAMES = event_columns.EVENT_COLUMN_NAMES
+EVENT_COLUMNS = event_columns.EVENT_COLUMNS
 HIVE_TYPES_SQL = "{'project': 'VARCHAR', 'date': 'DATE'}"
 
 
@@ -127,50 +96,14 @@ def sql_string(value: str | os.PathLike) -> str:
 
 
 def events_from_ndjson_sql(ndjson_path: Path | str) -> str:
-    """SELECT turning commit log payload lines into ``events`` rows plus a ``date`` column."""
+    """SELECT turning commit log payload lines into ``events`` rows plus a ``date`` column
+    (the columns and their log fields: event_columns.py)."""
     source = (
         f"read_json({sql_string(ndjson_path)}, format='newline_delimited', "
         f"maximum_object_size={MAX_RECORD_BYTES}, "
-        f"columns={{p: 'VARCHAR', r: 'BIGINT', b: 'VARCHAR', e: '{EVENT_STRUCT}'}})"
+        f"columns={event_columns.ENVELOPE_COLUMNS_SQL})"
     )
-    # The ingest schema only admits RFC 3339 UTC timestamps; should one ever fail to parse,
-    # received_at stands in so a single bad record can never wedge the roller.
-    # Measured (bench/micro_storage.py, DuckDB 2.0): unnest(max_depth := 2) expanding the
-    # struct into columns beats unnest + ev.field, and CASE beats COALESCE on a MAP ~2x.
-    return f"""
-        WITH events AS (
-            SELECT p, r, b, generate_subscripts(e, 1) - 1 AS i, unnest(e, max_depth := 2)
-            FROM {source}
-        ), typed AS (
-            SELECT *,
-                CAST(make_timestamp(r) AS TIMESTAMPTZ) AS received,
-                TRY_CAST("timestamp" AS TIMESTAMPTZ) AS parsed_ts
-            FROM events
-        )
-        SELECT
-            b || printf('%03x', i) AS event_id,
-            p AS project,
-            eventName AS event_name,
-            COALESCE(parsed_ts, received) AS "timestamp",
-            received AS received_at,
-            anonymousId AS anonymous_id,
-            sessionId AS session_id,
-            userId AS user_id,
-            consentGiven AS consent_given,
-            CASE WHEN properties IS NULL THEN MAP {{}}::MAP(VARCHAR, VARCHAR)
-                 ELSE properties END AS properties,
-            pageUrl AS page_url,
-            pageTitle AS page_title,
-            referrer AS referrer,
-            utmSource AS utm_source,
-            utmMedium AS utm_medium,
-            utmCampaign AS utm_campaign,
-            deviceType AS device_type,
-            browser AS browser,
-            os AS os,
-            CAST(COALESCE(parsed_ts, received) AS DATE) AS date
-        FROM typed
-    """
+    return event_columns.events_select_sql(source)
 
 
 # Lines joined per write: writelines() costs ~0.75 us per line, a join of 4,096 memoryviews

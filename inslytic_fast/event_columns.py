@@ -1,0 +1,136 @@
+"""The ``events`` relation, declared once: each column, the log field it comes from, and how.
+
+A commit log record is ``{"p","r","b","k"?,"e":[event, ...]}`` (commitlog.py). Every event
+object in ``e`` uses the camelCase keys below; every key but the five /v1/ingest requires is
+optional (absent = NULL). ``/v1/ingest`` writes the API reference's fields; the Segment-spec
+routes (segment.py) write the same fields mapped from each message plus the Segment-only ones.
+
+The roller (storage.py) and the log-tail reader (query.py) both turn records into rows with
+``events_select_sql``; DESCRIBE, export and the OpenAPI text read ``EVENT_COLUMNS``. A column
+added here flows log -> Parquet -> query with no other change; Parquet files written before it
+existed read it as NULL (``union_by_name``).
+
+Types of the JSON columns: ``properties_json``, ``traits``, ``context`` and ``integrations``
+hold the client's JSON exactly as sent (numbers, booleans, nesting kept), queryable with
+DuckDB's JSON functions (``properties_json->>'$.amount'``). ``properties`` stays the flat
+``MAP(VARCHAR, VARCHAR)`` the API reference describes: for a typed value it holds the value's
+JSON text (``42``, ``true``, ``{"a":1}``), a string value as itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EventColumn:
+    name: str  # column of the events relation
+    sql_type: str  # its DuckDB type
+    log_key: str | None  # key in a log event object (None: from the record envelope)
+    log_type: str | None  # the type read_json reads that key as
+    select: str  # SQL over one unnested event (its log keys, plus `received`, `parsed_ts`)
+    description: str
+
+
+def _plain(name: str, sql_type: str, log_key: str, description: str) -> EventColumn:
+    return EventColumn(name, sql_type, log_key, sql_type, f'"{log_key}"', description)
+
+
+# Order = the relation's column order; new columns go at the end (exports and SELECT * keep
+# their existing positions).
+EVENT_COLUMN_SPECS: tuple[EventColumn, ...] = (
+    EventColumn("event_id", "VARCHAR", None, None, "b || printf('%03x', i)",
+                "UUIDv7 of the batch with the event's index in the last 3 hex digits."),
+    EventColumn("project", "VARCHAR", None, None, "p", "Project the key belongs to."),
+    _plain("event_name", "VARCHAR", "eventName",
+           "eventName; Segment: track.event, page.name, screen.name."),
+    # The ingest schema only admits RFC 3339 UTC timestamps; should one ever fail to parse,
+    # received_at stands in so a single bad record can never wedge the roller.
+    EventColumn("timestamp", "TIMESTAMPTZ", "timestamp", "VARCHAR",
+                "COALESCE(parsed_ts, received)",
+                "When the event happened (UTC); Segment: corrected for client clock skew."),
+    EventColumn("received_at", "TIMESTAMPTZ", None, None, "received",
+                "When the server accepted the batch (UTC)."),
+    _plain("anonymous_id", "VARCHAR", "anonymousId", "Anonymous device/session identifier."),
+    _plain("session_id", "VARCHAR", "sessionId", "Session identifier."),
+    _plain("user_id", "VARCHAR", "userId", "Identified user ID."),
+    _plain("consent_given", "BOOLEAN", "consentGiven", "Whether consent was given."),
+    # Measured (bench/micro_storage.py, DuckDB 2.0): CASE beats COALESCE on a MAP ~2x.
+    EventColumn("properties", "MAP(VARCHAR, VARCHAR)", "properties", "JSON",
+                "CASE WHEN properties IS NULL THEN MAP {}::MAP(VARCHAR, VARCHAR) "
+                "ELSE json_transform(properties, '\"MAP(VARCHAR, VARCHAR)\"') END",
+                "Properties as strings (typed values as their JSON text)."),
+    _plain("page_url", "VARCHAR", "pageUrl", "Full URL of the page."),
+    _plain("page_title", "VARCHAR", "pageTitle", "Title of the page."),
+    _plain("referrer", "VARCHAR", "referrer", "Referrer URL."),
+    _plain("utm_source", "VARCHAR", "utmSource", "UTM source."),
+    _plain("utm_medium", "VARCHAR", "utmMedium", "UTM medium."),
+    _plain("utm_campaign", "VARCHAR", "utmCampaign", "UTM campaign."),
+    _plain("device_type", "VARCHAR", "deviceType", "desktop, mobile or tablet."),
+    _plain("browser", "VARCHAR", "browser", "Browser name."),
+    _plain("os", "VARCHAR", "os", "Operating system."),
+    # Segment-spec messages (NULL for /v1/ingest events unless noted).
+    _plain("type", "VARCHAR", "type",
+           "Segment message type: track, page, screen, identify, group, alias."),
+    _plain("message_id", "VARCHAR", "messageId", "Segment messageId (the dedup key)."),
+    EventColumn("sent_at", "TIMESTAMPTZ", "sentAt", "VARCHAR",
+                'TRY_CAST("sentAt" AS TIMESTAMPTZ)', "The client's sentAt, as sent."),
+    EventColumn("original_timestamp", "TIMESTAMPTZ", "originalTimestamp", "VARCHAR",
+                'TRY_CAST("originalTimestamp" AS TIMESTAMPTZ)',
+                "The client's timestamp before clock-skew correction, as sent."),
+    _plain("group_id", "VARCHAR", "groupId", "group.groupId."),
+    _plain("previous_id", "VARCHAR", "previousId", "alias.previousId."),
+    EventColumn("properties_json", "JSON", "properties", "JSON",
+                "CASE WHEN properties IS NULL THEN '{}'::JSON ELSE properties END",
+                "Properties with their JSON types kept (every event, /v1/ingest included)."),
+    _plain("traits", "JSON", "traits", "identify/group traits, as sent."),
+    _plain("context", "JSON", "context", "Segment context, as sent."),
+    _plain("integrations", "JSON", "integrations", "Segment integrations, as sent."),
+    EventColumn("idempotency_key", "VARCHAR", None, None, "k",
+                "/v1/ingest: the batch's Idempotency-Key header."),
+)  # fmt: skip
+
+EVENT_COLUMNS: tuple[tuple[str, str], ...] = tuple(
+    (c.name, c.sql_type) for c in EVENT_COLUMN_SPECS
+)
+EVENT_COLUMN_NAMES = tuple(name for name, _ in EVENT_COLUMNS)
+
+
+def _log_struct() -> str:
+    seen: dict[str, str] = {}
+    for column in EVENT_COLUMN_SPECS:
+        if column.log_key is not None:
+            seen.setdefault(column.log_key, column.log_type or column.sql_type)
+    fields = ", ".join(f'"{key}" {sql_type}' for key, sql_type in seen.items())
+    return f"STRUCT({fields})[]"
+
+
+# What read_json reads each record's ``e`` as; unknown keys are ignored.
+EVENT_STRUCT = _log_struct()
+# The record envelope: project, received_at (us), event-id prefix, idempotency key, events.
+ENVELOPE_COLUMNS_SQL = (
+    f"{{p: 'VARCHAR', r: 'BIGINT', b: 'VARCHAR', k: 'VARCHAR', e: '{EVENT_STRUCT}'}}"
+)
+
+
+def events_select_sql(source: str) -> str:
+    """SELECT turning the rows of ``source`` (read_json of log payload lines, with the
+    ENVELOPE_COLUMNS_SQL columns) into ``events`` rows plus a ``date`` column."""
+    # Measured (bench/micro_storage.py, DuckDB 2.0): unnest(max_depth := 2) expanding the
+    # struct into columns beats unnest + ev.field.
+    columns = ",\n            ".join(f'{c.select} AS "{c.name}"' for c in EVENT_COLUMN_SPECS)
+    return f"""
+        WITH events AS (
+            SELECT p, r, b, k, generate_subscripts(e, 1) - 1 AS i, unnest(e, max_depth := 2)
+            FROM {source}
+        ), typed AS (
+            SELECT *,
+                CAST(make_timestamp(r) AS TIMESTAMPTZ) AS received,
+                TRY_CAST("timestamp" AS TIMESTAMPTZ) AS parsed_ts
+            FROM events
+        )
+        SELECT
+            {columns},
+            CAST(COALESCE(parsed_ts, received) AS DATE) AS date
+        FROM typed
+    """

@@ -1,0 +1,101 @@
+"""The events columns of event_columns.py flow log -> Parquet -> query, typed JSON intact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import orjson
+import pytest
+
+from inslytic_fast.commitlog import frame_record, segment_name
+from inslytic_fast.event_columns import EVENT_COLUMN_NAMES, EVENT_COLUMN_SPECS
+from inslytic_fast.query import run_query
+from inslytic_fast.storage import EVENTS_DIRNAME, Roller
+
+SEGMENT_EVENT = {
+    "eventName": "Order Completed",
+    "timestamp": "2026-02-16T10:30:05Z",
+    "anonymousId": "anon-1",
+    "userId": "user-1",
+    "properties": {"amount": 42.5, "paid": True, "items": [{"sku": "a", "qty": 2}], "note": "x"},
+    "pageUrl": "https://shop.example/checkout",
+    "type": "track",
+    "messageId": "msg-1",
+    "sentAt": "2026-02-16T10:30:07Z",
+    "originalTimestamp": "2026-02-16T10:30:00Z",
+    "traits": {"plan": "pro", "seats": 3},
+    "context": {"library": {"name": "analytics-python"}, "page": {"url": "x"}},
+    "integrations": {"All": True},
+}
+INGEST_EVENT = {
+    "eventName": "page_viewed",
+    "timestamp": "2026-02-16T10:30:00Z",
+    "anonymousId": "anon-2",
+    "sessionId": "sess-2",
+    "consentGiven": True,
+    "properties": {"path": "/pricing"},
+}
+
+
+def write_sealed_log(data_dir: Path, records: list[dict]) -> None:
+    log_dir = data_dir / "log"
+    log_dir.mkdir(parents=True)
+    with open(log_dir / segment_name("w0", 1), "wb") as f:
+        for record in records:
+            f.write(frame_record(orjson.dumps(record) + b"\n"))
+    (log_dir / segment_name("w0", 2)).touch()  # a successor seals it
+
+
+RECORDS = [
+    {"p": "shop", "r": 1771237807000000, "b": "0" * 33, "e": [SEGMENT_EVENT]},
+    {"p": "shop", "r": 1771237808000000, "b": "1" * 33, "k": "retry-me", "e": [INGEST_EVENT]},
+]
+
+QUERY = """
+    SELECT type, message_id, strftime(sent_at, '%H:%M:%S'),
+           strftime(original_timestamp, '%H:%M:%S'), strftime("timestamp", '%H:%M:%S'),
+           properties_json->>'$.amount', json_type(properties_json->'$.paid'),
+           properties_json->'$.items[0].qty', properties['amount'], properties['paid'],
+           traits->>'$.plan', CAST(traits->'$.seats' AS INTEGER),
+           context->>'$.library.name', integrations->>'$.All', idempotency_key,
+           properties['path'], properties_json->>'$.path'
+    FROM events ORDER BY event_id
+"""
+EXPECTED = [
+    ("track", "msg-1", "10:30:07", "10:30:00", "10:30:05", "42.5", "BOOLEAN", "2", "42.5",
+     "true", "pro", 3, "analytics-python", "true", None, None, None),
+    (None, None, None, None, "10:30:00", None, None, None, None, None, None, None, None, None,
+     "retry-me", "/pricing", "/pricing"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rolled", [False, True], ids=["log_tail", "parquet"])
+def test_new_columns_keep_types_from_the_log_and_from_parquet(tmp_path, rolled):
+    write_sealed_log(tmp_path, RECORDS)
+    if rolled:
+        assert Roller(tmp_path).roll_once() == 2
+        assert not list((tmp_path / "log").glob("*00001.log"))
+    _, rows = run_query(tmp_path, QUERY)
+    assert rows == EXPECTED
+    _, described = run_query(tmp_path, "DESCRIBE events")
+    assert [r[0] for r in described] == list(EVENT_COLUMN_NAMES)
+    assert {r[0]: r[1] for r in described}["traits"] == "JSON"
+
+
+def test_parquet_written_before_the_new_columns_reads_them_as_null(tmp_path):
+    write_sealed_log(tmp_path, RECORDS[1:])
+    Roller(tmp_path).roll_once()
+    (rolled,) = (tmp_path / EVENTS_DIRNAME).rglob("*.parquet")
+    old_columns = [c.name for c in EVENT_COLUMN_SPECS[: EVENT_COLUMN_NAMES.index("os") + 1]]
+    # The columns this project's Parquet files had before event_columns.py added any.
+    duckdb.sql(
+        f"COPY (SELECT {', '.join(f'{c!r}'.replace(chr(39), chr(34)) for c in old_columns)} "
+        f"FROM read_parquet('{rolled}')) TO '{rolled}.old' (FORMAT parquet)"
+    )
+    rolled.unlink()
+    Path(f"{rolled}.old").rename(rolled)
+    _, rows = run_query(
+        tmp_path, "SELECT event_name, type, message_id, traits, properties['path'] FROM events"
+    )
+    assert rows == [("page_viewed", None, None, None, "/pricing")]
