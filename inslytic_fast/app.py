@@ -94,6 +94,16 @@ class App:
                 )
             )
 
+    def refuse_before_body(self, req: Request) -> tuple[bytes, bytes] | None:
+        """(route, response) for a request refused on its headers alone, before its body is
+        invited (``Expect: 100-continue``); None to invite it. The response closes."""
+        if req.path != self.ingest_route or req.method != b"POST":
+            return None
+        rejection = self.ingestor.refuse_before_body(req)
+        if rejection is None:
+            return None
+        return INGEST_ROUTE, self.ingestor.refusal(rejection, req, close=True)
+
     def _read(self, req: Request, path: bytes) -> bytes:
         """GET/HEAD of a read-only route; the page is built only once the method is known good."""
         status, extra, content_type = 200, b"", JSON_CONTENT_TYPE

@@ -20,7 +20,7 @@ from .responses import Responses, error_body
 from .schema import BatchRejected, Schema
 
 if TYPE_CHECKING:
-    from .auth import KeyRing
+    from .auth import KeyRing, Project
     from .commitlog import CommitLog
 
 log = logging.getLogger("inslytic_fast.ingest")
@@ -194,7 +194,8 @@ class Ingestor:
         self.default_limit = default_limit
         self.max_decompressed_bytes = max_decompressed_bytes
 
-    def admit(self, req: Request) -> Admission | Rejection:
+    def _project(self, req: Request) -> Project | Rejection:
+        """Who is sending, and whether the headers allow a body at all."""
         token = bearer_token(req.authorization)
         if type(token) is Rejection:
             return token
@@ -204,6 +205,49 @@ class Ingestor:
         rejection = check_media_type(req.content_type)
         if rejection is not None:
             return rejection
+        return project
+
+    def refuse_before_body(self, req: Request) -> Rejection | None:
+        """For ``Expect: 100-continue``: the refusal a request would get whatever its body
+        (auth, media type, encoding, an empty rate-limit bucket), or None to invite the body.
+        Spends nothing; the request is decided again in full once the body is in."""
+        project = self._project(req)
+        if type(project) is Rejection:
+            return project
+        encoding = decode_body(b"", req.content_encoding, 0)
+        if type(encoding) is Rejection and encoding.status == 415:
+            return encoding
+        limit = self._limit_of(project)
+        if limit != UNLIMITED:
+            now = self.limiter.clock()
+            bucket = self.limiter.bucket(project.name, limit, now)
+            if not bucket.try_spend(1):
+                return self._rate_limited(bucket, limit, 1, now)
+            bucket.refund(1, bucket.window_start)
+        return None
+
+    def _limit_of(self, project: Project) -> int:
+        limit = project.events_per_minute
+        return self.default_limit if limit is None else limit
+
+    def _rate_limited(self, bucket: TokenBucket, limit: int, count: int, now: float) -> Rejection:
+        reset = bucket.reset_in(now)
+        detail = (
+            f"this batch costs {count} tokens; {bucket.tokens} of {limit} remain "
+            f"until the bucket refills in {reset} s"
+        )
+        return Rejection(
+            429,
+            error_body("Rate limit exceeded", [detail]),
+            b"Retry-After: %d\r\n" % reset + limit_headers(bucket, now),
+            "rate_limit",
+            count,
+        )
+
+    def admit(self, req: Request) -> Admission | Rejection:
+        project = self._project(req)
+        if type(project) is Rejection:
+            return project
         body = decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
         if type(body) is Rejection:
             return body
@@ -212,46 +256,44 @@ class Ingestor:
         except BatchRejected as exc:
             return Rejection(400, error_body(exc.error, exc.details), reason="validation")
         count = len(events)
-        limit = project.events_per_minute
-        if limit is None:
-            limit = self.default_limit
+        limit = self._limit_of(project)
         bucket = None
         headers = b""
         if limit != UNLIMITED:
+            if count > limit:
+                # 429 means "try later"; this batch can never fit in a window. No Retry-After.
+                return Rejection(
+                    413,
+                    error_body(
+                        "Batch exceeds the rate limit",
+                        [
+                            f"this batch of {count} events is more than the project's whole "
+                            f"limit of {limit} events per minute, so it can never be accepted; "
+                            f"send it in batches of at most {limit} events"
+                        ],
+                    ),
+                    reason="rate_limit",
+                    events=count,
+                )
             now = self.limiter.clock()
             bucket = self.limiter.bucket(project.name, limit, now)
             if not bucket.try_spend(count):
-                reset = bucket.reset_in(now)
-                detail = (
-                    f"this batch costs {count} tokens; {bucket.tokens} of {limit} remain "
-                    f"until the bucket refills in {reset} s"
-                )
-                if count > limit:
-                    detail = f"this batch of {count} events exceeds the limit of {limit} per minute"
-                return Rejection(
-                    429,
-                    error_body("Rate limit exceeded", [detail]),
-                    b"Retry-After: %d\r\n" % reset + limit_headers(bucket, now),
-                    "rate_limit",
-                    count,
-                )
+                return self._rate_limited(bucket, limit, count, now)
             headers = limit_headers(bucket, now)
         return Admission(project.name, self.schema.encode_events(events), count, bucket, headers)
+
+    def refusal(self, rejection: Rejection, req: Request, *, close: bool) -> bytes:
+        """Count a rejection and render its response."""
+        self.metrics.rejected(rejection.reason, rejection.events)
+        return self.responses.render(
+            rejection.status, rejection.body, rejection.headers, origin=req.origin, close=close
+        )
 
     def submit(self, req: Request, responder: Responder) -> None:
         decision = self.admit(req)
         responses = self.responses
         if type(decision) is Rejection:
-            self.metrics.rejected(decision.reason, decision.events)
-            responder.respond(
-                responses.render(
-                    decision.status,
-                    decision.body,
-                    decision.headers,
-                    origin=req.origin,
-                    close=not req.keep_alive,
-                )
-            )
+            responder.respond(self.refusal(decision, req, close=not req.keep_alive))
             return
         origin, close = req.origin, not req.keep_alive
 

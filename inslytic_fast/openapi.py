@@ -256,7 +256,12 @@ def _ingest_post(max_body_bytes: int) -> dict[str, Any]:
             **{"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
         ),
         "408": shared["RequestTimeout"],
-        "413": shared["PayloadTooLarge"],
+        "413": _error(
+            f"The body is larger than {max_body_bytes} bytes as sent, or too large once "
+            "inflated, or the batch holds more events than the project's whole per-minute "
+            "limit: such a batch can never be accepted, so no "
+            "`Retry-After` is sent; split it into batches of at most `X-RateLimit-Limit` events.",
+        ),
         "415": _error(
             "Content-Type is not application/json or text/plain, or Content-Encoding is not "
             "gzip, deflate or identity."

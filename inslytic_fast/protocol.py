@@ -44,8 +44,10 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Headers the server looks at; everything else is skipped with one dict miss.
 _AUTHORIZATION, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
-_TRANSFER_ENCODING, _EXPECT, _ORIGIN = 5, 6, 7
+_TRANSFER_ENCODING, _EXPECT, _ORIGIN, _HOST, _CONNECTION = 5, 6, 7, 8, 9
 _INTERESTING = {
+    b"host": _HOST,
+    b"connection": _CONNECTION,
     b"authorization": _AUTHORIZATION,
     b"content-type": _CONTENT_TYPE,
     b"content-encoding": _CONTENT_ENCODING,
@@ -64,12 +66,10 @@ _HEADER_KIND = {
         *(
             (name, _SKIPPED)
             for name in (
-                b"host",
                 b"user-agent",
                 b"accept",
                 b"accept-encoding",
                 b"accept-language",
-                b"connection",
                 b"referer",
                 b"x-forwarded-for",
                 b"x-request-id",
@@ -88,10 +88,18 @@ class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the status is on the protocol."""
 
 
+# RFC 9112 s3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header and to
+# any request with more than one.
+MISSING_HOST = "an HTTP/1.1 request needs a Host header (RFC 9112 s3.2)"
+SEVERAL_HOSTS = "a request may carry only one Host header (RFC 9112 s3.2)"
+# RFC 9112 s9.3: an HTTP/1.0 client keeps the connection only if the response says so.
+KEEP_ALIVE_HEADER = b"Connection: keep-alive\r\n"
+
+
 class ResponseSlot:
     """A place in the connection's response order; filled now or when the commit finishes."""
 
-    __slots__ = ("conn", "data", "route", "started", "request")
+    __slots__ = ("conn", "data", "route", "started", "request", "keep_alive_10")
 
     def __init__(
         self, conn: HttpProtocol, started: float = 0.0, request: Request | None = None
@@ -101,9 +109,13 @@ class ResponseSlot:
         self.route = OTHER_ROUTE  # the app names the route it dispatched to
         self.started = started
         self.request = request  # kept only for the access log
+        self.keep_alive_10 = False  # an HTTP/1.0 request that asked for keep-alive
 
     def respond(self, data: bytes) -> None:
         if self.data is None:
+            if self.keep_alive_10 and b"\r\nConnection: close\r\n" not in data:
+                status_end = data.index(b"\r\n") + 2
+                data = data[:status_end] + KEEP_ALIVE_HEADER + data[status_end:]
             self.data = data
             conn = self.conn
             now = monotonic()
@@ -137,6 +149,10 @@ class HttpProtocol(asyncio.Protocol):
         "read_paused",
         "write_paused",
         "error_status",
+        "error_details",
+        "early_answer",
+        "host_headers",
+        "asks_keep_alive",
         "linger_on_close",
         "access_log",
         "peer",
@@ -169,6 +185,11 @@ class HttpProtocol(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.error_status = 0
+        self.error_details: list[str] | None = None
+        # (route, response): a refusal decided before an expected body (Expect: 100-continue)
+        self.early_answer: tuple[bytes, bytes] | None = None
+        self.host_headers = 0
+        self.asks_keep_alive = False
         self.linger_on_close = False
         self.access_log = settings.access_log
         self.peer = "-"
@@ -225,8 +246,12 @@ class HttpProtocol(asyncio.Protocol):
             self._close_when_flushed()
             return
         except httptools.HttpParserCallbackError:
-            if self.error_status:
-                self._fail(self.error_status, self._error_message(self.error_status))
+            if self.early_answer is not None:
+                self._answer_early()
+            elif self.error_status:
+                self._fail(
+                    self.error_status, self._error_message(self.error_status), self.error_details
+                )
             else:
                 log.exception("unexpected error in a parser callback")
                 self._fail(500, "Internal Server Error")
@@ -270,6 +295,8 @@ class HttpProtocol(asyncio.Protocol):
         self.body_size = 0
         self.chunked = False
         self.expect_continue = False
+        self.host_headers = 0
+        self.asks_keep_alive = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -316,6 +343,10 @@ class HttpProtocol(asyncio.Protocol):
             self.chunked = True
         elif which == _EXPECT:
             self.expect_continue = value.strip().lower() == b"100-continue"
+        elif which == _HOST:
+            self.host_headers += 1
+        elif which == _CONNECTION:
+            self.asks_keep_alive = b"keep-alive" in value.lower()
         else:
             request.origin = value
 
@@ -327,10 +358,22 @@ class HttpProtocol(asyncio.Protocol):
         url = self.url
         query = url.find(b"?")
         request.path = url if query < 0 else url[:query]
-        if self.expect_continue and not self.pending and self.transport is not None:
-            # curl waits 1 s for this before sending a body over 1 KiB; nothing earlier is
-            # owed on this connection, so the interim answer cannot jump the response order.
-            self.transport.write(CONTINUE_100)
+        if self.host_headers != 1:
+            if self.host_headers or self.parser.get_http_version() == "1.1":
+                self.error_status = 400
+                self.error_details = [SEVERAL_HOSTS if self.host_headers else MISSING_HOST]
+                raise _Reject
+        if self.expect_continue:
+            # Whatever can be decided without the body is decided before inviting it: a client
+            # should not upload megabytes to learn its key is wrong.
+            refusal = self.app.refuse_before_body(request)
+            if refusal is not None:
+                self.early_answer = refusal
+                raise _Reject
+            if not self.pending and self.transport is not None:
+                # curl waits 1 s for this before sending a body over 1 KiB; nothing earlier is
+                # owed on this connection, so the interim answer cannot jump the response order.
+                self.transport.write(CONTINUE_100)
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -351,6 +394,8 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = IDLE
         self.phase_since = self.state.now
         slot = ResponseSlot(self, monotonic(), request if self.access_log else None)
+        if self.asks_keep_alive and keep_alive:
+            slot.keep_alive_10 = self.parser.get_http_version() == "1.0"
         self.pending.append(slot)
         if not keep_alive:
             self.closing = True
@@ -408,6 +453,7 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = True
         self.linger_on_close = True
         self.error_status = 0
+        self.error_details = None
         self.body_parts = []
         now = monotonic()
         slot = ResponseSlot(self, now)
@@ -415,6 +461,20 @@ class HttpProtocol(asyncio.Protocol):
         self.metrics.response(OTHER_ROUTE, slot.data, now, now)
         self.pending.append(slot)
         self.flush()
+
+    def _answer_early(self) -> None:
+        """Send the refusal decided before the body, after what is owed, and close: the client
+        may send the body anyway, which the lingering close reads and discards."""
+        route, data = self.early_answer
+        self.early_answer = None
+        self.closing = True
+        self.linger_on_close = True
+        self.body_parts = []
+        self.phase = IDLE
+        slot = ResponseSlot(self, monotonic(), self.request if self.access_log else None)
+        slot.route = route
+        self.pending.append(slot)
+        slot.respond(data)
 
     def _linger(self) -> None:
         """Shut our write side and drain input for a moment: closing a socket that still has

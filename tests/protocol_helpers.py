@@ -66,6 +66,12 @@ class ScriptedApp:
         body = b'{"path":"%s","body":%d}' % (req.path, len(req.body))
         slot.respond(self.responses.render(200, body, close=not req.keep_alive))
 
+    def refuse_before_body(self, req) -> tuple[bytes, bytes] | None:
+        """POST /refused is refused on its headers alone (as a wrong key is on /v1/ingest)."""
+        if req.path != b"/refused":
+            return None
+        return b"/refused", self.responses.render(401, b'{"error":"refused"}', close=True)
+
     def release(self, index: int = 0) -> None:
         req, slot = self.held.pop(index)
         slot.respond(self.responses.render(202, b'{"slow":true}', close=not req.keep_alive))

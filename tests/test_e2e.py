@@ -375,3 +375,28 @@ def test_ctrl_c_while_workers_are_starting_is_a_clean_stop(tmp_path):
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
     assert b"listening on" not in err  # it stopped before it served ...
     assert b"ik_" not in out and not (data_dir / "catalog.json").exists()  # ... with no key
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ("Authorization: Bearer ik_live_wrong\r\n", 401),
+        ("Authorization: Bearer {key}\r\nContent-Type: text/csv\r\n", 415),
+        ("Authorization: Bearer {key}\r\nContent-Encoding: br\r\n", 415),
+    ],
+)
+def test_expect_100_continue_decides_what_it_can_before_inviting_the_body(
+    shared_server, headers, status
+):
+    head = (
+        "POST /v1/ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n"
+        "Expect: 100-continue\r\n" + headers.format(key=shared_server.first_run_key) + "\r\n"
+    )
+    with socket.create_connection((shared_server.host, shared_server.port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer

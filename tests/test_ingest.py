@@ -186,11 +186,16 @@ def test_rate_limit_refuses_the_whole_batch_and_refills_after_the_window(world):
     assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
 
 
-def test_a_batch_larger_than_the_limit_says_so(world):
-    ingestor, _, key, _ = world
+def test_a_batch_larger_than_the_whole_limit_is_413_without_a_retry_hint(world):
+    ingestor, _, key, clock = world
     decision = ingestor.admit(request(key, batch(11)))
-    assert decision.status == 429
-    assert "exceeds the limit of 10 per minute" in orjson.loads(decision.body)["details"][0]
+    # 429 means "try later"; this batch would be refused in every window.
+    assert decision.status == 413
+    assert b"Retry-After" not in decision.headers
+    detail = orjson.loads(decision.body)["details"][0]
+    assert "limit of 10 events per minute" in detail and "never" in detail
+    # Nothing was spent: a batch that fits still has the whole bucket.
+    assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
 
 
 def test_project_limit_overrides_the_default_and_zero_is_unlimited(world):
@@ -257,3 +262,15 @@ def test_a_cached_202_is_the_rendered_one_and_follows_the_date(monkeypatch):
     allowed = only_one.accepted(1, origin=b"https://app.example")
     assert b"Access-Control-Allow-Origin: https://app.example" in allowed
     assert b"Access-Control-Allow-Origin" not in only_one.accepted(1, origin=b"https://evil")
+
+
+def test_refuse_before_body_decides_auth_media_type_and_an_empty_bucket_spending_nothing(world):
+    ingestor, _, key, _ = world
+    assert ingestor.refuse_before_body(request(key, b"")) is None
+    assert ingestor.refuse_before_body(request(b"ik_live_wrong", b"")).status == 401
+    assert ingestor.refuse_before_body(request(key, b"", content_type=b"text/csv")).status == 415
+    # The checks spent no token: the whole bucket is still there for a body ...
+    assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
+    # ... and once it is empty, no body is invited until it refills.
+    refusal = ingestor.refuse_before_body(request(key, b""))
+    assert refusal.status == 429 and b"Retry-After: " in refusal.headers

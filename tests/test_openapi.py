@@ -181,6 +181,9 @@ def test_response_bodies():
         schema = deref(responses[status]["content"]["application/json"]["schema"])
         assert schema["required"] == ["error"], status
     assert str(MAX_BODY_BYTES) in responses["413"]["description"]
+    # A batch over the project's whole limit is a 413 that says retrying cannot help.
+    assert "per-minute limit" in responses["413"]["description"]
+    assert "Retry-After" not in responses["413"].get("headers", {})
 
 
 def test_preflight_headers_match_the_app():

@@ -164,6 +164,56 @@ def test_expect_100_continue_is_answered_before_the_body():
     assert statuses(transport.take()) == [200]
 
 
+def test_expect_100_continue_refused_on_its_headers_gets_the_refusal_and_no_invitation():
+    conn, transport, app = make_conn()
+    conn.data_received(
+        b"POST /refused HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    data = transport.take()
+    assert b"100 Continue" not in data
+    [(status, headers, _)] = split_responses(data)
+    assert status == 401 and headers["connection"] == "close"
+    assert conn.phase == LINGER and transport.eof_written  # a body sent anyway is discarded
+    conn.data_received(b"x" * 65536)
+    assert transport.take() == b"" and app.requests == []
+
+
+def test_expect_100_continue_behind_a_pending_answer_is_refused_in_order():
+    conn, transport, _ = make_conn()
+    conn.data_received(
+        post("/slow", b"{}") + b"POST /refused HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    assert transport.take() == b""  # the refusal waits for the answer owed before it
+    conn.app.release()
+    assert statuses(transport.take()) == [202, 401]
+
+
+@pytest.mark.parametrize(
+    ("hosts", "detail"), [("", "needs a Host header"), ("Host: a\r\nHost: b\r\n", "only one")]
+)
+def test_http11_requests_without_exactly_one_host_are_400(hosts, detail):
+    conn, transport, app = make_conn()
+    conn.data_received(f"GET /x HTTP/1.1\r\n{hosts}\r\n".encode())
+    [(status, _, body)] = split_responses(transport.take())
+    assert status == 400 and detail in orjson.loads(body)["details"][0]
+    assert app.requests == []
+
+
+def test_http10_needs_no_host_and_keep_alive_is_confirmed():
+    conn, transport, _ = make_conn()
+    conn.data_received(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    [(status, headers, _)] = split_responses(transport.take())
+    # RFC 9112 s9.3: an HTTP/1.0 client keeps the connection only if the response says so.
+    assert status == 200 and headers["connection"] == "keep-alive"
+    conn.data_received(b"GET /b HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+    assert statuses(transport.take()) == [200] and not transport.closed
+    conn.data_received(get("/c", "Connection: keep-alive\r\n"))  # HTTP/1.1: implied, not said
+    [(_, headers, _)] = split_responses(transport.take())
+    assert "connection" not in headers
+
+
 def test_connection_close_request_closes_after_the_answer():
     conn, transport, _ = make_conn()
     conn.data_received(get("/x", "Connection: close\r\n") + get("/ignored"))
