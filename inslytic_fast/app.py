@@ -38,6 +38,7 @@ class App:
         "health_headers",
         "metrics_page",
         "readiness",
+        "degraded",
         "ingest_route",
         "read_routes",
         "metrics_authorization",
@@ -52,6 +53,7 @@ class App:
         worker_id: str = "w0",
         metrics_page: Callable[[], bytes] = lambda: b"",
         readiness: Callable[[], str | None] = lambda: None,
+        degraded: Callable[[], str | None] = lambda: None,
         serves_api: bool = True,
         serves_metrics: bool = True,
         metrics_token: str = "",
@@ -60,6 +62,7 @@ class App:
         self.responses = responses
         self.metrics_page = metrics_page
         self.readiness = readiness
+        self.degraded = degraded
         # The main port serves the API and, unless --metrics-port moves it, /metrics; the
         # metrics port serves /metrics alone. Routes it does not serve are not found.
         self.ingest_route = INGEST_ROUTE if serves_api else None
@@ -113,6 +116,10 @@ class App:
             reason = self.readiness()
             if reason is None:
                 body, extra = READY_BODY, self.health_headers
+                note = self.degraded()
+                if note is not None:
+                    # Still worth traffic (a balancer should keep it), but say what is wrong.
+                    body = orjson.dumps({"status": "ready", "degraded": [note]})
             else:
                 status = 503
                 body = error_body("Not ready", [reason])

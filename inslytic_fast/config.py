@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,25 @@ OPTIONS: tuple[Option, ...] = (
         "worker processes sharing the port; 0: one per CPU this process may use; "
         "1: a single process",
     ),
+    # Cluster mode (README, Cluster mode). The URL names no secret: the password comes from
+    # INSLYTIC_COORDINATOR_PASSWORD, so it shows neither in ps nor in --print-config.
+    Option(
+        "coordinator",
+        str,
+        "",
+        "redis://HOST:PORT/DB of the Redis/Valkey all nodes share: projects, keys and rate "
+        "limits become cluster-wide (needs the cluster extra); empty: this node alone",
+    ),
+    Option(
+        "node_id",
+        str,
+        "",
+        "this node's name in a cluster (coordinator membership, logs); empty: the host name",
+    ),
 )
+
+# A node id names objects and members: path- and URL-safe.
+NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 _BY_NAME = {opt.name: opt for opt in OPTIONS}
 
@@ -234,11 +253,21 @@ class Settings:
     metrics_token: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    coordinator: str = ""
+    node_id: str = ""
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def fsync(self) -> bool:
         return self.durability == "fsync"
+
+    @property
+    def node(self) -> str:
+        """--node-id, or the host name (its first label: a node id is path- and URL-safe)."""
+        if self.node_id:
+            return self.node_id
+        name = socket.gethostname().split(".")[0]
+        return name if NODE_ID_RE.fullmatch(name) else "node"
 
 
 def _coerce(opt: Option, value: Any, source: str) -> Any:
@@ -318,6 +347,18 @@ def resolve(
         raise ConfigError(f"{sources['roller_cpus']}: roller_cpus {exc}") from None
     if values["roller_cpus"] and not hasattr(os, "sched_setaffinity"):
         raise ConfigError(f"{sources['roller_cpus']}: roller_cpus needs Linux (sched_setaffinity)")
+    if values["coordinator"]:
+        from .coordinator import CoordinatorError, check_url
+
+        try:
+            check_url(values["coordinator"])
+        except CoordinatorError as exc:
+            raise ConfigError(f"{sources['coordinator']}: {exc}") from None
+    if values["node_id"] and not NODE_ID_RE.fullmatch(values["node_id"]):
+        raise ConfigError(
+            f"{sources['node_id']}: node_id {values['node_id']!r} must be 1-64 letters, digits, "
+            "'.', '-' or '_'"
+        )
     values["data_dir"] = Path(values["data_dir"]).expanduser()
     values["cors_origins"] = tuple(
         o.strip() for o in str(values["cors_origins"]).split(",") if o.strip()

@@ -228,6 +228,19 @@ def _first_record_received_at(path: str, fallback: float) -> float:
     return int(match.group(1)) / 1_000_000 if match else fallback
 
 
+# Cluster mode's limiter, per node (summed over its workers); see inslytic_fast.globallimit.
+COORDINATOR_SERIES = (
+    ("coordinator_up", "gauge", "Workers of this node that reach the coordinator."),
+    ("coordinator_grants", "counter", "Token grants taken from the coordinator."),
+    ("coordinator_calls_failed", "counter", "Coordinator calls that failed on a serving loop."),
+    (
+        "coordinator_local_admissions",
+        "counter",
+        "Batches admitted from a local share of the limit while the coordinator was unreachable.",
+    ),
+)
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -319,6 +332,11 @@ def render(merged: dict, storage: dict) -> bytes:
     gauges = merged["gauges"]
     family("inslytic_open_connections", "gauge", "Open client connections.")
     out.append(f"inslytic_open_connections {gauges.get('open_connections', 0)}")
+    if "coordinator_up" in gauges:  # serve --coordinator
+        for key, kind, help_text in COORDINATOR_SERIES:
+            name = f"inslytic_{key}_total" if kind == "counter" else f"inslytic_{key}"
+            family(name, kind, help_text)
+            out.append(f"{name} {gauges.get(key, 0)}")
     family("process_resident_memory_bytes", "gauge", "Resident memory of the serving processes.")
     out.append(f"process_resident_memory_bytes {gauges.get('resident_memory_bytes', 0)}")
     family("process_cpu_seconds_total", "counter", "CPU seconds of the serving processes.")

@@ -243,6 +243,7 @@ class Server:
         self.parent_pid: int | None = None  # a worker stops when its supervisor is gone
         self.tls: ssl.SSLContext | None = None
         self.on_ready = None
+        self.coordinator = None  # a CoordinatorLink with --coordinator
         self._tick_handle: asyncio.TimerHandle | None = None
         self._stop: asyncio.Event | None = None
 
@@ -257,6 +258,8 @@ class Server:
             seal_orphan_logs(settings.data_dir, {self.worker_id})
         keyring = KeyRing(settings.data_dir)
         try:
+            if settings.coordinator:
+                self._join_cluster()
             keyring.load()
         except CatalogError as exc:
             raise StartupError(str(exc)) from None
@@ -298,6 +301,7 @@ class Server:
                 worker_id=self.worker_id,
                 metrics_page=self.metrics_page,
                 readiness=self.readiness,
+                degraded=self.degraded,
                 metrics_token=settings.metrics_token,
                 **listener,
             )
@@ -305,6 +309,27 @@ class Server:
         self.app = app(serves_metrics=not settings.metrics_port)
         if settings.metrics_port:
             self.metrics_app = app(serves_api=False)
+
+    def _join_cluster(self) -> None:
+        """--coordinator: the catalog comes from the coordinator (mirrored into catalog.json,
+        by the supervisor when there are workers) and the rate limits are cluster-wide."""
+        from .coordinator import CoordinatorError, CoordinatorLink, start_cluster_catalog
+        from .globallimit import GlobalRateLimiter
+
+        settings = self.settings
+        member = f"{settings.node}/{self.worker_id}"
+        try:
+            if self.standalone:
+                link, self.first_run_key = start_cluster_catalog(
+                    settings.coordinator, settings.data_dir, member
+                )
+            else:
+                link = CoordinatorLink(settings.coordinator, member)
+                link.start()
+        except CoordinatorError as exc:
+            raise StartupError(str(exc)) from None
+        self.coordinator = link
+        self.limiter = GlobalRateLimiter(link)
 
     def bind_metrics_socket(self) -> socket.socket | None:
         """The --metrics-port socket (shared by the workers, like the main port), or None."""
@@ -354,7 +379,8 @@ class Server:
         if self.standalone:
             # Only now that the port is ours: a start that fails earlier (port in use) must not
             # have created the project whose key it never got to show.
-            self.first_run_key = self.keyring.ensure_default_project()
+            if not settings.coordinator:  # a cluster's first project is made in _join_cluster
+                self.first_run_key = self.keyring.ensure_default_project()
             announce(settings, host, port, self.first_run_key, self.out)
             self.first_run_key = None
         # What exists now (modules, the app, decoders, the catalog) lives as long as the process.
@@ -386,6 +412,8 @@ class Server:
         snapshot["log"] = dataclasses.asdict(self.commitlog.stats)
         snapshot["commit_latency"] = self.commitlog.sync_latency.snapshot()
         snapshot["gauges"] = process_gauges(len(self.state.connections))
+        if self.coordinator is not None:
+            snapshot["gauges"].update(self.limiter.stats())
         return snapshot
 
     def metrics_page(self) -> bytes:
@@ -405,6 +433,10 @@ class Server:
         if not state.ready:
             return "starting"
         return self.commitlog.refusal()
+
+    def degraded(self) -> str | None:
+        """Serving, but not as configured (for /ready's body); None when all is well."""
+        return None if self.coordinator is None else self.coordinator.note()
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._tick_handle = loop.call_later(TICK_SECONDS, self._tick, loop)
@@ -463,6 +495,8 @@ class Server:
         await self.commitlog.close()
         if self.roller is not None:
             self.roller.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop()
 
 
 def loop_factory():

@@ -25,6 +25,7 @@ from pathlib import Path
 from .auth import CatalogError, KeyRing
 from .children import leave_sigint_to_parent, start_child
 from .config import Settings
+from .coordinator import CoordinatorError, start_cluster_catalog
 from .logs import configure as configure_logging
 from .roller_process import RollerProcess
 from .server import (
@@ -82,8 +83,9 @@ def worker_main(
     parent_pid = os.getppid()
     follow_parent(parent_pid, f"inslytic-{worker_id}")
     configure_logging(settings.log_format, worker_id)
-    budget = SharedBudget(budget_path(settings.data_dir))
-    limiter = SharedRateLimiter(budget, settings.workers)
+    limiter = None  # with --coordinator the server builds a cluster-wide one
+    if not settings.coordinator:
+        limiter = SharedRateLimiter(SharedBudget(budget_path(settings.data_dir)), settings.workers)
     server = Server(settings, worker_id=worker_id, limiter=limiter, standalone=False)
     server.parent_pid = parent_pid
     try:
@@ -119,6 +121,7 @@ class Supervisor:
         self.workers = [Worker(w) for w in worker_ids(settings.workers)]
         self.listen_sock: socket.socket | None = None
         self.stopping = False
+        self.coordinator = None  # with --coordinator: the link that mirrors the catalog
 
     def run(self) -> int:
         settings = self.settings
@@ -137,11 +140,18 @@ class Supervisor:
             tls_context(settings)  # a bad certificate fails here, before the first-run key
             # Created once the port is ours; undone below if a worker cannot start, so a
             # failed first start never leaves a project whose key nobody was shown.
-            first_run_key = keyring.ensure_default_project()
+            if settings.coordinator:
+                # The workers serve the mirror this keeps up to date; they hold the limits.
+                self.coordinator, first_run_key = start_cluster_catalog(
+                    settings.coordinator, settings.data_dir, None
+                )
+                keyring.load()
+            else:
+                first_run_key = keyring.ensure_default_project()
         except CatalogError as exc:
             print(f"inslytic-fast: error: {exc}", file=sys.stderr)
             return 2
-        except StartupError as exc:
+        except (StartupError, CoordinatorError) as exc:
             print(f"inslytic-fast: error: {exc}", file=sys.stderr)
             return 2
         host, port = reservation.getsockname()[:2]
@@ -168,10 +178,14 @@ class Supervisor:
             self._monitor(wake_r, roller)
         finally:
             self._stop_all()
-            if first_run_key is not None:  # never shown: undo the first run's project
+            if first_run_key is not None and not settings.coordinator:
+                # Never shown: undo the first run's project (a cluster's stays in the
+                # coordinator; `projects rotate-key default --coordinator` issues a new key).
                 keyring.catalog_path.unlink(missing_ok=True)
             roller.stop()
             reservation.close()
+            if self.coordinator is not None:
+                self.coordinator.stop()
         return 0
 
     def _reserve_port(self) -> socket.socket:

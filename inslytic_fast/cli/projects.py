@@ -36,9 +36,11 @@ from inslytic_fast.auth import (
 )
 from inslytic_fast.commitlog import LOG_DIRNAME, list_segments
 from inslytic_fast.config import DEFAULT_DATA_DIR
+from inslytic_fast.coordinator import PASSWORD_ENV, CoordinatorCatalog, CoordinatorError
 from inslytic_fast.purges import record_purge, why_name_is_blocked
 
 DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
+COORDINATOR_ENV = "INSLYTIC_COORDINATOR"  # the same variable `serve` reads
 # Where the storage layer keeps a project's events: <data_dir>/events/project=<name>/.
 EVENTS_DIR = "events"
 # A purge removes files under the roller's lock. A roll takes seconds; a compaction pass can
@@ -123,6 +125,14 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=None,
         help=f"data directory holding catalog.json (default: env {DATA_DIR_ENV} or "
         f"{DEFAULT_DATA_DIR})",
+    )
+    common.add_argument(
+        "--coordinator",
+        metavar="URL",
+        default=None,
+        help=f"edit the cluster's catalog in this Redis/Valkey (redis://HOST:PORT/DB) instead of "
+        f"the data dir's; every node serves the change within 2 s (default: env "
+        f"{COORDINATOR_ENV}; password from env {PASSWORD_ENV})",
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -211,13 +221,26 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
 
 
+def _catalog(args: argparse.Namespace) -> Catalog:
+    url = args.coordinator or os.environ.get(COORDINATOR_ENV)
+    if not url:
+        return Catalog(_data_dir(args))
+    if getattr(args, "purge", False):
+        # Each node has its own events and log; a purge of one data dir is not the cluster's.
+        raise ProjectError(
+            "delete --purge is per data dir: delete the project with --coordinator, then run "
+            "`delete NAME --purge` without it on each node (lake objects are not purged)"
+        )
+    return CoordinatorCatalog(url, _data_dir(args))
+
+
 def _run(command):
     """Turn the errors an operator can act on into one line on stderr and exit status 1."""
 
     def handler(args: argparse.Namespace) -> int:
         try:
-            return command(args, Catalog(_data_dir(args)))
-        except (CatalogError, ProjectError) as exc:
+            return command(args, _catalog(args))
+        except (CatalogError, ProjectError, CoordinatorError) as exc:
             _error(str(exc))
         except OSError as exc:
             # Permission denied, read-only file system, disk full: say which file.
