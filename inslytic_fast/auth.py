@@ -438,6 +438,15 @@ def _signature(st: os.stat_result) -> _Signature:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
+def _dir_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a directory, or None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class KeyRing:
     """The server's view of the catalog: key digest -> project, reloaded when the file changes.
 
@@ -461,6 +470,7 @@ class KeyRing:
         self._seen_racy = False
         self._seen_data: bytes | None | object = _UNREAD
         self._last_error: str | None = None
+        self._data_dir_identity: tuple[int, int] | None = None
 
     @property
     def catalog_path(self) -> Path:
@@ -474,6 +484,7 @@ class KeyRing:
         """Read the catalog now (a missing file means no projects). Raises CatalogError."""
         signature, racy, data = self._read_bytes()
         doc = CatalogDoc() if data is None else _parse_catalog(self._catalog.path, data)
+        self._data_dir_identity = _dir_identity(self._catalog.path.parent)
         self._install(doc)
         self._seen_signature, self._seen_racy, self._seen_data = signature, racy, data
 
@@ -518,6 +529,12 @@ class KeyRing:
         try:
             signature = _signature(os.stat(path))
         except FileNotFoundError:
+            if _dir_identity(path.parent) != self._data_dir_identity:
+                # The whole data dir is gone (removed, unmounted; perhaps recreated empty by a
+                # process that writes into it), not just the catalog: the keys stay valid and
+                # the commit log answers 503 until the data dir is back.
+                self._log_error_once(f"data dir {path.parent} is gone or was replaced")
+                return False
             signature = _NO_FILE
         except OSError as exc:
             self._log_error_once(f"cannot stat catalog {path}: {exc.strerror}")

@@ -400,6 +400,8 @@ class CommitLog:
         "_idle_waiters",
         "_unrolled_bytes",
         "_free_bytes",
+        "_space_error",
+        "_log_dir_identity",
         "_project_json",
         "_uuid_ms",
         "_uuid_seq",
@@ -464,6 +466,9 @@ class CommitLog:
         self._idle_waiters: list[asyncio.Future] = []
         self._unrolled_bytes = 0
         self._free_bytes = 1 << 62
+        # Why the last free-space check failed (the data dir was removed or unmounted), or None.
+        self._space_error: OSError | None = None
+        self._log_dir_identity: tuple[int, int] | None = None
         self._project_json: dict[str, bytes] = {}
         self._uuid_ms = 0
         self._uuid_seq = 0
@@ -587,6 +592,8 @@ class CommitLog:
             )
         if self._free_bytes - pending_bytes < self._min_free_bytes:
             self.stats.refused += 1
+            if self._space_error is not None:
+                raise LogUnavailable(self._storage_unavailable(), RETRY_AFTER_IO_ERROR)
             raise LogUnavailable(
                 "disk full: not enough free space for the log", RETRY_AFTER_DISK_FULL
             )
@@ -643,8 +650,14 @@ class CommitLog:
         if self._unrolled_bytes + self._pending_bytes > self._max_unrolled_bytes:
             return "overloaded: the log is too far ahead of the Parquet roller"
         if self._free_bytes - self._pending_bytes < self._min_free_bytes:
+            if self._space_error is not None:
+                return self._storage_unavailable()
             return "disk full: not enough free space for the log"
         return None
+
+    def _storage_unavailable(self) -> str:
+        exc = self._space_error
+        return f"storage unavailable: cannot check {self.log_dir}: {exc.strerror or exc}"
 
     def _refuse(self) -> None:
         self.stats.refused += 1
@@ -828,7 +841,12 @@ class CommitLog:
             self._refresh_space()
         except OSError as exc:
             self._space_failure.failed("commit log: cannot check free space: %s", exc)
+            # Not the last figure: a data dir that was removed or unmounted has no free space
+            # to speak of, and an append would go to a file nobody will ever read.
+            self._space_error = exc
+            self._free_bytes = -(1 << 62)
         else:
+            self._space_error = None
             self._space_failure.succeeded()
         if self._unsound is not None:
             if not self._syncing:
@@ -843,6 +861,15 @@ class CommitLog:
                 self._start_sync()
 
     def _refresh_space(self) -> None:
+        st_dir = os.stat(self.log_dir)
+        identity = (st_dir.st_dev, st_dir.st_ino)
+        if self._log_dir_identity is None:
+            self._log_dir_identity = identity
+        elif identity != self._log_dir_identity:
+            # Our segments are in the directory that was removed: this one is someone else's.
+            raise FileNotFoundError(
+                errno.ENOENT, "replaced by another directory", str(self.log_dir)
+            )
         st = os.statvfs(self.log_dir)
         current = self._segment_path
         # Bytes a sync in flight has already written are counted again when it completes:

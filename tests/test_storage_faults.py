@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -23,7 +24,7 @@ from inslytic_fast.commitlog import HEADER_SIZE, list_segments, scan_segment
 from inslytic_fast.query import run_query
 
 from .adversarial_helpers import batch_body, poll_until
-from .conftest import ServerProcess
+from .conftest import EXAMPLE_EVENT, ServerProcess
 from .storage_helpers import RollerLock
 
 MiB = 1024 * 1024
@@ -253,3 +254,39 @@ def test_bit_flips_in_a_sealed_segment_are_reported_quarantined_and_lose_only_th
     server.start()  # a restart changes nothing
     assert names_stored(data_dir, "%") == expected
     assert not set(lost) & set(names_stored(data_dir, "%"))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_data_dir_that_disappears_gives_503_and_not_ready_then_recovers(make_server, workers):
+    server = make_server("--workers", workers, "--events-per-minute", "0")
+    key = server.first_run_key
+    assert server.ingest([{**EXAMPLE_EVENT, "eventName": "before"}], key)[0] == 202
+    moved = server.data_dir.with_name(server.data_dir.name + "-moved")
+    os.rename(server.data_dir, moved)  # removed or unmounted, as far as the server can tell
+
+    def refused_by_every_worker():
+        # New connections spread over the workers; each notices on its own 1 s tick.
+        answers = [
+            server.ingest([{**EXAMPLE_EVENT, "eventName": "during"}], key) for _ in range(10)
+        ]
+        return answers if all(status != 202 for status, _, _ in answers) else None
+
+    # Then 503 + Retry-After: not 401 (the key catalog is gone with the dir), and no 202 for
+    # events written to a file nobody would read.
+    for status, headers, body in poll_until(refused_by_every_worker, timeout=30):
+        assert status == 503 and int(headers["retry-after"]) >= 1, body
+    status, _, body = server.request("GET", "/ready")
+    assert status == 503 and b"storage unavailable" in body, body
+
+    def put_back():
+        # The roller may have made an empty data dir at the old path meanwhile.
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+        try:
+            os.rename(moved, server.data_dir)
+        except OSError:
+            return False
+        return True
+
+    poll_until(put_back, timeout=30)
+    poll_until(lambda: server.request("GET", "/ready")[0] == 200, timeout=30)
+    assert server.ingest([{**EXAMPLE_EVENT, "eventName": "after"}], key)[0] == 202
