@@ -74,6 +74,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("body_timeout", float, 30.0, "seconds a body may stall between reads; then 408"),
     # AWS ALB's default idle timeout is 60 s; nginx keepalive_timeout is 75 s.
     Option("keepalive_timeout", float, 60.0, "seconds an idle keep-alive connection is kept"),
+    # nginx's send_timeout is 60 s between two writes; a non-reading client here also pins
+    # memory (up to the per-connection bound, README: Reliability), so half that.
+    Option(
+        "send_timeout",
+        float,
+        30.0,
+        "seconds unsent answers may wait for a client that does not read them; then abort",
+    ),
     Option("max_connections", int, 10_000, "open connections cap; over it new ones get 503"),
     Option(
         "max_pipelined",
@@ -237,6 +245,7 @@ class Settings:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keepalive_timeout: float = 60.0
+    send_timeout: float = 30.0
     max_connections: int = 10_000
     max_pipelined: int = 64
     cors_origins: tuple[str, ...] = ("*",)

@@ -6,6 +6,15 @@ slots' bytes strictly in request order, even when an earlier ingest is still com
 (pipelining). Nothing is raised out of a protocol callback: a parse error becomes a 400, an
 unexpected error a logged 500, and the connection is closed.
 
+Memory per connection is bounded even against a client that pipelines requests and never
+reads the answers: while the unsent output is over the transport's high-water mark (or
+``max_pipelined`` answers are owed) parsing stops, not only reading. Input is parsed in slices
+of ``PARSE_SLICE`` bytes; requests completed in a slice while the output is blocked wait as
+parsed ``Request`` objects, and the rest of the read waits unparsed, until the client reads.
+Worst case per connection: the high-water mark + the answers owed (``max_pipelined`` x the
+largest answer) + one read (256 KiB) + one slice's requests; the total is that times
+``max_connections``. A client that leaves output unsent for ``send_timeout`` is aborted.
+
 Timeouts are not timers per request: the server's 1 s tick calls ``check_timeouts`` on every
 connection, which compares the phase's start with the cached clock.
 """
@@ -41,6 +50,12 @@ LINGER = 3  # error answered, write side shut; draining input briefly so the cli
 LINGER_SECONDS = 2.0  # Apache's lingering close waits up to 2 s (MAX_SECS_TO_LINGER)
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# asyncio's and uvloop's default; set explicitly because the memory bound above is built on it.
+WRITE_HIGH_WATER = 64 * 1024
+# One header cap's worth: at most ~900 of the smallest requests (18 bytes) are parsed ahead of a
+# blocked output, ~150 KB of Request objects; a read of a big body costs 16 feeds instead of 1.
+PARSE_SLICE = 16 * 1024
 
 # Headers the server looks at; everything else is skipped with one dict miss.
 _AUTHORIZATION, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
@@ -160,6 +175,13 @@ class HttpProtocol(asyncio.Protocol):
         "max_body_bytes",
         "max_pipelined",
         "resume_below",
+        "send_timeout",
+        "deferred",
+        "unparsed",
+        "parsing",
+        "write_paused_since",
+        "unsent_seen",
+        "send_progress_at",
     )
 
     def __init__(self, app: App, state: ServerState) -> None:
@@ -198,6 +220,14 @@ class HttpProtocol(asyncio.Protocol):
         self.max_body_bytes = settings.max_body_bytes
         self.max_pipelined = settings.max_pipelined
         self.resume_below = max(1, settings.max_pipelined // 2)
+        self.send_timeout = settings.send_timeout
+        # Parsed while the output was blocked: requests, and a protocol error's answer after them.
+        self.deferred: deque[tuple[Request, bool] | ResponseSlot] = deque()
+        self.unparsed: memoryview | None = None  # the rest of a read, parsed once output drains
+        self.parsing = False  # inside the parser (or dispatching): flush must not re-enter it
+        self.write_paused_since = 0.0
+        self.unsent_seen = 0  # the write buffer's size at the last tick
+        self.send_progress_at = 0.0  # when the tick last saw the write buffer shrink or empty
 
     # Protocol interface
 
@@ -218,6 +248,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         state.connections.add(self)
         state.metrics.connections_opened += 1
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         if self.access_log:
             peer = transport.get_extra_info("peername")
             self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
@@ -227,12 +258,27 @@ class HttpProtocol(asyncio.Protocol):
         self.state.connections.discard(self)
         self.transport = None
         self.pending.clear()
+        self.deferred.clear()
+        self.unparsed = None
         self.body_parts = []
 
     def data_received(self, data: bytes) -> None:
         self.metrics.bytes_received += len(data)
         if self.closing:
             return  # answered with close (or lingering after an error): input is discarded
+        if self.unparsed is not None or len(data) > PARSE_SLICE:
+            if self.unparsed is not None:  # a read already under way when reading paused
+                data = bytes(self.unparsed) + data
+            self.unparsed = memoryview(data)
+            self._parse_unparsed()
+            return
+        self.parsing = True
+        try:
+            self._feed(data)
+        finally:
+            self.parsing = False
+
+    def _feed(self, data: bytes | memoryview) -> None:
         if self.phase == HEADERS:
             # Coarse guard across reads: httptools buffers a header line until it is complete,
             # so a never-ending line reaches no callback. Checked only if the headers are still
@@ -276,11 +322,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_since = self.state.now
         self._update_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._update_reading()
+        self._parse_unparsed()
 
     # Parser callbacks
 
@@ -370,7 +417,7 @@ class HttpProtocol(asyncio.Protocol):
             if refusal is not None:
                 self.early_answer = refusal
                 raise _Reject
-            if not self.pending and self.transport is not None:
+            if not self.pending and not self.deferred and self.transport is not None:
                 # curl waits 1 s for this before sending a body over 1 KiB; nothing earlier is
                 # owed on this connection, so the interim answer cannot jump the response order.
                 self.transport.write(CONTINUE_100)
@@ -393,12 +440,26 @@ class HttpProtocol(asyncio.Protocol):
         )
         self.phase = IDLE
         self.phase_since = self.state.now
-        slot = ResponseSlot(self, monotonic(), request if self.access_log else None)
-        if self.asks_keep_alive and keep_alive:
-            slot.keep_alive_10 = self.parser.get_http_version() == "1.0"
-        self.pending.append(slot)
+        # Read now: the parser may have moved on by the time a deferred request is answered.
+        keep_alive_10 = (
+            self.asks_keep_alive and keep_alive and self.parser.get_http_version() == "1.0"
+        )
         if not keep_alive:
             self.closing = True
+        if self.deferred or self._output_blocked():
+            self.deferred.append((request, keep_alive_10))
+        else:
+            self._dispatch(request, keep_alive_10)
+
+    def _output_blocked(self) -> bool:
+        """Enough is owed to this client: answer nothing more until it reads."""
+        return self.write_paused or len(self.pending) > self.max_pipelined
+
+    def _dispatch(self, request: Request, keep_alive_10: bool) -> None:
+        keep_alive = request.keep_alive
+        slot = ResponseSlot(self, monotonic(), request if self.access_log else None)
+        slot.keep_alive_10 = keep_alive_10
+        self.pending.append(slot)
         try:
             self.app.handle(request, slot)
         except Exception:
@@ -410,6 +471,36 @@ class HttpProtocol(asyncio.Protocol):
             )
         if len(self.pending) > self.max_pipelined and not self.read_paused:
             self._update_reading()
+
+    def _parse_unparsed(self) -> None:
+        """Answer what was deferred and parse what is left of a read, a slice at a time, for as
+        long as the output is not blocked; then read again once nothing is left over."""
+        if self.parsing or self.transport is None:
+            return  # the loop below, further up the stack, carries on by itself
+        self.parsing = True
+        try:
+            deferred = self.deferred
+            while True:
+                while deferred and not self._output_blocked() and self.transport is not None:
+                    item = deferred.popleft()
+                    if isinstance(item, ResponseSlot):  # a protocol error, answered in turn
+                        self.pending.append(item)
+                        self.flush()
+                    else:
+                        self._dispatch(*item)
+                view = self.unparsed
+                if view is None:
+                    break
+                if deferred or self._output_blocked() or self.transport is None:
+                    break
+                if self.closing:
+                    self.unparsed = None  # after a "Connection: close" request: not ours
+                    break
+                self.unparsed = view[PARSE_SLICE:] if len(view) > PARSE_SLICE else None
+                self._feed(view[:PARSE_SLICE])
+        finally:
+            self.parsing = False
+        self._update_reading()
 
     def log_access(self, request: Request, data: bytes, seconds: float) -> None:
         path = request.path.decode("latin-1")
@@ -434,14 +525,23 @@ class HttpProtocol(asyncio.Protocol):
         pending = self.pending
         while pending and pending[0].data is not None:
             transport.write(pending.popleft().data)  # type: ignore[arg-type]
-        if self.closing:
+        if self.deferred or self.unparsed is not None:
+            if not self.parsing and not self._output_blocked():
+                self._parse_unparsed()
+        elif self.closing:
             if not pending:
                 self._close_when_flushed()
         elif self.read_paused and len(pending) < self.resume_below:
             self._update_reading()
 
     def _close_when_flushed(self) -> None:
-        if self.pending or self.transport is None or self.phase == LINGER:
+        if (
+            self.pending
+            or self.deferred
+            or self.unparsed is not None
+            or self.transport is None
+            or self.phase == LINGER
+        ):
             return
         if self.linger_on_close:
             self._linger()
@@ -455,10 +555,14 @@ class HttpProtocol(asyncio.Protocol):
         self.error_status = 0
         self.error_details = None
         self.body_parts = []
+        self.unparsed = None
         now = monotonic()
         slot = ResponseSlot(self, now)
         slot.data = self.responses.error(status, message, details, close=True)
         self.metrics.response(OTHER_ROUTE, slot.data, now, now)
+        if self.deferred:
+            self.deferred.append(slot)  # answered after the requests parsed before the error
+            return
         self.pending.append(slot)
         self.flush()
 
@@ -471,8 +575,14 @@ class HttpProtocol(asyncio.Protocol):
         self.linger_on_close = True
         self.body_parts = []
         self.phase = IDLE
+        self.unparsed = None
         slot = ResponseSlot(self, monotonic(), self.request if self.access_log else None)
         slot.route = route
+        if self.deferred:  # answered after the requests parsed before this one
+            slot.data = data
+            self.metrics.response(route, data, slot.started, slot.started)
+            self.deferred.append(slot)
+            return
         self.pending.append(slot)
         slot.respond(data)
 
@@ -497,7 +607,12 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.phase == LINGER:
             return
-        should_pause = self.write_paused or len(self.pending) > self.max_pipelined
+        should_pause = (
+            self.write_paused
+            or len(self.pending) > self.max_pipelined
+            or bool(self.deferred)
+            or self.unparsed is not None
+        )
         if should_pause and not self.read_paused:
             self.read_paused = True
             transport.pause_reading()
@@ -520,14 +635,17 @@ class HttpProtocol(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         if self.transport is None:
             return
+        if self._send_stalled(now):
+            self.transport.abort()  # close() would wait for the unsent bytes forever
+            return
         settings = self.state.settings
         phase = self.phase
         elapsed = now - self.phase_since
         if phase == LINGER:
             if elapsed >= LINGER_SECONDS:
                 self.transport.close()
-        elif self.pending:
-            return  # we owe answers: the wait is ours, not the client's
+        elif self.pending or self.deferred:
+            return  # we owe answers: the wait is ours (or the unread output's, checked above)
         elif phase == IDLE:
             if self.closing:
                 self.transport.close()
@@ -538,3 +656,17 @@ class HttpProtocol(asyncio.Protocol):
                 self._fail(408, "Request Timeout", ["request headers not received in time"])
         elif elapsed >= settings.body_timeout:
             self._fail(408, "Request Timeout", ["request body stalled"])
+
+    def _send_stalled(self, now: float) -> bool:
+        """Output the client has not taken for ``send_timeout``: over the high-water mark all
+        that time (a reader trickling a byte at a time), or not shrinking at all (nginx's
+        send_timeout)."""
+        unsent = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        if unsent == 0 or unsent < self.unsent_seen or self.unsent_seen == 0:
+            self.send_progress_at = now
+        self.unsent_seen = unsent
+        if unsent == 0:
+            return False
+        if self.write_paused and now - self.write_paused_since >= self.send_timeout:
+            return True
+        return now - self.send_progress_at >= self.send_timeout

@@ -16,6 +16,14 @@ class MockTransport:
         self.closed = False
         self.eof_written = False
         self.read_paused = False
+        self.unsent = 0  # what a real transport would still hold (a test sets it)
+        self.high_water = 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high_water = high or 0
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"

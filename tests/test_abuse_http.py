@@ -377,6 +377,103 @@ def test_half_closed_socket_still_gets_every_answer(server):
     assert stored_count(server.data_dir, "halfclosed-%") == 3
 
 
+# -- Clients that never read ---------------------------------------------------------------
+
+NON_READERS = 10
+OPENAPI_GET = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def non_reading_client(host: str, port: int, data: bytes) -> socket.socket:
+    """A connection with a 4 KiB receive buffer that sends ``data`` (from a thread: the send
+    blocks once the server stops reading) and reads nothing."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+
+    def send() -> None:
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass  # closed by the test, or aborted by the server
+
+    threading.Thread(target=send, daemon=True).start()
+    return sock
+
+
+METRICS_PROBE = b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+
+
+def received_bytes(server: ServerProcess) -> int:
+    """inslytic_received_bytes_total, counting this probe's own bytes."""
+    (status, _, body), = raw(server, METRICS_PROBE).responses()
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith("inslytic_received_bytes_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no inslytic_received_bytes_total")
+
+
+def reading_has_stopped(server: ServerProcess) -> bool:
+    """True once the server read nothing but the second probe between two probes 0.5 s apart
+    (both are answered by the loop that would read the other clients)."""
+    first = received_bytes(server)
+    time.sleep(0.5)
+    return received_bytes(server) - first == len(METRICS_PROBE)
+
+
+def test_pipelining_clients_that_never_read_cannot_pin_the_servers_memory(server):
+    """20,000 pipelined GETs (780 KB) per connection and no reads: before the fix the server
+    answered every request of each 256 KiB read into its write buffer (+24 MiB per
+    connection); now parsing stops with the output over its high-water mark."""
+    pid = server.proc.pid
+    before = proc_status(pid)["VmRSS"]
+    clients = [
+        non_reading_client(server.host, server.port, OPENAPI_GET * 20_000)
+        for _ in range(NON_READERS)
+    ]
+    try:
+        poll_until(lambda: reading_has_stopped(server), 60, interval=0)
+        assert_serving(server)
+        growth = (proc_status(pid)["VmRSS"] - before) / 1024
+    finally:
+        for sock in clients:
+            sock.close()
+    print(f"{NON_READERS} non-reading pipelining connections: RSS +{growth:.1f} MiB")
+    # The bound is ~0.7 MiB a connection (README, Reliability); 240 MiB before the fix.
+    assert growth < 3 * NON_READERS, f"RSS grew {growth:.0f} MiB"
+
+
+def test_a_client_trickle_reading_its_answers_is_aborted_after_the_send_timeout(make_server):
+    """Reading a byte every 0.2 s keeps the output over its high-water mark: before the fix
+    the connection (and its unsent answers) stayed while the client trickled, even past the
+    keep-alive timeout, since close() waits for unsent bytes."""
+    server = make_server("--workers", "1", "--send-timeout", "2", "--keepalive-timeout", "2")
+    sock = non_reading_client(server.host, server.port, OPENAPI_GET * 2_000)
+    aborted = threading.Event()
+
+    def trickle() -> None:
+        try:
+            while not aborted.is_set():
+                if not sock.recv(1):
+                    break
+                time.sleep(0.2)
+        except OSError:
+            pass
+        aborted.set()
+
+    reader = threading.Thread(target=trickle, daemon=True)
+    reader.start()
+    try:
+        poll_until(lambda: metric(server, "inslytic_connections_opened_total") >= 2, 10)
+        # The /metrics probe's own connection is the one left open.
+        poll_until(lambda: metric(server, "inslytic_open_connections") <= 1, 30, interval=0.5)
+    finally:
+        aborted.set()
+        sock.close()
+        reader.join(5)
+    assert_serving(server)
+
+
 # -- Many idle connections -----------------------------------------------------------------
 
 IDLE_CONNECTIONS = 1000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from inslytic_fast.protocol import LINGER, LINGER_SECONDS
+from inslytic_fast.protocol import LINGER, LINGER_SECONDS, PARSE_SLICE
 
 from .protocol_helpers import get, make_conn, post, split_responses, statuses
 
@@ -368,3 +368,32 @@ def test_headers_split_across_reads_then_a_large_body_is_not_431():
     conn.data_received(raw[30:])
     assert statuses(transport.take()) == [200]
     assert len(app.requests[0].body) == 20_000
+
+
+def test_a_blocked_output_stops_parsing_not_only_reading_and_answers_resume_in_order():
+    conn, transport, app = make_conn()
+    conn.pause_writing()  # the transport's write buffer is over its high-water mark
+    requests = [get(f"/r{i}") for i in range(2000)]
+    requests[1500] = b"GET /bad HTTP/1.1\r\nContent-Length: x\r\n\r\n"
+    data = b"".join(requests)
+    assert len(data) > 2 * PARSE_SLICE
+    conn.data_received(data)  # one big read, as uvloop hands over up to 256 KiB
+    assert transport.take() == b"" and app.requests == []
+    assert transport.read_paused
+    conn.resume_writing()
+    answers = split_responses(transport.take())
+    assert [body for _, _, body in answers[:1500]] == [
+        b'{"path":"/r%d","body":0}' % i for i in range(1500)
+    ]
+    assert [status for status, _, _ in answers[1500:]] == [400]
+
+
+def test_a_client_that_leaves_answers_unsent_is_aborted_after_the_send_timeout():
+    conn, transport, _ = make_conn(send_timeout=5)
+    conn.data_received(get("/a"))
+    transport.unsent = 80_000
+    conn.pause_writing()
+    conn.check_timeouts(conn.state.now + 4)
+    assert not transport.closed
+    conn.check_timeouts(conn.state.now + 5)
+    assert transport.closed
