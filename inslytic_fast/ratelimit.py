@@ -5,6 +5,10 @@ token. The default limit is 1,000 events per minute per project. Tokens refill e
 seconds." So a bucket holds ``limit`` tokens and is refilled to full once per 60-second window
 that starts with the project's first request; a batch that costs more than what remains is
 refused whole.
+
+A bucket counts what was *spent* in its window; what remains is ``limit - spent`` under the
+limit in force. So a limit change never mints tokens: flipping 1000 -> 10 -> 1000 leaves the
+window with what 1000 leaves, and a window's total is at most the largest limit applied in it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,17 @@ UNLIMITED = 0  # a project limit of 0 means no rate limit (benchmarks, trusted b
 
 
 class TokenBucket:
-    __slots__ = ("limit", "tokens", "window_start")
+    __slots__ = ("limit", "spent", "window_start")
 
     def __init__(self, limit: int, now: float) -> None:
         self.limit = limit
-        self.tokens = limit
+        self.spent = 0
         self.window_start = now
+
+    @property
+    def tokens(self) -> int:
+        """What remains of this window under the current limit."""
+        return max(0, self.limit - self.spent)
 
     def refresh(self, limit: int, now: float) -> None:
         """Refill if the window has passed; apply a changed limit to the current window."""
@@ -31,22 +40,19 @@ class TokenBucket:
             # Keep windows aligned to the first request so Reset is predictable for clients.
             elapsed_windows = (now - self.window_start) // REFILL_SECONDS
             self.window_start += elapsed_windows * REFILL_SECONDS
-            self.limit = limit
-            self.tokens = limit
-        elif limit != self.limit:
-            self.tokens = max(0, min(limit, self.tokens + limit - self.limit))
-            self.limit = limit
+            self.spent = 0
+        self.limit = limit
 
     def try_spend(self, cost: int) -> bool:
-        if cost > self.tokens:
+        if cost > self.limit - self.spent:
             return False
-        self.tokens -= cost
+        self.spent += cost
         return True
 
     def refund(self, cost: int, spent_at_window: float) -> None:
         """Give back tokens of a batch that was not stored (server fault), in the same window."""
         if spent_at_window == self.window_start:
-            self.tokens = min(self.limit, self.tokens + cost)
+            self.spent = max(0, self.spent - cost)
 
     def reset_in(self, now: float) -> int:
         """Whole seconds until the next refill (at least 1)."""

@@ -10,6 +10,10 @@ Guarantees, and the documented slack:
 
 - **No overshoot.** Tokens leave the table before any worker spends them, and each window's
   table row is refilled exactly once, so the accepted total per window never exceeds the limit.
+  A row counts what was *spent* (granted) in its window and a grant takes at most ``limit -
+  spent`` under the granting worker's limit, so a limit change, or workers that have not yet
+  reloaded the same one, never mint tokens: the window's total is at most the largest limit
+  any worker applied in it.
 - **Bounded undershoot.** Tokens leased by one worker cannot be spent by another. A client may
   get a 429 while up to ``(N - 1) x grant`` tokens sit in other workers' leases; a lease unused
   for a whole tick (1 s) is given back, and a worker that refuses a batch gives its whole lease
@@ -34,9 +38,9 @@ from pathlib import Path
 
 from .ratelimit import REFILL_SECONDS
 
-MAGIC = b"IFRL0001"
+MAGIC = b"IFRL0002"
 HEADER = struct.Struct("<8sQ")  # magic, slot count
-SLOT = struct.Struct("<Qqqd")  # project key (0 = empty), limit, tokens, window start
+SLOT = struct.Struct("<Qqqd")  # project key (0 = empty), limit, spent, window start
 DEFAULT_SLOTS = 16384  # 512 KiB; projects beyond this fall back to per-worker limits
 GRANT_FRACTION = 16  # see the module docstring: at most limit/16 stranded per window
 
@@ -106,18 +110,16 @@ class SharedBudget:
         offset = self._offset(slot)
         self._lock(offset)
         try:
-            _, old_limit, tokens, window = SLOT.unpack_from(self.map, offset)
+            _, _, spent, window = SLOT.unpack_from(self.map, offset)
             if window == 0.0:
-                window, tokens = now, limit
+                window, spent = now, 0
             elif now - window >= REFILL_SECONDS:
                 window += ((now - window) // REFILL_SECONDS) * REFILL_SECONDS
-                tokens = limit
-            elif limit != old_limit:
-                tokens = max(0, min(limit, tokens + limit - old_limit))
-            taken = min(tokens, want)
-            tokens -= taken
-            SLOT.pack_into(self.map, offset, key, limit, tokens, window)
-            return taken, window, tokens
+                spent = 0
+            taken = max(0, min(limit - spent, want))
+            spent += taken
+            SLOT.pack_into(self.map, offset, key, limit, spent, window)
+            return taken, window, max(0, limit - spent)
         finally:
             self._unlock(offset)
 
@@ -128,9 +130,9 @@ class SharedBudget:
         offset = self._offset(slot)
         self._lock(offset)
         try:
-            _, limit, tokens, current = SLOT.unpack_from(self.map, offset)
+            _, limit, spent, current = SLOT.unpack_from(self.map, offset)
             if current == window:
-                SLOT.pack_into(self.map, offset, key, limit, min(limit, tokens + count), window)
+                SLOT.pack_into(self.map, offset, key, limit, max(0, spent - count), window)
         finally:
             self._unlock(offset)
 

@@ -58,7 +58,7 @@ def test_a_changed_limit_applies_to_the_current_window():
     bucket.try_spend(30)
     assert limiter.bucket("p", 50, 1).tokens == 20  # 30 already spent of the new 50
     assert limiter.bucket("p", 10, 2).tokens == 0
-    assert limiter.bucket("p", 200, 3).tokens == 190
+    assert limiter.bucket("p", 200, 3).tokens == 170  # 30 spent: no token minted by the flip
 
 
 def test_refund_only_within_the_window_the_tokens_were_spent_in():
@@ -80,3 +80,12 @@ def test_forget_drops_buckets_of_deleted_projects():
     limiter.bucket("b", 1, 0)
     limiter.forget({"a"})
     assert set(limiter._buckets) == {"a"}
+
+
+def test_a_limit_flipped_down_and_back_never_refills_the_window():
+    limiter = RateLimiter()
+    assert limiter.bucket("p", 1000, 0).try_spend(900)
+    assert not limiter.bucket("p", 10, 1).try_spend(1)
+    bucket = limiter.bucket("p", 1000, 2)
+    assert bucket.tokens == 100
+    assert not bucket.try_spend(101)

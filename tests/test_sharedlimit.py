@@ -101,3 +101,14 @@ def test_four_processes_racing_accept_at_most_the_limit(tmp_path):
     for proc in procs:
         proc.join(30)
     assert 1000 - 3 * (1000 // 64) <= total <= 1000
+
+
+def test_workers_that_disagree_on_a_changed_limit_never_mint_tokens(tmp_path):
+    """One worker has reloaded 1000 -> 40, the other not yet: their grants alternate."""
+    a, b, clock = two_workers(tmp_path)
+    accepted = 0
+    for i in range(400):
+        limiter, limit = (a, 40) if i % 2 else (b, 1000)
+        if limiter.bucket("p", limit, clock()).try_spend(20):
+            accepted += 20
+    assert accepted <= 1000

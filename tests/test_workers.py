@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import threading
 import time
 from pathlib import Path
 
 import orjson
+import pytest
 
-from .conftest import EXAMPLE_EVENT
+from .adversarial_helpers import poll_until
+from .conftest import EXAMPLE_EVENT, cli
 from .crash_harness import counts_by_name
 
 RESTART_DEADLINE_S = 30.0
@@ -180,3 +183,71 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+class Hammer:
+    """``connections`` clients posting 20-event batches until stopped; counts what was accepted
+    and the limit each refusal reported ("... N of LIMIT remain")."""
+
+    def __init__(self, server, key: str, connections: int = 16) -> None:
+        self.accepted = 0
+        self.refusals: list[int] = []  # the limit named by each 429, in arrival order
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        body = orjson.dumps({"events": [EXAMPLE_EVENT] * 20})
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self.threads = [
+            threading.Thread(target=self._client, args=(server, body, headers), daemon=True)
+            for _ in range(connections)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self, server, body: bytes, headers: dict) -> None:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        while not self.stop.is_set():
+            conn.request("POST", "/v1/ingest", body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            with self.lock:
+                if resp.status == 202:
+                    self.accepted += 20
+                else:
+                    assert resp.status == 429, data
+                    limit = re.search(rb"of (\d+) remain", data)
+                    self.refusals.append(int(limit.group(1)))
+        conn.close()
+
+    def refused_under(self, limit: int, times: int) -> bool:
+        """At least ``times`` refusals in a row under ``limit`` (every worker reloaded it)."""
+        with self.lock:
+            tail = self.refusals[-times:]
+        return len(tail) == times and all(seen == limit for seen in tail)
+
+    def finish(self) -> int:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+        return self.accepted
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_flipping_a_limit_never_lets_a_window_accept_more_than_the_larger_limit(
+    make_server, workers
+):
+    """1000 -> 40 -> 1000 within one window, under load (40, not 10: a 20-event batch over the
+    whole limit is refused without touching the budget). Before the fix every grant re-based
+    the stored tokens on the limit it brought, so each flip between workers that had and had
+    not reloaded minted 960 tokens (issue 19: 12,120 accepted); one worker accepted ~1,900."""
+    server = make_server("--workers", workers, "--events-per-minute", "1000")
+    hammer = Hammer(server, server.first_run_key)
+    try:
+        poll_until(lambda: hammer.refused_under(1000, 16), 30)  # the window's 1000 are spent
+        cli("projects", "set-limit", "default", "40", data_dir=server.data_dir)
+        poll_until(lambda: hammer.refused_under(40, 64), 30)
+        cli("projects", "set-limit", "default", "1000", data_dir=server.data_dir)
+        poll_until(lambda: hammer.refused_under(1000, 64), 30)
+    finally:
+        accepted = hammer.finish()
+    assert accepted <= 1000, f"{accepted} accepted in one window of a 1000/min limit"
+    assert server.stop() == 0
