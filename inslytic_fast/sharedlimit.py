@@ -22,6 +22,13 @@ Guarantees, and the documented slack:
   are exact.
 - fcntl locks die with their process: a worker SIGKILLed while holding a row lock cannot wedge
   the others (a process-shared semaphore would).
+- **A bounded table that never fills for good.** A project's row sits within ``MAX_PROBE``
+  rows of its hash, so finding it reads at most that many rows (unlocked; a worker also caches
+  where its projects are). A row whose window ended (or that never got one) is idle and is
+  taken over by the next project that needs a row, so the table holds the projects active in
+  the last minute. When all ``MAX_PROBE`` rows near a new project's hash are active, that
+  project is limited per worker instead (``limit // N`` each, about the limit in total) until a
+  row frees up.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .ratelimit import REFILL_SECONDS
+from .ratelimit import REFILL_SECONDS, TokenBucket
 
 MAGIC = b"IFRL0002"
 HEADER = struct.Struct("<8sQ")  # magic, slot count
 SLOT = struct.Struct("<Qqqd")  # project key (0 = empty), limit, spent, window start
-DEFAULT_SLOTS = 16384  # 512 KiB; projects beyond this fall back to per-worker limits
+DEFAULT_SLOTS = 16384  # 512 KiB: the projects active within a minute, see the docstring
+MAX_PROBE = 64  # rows read to find a project: 64 x 32 B, a few cache lines, no syscall
 GRANT_FRACTION = 16  # see the module docstring: at most limit/16 stranded per window
 
 
@@ -75,63 +83,89 @@ class SharedBudget:
     def _offset(self, slot: int) -> int:
         return HEADER.size + slot * SLOT.size
 
-    def _lock(self, offset: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, SLOT.size, offset, os.SEEK_SET)
+    def _lock(self, offset: int, size: int = SLOT.size) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, size, offset, os.SEEK_SET)
 
-    def _unlock(self, offset: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT.size, offset, os.SEEK_SET)
+    def _unlock(self, offset: int, size: int = SLOT.size) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, size, offset, os.SEEK_SET)
 
-    def _slot_of(self, key: int) -> int | None:
+    def _slot_of(self, key: int, now: float) -> int | None:
+        """The row of ``key``, claiming an empty or idle one near its hash if it has none."""
         slot = self._index.get(key)
         if slot is not None:
             return slot
-        start = key % self.slots
-        for probe in range(self.slots):
-            slot = (start + probe) % self.slots
+        # Claims are serialised on the header's lock, so two workers cannot give one project
+        # two rows; rows are read unlocked (8-byte aligned fields: no torn key or window).
+        self._lock(0, HEADER.size)
+        try:
+            free = None
+            start = key % self.slots
+            for probe in range(min(MAX_PROBE, self.slots)):
+                slot = (start + probe) % self.slots
+                found, _, _, window = SLOT.unpack_from(self.map, self._offset(slot))
+                if found == key:
+                    self._index[key] = slot
+                    return slot
+                if free is None and (found == 0 or now - window >= REFILL_SECONDS):
+                    free = slot
+                if found == 0:
+                    break  # rows are never emptied again: the key is not further on
+            if free is None:
+                return None
+            offset = self._offset(free)
+            self._lock(offset)
+            try:
+                found, _, _, window = SLOT.unpack_from(self.map, offset)
+                if found != 0 and now - window < REFILL_SECONDS:
+                    return None  # its project came back meanwhile: per-worker this time
+                SLOT.pack_into(self.map, offset, key, 0, 0, 0.0)
+            finally:
+                self._unlock(offset)
+            self._index[key] = free
+            return free
+        finally:
+            self._unlock(0, HEADER.size)
+
+    def grant(self, key: int, limit: int, want: int, now: float) -> tuple[int, float, int] | None:
+        """Take up to ``want`` tokens of this window: (taken, window start, left in table), or
+        None when the project has no row (the caller limits it per worker)."""
+        for _ in range(2):  # a cached row may have been taken over by another project
+            slot = self._slot_of(key, now)
+            if slot is None:
+                return None
             offset = self._offset(slot)
             self._lock(offset)
             try:
-                found = SLOT.unpack_from(self.map, offset)[0]
-                if found == 0:
-                    SLOT.pack_into(self.map, offset, key, 0, 0, 0.0)
-                    found = key
+                if SLOT.unpack_from(self.map, offset)[0] == key:
+                    return self._grant_locked(offset, key, limit, want, now)
             finally:
                 self._unlock(offset)
-            if found == key:
-                self._index[key] = slot
-                return slot
+            self._index.pop(key, None)
         return None
 
-    def grant(self, key: int, limit: int, want: int, now: float) -> tuple[int, float, int] | None:
-        """Take up to ``want`` tokens of this window: (taken, window start, left in table)."""
-        slot = self._slot_of(key)
-        if slot is None:
-            return None
-        offset = self._offset(slot)
-        self._lock(offset)
-        try:
-            _, _, spent, window = SLOT.unpack_from(self.map, offset)
-            if window == 0.0:
-                window, spent = now, 0
-            elif now - window >= REFILL_SECONDS:
-                window += ((now - window) // REFILL_SECONDS) * REFILL_SECONDS
-                spent = 0
-            taken = max(0, min(limit - spent, want))
-            spent += taken
-            SLOT.pack_into(self.map, offset, key, limit, spent, window)
-            return taken, window, max(0, limit - spent)
-        finally:
-            self._unlock(offset)
+    def _grant_locked(
+        self, offset: int, key: int, limit: int, want: int, now: float
+    ) -> tuple[int, float, int]:
+        _, _, spent, window = SLOT.unpack_from(self.map, offset)
+        if window == 0.0:
+            window, spent = now, 0
+        elif now - window >= REFILL_SECONDS:
+            window += ((now - window) // REFILL_SECONDS) * REFILL_SECONDS
+            spent = 0
+        taken = max(0, min(limit - spent, want))
+        spent += taken
+        SLOT.pack_into(self.map, offset, key, limit, spent, window)
+        return taken, window, max(0, limit - spent)
 
     def give_back(self, key: int, count: int, window: float) -> None:
-        slot = self._slot_of(key)
+        slot = self._index.get(key)
         if slot is None:
             return
         offset = self._offset(slot)
         self._lock(offset)
         try:
-            _, limit, spent, current = SLOT.unpack_from(self.map, offset)
-            if current == window:
+            found, limit, spent, current = SLOT.unpack_from(self.map, offset)
+            if found == key and current == window:
                 SLOT.pack_into(self.map, offset, key, limit, max(0, spent - count), window)
         finally:
             self._unlock(offset)
@@ -150,6 +184,8 @@ class LeasedBucket:
         "table_left",
         "grant",
         "used",
+        "workers",
+        "fallback",
     )
 
     def __init__(
@@ -169,10 +205,14 @@ class LeasedBucket:
         self.table_left = limit
         self.grant = limit // (GRANT_FRACTION * workers)
         self.used = False
+        self.workers = workers
+        self.fallback: TokenBucket | None = None  # while the project has no row in the table
 
     @property
     def tokens(self) -> int:
         """Remaining as far as this worker knows (for X-RateLimit-Remaining)."""
+        if self.fallback is not None:
+            return self.fallback.tokens
         return self.table_left + self.lease
 
     def refresh(self, limit: int, now: float, workers: int) -> None:
@@ -190,9 +230,11 @@ class LeasedBucket:
             self.lease -= cost
             return True
         # CLOCK_MONOTONIC is system-wide on Linux, so every worker agrees on window starts.
-        got = self.budget.grant(self.key, self.limit, cost - self.lease + self.grant, self.clock())
+        now = self.clock()
+        got = self.budget.grant(self.key, self.limit, cost - self.lease + self.grant, now)
         if got is None:
-            return False
+            return self._spend_per_worker(cost, now)
+        self.fallback = None
         taken, window, left = got
         if window != self.window_start:
             self.lease = 0
@@ -208,11 +250,24 @@ class LeasedBucket:
         self.lease = 0
         return False
 
+    def _spend_per_worker(self, cost: int, now: float) -> bool:
+        """No row for this project (all near its hash active): this worker's share."""
+        share = max(1, self.limit // self.workers)
+        if self.fallback is None:
+            self.fallback = TokenBucket(share, now)
+        else:
+            self.fallback.refresh(share, now)
+        return self.fallback.try_spend(cost)
+
     def refund(self, cost: int, spent_at_window: float) -> None:
-        if spent_at_window == self.window_start:
+        if self.fallback is not None:
+            self.fallback.refund(cost, spent_at_window)
+        elif spent_at_window == self.window_start:
             self.lease += cost
 
     def reset_in(self, now: float) -> int:
+        if self.fallback is not None:
+            return self.fallback.reset_in(now)
         start = self.window_start or now
         # The grant may be stamped a hair after ``now``: never report more than a window.
         return max(1, min(int(REFILL_SECONDS), math.ceil(start + REFILL_SECONDS - now)))

@@ -112,3 +112,28 @@ def test_workers_that_disagree_on_a_changed_limit_never_mint_tokens(tmp_path):
         if limiter.bucket("p", limit, clock()).try_spend(20):
             accepted += 20
     assert accepted <= 1000
+
+
+def test_a_full_table_limits_new_projects_per_worker_and_reuses_idle_rows(tmp_path):
+    """Before: once every row held a project (16,384 in production) the rest got 429 on every
+    request until a restart, each refusal locking every row twice."""
+    path = tmp_path / "rl.bin"
+    SharedBudget(path, create=True, slots=16).close()
+    clock = Clock()
+    a, b = (SharedRateLimiter(SharedBudget(path), workers=2, clock=clock) for _ in range(2))
+    for i in range(16):
+        assert a.bucket(f"p{i}", 10, clock()).try_spend(10)
+    # The table is full of projects active this window: a new one gets its per-worker share.
+    late = b.bucket("late", 10, clock())
+    assert late.try_spend(5) and not late.try_spend(1)
+    assert late.tokens == 0
+    clock.now += REFILL_SECONDS  # p0-p15 idle for a window: their rows are free to take
+    for i in range(16, 32):
+        bucket = b.bucket(f"p{i}", 10, clock())
+        assert bucket.try_spend(10) and not bucket.try_spend(1), "not the shared budget"
+    # a's cached row of p0 now belongs to another project: a finds p0 a row of its own.
+    assert not a.bucket("p0", 10, clock()).try_spend(10)  # a full table again: share of 5
+    assert a.bucket("p0", 10, clock()).try_spend(5)
+    clock.now += REFILL_SECONDS
+    assert a.bucket("p0", 10, clock()).try_spend(10)
+    assert not b.bucket("p0", 10, clock()).try_spend(1), "two rows for one project"
