@@ -14,6 +14,9 @@ append_sync: N producers on uvloop, each appending a pre-encoded batch and waiti
 on_done before the next (like N busy HTTP connections); every ack is after fdatasync.
 roll: sealed segments -> ZSTD Parquet with the roller's single DuckDB thread, then one
 compaction pass over the files that produced (merge + sort by timestamp).
+roll_cpu: CPU time of the whole process (all threads) per event rolled, for records of 1, 100
+and 1000 events (--roll-shapes); the issue-14 target is <= 2 us/event on one thread. CPU time
+rather than wall time, so a busy machine moves it little.
 query_log_tail: a count(*) over events that are all still in the log (the worst case for
 query, which parses the log in Python and loads it into DuckDB).
 
@@ -152,7 +155,7 @@ async def fill_log(data_dir: Path, events: int, batch_events: int, batches: list
     pending = []
     for i in range(events // batch_events):
         fut = asyncio.get_running_loop().create_future()
-        log.append("bench", batches[i % BATCH_VARIANTS], batch_events, fut.set_result)
+        log.append("bench", batches[i % len(batches)], batch_events, fut.set_result)
         pending.append(fut)
         if len(pending) >= 256:
             await asyncio.gather(*pending)
@@ -203,6 +206,43 @@ def roll(data_dir: Path, args, batches: list[bytes]) -> dict:
     }
 
 
+def roll_cpu(data_dir: Path, args, _batches: list[bytes]) -> dict:
+    """CPU microseconds per event of Roller.roll_once, per record shape (events per record)."""
+    shapes: dict[str, dict] = {}
+    for batch_events in (int(n) for n in args.roll_shapes.split(",")):
+        shape_dir = data_dir / f"shape-{batch_events}"
+        batches = make_batches_cycled(batch_events, args.seed)
+        events = max(batch_events, args.roll_events // batch_events * batch_events)
+        asyncio.run(fill_log(shape_dir, events, batch_events, batches))
+        seal(shape_dir, "fill")
+        log_bytes = sum(p.stat().st_size for p in (shape_dir / "log").glob("fill-*.log"))
+        roller = Roller(shape_dir)
+        cpu, wall = time.process_time(), time.perf_counter()
+        converted = roller.roll_once()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        roller.stop()
+        files = list((shape_dir / "events").rglob("*.parquet"))
+        shapes[str(batch_events)] = {
+            "events": converted,
+            "cpu_us_per_event": round(cpu / converted * 1e6, 2),
+            "wall_us_per_event": round(wall / converted * 1e6, 2),
+            "log_mb": round(log_bytes / 1e6, 1),
+            "parquet_mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
+            "parquet_files": len(files),
+        }
+        shutil.rmtree(shape_dir, ignore_errors=True)
+    return {"bench": "micro_storage", "stage": "roll_cpu", "shapes": shapes}
+
+
+def make_batches_cycled(batch_events: int, seed: int) -> list[bytes]:
+    """Distinct batches for one record shape, ~BATCH_VARIANTS x 100 events of variety."""
+    rng = random.Random(seed)
+    variants = max(1, BATCH_VARIANTS * 100 // batch_events)
+    return [
+        orjson.dumps([make_event(rng) for _ in range(batch_events)]) for _ in range(variants)
+    ]
+
+
 def query_log_tail(data_dir: Path, args, batches: list[bytes]) -> dict:
     asyncio.run(fill_log(data_dir, args.roll_events, args.batch, batches))
     started = time.perf_counter()
@@ -223,6 +263,7 @@ def main() -> int:
     parser.add_argument("--producers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=100, help="events per batch")
     parser.add_argument("--roll-events", type=int, default=500_000)
+    parser.add_argument("--roll-shapes", default="1,100,1000", help="roll_cpu: events/record")
     parser.add_argument("--durability", choices=("fsync", "none"), default="fsync")
     parser.add_argument("--data-dir", type=Path, help="default: a temp dir under bench/scratch")
     parser.add_argument("--seed", type=int, default=1)
@@ -244,6 +285,8 @@ def main() -> int:
                 result = uvloop.run(append_sync(data_dir, args, batches))
             elif stage == "roll":
                 result = roll(data_dir, args, batches)
+            elif stage == "roll_cpu":
+                result = roll_cpu(data_dir, args, batches)
             elif stage == "query_log_tail":
                 result = query_log_tail(data_dir, args, batches)
             else:

@@ -2,12 +2,18 @@
 
 Layout under ``<data_dir>/events``::
 
-    project=<p>/date=<YYYY-MM-DD>/<segment>.<i>.parquet   rolled from log segment <segment>
+    project=<p>/date=<YYYY-MM-DD>/<segment>.<i>.parquet   rolled from log segment <segment>;
+                                                          date = UTC day the events arrived
     project=<p>/date=<YYYY-MM-DD>/c-<id>.parquet          output of a compaction
     _compactions/<id>.json                                compaction intent (inputs -> output)
     .staging/                                             scratch: never read, wiped by recover()
     .trash/                                               partitions being dropped by retention
     .roller.lock                                          one roller process at a time
+
+A roll reads the segment in place and converts it per (project, arrival day), in pieces of at
+most ROLL_PIECE_BYTES fed to DuckDB from memory, each piece one file (compaction sorts a
+partition's files by ``timestamp``):
+files per roll are bounded by projects x arrival days, and no copy of the segment hits disk.
 
 Exactly once, whatever step a roll dies at: outputs are named after their segment, written to
 staging, fsynced, renamed into place (a replay overwrites the same names) and their directories
@@ -30,6 +36,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -106,6 +113,18 @@ def events_from_ndjson_sql(ndjson_path: Path | str) -> str:
     return event_columns.events_select_sql(source)
 
 
+# A log record's head as CommitLog.append writes it: the project (auth.PROJECT_NAME_RE, so its
+# JSON string needs no escapes) and the arrival time in microseconds since the epoch.
+_RECORD_HEAD = re.compile(rb'\{"p":"([A-Za-z0-9_-]{1,64})","r":([0-9]{1,18}),')
+US_PER_DAY = 86_400 * 1_000_000
+EPOCH_DATE = dt.date(1970, 1, 1)
+# A segment is converted in pieces of at most this many payload bytes, one DuckDB COPY each,
+# fed from memory: what a roll holds at once is bounded whatever the segment holds, and no copy
+# of the segment goes to disk. 32 MiB is ~70k events of ~500 bytes, half a default segment;
+# measured (bench/micro_storage.py), 8 MiB, 16 MiB and whole-segment pieces cost the same per
+# event, and fewer pieces mean fewer small files for compaction to merge.
+ROLL_PIECE_BYTES = 32 * 1024 * 1024
+
 # Lines joined per write: writelines() costs ~0.75 us per line, a join of 4,096 memoryviews
 # then one write ~0.2 us (1-event records, 100,000 per segment: 30% of the roll's Python time).
 LINES_PER_WRITE = 4096
@@ -127,9 +146,88 @@ def without_purged(select: str, purges: list[Purge]) -> str:
     return f"SELECT * FROM ({select}) WHERE NOT ({purged})"
 
 
-def write_ndjson(path: Path, payloads) -> None:
-    with open(path, "wb") as f:
-        write_lines(f, payloads)
+# Written to a rolled file: the project is its hive directory, as the date is.
+_ROLLED_COLUMNS_SQL = ", ".join(f'"{name}"' for name in EVENT_COLUMN_NAMES if name != "project")
+
+
+def copy_events_sql(ndjson: str, out: Path, purges: list[Purge]) -> str:
+    """COPY one piece of payload lines to a Parquet file.
+
+    Not sorted: an ORDER BY "timestamp" here measured ~0.6 us/event (12% of the roll); the
+    compaction that merges a partition's files sorts them by event time once, for pruning.
+    DuckDB's default ZSTD level (3): level 1 measured no cheaper within this VM's noise, and
+    wrote files twice the size (bench/micro_storage.py roll_cpu).
+    """
+    select = without_purged(events_from_ndjson_sql(ndjson), purges)
+    return (
+        f"COPY (SELECT {_ROLLED_COLUMNS_SQL} FROM ({select})) "
+        f"TO {sql_string(out)} (FORMAT parquet, COMPRESSION zstd)"
+    )
+
+
+class RollDeadline(Exception):
+    """A roll given a deadline reached it part-way through a segment (nothing published)."""
+
+
+def group_by_partition(payloads) -> tuple[dict[tuple[str, dt.date], list], list]:
+    """Payload lines by (project, UTC date of arrival), and the lines with no readable head.
+
+    Reads only each record's head (a regex on its first bytes): a segment's files are bounded
+    by its projects and arrival days, whatever timestamps its events carry.
+    """
+    groups: dict[tuple[str, int], list] = {}
+    headless = []
+    match = _RECORD_HEAD.match
+    for payload in payloads:
+        head = match(payload)
+        if head is None:
+            headless.append(payload)
+            continue
+        key = (head[1], int(head[2]) // US_PER_DAY)
+        lines = groups.get(key)
+        if lines is None:
+            lines = groups[key] = []
+        lines.append(payload)
+    return {
+        (project.decode(), EPOCH_DATE + dt.timedelta(days=day)): lines
+        for (project, day), lines in groups.items()
+    }, headless
+
+
+def pieces(lines: list, max_bytes: int) -> Iterator[list]:
+    """``lines`` in consecutive runs of at most ``max_bytes`` (a longer line is a run alone)."""
+    run: list = []
+    size = 0
+    for line in lines:
+        if run and size + len(line) > max_bytes:
+            yield run
+            run, size = [], 0
+        run.append(line)
+        size += len(line)
+    if run:
+        yield run
+
+
+@contextlib.contextmanager
+def ndjson_in_memory(lines: list, fallback_dir: Path) -> Iterator[str]:
+    """A path DuckDB can read ``lines`` from: a memfd (RAM, no disk) where Linux has one,
+    else a file in ``fallback_dir``."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("inslytic-roll", os.MFD_CLOEXEC)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                write_lines(f, lines)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    path = fallback_dir / f"piece-{uuid.uuid4().hex}.ndjson"
+    try:
+        with open(path, "wb") as f:
+            write_lines(f, lines)
+        yield os.fspath(path)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def compaction_started_ns(parquet_name: str) -> int | None:
@@ -434,19 +532,21 @@ class Roller:
                     stop_after is not None and time.monotonic() >= stop_after
                 ):
                     break
-                total += self._roll_segment(segment)
+                try:
+                    total += self._roll_segment(segment, stop_after)
+                except RollDeadline:
+                    break  # the segment stays in the log; the next pass (or start) rolls it
             # After the rolls: a roll that read the tombstones before a purge was recorded
             # published files of the purged project, and they go now.
             apply_purges_locked(self.events_dir)
             return total
 
-    def _roll_segment(self, segment: Path) -> int:
+    def _roll_segment(self, segment: Path, stop_after: float | None = None) -> int:
         stem = segment.name.rsplit(".", 1)[0]
         staging = self.staging_dir / stem
         self._step("roll:start")
         data = segment.read_bytes()
         scan = scan_segment(data)
-        payloads = scan.payloads
         for start, end in scan.damaged:
             # A sealed segment is complete by construction: damage is corruption. Keep the
             # bytes for forensics and roll every valid record around them.
@@ -458,41 +558,51 @@ class Roller:
                 start,
                 target,
             )
+        groups, headless = group_by_partition(scan.payloads)
+        if headless:
+            self._quarantine(segment, headless, "records without a project and arrival time")
         converted = 0
-        if payloads:
+        staged: list[tuple[Path, Path]] = []  # (partition directory, staged file)
+        if groups:
             make_dirs_durable(staging)
-            ndjson = staging / "in.ndjson"
-            write_ndjson(ndjson, payloads)
-            del payloads, scan, data
-            self._step("roll:ndjson_written")
-            out = staging / "out"
-            converted = self._convert(ndjson, out)
-            self._step("roll:parquet_written")
-            staged = [
-                (Path(root), name)
-                for root, _, files in os.walk(out)
-                for name in files
-                if name.endswith(".parquet")
-            ]
-            for root, name in staged:
-                _fsync_file(root / name)
-            self._step("roll:parquet_synced")
-            published: dict[Path, set[str]] = {}
-            for root, name in staged:
-                partition = self.events_dir / root.relative_to(out)
-                final_name = f"{stem}.{name}"
-                if partition not in published:
-                    make_dirs_durable(partition)
-                    published[partition] = set()
-                os.replace(root / name, partition / final_name)
-                published[partition].add(final_name)
-                self._step("roll:published_one")
-            for partition, names in published.items():
-                # A replay must not leave an earlier attempt's extra file behind.
-                for entry in os.scandir(partition):
-                    if source_segment(entry.name) == stem and entry.name not in names:
-                        os.unlink(entry.path)
-                fsync_dir(partition)
+            cutoff = self._retention_cutoff()
+            purges = read_purges(self.events_dir)
+            for (project, day), lines in sorted(groups.items()):
+                if cutoff is not None and day < cutoff:
+                    continue  # arrived before the retention window: would only be dropped again
+                partition = self.events_dir / f"project={project}" / f"date={day.isoformat()}"
+                for piece in pieces(lines, ROLL_PIECE_BYTES):
+                    if stop_after is not None and time.monotonic() >= stop_after:
+                        # Nothing is published yet: the segment stays whole in the log.
+                        raise RollDeadline(segment.name)
+                    staged_file = staging / f"{len(staged)}.parquet"
+                    rows = self._convert(segment, piece, staged_file, purges)
+                    if rows:
+                        staged.append((partition, staged_file))
+                        converted += rows
+                    else:  # every event of the piece is purged
+                        staged_file.unlink(missing_ok=True)
+        del groups, headless, scan, data
+        self._step("roll:parquet_written")
+        for _, staged_file in staged:
+            _fsync_file(staged_file)
+        self._step("roll:parquet_synced")
+        published: dict[Path, set[str]] = {}
+        for partition, staged_file in staged:
+            final_name = f"{stem}.{staged_file.name}"
+            if partition not in published:
+                make_dirs_durable(partition)
+                published[partition] = set()
+            os.replace(staged_file, partition / final_name)
+            published[partition].add(final_name)
+            self._step("roll:published_one")
+        for partition, names in published.items():
+            # A replay must not leave an earlier attempt's extra file behind.
+            for entry in os.scandir(partition):
+                if source_segment(entry.name) == stem and entry.name not in names:
+                    os.unlink(entry.path)
+            fsync_dir(partition)
+        if published:
             self._step("roll:published")
         os.unlink(segment)
         fsync_dir(self.log_dir)
@@ -502,64 +612,58 @@ class Roller:
         self.events_rolled += converted
         return converted
 
-    def _convert(self, ndjson: Path, out: Path) -> int:
+    def _convert(self, segment: Path, lines: list, out: Path, purges: list[Purge]) -> int:
+        """One partition's piece of a segment -> one Parquet file sorted by event time."""
         con = self._connection()
-        select = events_from_ndjson_sql(ndjson)
-        cutoff = self._retention_cutoff()
-        if cutoff is not None:
-            # Events already past retention would only be written to be dropped again.
-            select = f"SELECT * FROM ({select}) WHERE date >= DATE '{cutoff.isoformat()}'"
-        select = without_purged(select, read_purges(self.events_dir))
-        copy = (
-            f"COPY ({select}) TO {sql_string(out)} (FORMAT parquet, COMPRESSION zstd, "
-            "PARTITION_BY (project, date), FILENAME_PATTERN '{i}', OVERWRITE_OR_IGNORE true)"
-        )
         try:
-            return con.execute(copy).fetchone()[0]
+            with ndjson_in_memory(lines, self.staging_dir) as source:
+                return con.execute(copy_events_sql(source, out, purges)).fetchone()[0]
         except (duckdb.ConversionException, duckdb.InvalidInputException):
             # A record DuckDB cannot read (ingest validation makes this "cannot happen").
             # Quarantine the offending lines rather than wedge the roller forever.
-            shutil.rmtree(out, ignore_errors=True)
-            self._quarantine_unreadable_lines(ndjson)
-            return con.execute(copy).fetchone()[0]
+            out.unlink(missing_ok=True)
+            good, bad = self._split_unreadable(lines)
+            self._quarantine(segment, bad, "unreadable records")
+            if not good:
+                return 0
+            with ndjson_in_memory(good, self.staging_dir) as source:
+                return con.execute(copy_events_sql(source, out, purges)).fetchone()[0]
 
-    def _quarantine_unreadable_lines(self, ndjson: Path) -> None:
-        """Move the lines DuckDB cannot convert to quarantine; keep the rest in ``ndjson``.
+    def _quarantine(self, segment: Path, lines: list, what: str) -> None:
+        target = quarantine_bytes(self.data_dir, segment, 0, b"".join(lines))
+        log.error("roller: %d %s in %s moved to %s", len(lines), what, segment.name, target)
+
+    def _split_unreadable(self, lines: list) -> tuple[list, list]:
+        """(lines DuckDB converts, lines it cannot), in order.
 
         Bisects, so a few bad lines among 100k cost ~log2(100k) probes each, not 100k.
         """
         con = self._connection()
-        probe = ndjson.with_name("probe.ndjson")
 
-        def readable(lines: list[bytes]) -> bool:
-            write_ndjson(probe, lines)
+        def readable(part: list) -> bool:
             try:
-                # Materialise every column: a projection could skip the field that fails.
-                con.execute(
-                    f"CREATE OR REPLACE TEMP TABLE _probe AS {events_from_ndjson_sql(probe)}"
-                )
+                with ndjson_in_memory(part, self.staging_dir) as source:
+                    # Materialise every column: a projection could skip the field that fails.
+                    con.execute(
+                        f"CREATE OR REPLACE TEMP TABLE _probe AS {events_from_ndjson_sql(source)}"
+                    )
                 return True
             except duckdb.Error:
                 return False
             finally:
                 con.execute("DROP TABLE IF EXISTS _probe")
 
-        def split(lines: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-            if readable(lines):
-                return lines, []
-            if len(lines) == 1:
-                return [], lines
-            mid = len(lines) // 2
-            good_left, bad_left = split(lines[:mid])
-            good_right, bad_right = split(lines[mid:])
+        def split(part: list) -> tuple[list, list]:
+            if readable(part):
+                return part, []
+            if len(part) == 1:
+                return [], part
+            mid = len(part) // 2
+            good_left, bad_left = split(part[:mid])
+            good_right, bad_right = split(part[mid:])
             return good_left + good_right, bad_left + bad_right
 
-        good, bad = split(ndjson.read_bytes().splitlines(keepends=True))
-        probe.unlink(missing_ok=True)
-        if bad:
-            target = quarantine_bytes(self.data_dir, ndjson, 0, b"".join(bad))
-            log.error("roller: %d unreadable records moved to %s", len(bad), target)
-        write_ndjson(ndjson, good)
+        return split(lines)
 
     # -- Compaction -----------------------------------------------------------------------
 
@@ -649,7 +753,13 @@ class Roller:
         return (now - dt.timedelta(days=self.retention_days)).date()
 
     def apply_retention(self) -> int:
-        """Drop whole ``date=`` partitions older than retention_days; return how many."""
+        """Drop whole ``date=`` partitions whose events all arrived more than retention_days
+        ago; return how many.
+
+        Rolls name partitions after the UTC date of arrival. A partition written before that
+        layout is named after its events' own date, so one dated before the cutoff is dropped
+        only once its newest ``received_at`` is before the cutoff too.
+        """
         cutoff = self._retention_cutoff()
         if cutoff is None:
             return 0
@@ -662,9 +772,21 @@ class Roller:
                     day = dt.date.fromisoformat(unquote(partition.name.removeprefix("date=")))
                 except ValueError:
                     continue
-                if day >= cutoff:
+                if day >= cutoff or self._arrived_since(partition, cutoff):
                     continue
                 drop_dir(partition, self.trash_dir)
                 dropped += 1
         self.partitions_dropped += dropped
         return dropped
+
+    def _arrived_since(self, partition: Path, cutoff: dt.date) -> bool:
+        files = [e.path for e in os.scandir(partition) if e.name.endswith(".parquet")]
+        if not files:
+            return False
+        listed = "[" + ", ".join(sql_string(f) for f in files) + "]"
+        (newest,) = (
+            self._connection()
+            .execute(f"SELECT max(received_at) FROM read_parquet({listed}, union_by_name=true)")
+            .fetchone()
+        )
+        return newest is not None and newest.date() >= cutoff

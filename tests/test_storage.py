@@ -12,11 +12,13 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from inslytic_fast import storage
 from inslytic_fast.commitlog import (
     CommitLog,
     frame_record,
@@ -49,15 +51,37 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=60))
 
 
-def write_batches(data_dir: Path, batches: dict[str, int], *, segment_max_bytes=4000) -> None:
-    """Append batches (two projects, two dates); the clean close seals every segment."""
+# Arrival times either side of a UTC midnight, for tests of the layout by arrival date.
+ARRIVALS = [
+    dt.datetime(2026, 2, 16, 23, 59, 59, 999999, tzinfo=dt.UTC).timestamp(),
+    dt.datetime(2026, 2, 17, tzinfo=dt.UTC).timestamp(),
+]
+
+
+def write_batches(
+    data_dir: Path,
+    batches: dict[str, int],
+    *,
+    segment_max_bytes=4000,
+    arrivals: list[float] | None = None,
+    timestamps: list[str] = TIMESTAMPS,
+) -> None:
+    """Append batches (two projects, two event dates); the clean close seals every segment.
+    With ``arrivals``, batch n is received at ``arrivals[n % len(arrivals)]``."""
+    now = [time.time()]
 
     async def main():
-        log = open_log(data_dir, segment_max_bytes=segment_max_bytes)
+        log = open_log(
+            data_dir,
+            segment_max_bytes=segment_max_bytes,
+            clock=(lambda: now[0]) if arrivals else time.time,
+        )
         driver = LogOnLoop(log)
         for n, (batch, count) in enumerate(batches.items()):
+            if arrivals:
+                now[0] = arrivals[n % len(arrivals)]
             project = "shop" if n % 2 else "blog"
-            assert await driver.append(project, batch, count, timestamps=TIMESTAMPS) is None
+            assert await driver.append(project, batch, count, timestamps=timestamps) is None
         await log.close()
 
     run(main())
@@ -112,9 +136,9 @@ def failing_at(step: tuple[str, int]):
 # -- Layout and schema -------------------------------------------------------------------------
 
 
-def test_roll_writes_hive_partitions_by_project_and_utc_date(tmp_path):
-    batches = expected_batches("b", 6)
-    write_batches(tmp_path, batches)
+def test_roll_writes_hive_partitions_by_project_and_utc_date_of_arrival(tmp_path):
+    batches = expected_batches("b", 8)
+    write_batches(tmp_path, batches, arrivals=[ARRIVALS[0], ARRIVALS[0], ARRIVALS[1], ARRIVALS[1]])
     assert sealed_segments(tmp_path / "log")
     converted = Roller(tmp_path).roll_once()
     assert converted == sum(batches.values())
@@ -128,6 +152,15 @@ def test_roll_writes_hive_partitions_by_project_and_utc_date(tmp_path):
     for path in parquet_files(tmp_path):
         meta = duckdb.sql(f"SELECT DISTINCT compression FROM parquet_metadata('{path}')").fetchall()
         assert meta == [("ZSTD",)]
+    _, rows = run_query(
+        tmp_path,
+        "SELECT DISTINCT project, CAST(received_at AS DATE), CAST(timestamp AS DATE) FROM events",
+    )
+    # Each event sits under the date it arrived, whatever its own timestamp says.
+    assert {(p, str(r)) for p, r, _ in rows} == {
+        (p, d) for p in ("shop", "blog") for d in ("2026-02-16", "2026-02-17")
+    }
+    assert {str(t) for _, _, t in rows} == {"2026-02-16", "2026-02-17"}
     assert batch_counts(tmp_path) == batches
     assert not any((tmp_path / "events" / ".staging").iterdir())
 
@@ -203,6 +236,25 @@ def test_the_final_roll_leaves_the_log_to_the_next_start_if_the_lock_stays_held(
     finally:
         lock.release()
     assert sealed_segments(tmp_path / "log") == sealed
+
+
+def test_a_deadline_reached_inside_a_segment_leaves_it_whole_in_the_log(tmp_path, monkeypatch):
+    # The final roll's budget holds whatever one segment holds: it is converted in pieces and
+    # the deadline is checked before each, so a roll past it publishes nothing of the segment.
+    batches = expected_batches("d", 12)
+    write_batches(tmp_path, batches, segment_max_bytes=1 << 20)
+    (segment,) = sealed_segments(tmp_path / "log")
+    monkeypatch.setattr(storage, "ROLL_PIECE_BYTES", 1)  # one record per piece
+    ticks = iter(range(1_000_000))
+    clock = types.SimpleNamespace(monotonic=lambda: next(ticks), time=time.time)
+    monkeypatch.setattr(storage, "time", clock)
+    # Checked before the segment (0), then before each piece (1, 2, ...): stops at piece 3.
+    assert Roller(tmp_path).roll_once(stop_after=3) == 0
+    assert sealed_segments(tmp_path / "log") == [segment]
+    assert parquet_files(tmp_path) == []
+    monkeypatch.undo()
+    assert Roller(tmp_path).roll_once() == sum(batches.values())
+    assert batch_counts(tmp_path) == batches
 
 
 def test_empty_sealed_segments_are_removed(tmp_path):
@@ -295,10 +347,11 @@ def _many_small_files(data_dir: Path, rounds: int = 4) -> dict[str, int]:
 def test_compaction_merges_small_files_without_changing_the_data(tmp_path):
     batches = _many_small_files(tmp_path)
     before = len(parquet_files(tmp_path))
+    partitions = {p.parent for p in parquet_files(tmp_path)}
     roller = Roller(tmp_path, compact_min_files=2)
-    assert roller.compact_once() == 4  # one per partition
+    assert roller.compact_once() == len(partitions)  # one per partition
     files = parquet_files(tmp_path)
-    assert len(files) == 4 < before
+    assert len(files) == len(partitions) < before
     assert all(p.name.startswith("c-") for p in files)
     assert batch_counts(tmp_path) == batches
     assert _empty_or_missing(tmp_path / "events" / "_compactions")
@@ -358,16 +411,54 @@ def test_files_of_a_segment_still_in_the_log_are_never_compacted(tmp_path):
 # -- Retention ---------------------------------------------------------------------------------
 
 
-def test_retention_drops_whole_partitions_older_than_n_days(tmp_path):
-    write_batches(tmp_path, expected_batches("t", 4))
+def test_retention_drops_whole_partitions_that_arrived_more_than_n_days_ago(tmp_path):
+    write_batches(
+        tmp_path, expected_batches("t", 8), arrivals=[ARRIVALS[0], ARRIVALS[0], *ARRIVALS[1:] * 2]
+    )
     Roller(tmp_path).roll_once()
-    # 2026-02-18 12:00 UTC: with 1 day kept, the 16th goes and the 17th stays.
+    # 2026-02-18 12:00 UTC: with 1 day kept, what arrived on the 16th goes and the 17th stays,
+    # whatever the events' own timestamps say.
     now = dt.datetime(2026, 2, 18, 12, tzinfo=dt.UTC).timestamp()
     roller = Roller(tmp_path, retention_days=1, clock=lambda: now)
     assert roller.apply_retention() == 2
-    _, rows = run_query(tmp_path, 'SELECT DISTINCT CAST("timestamp" AS DATE) FROM events')
-    assert rows == [(dt.date(2026, 2, 17),)]
+    _, rows = run_query(
+        tmp_path,
+        'SELECT DISTINCT CAST(received_at AS DATE), CAST("timestamp" AS DATE) FROM events',
+    )
+    assert sorted(rows) == [(dt.date(2026, 2, 17), dt.date(2026, 2, 16 + i)) for i in (0, 1)]
     assert Roller(tmp_path).apply_retention() == 0  # retention off by default
+
+
+def test_retention_keeps_what_arrived_inside_the_window_whatever_its_timestamp(tmp_path):
+    # Acknowledged now, stamped in the distant past and future: one file per project, and
+    # retention counts from the arrival, so none of it is dropped the moment it is rolled.
+    stamps = ["0001-01-01T00:00:00Z", "2020-03-01T12:00:00Z", "9999-12-31T23:59:59Z"]
+    stamps += [f"{year}-06-01T00:00:00Z" for year in range(2000, 2019)]
+    batches = {"spread": len(stamps)}
+    write_batches(tmp_path, batches, timestamps=stamps)
+    roller = Roller(tmp_path, retention_days=30)
+    assert roller.roll_once() == len(stamps)
+    assert len(parquet_files(tmp_path)) == 1
+    assert roller.apply_retention() == 0
+    assert batch_counts(tmp_path) == batches
+
+
+def test_retention_reads_the_arrival_times_of_a_partition_dated_by_event_time(tmp_path):
+    # A data directory from before the layout by arrival: its date= is the events' own date.
+    stamps = ["2020-03-01T12:00:00Z"]
+    write_batches(tmp_path, {"legacy": 2, "old": 2}, timestamps=stamps)
+    Roller(tmp_path).roll_once()
+    for path in parquet_files(tmp_path):
+        legacy = path.parent.parent / "date=2020-03-01"
+        legacy.mkdir(exist_ok=True)
+        path.rename(legacy / path.name)
+        path.parent.rmdir()
+    assert Roller(tmp_path, retention_days=30).apply_retention() == 0
+    assert batch_counts(tmp_path) == {"legacy": 2, "old": 2}
+    # Once everything in it arrived before the window, it goes.
+    later = time.time() + 40 * 86_400
+    assert Roller(tmp_path, retention_days=30, clock=lambda: later).apply_retention() == 2
+    assert batch_counts(tmp_path) == {}
 
 
 # -- SIGKILL -----------------------------------------------------------------------------------
@@ -505,11 +596,12 @@ def test_a_record_duckdb_cannot_read_is_quarantined_not_wedging_the_roller(tmp_p
 
 
 def test_events_past_retention_are_not_written_by_the_roll(tmp_path):
-    write_batches(tmp_path, expected_batches("old", 4))
-    # 2026-02-18 12:00 UTC with one day kept: only the 2026-02-17 events are written.
+    write_batches(tmp_path, expected_batches("old", 4), arrivals=ARRIVALS)
+    # 2026-02-18 12:00 UTC with one day kept: only the events that arrived on the 17th are
+    # written.
     now = dt.datetime(2026, 2, 18, 12, tzinfo=dt.UTC).timestamp()
     converted = Roller(tmp_path, retention_days=1, clock=lambda: now).roll_once()
-    _, rows = run_query(tmp_path, 'SELECT count(*), min(CAST("timestamp" AS DATE)) FROM events')
+    _, rows = run_query(tmp_path, "SELECT count(*), min(CAST(received_at AS DATE)) FROM events")
     assert rows == [(converted, dt.date(2026, 2, 17))]
     assert 0 < converted < sum(expected_batches("old", 4).values())
 
