@@ -408,6 +408,7 @@ class Generator:
                     "of_s": total,
                     "responses": self.total_requests - last_requests,
                     "non_202": self.total_requests - self.total_ok,
+                    "total_ok": self.total_ok,
                     "errors": self.errors,
                 }
             }

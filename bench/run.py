@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inslytic_fast.cli.stats import fetch as fetch_metrics
+from inslytic_fast.cli.stats import total as fetch_total
 
-from . import loadgen, machine, profile, targets
+from . import chart, loadgen, machine, profile, targets
 from .payloads import build_requests
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -52,10 +53,12 @@ class Scenario:
     # same server reached with the same events per request earlier in the same round.
     open_loop: bool = False
     rate_fraction: float = 0.5
+    # Sustained: no warmup, --minutes long, sampled over time (see sustained_figures).
+    sustained: bool = False
 
     @property
     def label(self) -> str:
-        kind = "open loop, " if self.open_loop else ""
+        kind = "open loop, " if self.open_loop else "sustained, " if self.sustained else ""
         unit = "event" if self.events == 1 else "events"
         return f"{kind}{self.events} {unit}/req, {self.connections} conn"
 
@@ -66,18 +69,29 @@ SCENARIOS = {
     "100": Scenario("100", 100, 32),
     "1000": Scenario("1000", 1000, 8),
     "open": Scenario("open", 1, 64, open_loop=True),
+    # Issue 14: what a steady sender gets once the roll has to keep up, minutes on end.
+    "sustained-100": Scenario("sustained-100", 100, 32, sustained=True),
+    "sustained-1000": Scenario("sustained-1000", 1000, 8, sustained=True),
 }
 SMOKE_SCENARIOS = {
     "1": Scenario("1", 1, 4),
     "100": Scenario("100", 100, 2),
     "open": Scenario("open", 1, 4, open_loop=True),
+    "sustained": Scenario("sustained", 100, 2, sustained=True),
 }
+# Sustained runs: a sample of counters, /metrics and the process tree every SAMPLE_S; rates
+# over WINDOW_S windows; "sustained" is the median window of the run's second half.
+SUSTAINED_SAMPLE_S = 2.0
+SUSTAINED_WINDOW_S = 10.0
 
 # Targets from issue 5 (one server core, --durability fsync, generator on another core).
 GOAL_REQ_PER_S_1 = 40_000
 GOAL_VS_BARE = 0.5
 GOAL_EVENTS_PER_S = 300_000
 GOAL_OPEN_P99_MS = 5.0
+# Issue 14 (one core for server and roller): sustained rate and the whole tree's memory.
+GOAL_SUSTAINED_EVENTS_PER_S = 150_000
+GOAL_TREE_RSS_MB = 200.0
 GOAL_PEAK_RSS_MB = 150.0
 GOAL_VS_FASTAPI = 100.0
 
@@ -93,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "deployment (--url/--key). Prints a Markdown table and writes a JSON report.",
         epilog="Scenarios: 1 (1 event/request, 64 connections), 100 (100 events, 32 conn), "
         "1000 (1000 events, 8 conn), open (1 event/request at a fixed rate, by default half "
-        "the closed-loop max of scenario 1; latency counted from the intended send time).",
+        "the closed-loop max of scenario 1; latency counted from the intended send time), "
+        "sustained-100 and sustained-1000 (--minutes of closed-loop load with no warmup: "
+        "burst, sustained rate, refusals, log backlog and tree RSS over time, and a chart).",
     )
     where = parser.add_argument_group("what to benchmark")
     where.add_argument("--url", help="your deployment, e.g. http://10.0.0.5:8080 (plain HTTP)")
@@ -132,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenarios", default="1,100,1000,open", help="comma list (default: %(default)s)"
     )
     load.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    load.add_argument(
+        "--minutes", type=float, default=10.0, help="length of each sustained-* run (default 10)"
+    )
     load.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     load.add_argument("--connections", type=int, help="override every scenario's connections")
     load.add_argument(
@@ -217,15 +236,18 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.error("--url and --key go together")
     if args.url and (args.compare or args.targets):
         parser.error("--url measures your deployment; --compare/--targets are self-hosted")
+    args.sustained_s = args.minutes * 60
     if args.smoke:
         args.duration, args.warmup = min(args.duration, 0.6), min(args.warmup, 0.2)
+        args.sustained_s = min(args.sustained_s, 4.0)
         args.queryable_timeout = min(args.queryable_timeout, 20.0)
         if args.rate is None:
             args.rate = 100.0
         if args.targets is None and not args.url:
             args.targets = f"{targets.INSLYTIC},{targets.BARE}"
         if args.scenarios == parser.get_default("scenarios"):
-            args.scenarios = ",".join(SMOKE_SCENARIOS)
+            # The sustained smoke is a run of its own (--scenarios sustained): seconds more.
+            args.scenarios = ",".join(n for n, sc in SMOKE_SCENARIOS.items() if not sc.sustained)
     catalog = SMOKE_SCENARIOS if args.smoke else SCENARIOS
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in catalog]
@@ -234,7 +256,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     scenarios = [catalog[n] for n in names]
     if args.connections:
         scenarios = [
-            Scenario(s.name, s.events, args.connections, s.open_loop, s.rate_fraction)
+            Scenario(s.name, s.events, args.connections, s.open_loop, s.rate_fraction, s.sustained)
             for s in scenarios
         ]
     args.scenario_list = scenarios
@@ -389,6 +411,9 @@ def run_once(
 def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch, procs) -> dict:
     several = args.workers > 1 and server.name == targets.INSLYTIC
     cpu_of = machine.tree_cpu_seconds if several else machine.cpu_seconds
+    warmup, duration = args.warmup, args.duration
+    if scenario.sustained:
+        warmup, duration = 0.0, args.sustained_s
     # The roller is a process of its own: its CPU is measured apart (and, with several
     # workers, taken out of the tree's) so "serving" and "rolling" are both on the record.
     roller_of = machine.roller_cpu_seconds if server.name == targets.INSLYTIC else None
@@ -401,7 +426,8 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         url = f"http://{server.host}:{server.port}/metrics"
         return fetch_metrics(url, token=args.metrics_token)[0]
 
-    memory_of = machine.tree_memory_mb if several else machine.memory_mb
+    # Sustained runs report the whole tree (server, workers, roller): that is what a box needs.
+    memory_of = machine.tree_memory_mb if several or scenario.sustained else machine.memory_mb
     count = args.loadgen_procs
     loadgen_cpus = pinning["loadgen_cpus"] if pinning["applied"] else []
     lines: queue.Queue = queue.Queue()
@@ -419,8 +445,8 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             "pipeline": args.pipeline,
             "spin": args.spin,
             "rate": rate / count if rate else None,
-            "warmup": args.warmup,
-            "duration": args.duration,
+            "warmup": warmup,
+            "duration": duration,
             "start_at": "stdin",
             "latency_path": str(scratch / f"latency-{index}.bin"),
             "cpus": [loadgen_cpus[index % len(loadgen_cpus)]] if loadgen_cpus else None,
@@ -451,8 +477,13 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         proc.stdin.write(f"{start_at!r}\n")
         proc.stdin.flush()
 
-    window_start = start_at + args.warmup
-    window_end = window_start + args.duration
+    window_start = start_at + warmup
+    window_end = window_start + duration
+    timeline: list[dict] = []
+    next_sample = start_at
+    sampled_end = False
+    total_ok: dict[int, int] = {}
+    refused: dict[int, int] = {}
     cpu_start = cpu_end = roller_start = roller_end = None
     scrape_start = scrape_end = None
     rss_samples: list[float] = []
@@ -478,7 +509,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             cpu_start = cpu_of(server.pid)
             roller_start = roller_of(server.pid) if roller_of else None
             if args.profile:
-                profiler = profile.start(args.profile, server.pid, args.duration, profile_path)
+                profiler = profile.start(args.profile, server.pid, duration, profile_path)
         if server.pid and cpu_end is None and now >= window_end:
             cpu_end = cpu_of(server.pid)
             roller_end = roller_of(server.pid) if roller_of else None
@@ -487,6 +518,17 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             if memory:
                 rss_samples.append(round(memory["rss"], 1))
             next_rss = now + RSS_SAMPLE_INTERVAL_S
+        if scenario.sustained and now >= next_sample and not sampled_end:
+            timeline.append(
+                sustained_sample(
+                    now - start_at, server, scenario, total_ok, refused, scrape, memory_of
+                )
+            )
+            next_sample = now + SUSTAINED_SAMPLE_S
+            if now >= window_end:
+                sampled_end = True
+            elif next_sample > window_end:
+                next_sample = window_end  # so the last sample closes the window
         try:
             index, raw = lines.get(timeout=0.05)
         except queue.Empty:
@@ -499,6 +541,8 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             results[index] = message["result"]
         elif "progress" in message:
             tick = message["progress"]
+            total_ok[index] = tick.get("total_ok", 0)
+            refused[index] = tick["non_202"]
             recent[index] = tick["responses"]
             per_s = sum(recent.values())
             progress.show(
@@ -552,7 +596,10 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             server_cpu -= roller_cpu
 
     queryable_s = queryable_count = None
-    if server.name == targets.INSLYTIC and not args.no_queryable and server.data_dir:
+    # A sustained run ends with whatever backlog it built; its figures say how much, and
+    # counting it all through `query` could take longer than the run.
+    wants_queryable = not args.no_queryable and not scenario.sustained
+    if server.name == targets.INSLYTIC and wants_queryable and server.data_dir:
         waited = time.monotonic() - finished_at
         queryable_s, queryable_count = targets.wait_queryable(
             server.data_dir, total_events_accepted, args.queryable_timeout
@@ -626,6 +673,11 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             else None
         ),
         "events_accepted_total": total_events_accepted,
+        "sustained": (
+            sustained_figures(timeline, duration, server_cpu, roller_cpu, ok * scenario.events)
+            if scenario.sustained
+            else None
+        ),
         "queryable_s": queryable_s,
         "queryable_count": queryable_count,
         "profile": profile_summary,
@@ -640,7 +692,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     problems = []
     if not ok:
         problems.append("no 202 answers")
-    if statuses:
+    if statuses and not scenario.sustained:  # refusals are one of a sustained run's figures
         problems.append(f"non-202 answers {statuses}")
     if errors:
         problems.append(f"{errors} connection errors")
@@ -648,7 +700,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         problems.append(
             f"{unanswered} requests unanswered {loadgen.DRAIN_TIMEOUT_S:g} s after the window"
         )
-    if queryable_s is None and server.name == targets.INSLYTIC and not args.no_queryable:
+    if queryable_s is None and server.name == targets.INSLYTIC and wants_queryable:
         problems.append(f"not all events queryable (last count {queryable_count})")
     result["problems"] = problems
     result["valid"] = not problems or (args.allow_errors and ok > 0)
@@ -657,6 +709,101 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def sustained_sample(at, server, scenario, total_ok, refused, scrape, memory_of) -> dict:
+    """One point of a sustained run's timeline: cumulative counts, backlog, memory, CPU."""
+    metrics = scrape()
+    memory = memory_of(server.pid) if server.pid else None
+    roller = machine.roller_cpu_seconds(server.pid) if server.pid else None
+    return {
+        "t": round(at, 2),
+        "accepted_events": sum(total_ok.values()) * scenario.events,
+        "refused": sum(refused.values()),
+        "pending_bytes": (
+            fetch_total(metrics.samples, "inslytic_log_pending_bytes") if metrics else None
+        ),
+        "tree_rss_mb": round(memory["rss"], 1) if memory else None,
+        "server_cpu_s": _round(machine.tree_cpu_seconds(server.pid)) if server.pid else None,
+        "roller_cpu_s": _round(roller),
+    }
+
+
+def _interpolate(timeline: list[dict], key: str, at: float) -> float:
+    previous = timeline[0]
+    for point in timeline:
+        if point["t"] >= at:
+            span = point["t"] - previous["t"]
+            share = (at - previous["t"]) / span if span > 0 else 1.0
+            return previous[key] + (point[key] - previous[key]) * share
+        previous = point
+    return previous[key]
+
+
+def window_rates(timeline: list[dict], window: float) -> list[tuple[float, float]]:
+    """(window end s, accepted events/s in the window) for consecutive windows."""
+    if len(timeline) < 2:
+        return []
+    rates = []
+    end = window
+    while end <= timeline[-1]["t"] + 1e-6:
+        accepted = _interpolate(timeline, "accepted_events", end) - _interpolate(
+            timeline, "accepted_events", end - window
+        )
+        rates.append((round(end, 1), round(accepted / window, 1)))
+        end += window
+    return rates
+
+
+def sustained_figures(timeline, duration, server_cpu, roller_cpu, events) -> dict:
+    """Burst (first window), sustained (median window of the second half) and the rest."""
+    window = SUSTAINED_WINDOW_S if duration >= 4 * SUSTAINED_WINDOW_S else max(1.0, duration / 4)
+    rates = window_rates(timeline, window)
+    second_half = [rate for end, rate in rates if end - window >= duration / 2]
+    pending = [p["pending_bytes"] for p in timeline if p["pending_bytes"] is not None]
+    rss = [p["tree_rss_mb"] for p in timeline if p["tree_rss_mb"] is not None]
+    return {
+        "window_s": window,
+        "burst_events_per_s": rates[0][1] if rates else None,
+        "sustained_events_per_s": statistics.median(second_half) if second_half else None,
+        "refused": timeline[-1]["refused"] if timeline else None,
+        "pending_mb_max": round(max(pending) / 2**20, 1) if pending else None,
+        "pending_mb_end": round(pending[-1] / 2**20, 1) if pending else None,
+        "tree_peak_rss_mb": max(rss) if rss else None,
+        "serving_us_per_event": _round(server_cpu / events * 1e6, 2)
+        if server_cpu is not None and events
+        else None,
+        "rolling_us_per_event": _round(roller_cpu / events * 1e6, 2)
+        if roller_cpu is not None and events
+        else None,
+        "windows": rates,
+        "timeline": timeline,
+    }
+
+
+def write_sustained_charts(runs: list[dict], output: Path) -> list[Path]:
+    """One SVG per sustained scenario beside the JSON report: a line per server (and round)."""
+    written = []
+    for name in dict.fromkeys(r["scenario"] for r in runs if r.get("sustained")):
+        mine = [r for r in runs if r["scenario"] == name and r.get("sustained")]
+        several_rounds = len({r["round"] for r in mine}) > 1
+        rates, pending = [], []
+        for run in mine:
+            label = run["target"] + (f" r{run['round']}" if several_rounds else "")
+            figures = run["sustained"]
+            rates.append((label, figures["windows"]))
+            points = [
+                (p["t"], p["pending_bytes"])
+                for p in figures["timeline"]
+                if p["pending_bytes"] is not None
+            ]
+            if points:
+                pending.append((label, points))
+        title = f"{mine[0]['label']}: accepted events/s and log backlog over time"
+        path = output.with_name(f"{output.stem}-{name}.svg")
+        path.write_text(chart.sustained_svg(title, rates, pending))
+        written.append(path)
+    return written
 
 
 # Reports
@@ -708,6 +855,18 @@ def median_of(runs: list[dict], *path: str) -> float | None:
         if value is not None:
             values.append(value)
     return statistics.median(values) if values else None
+
+
+SUSTAINED_KEYS = (
+    "burst_events_per_s",
+    "sustained_events_per_s",
+    "refused",
+    "pending_mb_max",
+    "pending_mb_end",
+    "tree_peak_rss_mb",
+    "serving_us_per_event",
+    "rolling_us_per_event",
+)
 
 
 def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str]) -> list[dict]:
@@ -769,6 +928,11 @@ def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str
                         mine, "contention", "foreign_share_server_cpus"
                     ),
                     "busy_share_all_cpus": median_of(mine, "contention", "busy_share_all_cpus"),
+                    "sustained": (
+                        {key: median_of(mine, "sustained", key) for key in SUSTAINED_KEYS}
+                        if scenario.sustained
+                        else None
+                    ),
                 }
             )
     return rows
@@ -805,11 +969,17 @@ def evaluate_goals(summary: list[dict], durability: str) -> list[dict]:
         add("open", "p99 ms at half max rate", ours["open"]["latency_ms"]["p99"], GOAL_OPEN_P99_MS,
             False)  # fmt: skip
     for name in ours:
-        if name == "open":
-            continue  # offered load, not throughput: see summarize()
+        if name == "open" or ours[name].get("sustained"):
+            continue  # offered load / a timeline, not a throughput to compare: see summarize()
         fastapi = peers.get((name, targets.FASTAPI))
         if fastapi:
             add(name, "x fastapi-ref events/s", fastapi["inslytic_ratio"], GOAL_VS_FASTAPI)
+    for name, row in ours.items():
+        figures = row.get("sustained")
+        if figures:
+            sustained = figures["sustained_events_per_s"]
+            add(name, "sustained events/s", sustained, GOAL_SUSTAINED_EVENTS_PER_S)
+            add(name, "tree peak RSS MB", figures["tree_peak_rss_mb"], GOAL_TREE_RSS_MB, False)
     for goal in goals:
         goal["durability"] = durability
     return goals
@@ -861,6 +1031,26 @@ def markdown(report: dict) -> str:
         f"(+{report['settings']['warmup_s']:g} s warmup), interleaved; medians shown",
         f"- Command: `{report['command']}`",
         "",
+    ]
+    sustained_rows = [row for row in report["summary"] if row.get("sustained")]
+    if sustained_rows:
+        lines += [
+            "| sustained scenario | server | sustained events/s (median 10 s window, 2nd half) | "
+            "burst events/s (first window) | refused requests | log pending max / end MiB | "
+            "tree peak RSS MB | CPU us/event serving + rolling |",
+            "|---|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for row in sustained_rows:
+            f = row["sustained"]
+            lines.append(
+                f"| {row['label']} | {row['target']}{'' if row['valid'] else ' (INVALID)'} | "
+                f"{_fmt(f['sustained_events_per_s'])} | {_fmt(f['burst_events_per_s'])} | "
+                f"{_fmt(f['refused'])} | {_fmt(f['pending_mb_max'], 1)} / "
+                f"{_fmt(f['pending_mb_end'], 1)} | {_fmt(f['tree_peak_rss_mb'], 1)} | "
+                f"{_fmt(f['serving_us_per_event'], 2)} + {_fmt(f['rolling_us_per_event'], 2)} |"
+            )
+        lines.append("")
+    lines += [
         "| scenario | server | req/s | events/s | inslytic-fast ÷ this | CPU per event, "
         "this ÷ inslytic-fast | p50 ms | p90 ms | "
         "p99 ms | p99.9 ms | CPU s / 1M events | roller CPU s / 1M events | peak RSS MB | "
@@ -868,6 +1058,8 @@ def markdown(report: dict) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in report["summary"]:
+        if row.get("sustained"):
+            continue
         lat = row["latency_ms"]
         label = row["label"]
         if row["rate_req_per_s"]:
@@ -935,7 +1127,7 @@ def render(path: Path) -> int:
             run["scenario"],
             Scenario(
                 run["scenario"], run["events_per_request"], run["connections"],
-                open_loop=run["loop"] == "open",
+                open_loop=run["loop"] == "open", sustained=bool(run.get("sustained")),
             ),
         )  # fmt: skip
     report["summary"] = summarize(
@@ -1062,6 +1254,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
+    for chart_path in write_sustained_charts(runs, output):
+        print(f"chart: {chart_path}", file=sys.stderr)
     print(markdown(report))
     print(f"\nJSON report: {output}", file=sys.stderr)
     if aborted:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import xml.dom.minidom
 from pathlib import Path
 
 import orjson
@@ -141,6 +142,33 @@ def test_smoke_summary_pairs_ratios_against_inslytic(smoke):
             assert row["inslytic_ratio"] == 1.0
         else:
             assert row["inslytic_ratio"] > 0
+
+
+def test_sustained_smoke_samples_the_tree_and_the_backlog_and_draws_a_chart(tmp_path):
+    output = tmp_path / "sustained.json"
+    argv = ["--smoke", "--scenarios", "sustained", "--targets", "inslytic-fast"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *argv, "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(output.read_text())
+    (run,) = report["runs"]
+    figures = run["sustained"]
+    assert figures["timeline"][0]["t"] == 0 and len(figures["timeline"]) >= 2
+    last = figures["timeline"][-1]
+    assert last["accepted_events"] > 0 and last["pending_bytes"] is not None
+    # The whole tree: server and roller (no timing assertion: a smoke run only shows it works).
+    assert last["tree_rss_mb"] > 0 and figures["tree_peak_rss_mb"] >= last["tree_rss_mb"]
+    assert figures["burst_events_per_s"] > 0 and figures["sustained_events_per_s"] is not None
+    assert figures["serving_us_per_event"] is not None
+    assert "sustained events/s" in proc.stdout
+    chart = output.with_name("sustained-sustained.svg")
+    svg = xml.dom.minidom.parse(str(chart)).documentElement
+    assert svg.tagName == "svg" and len(svg.getElementsByTagName("polyline")) == 2
 
 
 def test_help_lists_modes():
