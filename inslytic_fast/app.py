@@ -10,6 +10,7 @@ import orjson
 from .ingest import Ingestor, Responder
 from .request import Request
 from .responses import JSON_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Responses, error_body
+from .segment import SEGMENT_ROUTES
 
 HEALTH_BODY = b'{"status":"ok"}'
 READY_BODY = b'{"status":"ready"}'
@@ -19,7 +20,10 @@ NOT_FOUND_BODY = error_body("Not found")
 CORS_MAX_AGE_SECONDS = 7200
 PREFLIGHT_HEADERS = (
     b"Access-Control-Allow-Methods: POST, OPTIONS\r\n"
-    b"Access-Control-Allow-Headers: Authorization, Content-Type, Content-Encoding\r\n"
+    # What browser SDKs send: Segment's analytics.js and PostHog set Content-Type (and some
+    # Content-Encoding); fetch() callers add Authorization and Idempotency-Key.
+    b"Access-Control-Allow-Headers: Authorization, Content-Type, Content-Encoding, "
+    b"Idempotency-Key, X-Requested-With\r\n"
     b"Access-Control-Max-Age: %d\r\n" % CORS_MAX_AGE_SECONDS
 )
 
@@ -40,6 +44,7 @@ class App:
         "readiness",
         "degraded",
         "ingest_route",
+        "segment_routes",
         "read_routes",
         "metrics_authorization",
     )
@@ -66,6 +71,7 @@ class App:
         # The main port serves the API and, unless --metrics-port moves it, /metrics; the
         # metrics port serves /metrics alone. Routes it does not serve are not found.
         self.ingest_route = INGEST_ROUTE if serves_api else None
+        self.segment_routes = SEGMENT_ROUTES if serves_api else {}
         routes = READ_ROUTES if serves_api else frozenset((METRICS_ROUTE,))
         self.read_routes = routes if serves_metrics else routes - {METRICS_ROUTE}
         self.metrics_authorization = b"Bearer " + metrics_token.encode() if metrics_token else None
@@ -80,6 +86,14 @@ class App:
             slot.route = INGEST_ROUTE
             if method == b"POST":
                 self.ingestor.submit(req, slot)
+            elif method == b"OPTIONS":
+                slot.respond(self.responses.no_content(PREFLIGHT_HEADERS, origin=req.origin))
+            else:
+                slot.respond(self._method_not_allowed(req, INGEST_METHODS))
+        elif path in self.segment_routes:
+            slot.route = path
+            if method == b"POST":
+                self.ingestor.submit(req, slot, path)
             elif method == b"OPTIONS":
                 slot.respond(self.responses.no_content(PREFLIGHT_HEADERS, origin=req.origin))
             else:

@@ -23,6 +23,8 @@ NDJSON that DuckDB reads directly::
 
     {"p":"<project>","r":<received_at_us>,"b":"<event-id prefix>","e":<events JSON array>}
 
+with ``"k":"<Idempotency-Key>"`` before ``"e"`` when the batch came with one.
+
 Event ids are UUIDv7: each batch gets a UUIDv7 whose last 3 hex digits are 0 (``b`` is the 33
 leading characters); event ``i`` is ``b || printf('%03x', i)`` (computed in SQL when the log is
 read), so no per-event Python work is needed. rand_a counts batches within a millisecond (RFC
@@ -577,10 +579,13 @@ class CommitLog:
         events_json: bytes,
         count: int,
         on_done: Callable[[BaseException | None], None],
+        idempotency_key: bytes | None = None,
     ) -> None:
         """Queue one batch; ``on_done`` fires on the loop once it is durable (or failed).
 
-        Raises LogUnavailable at once when the log refuses (overloaded, disk short, unsound).
+        ``idempotency_key`` (printable ASCII) is kept in the record as ``"k"`` (dedup.py
+        rebuilds its table from it). Raises LogUnavailable at once when the log refuses
+        (overloaded, disk short, unsound).
         """
         if self._unsound is not None or self._closing:
             self._refuse()
@@ -607,6 +612,8 @@ class CommitLog:
             received_us,
             self._batch_id_prefix(received_us // 1000),
         )
+        if idempotency_key is not None:
+            head = head[:-4] + b'"k":%b,"e":' % orjson.dumps(idempotency_key.decode("ascii"))
         if count > MAX_EVENTS_PER_BATCH:
             raise ValueError(f"batch of {count} events exceeds MAX_EVENTS_PER_BATCH")
         # Framed here, so the sync thread runs no per-record Python (each line of Python there

@@ -86,6 +86,7 @@ EVENT_COLUMN_SPECS: tuple[EventColumn, ...] = (
     _plain("traits", "JSON", "traits", "identify/group traits, as sent."),
     _plain("context", "JSON", "context", "Segment context, as sent."),
     _plain("integrations", "JSON", "integrations", "Segment integrations, as sent."),
+    _plain("user_agent", "VARCHAR", "userAgent", "context.userAgent."),
     EventColumn("idempotency_key", "VARCHAR", None, None, "k",
                 "/v1/ingest: the batch's Idempotency-Key header."),
 )  # fmt: skip

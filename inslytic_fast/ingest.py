@@ -8,25 +8,52 @@ at the edge").
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import time
 import zlib
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
+
 from .commitlog import LogUnavailable
+from .dedup import CLAIMED, IN_FLIGHT, batch_key, message_key
 from .metrics import Metrics
 from .ratelimit import UNLIMITED, RateLimiter, TokenBucket
 from .request import Request
 from .responses import Responses, error_body
 from .schema import BatchRejected, Schema
+from .segment import SEGMENT_ROUTES, SegmentCodec, SegmentRejected
 
 if TYPE_CHECKING:
     from .auth import KeyRing, Project
     from .commitlog import CommitLog
+    from .dedup import DedupTable
 
 log = logging.getLogger("inslytic_fast.ingest")
 
 WWW_AUTHENTICATE = b"WWW-Authenticate: Bearer\r\n"
 JSON_MEDIA_TYPES = (b"application/json", b"text/plain")  # text/plain: navigator.sendBeacon
+SEGMENT_SUCCESS = b'{"success":true}'
+# gzip's magic bytes (RFC 1952 s2.3.1): a beacon cannot set Content-Encoding, so a body that
+# starts with them is read as gzip (JSON text never starts with 0x1f).
+GZIP_MAGIC = b"\x1f\x8b"
+# IETF draft-ietf-httpapi-idempotency-key-header leaves the length open; Stripe caps keys at
+# 255 characters, which fits a UUID, a hash or a compound id.
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# A retry that arrives while its first attempt is still committing: stored-or-not is not known
+# yet. The commit takes milliseconds; one second is the smallest Retry-After.
+RETRY_AFTER_IN_FLIGHT = 1
+
+
+class _BodyKey(msgspec.Struct):
+    """The write key a body may carry (Segment's ``writeKey``; sendBeacon cannot set headers)."""
+
+    writeKey: str | None = None  # noqa: N815 - the SDKs' spelling
+
+
+_body_key_decoder = msgspec.json.Decoder(_BodyKey)
 
 
 class Responder(Protocol):
@@ -51,7 +78,8 @@ class Rejection:
 class Admission:
     """An accepted batch, tokens already spent, waiting for the commit log."""
 
-    __slots__ = ("project", "events_json", "count", "bucket", "window", "limit_headers")
+    __slots__ = ("project", "events_json", "count", "bucket", "window", "limit_headers",
+                 "segment", "claimed", "idempotency_key")  # fmt: skip
 
     def __init__(
         self,
@@ -60,16 +88,34 @@ class Admission:
         count: int,
         bucket: TokenBucket | None,
         limit_headers: bytes,
+        *,
+        segment: bool = False,
+        claimed: list | None = None,
+        idempotency_key: bytes | None = None,
     ) -> None:
         self.project = project
-        self.events_json = events_json
+        self.events_json = events_json  # b"" when every message was a duplicate
         self.count = count
         self.bucket = bucket
         self.window = bucket.window_start if bucket is not None else 0.0
         self.limit_headers = limit_headers
+        self.segment = segment  # answered 200 {"success":true}, not 202
+        self.claimed = claimed  # dedup slots to settle or release
+        self.idempotency_key = idempotency_key
 
 
-def bearer_token(authorization: bytes | None) -> bytes | Rejection:
+class Duplicate:
+    """A retried /v1/ingest batch already stored: answered as the first attempt was."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+def bearer_token(authorization: bytes | None, *, basic: bool = False) -> bytes | Rejection:
+    """The key of an Authorization header; ``basic``: also HTTP Basic with the key as user
+    name (Segment's write key: ``base64(key + ":")``)."""
     if authorization is not None and authorization.startswith(b"Bearer "):
         token = authorization[7:].strip()  # what SDKs send: no partition, no lower()
         if token:
@@ -77,6 +123,14 @@ def bearer_token(authorization: bytes | None) -> bytes | Rejection:
     if authorization is None:
         return _unauthorized("Missing API key: send 'Authorization: Bearer <key>'")
     scheme, _, token = authorization.strip().partition(b" ")
+    if basic and scheme.lower() == b"basic":
+        try:
+            user = base64.b64decode(token.strip(), validate=True).partition(b":")[0]
+        except (binascii.Error, ValueError):
+            return _unauthorized("Authorization: Basic credentials are not valid base64")
+        if not user:
+            return _unauthorized("Missing write key: the Basic user name is empty")
+        return user
     if scheme.lower() != b"bearer":  # RFC 9110 s11.1: auth schemes are case-insensitive
         return _unauthorized("Authorization must use the Bearer scheme")
     token = token.strip()
@@ -110,9 +164,14 @@ class BodyTooLarge(Exception):
 
 
 def decode_body(body: bytes, content_encoding: bytes | None, limit: int) -> bytes | Rejection:
-    """Undo Content-Encoding, inflating at most ``limit`` bytes (a gzip bomb stops at the cap)."""
+    """Undo Content-Encoding, inflating at most ``limit`` bytes (a gzip bomb stops at the cap).
+
+    Without Content-Encoding, a body starting with gzip's magic bytes is gzip (see GZIP_MAGIC).
+    """
     if content_encoding is None:
-        return body
+        if body[:2] != GZIP_MAGIC:
+            return body
+        content_encoding = b"gzip"
     encoding = content_encoding.strip().lower()
     if encoding in (b"", b"identity"):
         return body
@@ -171,6 +230,10 @@ class Ingestor:
         "metrics",
         "default_limit",
         "max_decompressed_bytes",
+        "segment",
+        "dedup",
+        "dedup_owner",
+        "clock",
     )
 
     def __init__(
@@ -184,6 +247,10 @@ class Ingestor:
         default_limit: int,
         max_decompressed_bytes: int,
         metrics: Metrics | None = None,
+        segment: SegmentCodec | None = None,
+        dedup: DedupTable | None = None,
+        dedup_owner: int = 0,
+        clock=time.time,
     ) -> None:
         self.keyring = keyring
         self.schema = schema
@@ -193,25 +260,71 @@ class Ingestor:
         self.metrics = metrics if metrics is not None else Metrics()
         self.default_limit = default_limit
         self.max_decompressed_bytes = max_decompressed_bytes
+        self.segment = segment if segment is not None else SegmentCodec(schema.limits)
+        self.dedup = dedup
+        self.dedup_owner = dedup_owner
+        self.clock = clock  # received time for Segment's clock-skew correction
 
-    def _project(self, req: Request) -> Project | Rejection:
-        """Who is sending, and whether the headers allow a body at all."""
+    # ------------------------------------------------------------------ decisions
+
+    def _header_project(self, req: Request) -> Project | Rejection:
+        """Who is sending by the Authorization header, and whether the headers allow a body."""
         token = bearer_token(req.authorization)
         if type(token) is Rejection:
             return token
-        project = self.keyring.lookup(token)
-        if project is None:
-            return _unauthorized("Invalid API key")
+        project = self._lookup(req, token)
+        if type(project) is Rejection:
+            return project
         rejection = check_media_type(req.content_type)
         if rejection is not None:
             return rejection
+        return project
+
+    def _project(
+        self, req: Request, header_key: bytes | None, body_key: str | None
+    ) -> Project | Rejection:
+        """The project of the request's key: the header's, else the body's; both must agree."""
+        if header_key is not None:
+            if body_key is not None and body_key.encode() != header_key:
+                return _unauthorized(
+                    "The key in the body does not match the Authorization header"
+                )
+            key = header_key
+        elif body_key:
+            key = body_key.encode()
+        else:
+            return _unauthorized(
+                "Missing API key: send 'Authorization: Bearer <key>' or a writeKey body field"
+            )
+        return self._lookup(req, key)
+
+    def _lookup(self, req: Request, key: bytes) -> Project | Rejection:
+        project = self.keyring.lookup(key)
+        if project is None:
+            return _unauthorized("Invalid API key")
+        origin = req.origin
+        if origin is not None:
+            # Enforced here, not only by browsers: a beacon is not subject to CORS, and a
+            # key shown in a page must not work from any other site.
+            allowed = getattr(project, "origins", None)
+            if not (
+                self.responses.origin_allowed(origin)
+                and (allowed is None or origin in allowed)
+            ):
+                return Rejection(
+                    403,
+                    error_body("Origin not allowed", [f"{origin.decode('latin-1')[:200]}"]),
+                    reason="auth",
+                )
         return project
 
     def refuse_before_body(self, req: Request) -> Rejection | None:
         """For ``Expect: 100-continue``: the refusal a request would get whatever its body
         (auth, media type, encoding, an empty rate-limit bucket), or None to invite the body.
         Spends nothing; the request is decided again in full once the body is in."""
-        project = self._project(req)
+        if req.authorization is None and _is_beacon(req):
+            return None  # the key may be in the body
+        project = self._header_project(req)
         if type(project) is Rejection:
             return project
         encoding = decode_body(b"", req.content_encoding, 0)
@@ -244,43 +357,168 @@ class Ingestor:
             count,
         )
 
-    def admit(self, req: Request) -> Admission | Rejection:
-        project = self._project(req)
-        if type(project) is Rejection:
-            return project
+    def _spend(self, project: Project, count: int) -> tuple[TokenBucket | None, bytes] | Rejection:
+        limit = self._limit_of(project)
+        if limit == UNLIMITED or count == 0:
+            return None, b""
+        if count > limit:
+            # 429 means "try later"; this batch can never fit in a window. No Retry-After.
+            return Rejection(
+                413,
+                error_body(
+                    "Batch exceeds the rate limit",
+                    [
+                        f"this batch of {count} events is more than the project's whole "
+                        f"limit of {limit} events per minute, so it can never be accepted; "
+                        f"send it in batches of at most {limit} events"
+                    ],
+                ),
+                reason="rate_limit",
+                events=count,
+            )
+        now = self.limiter.clock()
+        bucket = self.limiter.bucket(project.name, limit, now)
+        if not bucket.try_spend(count):
+            return self._rate_limited(bucket, limit, count, now)
+        return bucket, limit_headers(bucket, now)
+
+    def admit(self, req: Request) -> Admission | Duplicate | Rejection:
+        """POST /v1/ingest."""
+        # A beacon (text/plain: sendBeacon cannot set headers) may carry its key in the body.
+        beacon = _is_beacon(req)
+        header_key = None
+        if req.authorization is not None or not beacon:
+            header_key = bearer_token(req.authorization)  # refused before the body is read
+            if type(header_key) is Rejection:
+                return header_key
+        rejection = check_media_type(req.content_type)
+        if rejection is not None:
+            return rejection
         body = decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
         if type(body) is Rejection:
             return body
+        body_key = None
+        if beacon:  # also with a header: a body key that disagrees with it is refused
+            try:
+                body_key = _body_key_decoder.decode(body).writeKey
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                body_key = None  # the schema below explains what is wrong with the body
+        project = self._project(req, header_key, body_key)
+        if type(project) is Rejection:
+            return project
+        idempotency_key = req.idempotency_key
+        if idempotency_key is not None:
+            idempotency_key = idempotency_key.strip()
+            if not (
+                0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+                and idempotency_key.isascii()
+                and idempotency_key.decode("ascii").isprintable()
+            ):
+                return Rejection(
+                    400,
+                    error_body(
+                        "Invalid Idempotency-Key",
+                        [f"1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters"],
+                    ),
+                )
         try:
             events = self.schema.decode(body)
         except BatchRejected as exc:
             return Rejection(400, error_body(exc.error, exc.details), reason="validation")
         count = len(events)
-        limit = self._limit_of(project)
-        bucket = None
-        headers = b""
-        if limit != UNLIMITED:
-            if count > limit:
-                # 429 means "try later"; this batch can never fit in a window. No Retry-After.
-                return Rejection(
-                    413,
-                    error_body(
-                        "Batch exceeds the rate limit",
-                        [
-                            f"this batch of {count} events is more than the project's whole "
-                            f"limit of {limit} events per minute, so it can never be accepted; "
-                            f"send it in batches of at most {limit} events"
-                        ],
-                    ),
-                    reason="rate_limit",
-                    events=count,
-                )
-            now = self.limiter.clock()
-            bucket = self.limiter.bucket(project.name, limit, now)
-            if not bucket.try_spend(count):
-                return self._rate_limited(bucket, limit, count, now)
-            headers = limit_headers(bucket, now)
-        return Admission(project.name, self.schema.encode_events(events), count, bucket, headers)
+        claimed = None
+        if idempotency_key is not None and self.dedup is not None:
+            (status,), claimed = self.dedup.claim(
+                [batch_key(project.name, idempotency_key)], self.dedup_owner
+            )
+            if status == IN_FLIGHT:
+                return _in_flight(409)
+            if status != CLAIMED:
+                return Duplicate(status)
+        spent = self._spend(project, count)
+        if type(spent) is Rejection:
+            if claimed:
+                self.dedup.release(claimed)
+            return spent
+        bucket, headers = spent
+        return Admission(
+            project.name,
+            self.schema.encode_events(events),
+            count,
+            bucket,
+            headers,
+            claimed=claimed,
+            idempotency_key=idempotency_key,
+        )
+
+    def admit_segment(self, req: Request, route_type: str | None) -> Admission | Rejection:
+        """POST /v1/batch and the single-message Segment routes."""
+        header_key = None
+        if req.authorization is not None:
+            header_key = bearer_token(req.authorization, basic=True)
+            if type(header_key) is Rejection:
+                return header_key
+        rejection = check_media_type(req.content_type)
+        if rejection is not None:
+            return rejection
+        body = decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
+        if type(body) is Rejection:
+            return body
+        try:
+            decoded = self.segment.decode(body, route_type)
+        except SegmentRejected as exc:
+            if header_key is None:  # unauthenticated: say only that the key is missing
+                return _unauthorized("Missing write key: HTTP Basic user name or writeKey")
+            return Rejection(400, error_body(exc.error, exc.details), reason="validation")
+        project = self._project(req, header_key, decoded.write_key)
+        if type(project) is Rejection:
+            return project
+        messages = decoded.messages
+        claimed = None
+        if self.dedup is not None:
+            messages, claimed = self._new_messages(project.name, messages)
+            if messages is None:
+                return _in_flight(503)
+        spent = self._spend(project, len(messages))
+        if type(spent) is Rejection:
+            if claimed:
+                self.dedup.release(claimed)
+            return spent
+        bucket, headers = spent
+        events_json = (
+            self.segment.encode(messages, decoded.sent_at, self.clock()) if messages else b""
+        )
+        return Admission(
+            project.name, events_json, len(messages), bucket, headers, segment=True,
+            claimed=claimed,
+        )  # fmt: skip
+
+    def _new_messages(self, project: str, messages: list) -> tuple[list | None, list]:
+        """The messages not stored before (None: one is still being committed elsewhere)."""
+        keyed: list = []
+        keys: list[bytes] = []
+        fresh: list = []
+        seen: set[str] = set()
+        for message in messages:
+            message_id = message.message_id
+            if message_id is None:
+                fresh.append(message)
+            elif message_id not in seen:  # a repeat inside one batch is a duplicate too
+                seen.add(message_id)
+                keyed.append(message)
+                keys.append(message_key(project, message_id))
+        if not keys:
+            return messages, []
+        statuses, claimed = self.dedup.claim(keys, self.dedup_owner)
+        if IN_FLIGHT in statuses:
+            self.dedup.release(claimed)
+            return None, []
+        if len(fresh) + len(keyed) == len(messages) and all(s == CLAIMED for s in statuses):
+            return messages, claimed
+        duplicates = {m.message_id for m, s in zip(keyed, statuses, strict=True) if s != CLAIMED}
+        return [m for m in messages if m.message_id not in duplicates], claimed
+
+    # ------------------------------------------------------------------ carrying them out
 
     def refusal(self, rejection: Rejection, req: Request, *, close: bool) -> bytes:
         """Count a rejection and render its response."""
@@ -289,35 +527,62 @@ class Ingestor:
             rejection.status, rejection.body, rejection.headers, origin=req.origin, close=close
         )
 
-    def submit(self, req: Request, responder: Responder) -> None:
-        decision = self.admit(req)
+    def submit(
+        self, req: Request, responder: Responder, segment_route: bytes | None = None
+    ) -> None:
+        if segment_route is None:
+            decision = self.admit(req)
+        else:
+            decision = self.admit_segment(req, SEGMENT_ROUTES[segment_route])
         responses = self.responses
-        if type(decision) is Rejection:
+        decision_type = type(decision)
+        if decision_type is Rejection:
             responder.respond(self.refusal(decision, req, close=not req.keep_alive))
             return
         origin, close = req.origin, not req.keep_alive
+        if decision_type is Duplicate:
+            responder.respond(responses.accepted(decision.count, origin=origin, close=close))
+            return
+        if not decision.count:  # every message was a retry of one already stored
+            responder.respond(responses.render(200, SEGMENT_SUCCESS, origin=origin, close=close))
+            return
 
         def on_done(error: BaseException | None) -> None:
             if error is None:
+                if decision.claimed:
+                    self.dedup.settle(decision.claimed, decision.count)
                 self.metrics.accepted(decision.project, decision.count)
-                responder.respond(
-                    responses.accepted(
+                if decision.segment:
+                    response = responses.render(
+                        200, SEGMENT_SUCCESS, decision.limit_headers, origin=origin, close=close
+                    )
+                else:
+                    response = responses.accepted(
                         decision.count, decision.limit_headers, origin=origin, close=close
                     )
-                )
+                responder.respond(response)
             else:
                 responder.respond(self._unavailable(decision, error, origin, close))
 
         try:
-            self.commitlog.append(decision.project, decision.events_json, decision.count, on_done)
+            self.commitlog.append(
+                decision.project,
+                decision.events_json,
+                decision.count,
+                on_done,
+                idempotency_key=decision.idempotency_key,
+            )
         except LogUnavailable as exc:
             responder.respond(self._unavailable(decision, exc, origin, close))
 
     def _unavailable(
         self, decision: Admission, error: BaseException, origin: bytes | None, close: bool
     ) -> bytes:
-        """503 + Retry-After: the events were not stored, so their tokens go back."""
+        """503 + Retry-After: the events were not stored, so their tokens and dedup claims go
+        back (the client's retry must be stored)."""
         self.metrics.rejected("overload", decision.count)
+        if decision.claimed:
+            self.dedup.release(decision.claimed)
         if decision.bucket is not None:
             decision.bucket.refund(decision.count, decision.window)
         retry_after = getattr(error, "retry_after", 1)
@@ -330,3 +595,22 @@ class Ingestor:
             origin=origin,
             close=close,
         )
+
+
+def _is_beacon(req: Request) -> bool:
+    content_type = req.content_type
+    return content_type is not None and content_type[:10].lower() == b"text/plain"
+
+
+def _in_flight(status: int) -> Rejection:
+    """A retry racing its own first attempt: 409 as the Idempotency-Key draft says, or 503
+    for the Segment routes (their SDKs retry 5xx and 429 only, and drop a batch on 409)."""
+    return Rejection(
+        status,
+        error_body(
+            "Request in progress",
+            ["the first attempt of this request is still being stored; retry shortly"],
+        ),
+        b"Retry-After: %d\r\n" % RETRY_AFTER_IN_FLIGHT,
+        "conflict",
+    )

@@ -16,7 +16,9 @@ from .schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, FieldSpec, eve
 OPENAPI_VERSION = "3.1.0"
 # Mirrors app.py: browsers cache the preflight this long; the header is always present.
 PREFLIGHT_ALLOW_METHODS = "POST, OPTIONS"
-PREFLIGHT_ALLOW_HEADERS = "Authorization, Content-Type, Content-Encoding"
+PREFLIGHT_ALLOW_HEADERS = (
+    "Authorization, Content-Type, Content-Encoding, Idempotency-Key, X-Requested-With"
+)
 # ingest.decode_body accepts these codings (compared case-insensitively; x-gzip is gzip's alias).
 # "" is what an empty header means to the server: no coding (identity).
 CONTENT_ENCODINGS = ("gzip", "x-gzip", "deflate", "identity", "")

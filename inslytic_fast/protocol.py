@@ -59,7 +59,7 @@ PARSE_SLICE = 16 * 1024
 
 # Headers the server looks at; everything else is skipped with one dict miss.
 _AUTHORIZATION, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
-_TRANSFER_ENCODING, _EXPECT, _ORIGIN, _HOST, _CONNECTION = 5, 6, 7, 8, 9
+_TRANSFER_ENCODING, _EXPECT, _ORIGIN, _HOST, _CONNECTION, _IDEMPOTENCY_KEY = 5, 6, 7, 8, 9, 10
 _INTERESTING = {
     b"host": _HOST,
     b"connection": _CONNECTION,
@@ -70,6 +70,7 @@ _INTERESTING = {
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"expect": _EXPECT,
     b"origin": _ORIGIN,
+    b"idempotency-key": _IDEMPOTENCY_KEY,
 }
 _SKIPPED = 0
 # The spellings clients send (lower case, and Title-Case as curl and most SDKs do), including
@@ -394,8 +395,10 @@ class HttpProtocol(asyncio.Protocol):
             self.host_headers += 1
         elif which == _CONNECTION:
             self.asks_keep_alive = b"keep-alive" in value.lower()
-        else:
+        elif which == _ORIGIN:
             request.origin = value
+        else:
+            request.idempotency_key = value
 
     def on_headers_complete(self) -> None:
         self.phase = BODY

@@ -13,6 +13,7 @@ class Request:
         "content_type",
         "content_encoding",
         "origin",
+        "idempotency_key",
         "body",
         "keep_alive",
     )
@@ -24,5 +25,6 @@ class Request:
         self.content_type: bytes | None = None
         self.content_encoding: bytes | None = None
         self.origin: bytes | None = None
+        self.idempotency_key: bytes | None = None
         self.body = b""
         self.keep_alive = True

@@ -70,6 +70,11 @@ class Responses:
             response = self._accepted[count] = self.render(202, b'{"accepted":%d}' % count)
         return response
 
+    def origin_allowed(self, origin: bytes) -> bool:
+        """Whether --cors-origins lets a request with this Origin header in (the server
+        enforces it: a beacon is not subject to CORS, and nor is curl)."""
+        return self._allow_any_origin or origin in self._origins
+
     def cors(self, origin: bytes | None) -> bytes:
         if self._allow_any_origin:
             return b""

@@ -23,11 +23,15 @@ import ssl
 import sys
 from pathlib import Path
 
+import duckdb
+
 from . import __version__
 from .app import App
 from .auth import CatalogError, KeyRing
 from .commitlog import LOG_DIRNAME, CommitLog, list_segments
 from .config import Settings
+from .dedup import DedupTable, rebuild
+from .dedup import table_path as dedup_table_path
 from .ingest import Ingestor
 from .logs import RepeatedFailure
 from .metrics import merge, process_gauges, read_snapshots, storage_gauges, write_snapshot
@@ -55,6 +59,12 @@ class StartupError(Exception):
 def run_dir(data_dir: Path) -> Path:
     """Runtime files of a running server: rate-limit table, worker metric snapshots."""
     return data_dir / "run"
+
+
+def worker_index(worker_id: str) -> int:
+    """w3 -> 3: a worker's owner number in shared tables (0 for any other name)."""
+    digits = worker_id.lstrip("w")
+    return int(digits) if digits.isdigit() else 0
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -223,12 +233,17 @@ class Server:
         worker_id: str = "w0",
         limiter: RateLimiter | None = None,
         standalone: bool = True,
+        dedup_role: str = "create",
         out=None,
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.limiter = limiter if limiter is not None else RateLimiter()
         self.standalone = standalone
+        # The shared dedup table: "create" it (and rebuild it from the data), "join" the one a
+        # sibling created, or "rejoin" after a crash (rebuild, release the dead one's claims).
+        self.dedup_role = dedup_role
+        self.dedup: DedupTable | None = None
         self.out = out or sys.stdout
         self.state = ServerState(settings)
         self.responses = Responses(settings.cors_origins)
@@ -276,6 +291,7 @@ class Server:
             raise StartupError(f"cannot open the commit log: {exc}") from None
         self.keyring = keyring
         self.commitlog = commitlog
+        self.dedup = self._open_dedup()
         if self.standalone:
             self.roller = RollerProcess(settings)
         limits = EventLimits()
@@ -288,6 +304,8 @@ class Server:
             default_limit=settings.events_per_minute,
             max_decompressed_bytes=settings.max_decompressed_bytes,
             metrics=self.state.metrics,
+            dedup=self.dedup,
+            dedup_owner=worker_index(self.worker_id),
         )
         openapi = build_openapi(
             limits, max_body_bytes=settings.max_body_bytes, server_version=__version__
@@ -330,6 +348,21 @@ class Server:
             raise StartupError(str(exc)) from None
         self.coordinator = link
         self.limiter = GlobalRateLimiter(link)
+
+    def _open_dedup(self) -> DedupTable:
+        """After the commit log is open (its tail recovered): the rebuild reads it."""
+        path = dedup_table_path(run_dir(self.settings.data_dir))
+        try:
+            table = DedupTable(path, create=self.dedup_role == "create")
+            if self.dedup_role != "join":
+                rebuild(table, self.settings.data_dir)
+            if self.dedup_role == "rejoin":
+                released = table.release_owner(worker_index(self.worker_id))
+                log.info("dedup: released %d claims of the previous %s", released,
+                         self.worker_id)  # fmt: skip
+        except (OSError, ValueError, duckdb.Error) as exc:
+            raise StartupError(f"cannot open the dedup table {path}: {exc}") from None
+        return table
 
     def bind_metrics_socket(self) -> socket.socket | None:
         """The --metrics-port socket (shared by the workers, like the main port), or None."""

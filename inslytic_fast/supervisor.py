@@ -77,6 +77,7 @@ def worker_main(
     worker_id: str,
     ready,
     inherited: socket.socket | None,
+    dedup_role: str = "join",
 ) -> None:
     """Entry point of a worker process (spawned: nothing is shared but what is passed)."""
     leave_sigint_to_parent()
@@ -86,7 +87,9 @@ def worker_main(
     limiter = None  # with --coordinator the server builds a cluster-wide one
     if not settings.coordinator:
         limiter = SharedRateLimiter(SharedBudget(budget_path(settings.data_dir)), settings.workers)
-    server = Server(settings, worker_id=worker_id, limiter=limiter, standalone=False)
+    server = Server(
+        settings, worker_id=worker_id, limiter=limiter, standalone=False, dedup_role=dedup_role
+    )
     server.parent_pid = parent_pid
     try:
         server.open_storage()
@@ -210,10 +213,16 @@ class Supervisor:
         self.stopping = True
 
     def _start(self, worker: Worker, *, wait_ready: bool = False) -> str | None:
+        # The first worker creates the dedup table (rebuilt from the data) before the others
+        # start; a restarted worker rebuilds it and releases its predecessor's claims.
+        if worker.process is not None or worker.started_at:
+            role = "rejoin"
+        else:
+            role = "create" if worker is self.workers[0] else "join"
         parent_conn, child_conn = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=worker_main,
-            args=(self.settings, worker.worker_id, child_conn, self.listen_sock),
+            args=(self.settings, worker.worker_id, child_conn, self.listen_sock, role),
             name=f"inslytic-fast-{worker.worker_id}",
         )
         start_child(process)

@@ -27,11 +27,13 @@ class MemorySink:
         self.appended: list[tuple[str, bytes, int]] = []
         self.waiting = []
         self.refuse: LogUnavailable | None = None
+        self.keys: list[bytes | None] = []
 
-    def append(self, project, events_json, count, on_done) -> None:
+    def append(self, project, events_json, count, on_done, idempotency_key=None) -> None:
         if self.refuse is not None:
             raise self.refuse
         self.appended.append((project, events_json, count))
+        self.keys.append(idempotency_key)
         self.waiting.append(on_done)
 
     def complete(self, error: BaseException | None = None) -> None:
