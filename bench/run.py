@@ -816,13 +816,16 @@ def server_side_latency(before, after) -> dict | None:
     """Percentile upper bounds (bucket edges, ms) of the requests the server answered between
     two scrapes of its /metrics, and the share answered within 5 ms; None without both.
 
-    The histogram counts every route, but in a window nearly every request is an ingest. With
-    several workers the other workers' counts are up to one tick (1 s) old."""
+    Only the ingest route's histogram (a server from before the route label had one for all).
+    With several workers the other workers' counts are up to one tick (1 s) old."""
     if before is None or after is None:
         return None
     counts = {}
     for (name, labels), value in after.samples.items():
-        if name == SERVER_LATENCY_METRIC:
+        if (
+            name == SERVER_LATENCY_METRIC
+            and dict(labels).get("route", "/v1/ingest") == "/v1/ingest"
+        ):
             edge = dict(labels)["le"]
             counts[edge] = value - before.samples.get((name, labels), 0.0)
     total = counts.get("+Inf", 0.0)

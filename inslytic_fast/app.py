@@ -8,13 +8,13 @@ from collections.abc import Callable
 import orjson
 
 from .ingest import Ingestor, Responder
+from .metrics import INGEST_ROUTE
 from .request import Request
 from .responses import JSON_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Responses, error_body
 from .segment import SEGMENT_ROUTES
 
 HEALTH_BODY = b'{"status":"ok"}'
 READY_BODY = b'{"status":"ready"}'
-INGEST_ROUTE = b"/v1/ingest"
 NOT_FOUND_BODY = error_body("Not found")
 # Browsers cache a preflight for at most 2 h (Chromium) / 24 h (Firefox); 2 h works for both.
 CORS_MAX_AGE_SECONDS = 7200

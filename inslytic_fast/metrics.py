@@ -9,6 +9,7 @@ whichever worker answers a scrape sums the others' snapshots with its own live c
 from __future__ import annotations
 
 import os
+import platform
 import re
 import resource
 import time
@@ -17,6 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
+
+from . import __version__
 
 # Seconds; the request buckets resolve sub-millisecond answers and multi-second fsync stalls.
 LATENCY_BUCKETS = (
@@ -36,8 +39,10 @@ LATENCY_BUCKETS = (
     10.0,
 )
 
-ROUTES = (b"/v1/ingest", b"/health", b"/ready", b"/metrics", b"/openapi.json")
+INGEST_ROUTE = b"/v1/ingest"
+ROUTES = (INGEST_ROUTE, b"/health", b"/ready", b"/metrics", b"/openapi.json")
 OTHER_ROUTE = b"other"
+ALL_ROUTES = (*ROUTES, OTHER_ROUTE)
 
 
 class Histogram:
@@ -58,6 +63,24 @@ class Histogram:
         return {"counts": self.counts, "sum": self.total, "count": self.count}
 
 
+# Every reason an ingest request is refused for, so each series exists (at 0) from the start:
+# a rate() over a series that appears only with its first refusal misses that refusal.
+REJECT_REASONS = (
+    "auth",  # 401
+    "body",  # 413 (too large as sent or inflated), 415, 400 bad compression
+    "headers",  # 431
+    "malformed",  # 400: broken HTTP framing
+    "timeout",  # 408
+    "validation",  # 400: invalid JSON or events
+    "rate_limit",  # 429, and 413 for a batch over the whole per-minute limit
+    "overload",  # 503: the log cannot take events now
+)
+# Refusals whose event count is known (the body was decoded).
+EVENT_REJECT_REASONS = ("rate_limit", "overload")
+# Protocol-level errors, by status, as rejection reasons of the ingest route.
+PROTOCOL_REJECT_REASONS = {400: "malformed", 408: "timeout", 413: "body", 431: "headers"}
+
+
 class Metrics:
     """One process's counters. Keys are plain strings so snapshots are JSON."""
 
@@ -74,18 +97,19 @@ class Metrics:
 
     def __init__(self) -> None:
         self.responses: dict[tuple[bytes, bytes], int] = {}
-        self.request_latency = Histogram(LATENCY_BUCKETS)
+        # By route, so a flood of /health probes does not dilute the ingest percentiles.
+        self.request_latency = {route: Histogram(LATENCY_BUCKETS) for route in ALL_ROUTES}
         self.events_accepted: dict[str, int] = {}
         self.batches_accepted: dict[str, int] = {}
-        self.batches_rejected: dict[str, int] = {}  # by reason
-        self.events_rejected: dict[str, int] = {}  # by reason, where the count is known
+        self.batches_rejected = dict.fromkeys(REJECT_REASONS, 0)
+        self.events_rejected = dict.fromkeys(EVENT_REJECT_REASONS, 0)
         self.bytes_received = 0
         self.connections_opened = 0
 
     def response(self, route: bytes, data: bytes, started: float, now: float) -> None:
         key = (route, data[9:12])  # the status code digits of "HTTP/1.1 NNN"
         self.responses[key] = self.responses.get(key, 0) + 1
-        self.request_latency.observe(now - started)
+        self.request_latency[route].observe(now - started)
 
     def accepted(self, project: str, count: int) -> None:
         self.events_accepted[project] = self.events_accepted.get(project, 0) + count
@@ -97,75 +121,83 @@ class Metrics:
             self.events_rejected[reason] = self.events_rejected.get(reason, 0) + events
 
     def snapshot(self) -> dict:
+        """Counters as JSON-able data; ``add_snapshots`` sums such snapshots key by key."""
+        responses: dict[str, dict[str, int]] = {}
+        for (route, status), n in self.responses.items():
+            responses.setdefault(route.decode(), {})[status.decode()] = n
         return {
-            "responses": [[r.decode(), s.decode(), n] for (r, s), n in self.responses.items()],
-            "request_latency": self.request_latency.snapshot(),
-            "events_accepted": self.events_accepted,
-            "batches_accepted": self.batches_accepted,
-            "batches_rejected": self.batches_rejected,
-            "events_rejected": self.events_rejected,
+            "responses": responses,
+            "request_latency": {
+                route.decode(): hist.snapshot() for route, hist in self.request_latency.items()
+            },
+            "events_accepted": dict(self.events_accepted),
+            "batches_accepted": dict(self.batches_accepted),
+            "batches_rejected": dict(self.batches_rejected),
+            "events_rejected": dict(self.events_rejected),
             "bytes_received": self.bytes_received,
             "connections_opened": self.connections_opened,
         }
 
 
-def _sum_into(total: dict, part: dict) -> None:
+def add_snapshots(into: dict, part: dict) -> dict:
+    """Add ``part`` into ``into`` (returned): numbers add, lists add element-wise (histogram
+    buckets), dicts add key by key. Per-process figures live under ``process``, keyed by
+    worker, so adding snapshots of different workers keeps each one's own."""
     for key, value in part.items():
-        total[key] = total.get(key, 0) + value
+        have = into.get(key)
+        if have is None:
+            into[key] = _copy(value)
+        elif isinstance(value, dict):
+            add_snapshots(have, value)
+        elif isinstance(value, list):
+            into[key] = [a + b for a, b in zip(have, value, strict=True)]
+        elif key in _NOT_SUMMED:
+            into[key] = value
+        else:
+            into[key] = have + value
+    return into
 
 
-def _empty_latency() -> dict:
-    return {"counts": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0}
+# Gauges and maxima inside ``log`` stats: the newest figure, never a sum.
+_NOT_SUMMED = frozenset(("last_sync_latency_s", "max_sync_latency_s"))
 
 
-def _add_histogram(into: dict, part: dict) -> None:
-    into["counts"] = [a + b for a, b in zip(into["counts"], part["counts"], strict=True)]
-    into["sum"] += part["sum"]
-    into["count"] += part["count"]
+def _copy(value):
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return list(value)
+    return value
 
 
 def merge(snapshots: Iterable[dict]) -> dict:
-    """Sum snapshots of several workers (counters and histograms add up)."""
-    merged: dict = {
-        "responses": {},
-        "request_latency": _empty_latency(),
-        "commit_latency": _empty_latency(),
-        "events_accepted": {},
-        "batches_accepted": {},
-        "batches_rejected": {},
-        "events_rejected": {},
-        "bytes_received": 0,
-        "connections_opened": 0,
-        "log": {},
-        "gauges": {},
-    }
+    """Sum the snapshots of several workers (counters and histograms add up)."""
+    merged: dict = {}
     for snap in snapshots:
-        for route, status, n in snap["responses"]:
-            key = (route, status)
-            merged["responses"][key] = merged["responses"].get(key, 0) + n
-        _add_histogram(merged["request_latency"], snap["request_latency"])
-        if "commit_latency" in snap:  # a worker's snapshot always has it; tests' may not
-            _add_histogram(merged["commit_latency"], snap["commit_latency"])
-        for name in ("events_accepted", "batches_accepted", "batches_rejected", "events_rejected"):
-            _sum_into(merged[name], snap[name])
-        merged["bytes_received"] += snap["bytes_received"]
-        merged["connections_opened"] += snap["connections_opened"]
-        log_part = dict(snap.get("log", {}))
-        latest = log_part.pop("last_sync_latency_s", 0.0)
-        _sum_into(merged["log"], log_part)
-        merged["log"]["last_sync_latency_s"] = max(
-            latest, merged["log"].get("last_sync_latency_s", 0.0)
-        )
-        _sum_into(merged["gauges"], snap.get("gauges", {}))
+        add_snapshots(merged, snap)
     return merged
 
 
-def process_gauges(connections: int) -> dict:
+def carried_totals(snapshot: dict) -> dict:
+    """What a restarted worker carries over from its predecessor's last snapshot: the
+    counters (so the sum over workers never goes down), not the dead process's gauges."""
+    return {key: value for key, value in snapshot.items() if key != "process"}
+
+
+PROCESS_STARTED_AT = time.time()
+
+
+def process_gauges(worker_id: str, connections: int, last_sync_latency_s: float) -> dict:
+    """This process's own figures, under its worker id (``process`` in a snapshot)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
-        "open_connections": connections,
-        "resident_memory_bytes": _rss_bytes(),
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        worker_id: {
+            "open_connections": connections,
+            "resident_memory_bytes": _rss_bytes(),
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "start_time_seconds": PROCESS_STARTED_AT,
+            "last_sync_latency_s": last_sync_latency_s,
+        }
     }
 
 
@@ -241,6 +273,25 @@ COORDINATOR_SERIES = (
 )
 
 
+PROCESS_SERIES = (
+    ("resident_memory_bytes", "process_resident_memory_bytes", "gauge", "Resident memory."),
+    ("cpu_seconds", "process_cpu_seconds_total", "counter", "User and system CPU seconds."),
+    (
+        "start_time_seconds",
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since the Unix epoch, in seconds.",
+    ),
+    (
+        "last_sync_latency_s",
+        "inslytic_log_last_sync_seconds",
+        "gauge",
+        "Duration of the process's latest group commit.",
+    ),
+)
+_EMPTY_HISTOGRAM = {"counts": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0}
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -252,24 +303,34 @@ def render(merged: dict, storage: dict) -> bytes:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
 
+    family("inslytic_build_info", "gauge", "Always 1; the labels say what is running.")
+    out.append(
+        f'inslytic_build_info{{version="{__version__}",python="{platform.python_version()}"}} 1'
+    )
     family("inslytic_http_requests_total", "counter", "HTTP responses by route and status.")
-    for (route, status), n in sorted(merged["responses"].items()):
-        labels = f'route="{_escape(route)}",status="{status}"'
-        out.append(f"inslytic_http_requests_total{{{labels}}} {n}")
+    for route, by_status in sorted(merged.get("responses", {}).items()):
+        for status, n in sorted(by_status.items()):
+            labels = f'route="{_escape(route)}",status="{status}"'
+            out.append(f"inslytic_http_requests_total{{{labels}}} {n}")
 
-    def histogram(name: str, help_text: str, hist: dict) -> None:
+    def histogram(name: str, help_text: str, hists: dict[str, dict], label: str = "") -> None:
+        """One family; ``hists`` maps a label value ('' for none) to a histogram snapshot."""
         family(name, "histogram", help_text)
-        cumulative = 0
-        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), hist["counts"], strict=True):
-            cumulative += count
-            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-        out.append(f"{name}_sum {hist['sum']}")
-        out.append(f"{name}_count {hist['count']}")
+        for value, hist in sorted(hists.items()):
+            labels = f'{label}="{_escape(value)}",' if label else ""
+            cumulative = 0
+            for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), hist["counts"], strict=True):
+                cumulative += count
+                out.append(f'{name}_bucket{{{labels}le="{bound}"}} {cumulative}')
+            braces = f"{{{labels[:-1]}}}" if labels else ""
+            out.append(f"{name}_sum{braces} {hist['sum']}")
+            out.append(f"{name}_count{braces} {hist['count']}")
 
     histogram(
         "inslytic_http_request_duration_seconds",
-        "From a complete request to its response being queued for writing.",
-        merged["request_latency"],
+        "From a complete request to its response being queued for writing, by route.",
+        merged.get("request_latency", {}),
+        "route",
     )
     family("inslytic_events_accepted_total", "counter", "Events stored durably, by project.")
     for project, n in sorted(merged["events_accepted"].items()):
@@ -280,7 +341,7 @@ def render(merged: dict, storage: dict) -> bytes:
     family(
         "inslytic_batches_rejected_total",
         "counter",
-        "Ingest requests refused, by reason (auth, validation, body, rate_limit, overload).",
+        "Ingest requests refused, by reason (" + ", ".join(REJECT_REASONS) + ").",
     )
     for reason, n in sorted(merged["batches_rejected"].items()):
         out.append(f'inslytic_batches_rejected_total{{reason="{reason}"}} {n}')
@@ -295,10 +356,15 @@ def render(merged: dict, storage: dict) -> bytes:
     out.append(f"inslytic_received_bytes_total {merged['bytes_received']}")
     family("inslytic_connections_opened_total", "counter", "Client connections accepted.")
     out.append(f"inslytic_connections_opened_total {merged['connections_opened']}")
-    log_stats = merged["log"]
+    log_stats = merged.get("log", {})
     for key, kind, help_text in (
         ("syncs", "counter", "Group-commit write+fdatasync rounds."),
-        ("events", "counter", "Events made durable by the commit log."),
+        (
+            "events",
+            "counter",
+            "Events made durable by the commit log; events per sync (group-commit efficiency) "
+            "is rate(inslytic_log_events_total) / rate(inslytic_log_syncs_total).",
+        ),
         ("bytes", "counter", "Framed bytes written to the commit log."),
         ("sync_errors", "counter", "Failed writes or syncs (each failed its batches with 503)."),
         ("refused", "counter", "Appends refused (overload, disk short, unsound log)."),
@@ -306,19 +372,10 @@ def render(merged: dict, storage: dict) -> bytes:
         name = f"inslytic_log_{key}_total"
         family(name, kind, help_text)
         out.append(f"{name} {log_stats.get(key, 0)}")
-    family(
-        "inslytic_log_events_per_sync",
-        "gauge",
-        "Average events per sync since start (group-commit efficiency).",
-    )
-    syncs = log_stats.get("syncs", 0)
-    out.append(f"inslytic_log_events_per_sync {log_stats.get('events', 0) / syncs if syncs else 0}")
-    family("inslytic_log_last_sync_seconds", "gauge", "Latest sync's duration (worst worker).")
-    out.append(f"inslytic_log_last_sync_seconds {log_stats.get('last_sync_latency_s', 0.0)}")
     histogram(
         "inslytic_log_sync_duration_seconds",
         "Group commits: writev + fdatasync of one group, as the sync thread timed it.",
-        merged["commit_latency"],
+        {"": merged.get("commit_latency", _EMPTY_HISTOGRAM)},
     )
     for key, help_text in (
         ("log_pending_bytes", "Commit-log bytes not yet rolled to Parquet."),
@@ -329,7 +386,7 @@ def render(merged: dict, storage: dict) -> bytes:
         name = f"inslytic_{key}"
         family(name, "gauge", help_text)
         out.append(f"{name} {storage[key]}")
-    gauges = merged["gauges"]
+    gauges = merged.get("gauges", {})
     family("inslytic_open_connections", "gauge", "Open client connections.")
     out.append(f"inslytic_open_connections {gauges.get('open_connections', 0)}")
     if "coordinator_up" in gauges:  # serve --coordinator
@@ -337,10 +394,13 @@ def render(merged: dict, storage: dict) -> bytes:
             name = f"inslytic_{key}_total" if kind == "counter" else f"inslytic_{key}"
             family(name, kind, help_text)
             out.append(f"{name} {gauges.get(key, 0)}")
-    family("process_resident_memory_bytes", "gauge", "Resident memory of the serving processes.")
-    out.append(f"process_resident_memory_bytes {gauges.get('resident_memory_bytes', 0)}")
-    family("process_cpu_seconds_total", "counter", "CPU seconds of the serving processes.")
-    out.append(f"process_cpu_seconds_total {gauges.get('cpu_seconds', 0.0)}")
+    # Per serving process (worker label): each resets when its process restarts, which
+    # process_start_time_seconds shows; sum by worker for the whole server.
+    processes = sorted(merged.get("process", {}).items())
+    for key, name, kind, help_text in PROCESS_SERIES:
+        family(name, kind, help_text)
+        for worker, figures in processes:
+            out.append(f'{name}{{worker="{_escape(worker)}"}} {figures.get(key, 0)}')
     return ("\n".join(out) + "\n").encode()
 
 

@@ -31,9 +31,11 @@ from typing import TYPE_CHECKING
 import httptools
 
 from .logs import access_log
-from .metrics import OTHER_ROUTE
+from .metrics import INGEST_ROUTE, OTHER_ROUTE, PROTOCOL_REJECT_REASONS, ROUTES
 from .request import Request
 from .responses import error_body
+
+KNOWN_ROUTES = frozenset(ROUTES)
 
 if TYPE_CHECKING:
     from .app import App
@@ -438,6 +440,7 @@ class HttpProtocol(asyncio.Protocol):
         parts = self.body_parts
         request.body = parts[0] if len(parts) == 1 else b"".join(parts)
         self.body_parts = []
+        self.url = b""  # an error before the next request's first byte names no route
         request.keep_alive = keep_alive = (
             self.parser.should_keep_alive() and not self.state.draining
         )
@@ -562,7 +565,13 @@ class HttpProtocol(asyncio.Protocol):
         now = monotonic()
         slot = ResponseSlot(self, now)
         slot.data = self.responses.error(status, message, details, close=True)
-        self.metrics.response(OTHER_ROUTE, slot.data, now, now)
+        # Counted under the route the request was for, when its URL got that far: a 413 or
+        # 431 on /v1/ingest is an ingest refusal like any other.
+        path = self.url.partition(b"?")[0]
+        route = path if path in KNOWN_ROUTES else OTHER_ROUTE
+        self.metrics.response(route, slot.data, now, now)
+        if route == INGEST_ROUTE and status in PROTOCOL_REJECT_REASONS:
+            self.metrics.rejected(PROTOCOL_REJECT_REASONS[status])
         if self.deferred:
             self.deferred.append(slot)  # answered after the requests parsed before the error
             return

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import duckdb
+import orjson
 
 from . import __version__
 from .app import App
@@ -34,7 +35,15 @@ from .dedup import DedupTable, rebuild
 from .dedup import table_path as dedup_table_path
 from .ingest import Ingestor
 from .logs import RepeatedFailure
-from .metrics import merge, process_gauges, read_snapshots, storage_gauges, write_snapshot
+from .metrics import (
+    add_snapshots,
+    carried_totals,
+    merge,
+    process_gauges,
+    read_snapshots,
+    storage_gauges,
+    write_snapshot,
+)
 from .metrics import render as render_metrics
 from .openapi import build_openapi
 from .protocol import IDLE, HttpProtocol
@@ -251,6 +260,8 @@ class Server:
         self.commitlog: CommitLog | None = None
         self.roller: RollerProcess | None = None
         self._tick_failure = RepeatedFailure(log, "the 1 s tick")
+        self._snapshot_failure = RepeatedFailure(log, "the metrics snapshot")
+        self.carried_metrics: dict | None = None  # a restarted worker's predecessor's counters
         self.app: App | None = None
         self.metrics_app: App | None = None  # with --metrics-port: /metrics on its own socket
         self.first_run_key: str | None = None
@@ -271,6 +282,8 @@ class Server:
         if self.standalone:
             self.data_dir_lock = acquire_data_dir(settings.data_dir)
             seal_orphan_logs(settings.data_dir, {self.worker_id})
+        else:
+            self._carry_predecessor_metrics()
         keyring = KeyRing(settings.data_dir)
         try:
             if settings.coordinator:
@@ -442,18 +455,49 @@ class Server:
 
     def metrics_snapshot(self) -> dict:
         snapshot = self.state.metrics.snapshot()
-        snapshot["log"] = dataclasses.asdict(self.commitlog.stats)
+        log_stats = dataclasses.asdict(self.commitlog.stats)
+        snapshot["log"] = log_stats
         snapshot["commit_latency"] = self.commitlog.sync_latency.snapshot()
-        snapshot["gauges"] = process_gauges(len(self.state.connections))
+        if self.carried_metrics is not None:
+            add_snapshots(snapshot, self.carried_metrics)
+        gauges = {"open_connections": len(self.state.connections)}
         if self.coordinator is not None:
-            snapshot["gauges"].update(self.limiter.stats())
+            gauges.update(self.limiter.stats())
+        snapshot["gauges"] = gauges
+        snapshot["process"] = process_gauges(
+            self.worker_id, len(self.state.connections), log_stats["last_sync_latency_s"]
+        )
         return snapshot
 
     def metrics_page(self) -> bytes:
-        snapshots = [self.metrics_snapshot()]
+        """The sum over workers, never lower than an earlier scrape's (Prometheus reads a drop
+        as a counter reset): this worker first publishes its live counters, so a later scrape
+        answered by another worker reads them at least this high."""
+        snapshot = self.metrics_snapshot()
+        snapshots = [snapshot]
         if not self.standalone:
+            self._publish_snapshot(snapshot)
             snapshots += read_snapshots(run_dir(self.settings.data_dir), self._snapshot_name())
         return render_metrics(merge(snapshots), storage_gauges(self.settings.data_dir))
+
+    def _publish_snapshot(self, snapshot: dict) -> None:
+        try:
+            write_snapshot(run_dir(self.settings.data_dir) / self._snapshot_name(), snapshot)
+        except OSError as exc:
+            self._snapshot_failure.failed("cannot write the metrics snapshot: %s", exc)
+        else:
+            self._snapshot_failure.succeeded()
+
+    def _carry_predecessor_metrics(self) -> None:
+        """A restarted worker adds its predecessor's last published counters to its own, so
+        the sum over workers does not drop when a worker dies and comes back."""
+        path = run_dir(self.settings.data_dir) / self._snapshot_name()
+        try:
+            self.carried_metrics = carried_totals(orjson.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.error("cannot read %s; this worker's counters restart at 0: %s", path, exc)
 
     def _snapshot_name(self) -> str:
         return f"metrics-{self.worker_id}.json"
@@ -489,8 +533,7 @@ class Server:
                 log.error("supervisor %d is gone; draining and exiting", self.parent_pid)
                 self.request_stop()
             if not self.standalone:
-                path = run_dir(self.settings.data_dir) / self._snapshot_name()
-                write_snapshot(path, self.metrics_snapshot())
+                self._publish_snapshot(self.metrics_snapshot())
         except Exception:
             self._tick_failure.failed("error in the 1 s tick", exc_info=True)
         else:

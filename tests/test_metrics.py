@@ -8,13 +8,23 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from inslytic_fast.metrics import Metrics, merge, render, storage_gauges
+from inslytic_fast import __version__
+from inslytic_fast.metrics import (
+    REJECT_REASONS,
+    Metrics,
+    merge,
+    process_gauges,
+    render,
+    storage_gauges,
+)
 
+from .adversarial_helpers import poll_until
 from .conftest import EXAMPLE_EVENT, cli, free_port
 from .storage_helpers import LogOnLoop, open_log
 
@@ -41,21 +51,43 @@ def test_metrics_render_merges_workers_and_parses(tmp_path):
     b.rejected("rate_limit", 7)
     a.response(b"/v1/ingest", b"HTTP/1.1 202 Accepted\r\n", 0.0, 0.002)
     b.response(b"/v1/ingest", b"HTTP/1.1 202 Accepted\r\n", 0.0, 0.004)
+    b.response(b"/health", b"HTTP/1.1 200 OK\r\n", 0.0, 0.0001)
     snaps = []
-    for m, last_sync in ((a, 0.01), (b, 0.02)):
+    for m, worker, last_sync in ((a, "w0", 0.01), (b, "w1", 0.02)):
         snap = m.snapshot()
         snap["log"] = {"syncs": 2, "events": 30, "last_sync_latency_s": last_sync}
         snap["gauges"] = {"open_connections": 1}
+        snap["process"] = process_gauges(worker, 1, last_sync)
         snaps.append(snap)
     got = samples(render(merge(snaps), storage_gauges(tmp_path)).decode())
     assert got[("inslytic_events_accepted_total", (("project", "shop"),))] == 15
     assert got[("inslytic_events_rejected_total", (("reason", "rate_limit"),))] == 7
     key = ("inslytic_http_requests_total", (("route", "/v1/ingest"), ("status", "202")))
     assert got[key] == 2
-    assert got[("inslytic_http_request_duration_seconds_count", ())] == 2
-    assert got[("inslytic_log_events_per_sync", ())] == 15
-    assert got[("inslytic_log_last_sync_seconds", ())] == 0.02
+    # Latency by route: the /health probe is not among the ingest observations.
+    assert got[("inslytic_http_request_duration_seconds_count", (("route", "/v1/ingest"),))] == 2
+    assert got[("inslytic_http_request_duration_seconds_count", (("route", "/health"),))] == 1
+    assert (
+        got[("inslytic_log_syncs_total", ())] == 4 and got[("inslytic_log_events_total", ())] == 60
+    )
+    assert got[("inslytic_log_last_sync_seconds", (("worker", "w1"),))] == 0.02
     assert got[("inslytic_open_connections", ())] == 2
+    for worker in ("w0", "w1"):  # per process, each with its own start time
+        assert got[("process_resident_memory_bytes", (("worker", worker),))] > 0
+        assert got[("process_start_time_seconds", (("worker", worker),))] > 1.7e9
+    [build] = [labels for name, labels in got if name == "inslytic_build_info"]
+    assert dict(build)["version"] == __version__
+
+
+def test_every_reject_reason_and_route_is_a_series_from_the_start(tmp_path):
+    page = render(merge([Metrics().snapshot()]), storage_gauges(tmp_path)).decode()
+    got = samples(page)
+    for reason in REJECT_REASONS:
+        assert got[("inslytic_batches_rejected_total", (("reason", reason),))] == 0
+    for reason in ("rate_limit", "overload"):
+        assert got[("inslytic_events_rejected_total", (("reason", reason),))] == 0
+    assert got[("inslytic_http_request_duration_seconds_count", (("route", "/v1/ingest"),))] == 0
+    assert "inslytic_log_events_per_sync" not in page  # a lifetime average hides the present
 
 
 def test_counters_match_what_was_sent(make_server):
@@ -66,7 +98,20 @@ def test_counters_match_what_was_sent(make_server):
     assert server.ingest([EXAMPLE_EVENT] * 9, key)[0] == 429
     assert server.ingest([{"eventName": 1}], key)[0] == 400
     assert server.ingest([EXAMPLE_EVENT], "ik_live_wrong")[0] == 401
+    for head, status in (
+        (b"Content-Length: 999999999\r\n", b"413"),
+        (b"X-Filler: " + b"a" * 20_000 + b"\r\n", b"431"),
+    ):
+        with socket.create_connection((server.host, server.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/ingest HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 " + status)
     got = scrape(server)
+    # Refused by the HTTP layer, before the app saw them: still ingest refusals.
+    assert got[("inslytic_batches_rejected_total", (("reason", "body"),))] == 1
+    assert got[("inslytic_batches_rejected_total", (("reason", "headers"),))] == 1
+    for status in ("413", "431"):
+        key = ("inslytic_http_requests_total", (("route", "/v1/ingest"), ("status", status)))
+        assert got[key] == 1
     assert got[("inslytic_events_accepted_total", (("project", "default"),))] == 6
     assert got[("inslytic_batches_rejected_total", (("reason", "rate_limit"),))] == 1
     assert got[("inslytic_events_rejected_total", (("reason", "rate_limit"),))] == 9
@@ -81,7 +126,7 @@ def test_counters_match_what_was_sent(make_server):
     assert got[("inslytic_log_sync_duration_seconds_count", ())] == syncs
     assert got[("inslytic_log_sync_duration_seconds_bucket", (("le", "10.0"),))] == syncs
     assert 0 < got[("inslytic_log_sync_duration_seconds_sum", ())] < syncs * 10
-    assert got[("process_resident_memory_bytes", ())] > 10_000_000
+    assert got[("process_resident_memory_bytes", (("worker", "w0"),))] > 10_000_000
 
 
 def test_metrics_sum_over_workers(make_server):
@@ -233,3 +278,68 @@ def test_roll_lag_is_the_age_of_the_oldest_unrolled_event_not_of_an_empty_segmen
         await log.close()
 
     asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def _counters(got: dict) -> dict:
+    """Every sample Prometheus must see as a counter, bar the per-process ones (a restarted
+    process resets those, which its process_start_time_seconds tells)."""
+    return {
+        key: value
+        for key, value in got.items()
+        if key[0].endswith(("_total", "_count", "_bucket", "_sum"))
+        and not key[0].startswith("process_")
+    }
+
+
+def _worker_pid(server, worker: str) -> int | None:
+    for pid in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == f"inslytic-{worker}":
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def test_counters_never_go_down_across_scrapes_or_a_killed_worker(make_server):
+    server = make_server("--workers", "2", "--events-per-minute", "0")
+    key = server.first_run_key
+    previous: dict = {}
+    drops: list = []
+
+    def scrape_and_compare() -> dict:
+        got = scrape(server)  # a new connection each time: either worker answers
+        counters = _counters(got)
+        drops.extend(
+            (k, previous[k], v) for k, v in counters.items() if v < previous.get(k, float("-inf"))
+        )
+        previous.update(counters)
+        return got
+
+    sent = 0
+    for _ in range(40):
+        assert server.ingest([EXAMPLE_EVENT], key)[0] == 202
+        sent += 1
+        scrape_and_compare()
+    accepted = ("inslytic_events_accepted_total", (("project", "default"),))
+    # Both workers' counts published (each on its tick): the victim's are in every sum.
+    poll_until(lambda: scrape_and_compare()[accepted] == sent, timeout=30)
+
+    victim = _worker_pid(server, "w0")
+    started = ("process_start_time_seconds", (("worker", "w0"),))
+    old_start = scrape_and_compare()[started]
+    os.kill(victim, signal.SIGKILL)
+
+    def restarted() -> bool:
+        try:  # a connection queued on the killed worker's socket is reset
+            server.ingest([EXAMPLE_EVENT], key)
+            got = scrape_and_compare()
+        except ConnectionError:
+            return False
+        return got.get(started, old_start) != old_start
+
+    poll_until(restarted, timeout=60)  # the supervisor restarts it after a backoff
+    for _ in range(20):
+        assert server.ingest([EXAMPLE_EVENT], key)[0] == 202
+        scrape_and_compare()
+    assert drops == [], drops[:10]

@@ -36,7 +36,14 @@ from inslytic_fast.cli.stats import (
     parse_metrics,
     render_frame,
 )
-from inslytic_fast.metrics import LATENCY_BUCKETS, Metrics, merge, render, storage_gauges
+from inslytic_fast.metrics import (
+    LATENCY_BUCKETS,
+    Metrics,
+    merge,
+    process_gauges,
+    render,
+    storage_gauges,
+)
 
 from .conftest import EXAMPLE_EVENT
 
@@ -48,6 +55,7 @@ def page(metrics: Metrics, log: dict | None = None, gauges: dict | None = None) 
     snapshot = metrics.snapshot()
     snapshot["log"] = log or {}
     snapshot["gauges"] = gauges or {}
+    snapshot["process"] = process_gauges("w0", 0, (log or {}).get("last_sync_latency_s", 0.0))
     storage = {
         "parquet_files": 2,
         "parquet_bytes": 4096,
@@ -128,8 +136,8 @@ def cumulative(hist_counts: list[int]) -> list[tuple[float, float]]:
 def observed(values: list[float]) -> list[tuple[float, float]]:
     metrics = Metrics()
     for value in values:
-        metrics.request_latency.observe(value)
-    return cumulative(metrics.request_latency.counts)
+        metrics.request_latency[b"/v1/ingest"].observe(value)
+    return cumulative(metrics.request_latency[b"/v1/ingest"].counts)
 
 
 def test_p99_interpolates_inside_the_bucket_the_rank_falls_in():
@@ -185,8 +193,9 @@ def test_frame_rates_are_deltas_over_the_measured_interval():
     assert frame["events_per_s"] == {"shop": 20.0, "blog": 3.0}
     assert frame["events_per_s_total"] == 23.0
     assert frame["events_accepted"] == {"shop": 140, "blog": 6}
-    assert frame["rejected_batches_per_s"] == {"rate_limit": 0.5, "validation": 0.5}
-    assert frame["rejected_events_per_s"] == {"rate_limit": 10.0}
+    rejected = {reason: rate for reason, rate in frame["rejected_batches_per_s"].items() if rate}
+    assert rejected == {"rate_limit": 0.5, "validation": 0.5}
+    assert frame["rejected_events_per_s"] == {"rate_limit": 10.0, "overload": 0.0}
     assert frame["syncs_per_s"] == 2.0
     assert frame["events_per_sync"] == 46 / 4
     assert frame["requests_per_s"] == 0.5

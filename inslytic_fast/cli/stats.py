@@ -57,6 +57,7 @@ LOG_SYNCS = "inslytic_log_syncs_total"
 LOG_EVENTS = "inslytic_log_events_total"
 LOG_SYNC_ERRORS = "inslytic_log_sync_errors_total"
 LAST_SYNC = "inslytic_log_last_sync_seconds"
+INGEST_LABEL = ("route", "/v1/ingest")
 OPEN_CONNECTIONS = "inslytic_open_connections"
 RSS = "process_resident_memory_bytes"
 CPU = "process_cpu_seconds_total"
@@ -160,7 +161,12 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 
 
 def _latency_buckets(samples: Samples) -> dict[float, float]:
-    return {float(le): value for le, value in by_label(samples, LATENCY_BUCKET, "le").items()}
+    """The ingest route's buckets: probes of /health and /ready would dilute its p99."""
+    return {
+        float(dict(labels)["le"]): value
+        for (name, labels), value in samples.items()
+        if name == LATENCY_BUCKET and (INGEST_LABEL in labels or len(labels) == 1)
+    }
 
 
 def interval_quantile(q: float, previous: Samples, current: Samples) -> float | None:
@@ -230,10 +236,11 @@ def build_frame(
     frame["events_accepted"] = {
         project: _whole(n) for project, n in by_label(now, EVENTS_ACCEPTED, "project").items()
     }
-    frame["last_sync_s"] = now.get((LAST_SYNC, ()))
+    last_syncs = by_label(now, LAST_SYNC, "worker").values()  # the slowest worker's
+    frame["last_sync_s"] = max(last_syncs) if last_syncs else None
     frame["sync_errors"] = _whole(now.get((LOG_SYNC_ERRORS, ())))
     frame["open_connections"] = _whole(now.get((OPEN_CONNECTIONS, ())))
-    frame["rss_bytes"] = _whole(now.get((RSS, ())))
+    frame["rss_bytes"] = _whole(total(now, RSS))  # per worker on the page
     _storage_into(frame, {key: now.get((f"inslytic_{key}", ())) for key in STORAGE_GAUGES})
     if (DISK_FREE, ()) in now:
         frame["disk_free_bytes"] = _whole(now[(DISK_FREE, ())])
@@ -263,7 +270,7 @@ def build_frame(
         syncs_per_s=syncs / seconds,
         events_per_sync=synced / syncs if syncs else None,
         cpu_percent=100.0
-        * counter_delta(now.get((CPU, ()), 0.0), before.get((CPU, ()), 0.0))
+        * sum(_rates(by_label(now, CPU, "worker"), by_label(before, CPU, "worker"), 1).values())
         / seconds,
     )
     return frame
@@ -354,7 +361,8 @@ def render_frame(frame: dict, interval: float, limit: int | None = MAX_TABLE_ROW
         [(p, _num(rates.get(p) if rates else None), f"{accepted[p]:,.0f}") for p in projects],
         limit,
     )
-    batches = frame["rejected_batches_per_s"]
+    # Every reason is a series from the start; the view lists those that happened.
+    batches = {r: rate for r, rate in (frame["rejected_batches_per_s"] or {}).items() if rate}
     if batches:
         events = frame["rejected_events_per_s"] or {}
         lines.append(f"  {'rejected':<12}  {'batches/s':>12}  {'events/s':>14}")
