@@ -109,7 +109,11 @@ class Metrics:
     def response(self, route: bytes, data: bytes, started: float, now: float) -> None:
         key = (route, data[9:12])  # the status code digits of "HTTP/1.1 NNN"
         self.responses[key] = self.responses.get(key, 0) + 1
-        self.request_latency[route].observe(now - started)
+        try:
+            histogram = self.request_latency[route]
+        except KeyError:  # a route the app added to ALL_ROUTES' own
+            histogram = self.request_latency[route] = Histogram(LATENCY_BUCKETS)
+        histogram.observe(now - started)
 
     def accepted(self, project: str, count: int) -> None:
         self.events_accepted[project] = self.events_accepted.get(project, 0) + count
