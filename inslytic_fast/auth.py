@@ -73,6 +73,9 @@ DISPLAY_PREFIX_LENGTH = len(KEY_PREFIX) + DISPLAY_PREFIX_BODY_CHARS
 
 # Project names become partition directory names `project=<name>`; keep them path-safe.
 PROJECT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A hive partition value that reads back as NULL (any case); DuckDB's writer escaped it as
+# `%5F_...`, so a purge looked in the wrong directory. Refused for new projects.
+HIVE_NULL_PARTITION = "__hive_default_partition__"
 DEFAULT_PROJECT = "default"
 
 # A catalog write takes milliseconds; a lock held this long belongs to a stuck process.
@@ -312,6 +315,11 @@ class Catalog:
     def create_project(self, name: str, events_per_minute: int | None = None) -> str:
         """Add a project with one key; returns the plaintext key (shown once, never stored)."""
         _check_name(name)
+        if name.lower() == HIVE_NULL_PARTITION:
+            raise ProjectError(
+                f"project name {name!r} is the marker hive partitioning reads as NULL; "
+                "choose another name"
+            )
         with self.edit() as doc:
             clash = next((n for n in doc.projects if n.lower() == name.lower()), None)
             if clash == name:
@@ -331,14 +339,17 @@ class Catalog:
         with self.edit() as doc:
             _project(doc, name).events_per_minute = events_per_minute
 
-    def rotate_key(self, name: str, keep_old_for: float) -> tuple[str, list[KeyRecord]]:
+    def rotate_key(self, name: str, keep_old_for: float | None) -> tuple[str, list[KeyRecord]]:
         """Issue a new key; the project's other keys stop working ``keep_old_for`` seconds from
-        now (0: at once). Keys already due to expire sooner keep their earlier expiry.
+        now (0: at once; None: left as they are, for ``revoke_keys`` once the new key is safe
+        with the user). Keys already due to expire sooner keep their earlier expiry.
         Returns the plaintext new key and the old keys as they now stand (empty if revoked)."""
         with self.edit() as doc:
             project = _project(doc, name)
             now = self._clock()
-            if keep_old_for <= 0:
+            if keep_old_for is None:
+                pass
+            elif keep_old_for <= 0:
                 project.keys = []
             else:
                 deadline = _utc(now + keep_old_for)
@@ -386,6 +397,13 @@ class Catalog:
             project.keys.remove(matches[0])
             remaining = len(project.active_keys(now))
         return matches[0], remaining
+
+    def revoke_keys(self, name: str, keys: list[KeyRecord]) -> None:
+        """Remove these keys of the project at once (those already gone are skipped)."""
+        doomed = {k.sha256 for k in keys}
+        with self.edit() as doc:
+            project = _project(doc, name)
+            project.keys = [k for k in project.keys if k.sha256 not in doomed]
 
     def delete_project(self, name: str) -> None:
         with self.edit() as doc:

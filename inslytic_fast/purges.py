@@ -44,6 +44,16 @@ class Purge:
     applied: bool  # the Parquet files that held them are gone
 
 
+def project_dirs(events_dir: Path, project: str) -> list[Path]:
+    """Where ``project``'s Parquet files may be: ``project=NAME``, and for a name equal (in
+    any case) to __HIVE_DEFAULT_PARTITION__ also ``project=%5F_...``, as DuckDB's hive writer
+    escaped it before the roller named partitions itself."""
+    dirs = [events_dir / f"project={project}"]
+    if project.lower() == "__hive_default_partition__":
+        dirs.append(events_dir / f"project=%5F{project[1:]}")
+    return dirs
+
+
 def purges_dir(events_dir: Path) -> Path:
     return events_dir / PURGES_DIRNAME
 

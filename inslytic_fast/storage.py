@@ -60,7 +60,7 @@ from .commitlog import (
 )
 from .durable import fsync_dir, write_file_durably
 from .filelock import lock_exclusive
-from .purges import Purge, mark_applied, read_purges
+from .purges import Purge, mark_applied, project_dirs, read_purges
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +295,9 @@ def apply_purges_locked(events_dir: Path) -> int:
     for purge in read_purges(events_dir):
         if purge.applied:
             continue
-        partition = events_dir / f"project={purge.project}"
-        if partition.exists():
-            drop_dir(partition, events_dir / TRASH_DIRNAME)
+        for partition in project_dirs(events_dir, purge.project):
+            if partition.exists():
+                drop_dir(partition, events_dir / TRASH_DIRNAME)
         mark_applied(events_dir, purge)
         applied += 1
     return applied

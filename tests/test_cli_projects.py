@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -376,3 +377,28 @@ def test_catalog_mode_and_no_plaintext_key_anywhere(run):
     for secret in secrets_:
         assert secret.encode() not in everything
         assert secret not in stderr
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_rotate_with_zero_grace_killed_at_any_step_never_locks_the_project_out(run, tmp_path):
+    """Before: killed after the catalog's rename, the old key was revoked and the new one never
+    printed. Now at every kill point a key the operator holds still works."""
+    for when in range(1, 50):
+        data_dir = tmp_path / f"kill-{when}"
+        old = Runs(data_dir).create("shop")
+        cmd = [
+            "strace", "-f", "-qq", "-o", "/dev/null",
+            "-e", "trace=fsync,fdatasync",
+            "-e", f"inject=fsync,fdatasync:signal=SIGKILL:when={when}",
+            *ENTRY, "rotate-key", "shop", "--keep-old-for", "0", "--data-dir", str(data_dir),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        printed = KEY_RE.findall(proc.stdout)
+        ring = ring_for(data_dir)
+        working = [k for k in [old, *printed] if ring.lookup(k.encode()) is not None]
+        assert working, f"killed at fsync {when}: no key the operator holds works"
+        if proc.returncode == 0:
+            assert working == printed, "a finished rotation left the old key working"
+            break
+    else:
+        raise AssertionError("rotate-key never finished")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
+import sys
 import time
+
+import duckdb
+import pytest
 
 from inslytic_fast.commitlog import CommitLog, sealed_segments
 from inslytic_fast.purges import (
@@ -17,6 +23,7 @@ from inslytic_fast.purges import (
 from inslytic_fast.query import run_query
 from inslytic_fast.storage import Roller, apply_purges_now
 
+from .adversarial_helpers import poll_until
 from .conftest import EXAMPLE_EVENT, cli
 from .storage_helpers import LogOnLoop
 
@@ -197,3 +204,94 @@ def test_a_purge_cut_short_after_its_rename_is_finished_by_the_next_pass(tmp_pat
     roller.roll_once()
     assert find_purge(events_dir, "shop").applied
     assert counts(tmp_path) == {"blog": 2}
+
+
+# Deleted projects' events and a reused name ------------------------------------------------
+
+CRASH_EXIT = -9  # subprocess' returncode for a child killed by SIGKILL (strace passes it on)
+
+
+def projects(data_dir, *args: str) -> subprocess.CompletedProcess:
+    return cli("projects", *args, data_dir=data_dir, check=False)
+
+
+def killed_at_fsync(data_dir, when: int, *args: str) -> subprocess.CompletedProcess:
+    """``projects ARGS`` SIGKILLed on entering its ``when``-th fsync: with write -> fsync ->
+    rename -> fsync(dir), every rename is followed by one, so the kills cover each moment
+    between two durable steps."""
+    cmd = [
+        "strace", "-f", "-qq", "-o", "/dev/null",
+        "-e", "trace=fsync,fdatasync",
+        "-e", f"inject=fsync,fdatasync:signal=SIGKILL:when={when}",
+        sys.executable, "-m", "inslytic_fast", "projects", *args, "--data-dir", str(data_dir),
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+
+
+def shop_with_events(data_dir) -> None:
+    """Project shop with 3 events in Parquet and 4 still in the log."""
+    assert projects(data_dir, "create", "shop").returncode == 0
+    append_batches(data_dir, BEFORE_PURGE, [("shop", "s1", 3), ("blog", "b1", 2)])
+    Roller(data_dir).roll_once()
+    append_batches(data_dir, BEFORE_PURGE + 1, [("shop", "s2", 4)])
+    assert counts(data_dir) == {"shop": 7, "blog": 2}
+
+
+def test_a_name_deleted_without_purge_cannot_be_reused_while_its_events_remain(tmp_path):
+    """Before: `delete shop` then `create shop` gave the new project the old one's 7 events."""
+    shop_with_events(tmp_path)
+    assert projects(tmp_path, "delete", "shop").returncode == 0
+    refused = projects(tmp_path, "create", "shop")
+    assert refused.returncode == 1
+    assert "delete shop --purge" in refused.stderr
+    # Purging the deleted project's data is allowed, and then the name is free again.
+    assert projects(tmp_path, "delete", "shop", "--purge").returncode == 0
+    poll_until(lambda: projects(tmp_path, "create", "shop").returncode == 0, PURGE_GRACE_S + 30)
+    assert counts(tmp_path) == {"blog": 2}
+
+
+@needs_strace
+def test_delete_purge_killed_at_any_step_never_hands_old_events_to_a_new_project(tmp_path):
+    """Before: killed after the catalog write and before the tombstone, the project was gone,
+    its events stayed, and `create shop` at once saw all 7."""
+    template = tmp_path / "template"
+    shop_with_events(template)
+    for when in range(1, 100):
+        data_dir = tmp_path / f"kill-{when}"
+        shutil.copytree(template, data_dir)
+        run = killed_at_fsync(data_dir, when, "delete", "shop", "--purge")
+        if run.returncode == 0:
+            assert when > 2, "no fsync was reached: strace did not inject"
+            break
+        assert run.returncode == 128 + 9 or run.returncode == CRASH_EXIT, run.stderr
+        if projects(data_dir, "create", "shop").returncode == 0:
+            assert counts(data_dir).get("shop", 0) == 0, f"killed at fsync {when}"
+        # And the purge can always be finished by running it again.
+        assert projects(data_dir, "delete", "shop", "--purge").returncode == 0, when
+        assert counts(data_dir) == {"blog": 2}
+    else:
+        raise AssertionError("delete --purge never finished")
+
+
+def test_a_project_named_like_the_hive_null_partition_is_refused_and_old_files_purged(tmp_path):
+    """Before: DuckDB wrote such a project under project=%5F_HIVE_DEFAULT_PARTITION__, purge
+    looked for the plain name, reported it gone and left the files."""
+    refused = projects(tmp_path, "create", "__HIVE_DEFAULT_PARTITION__")
+    assert refused.returncode == 1 and "NULL" in refused.stderr
+    # Files an older release wrote for such a project, which was then deleted without purge.
+    events_dir = tmp_path / "events"
+    events_dir.mkdir(parents=True)
+    con = duckdb.connect()
+    con.execute(
+        "COPY (SELECT '__HIVE_DEFAULT_PARTITION__' AS project, 1 AS x) TO ? "
+        "(FORMAT parquet, PARTITION_BY (project))",
+        [str(events_dir)],
+    )
+    escaped = events_dir / "project=%5F_HIVE_DEFAULT_PARTITION__"
+    assert escaped.is_dir()
+    purge = projects(tmp_path, "delete", "__HIVE_DEFAULT_PARTITION__", "--purge")
+    assert purge.returncode == 0, purge.stderr
+    assert not escaped.exists()

@@ -37,7 +37,7 @@ from inslytic_fast.auth import (
 from inslytic_fast.commitlog import LOG_DIRNAME, list_segments
 from inslytic_fast.config import DEFAULT_DATA_DIR
 from inslytic_fast.coordinator import PASSWORD_ENV, CoordinatorCatalog, CoordinatorError
-from inslytic_fast.purges import record_purge, why_name_is_blocked
+from inslytic_fast.purges import find_purge, project_dirs, record_purge, why_name_is_blocked
 
 DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
 COORDINATOR_ENV = "INSLYTIC_COORDINATOR"  # the same variable `serve` reads
@@ -303,9 +303,20 @@ def _print_new_key(name: str, key: str) -> None:
 
 @_run
 def cmd_create(args: argparse.Namespace, catalog: Catalog) -> int:
-    blocked = why_name_is_blocked(catalog.data_dir / EVENTS_DIR, args.name)
+    events_dir = catalog.data_dir / EVENTS_DIR
+    blocked = why_name_is_blocked(events_dir, args.name)
     if blocked is not None:
         raise ProjectError(blocked)
+    if args.name not in catalog.read().projects:
+        # A deleted project's events stay (without --purge, or when a purge died before its
+        # tombstone): a new project of the same name must not inherit them.
+        purge = find_purge(events_dir, args.name)
+        if _has_events(catalog.data_dir, args.name, purge.received_before_us if purge else 0):
+            raise ProjectError(
+                f"a deleted project named {args.name!r} left events in {catalog.data_dir}, "
+                f"which a new project of that name would see; remove them first with "
+                f"`inslytic-fast projects delete {args.name} --purge`, or choose another name"
+            )
     key = catalog.create_project(args.name, args.events_per_minute)
     if args.json:
         _emit_json(
@@ -371,23 +382,28 @@ def cmd_set_limit(args: argparse.Namespace, catalog: Catalog) -> int:
 
 @_run
 def cmd_rotate_key(args: argparse.Namespace, catalog: Catalog) -> int:
-    key, old_keys = catalog.rotate_key(args.name, args.keep_old_for)
+    # "Revoke now" is two writes around the output: killed before the key is printed, the
+    # command leaves the old keys working (never a project nobody holds a key of).
+    revoke_now = args.keep_old_for <= 0
+    key, old_keys = catalog.rotate_key(args.name, None if revoke_now else args.keep_old_for)
     if args.json:
         _emit_json(
             {
                 "name": args.name,
                 "key_prefix": key[:DISPLAY_PREFIX_LENGTH],
                 "api_key": key,
-                "old_keys": [_key_json(k) for k in old_keys],
+                "old_keys": [] if revoke_now else [_key_json(k) for k in old_keys],
             }
         )
-        return 0
-    if old_keys:
-        for old in old_keys:
-            print(f"Old key {old.prefix} keeps working until {_human_time(old.expires)}.")
     else:
-        print("Old keys were revoked now.")
-    _print_new_key(args.name, key)
+        if revoke_now:
+            print("Old keys are revoked now.")
+        for old in [] if revoke_now else old_keys:
+            print(f"Old key {old.prefix} keeps working until {_human_time(old.expires)}.")
+        _print_new_key(args.name, key)
+    sys.stdout.flush()
+    if revoke_now:
+        catalog.revoke_keys(args.name, old_keys)
     return 0
 
 
@@ -409,19 +425,24 @@ def cmd_revoke_key(args: argparse.Namespace, catalog: Catalog) -> int:
 @_run
 def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
     events_dir = catalog.data_dir / EVENTS_DIR
-    partition = events_dir / f"project={args.name}"
-    try:
-        catalog.delete_project(args.name)
-        deleted = True
-    except ProjectError:
-        # `delete NAME --purge` after a plain `delete NAME` removes the data left behind.
-        if not (args.purge and _has_events(catalog.data_dir, args.name)):
-            raise
-        deleted = False
+    partition = project_dirs(events_dir, args.name)[0]
+    exists = args.name in catalog.read().projects
+    # `delete NAME --purge` after a plain `delete NAME` removes the data left behind.
+    if not exists and not (args.purge and _has_events(catalog.data_dir, args.name)):
+        catalog.delete_project(args.name)  # raises "no project named ..."
+    if args.purge:
+        # The tombstone before the catalog write: a purge killed in between leaves the project
+        # (run it again), never a deleted name whose events a new project would see.
+        record_purge(events_dir, args.name)
+    deleted = False
+    if exists:
+        try:
+            catalog.delete_project(args.name)
+            deleted = True
+        except ProjectError:
+            pass  # deleted meanwhile by another command
     files_removed = False
     if args.purge:
-        # The tombstone first: from here on no reader or roll shows these events again.
-        record_purge(events_dir, args.name)
         from inslytic_fast.storage import apply_purges_now  # duckdb: only for --purge
 
         files_removed = apply_purges_now(catalog.data_dir, PURGE_LOCK_WAIT_S)
@@ -451,11 +472,12 @@ def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
     return 0
 
 
-def _has_events(data_dir: Path, name: str) -> bool:
-    """Whether a deleted project left events behind: Parquet files or records in the log."""
-    if (data_dir / EVENTS_DIR / f"project={name}").is_dir():
-        return True
-    needle = b'{"p":' + json.dumps(name).encode() + b","
+def _has_events(data_dir: Path, name: str, received_after_us: int = 0) -> bool:
+    """Whether a deleted project left events behind: Parquet files, or records in the log
+    received after ``received_after_us`` (a purge's tombstone covers those before)."""
+    if any(d.is_dir() for d in project_dirs(data_dir / EVENTS_DIR, name)):
+        return True  # once a purge is applied, its directory holds only later events
+    record = re.compile(rb'\{"p":' + re.escape(json.dumps(name).encode()) + rb',"r":(\d+),')
     for segments in list_segments(data_dir / LOG_DIRNAME).values():
         for path in segments:
             try:
@@ -463,8 +485,9 @@ def _has_events(data_dir: Path, name: str) -> bool:
                     if f.seek(0, os.SEEK_END) == 0:
                         continue
                     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                        if data.find(needle) >= 0:
-                            return True
+                        for match in record.finditer(data):
+                            if int(match[1]) > received_after_us:
+                                return True
             except FileNotFoundError:
                 continue  # rolled meanwhile
     return False
