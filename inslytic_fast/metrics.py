@@ -307,10 +307,6 @@ def render(merged: dict, storage: dict) -> bytes:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
 
-    family("inslytic_build_info", "gauge", "Always 1; the labels say what is running.")
-    out.append(
-        f'inslytic_build_info{{version="{__version__}",python="{platform.python_version()}"}} 1'
-    )
     family("inslytic_http_requests_total", "counter", "HTTP responses by route and status.")
     for route, by_status in sorted(merged.get("responses", {}).items()):
         for status, n in sorted(by_status.items()):
@@ -398,6 +394,10 @@ def render(merged: dict, storage: dict) -> bytes:
             name = f"inslytic_{key}_total" if kind == "counter" else f"inslytic_{key}"
             family(name, kind, help_text)
             out.append(f"{name} {gauges.get(key, 0)}")
+    family("inslytic_build_info", "gauge", "Always 1; the labels say what is running.")
+    out.append(
+        f'inslytic_build_info{{version="{__version__}",python="{platform.python_version()}"}} 1'
+    )
     # Per serving process (worker label): each resets when its process restarts, which
     # process_start_time_seconds shows; sum by worker for the whole server.
     processes = sorted(merged.get("process", {}).items())
@@ -419,7 +419,7 @@ def read_snapshots(run_dir: Path, skip: str) -> list[dict]:
     out = []
     try:
         names = os.listdir(run_dir)
-    except FileNotFoundError:
+    except OSError:  # gone, or not a directory: this scrape sums what this worker has
         return out
     for name in names:
         if name.startswith("metrics-") and name.endswith(".json") and name != skip:

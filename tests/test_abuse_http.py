@@ -618,6 +618,9 @@ def timed_requests(server, seconds: float, key: str, tag: str) -> list[float]:
     return latencies
 
 
+# Slow: 14 s of load whose verdict is wall-clock latency (p99 during vs before) and cut times;
+# on a shared CI machine that measures the neighbours. The 408 itself is in test_protocol.py.
+@pytest.mark.slow
 def test_slowloris_is_cut_with_408_while_normal_traffic_keeps_its_latency(make_server):
     server = make_server(
         "--workers", "1", "--header-timeout", str(SLOW_HEADER_TIMEOUT), "--events-per-minute", "0"
