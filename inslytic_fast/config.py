@@ -173,6 +173,21 @@ OPTIONS: tuple[Option, ...] = (
         "limits become cluster-wide (needs the cluster extra); empty: this node alone",
     ),
     Option(
+        "lake",
+        str,
+        "",
+        "s3://BUCKET/PREFIX: upload finished Parquet files there, exactly once, and delete the "
+        "local copies (needs the cluster extra; AWS credentials from the environment); "
+        "empty: Parquet stays in the data dir",
+    ),
+    Option(
+        "s3_endpoint",
+        str,
+        "",
+        "S3 API endpoint for --lake (MinIO, SeaweedFS, Ceph, R2), e.g. http://minio:9000; "
+        "empty: AWS S3",
+    ),
+    Option(
         "node_id",
         str,
         "",
@@ -263,6 +278,8 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     coordinator: str = ""
+    lake: str = ""
+    s3_endpoint: str = ""
     node_id: str = ""
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -363,6 +380,15 @@ def resolve(
             check_url(values["coordinator"])
         except CoordinatorError as exc:
             raise ConfigError(f"{sources['coordinator']}: {exc}") from None
+    if values["lake"]:
+        from .lake import LakeError, parse_lake_url
+
+        try:
+            parse_lake_url(values["lake"])
+        except LakeError as exc:
+            raise ConfigError(f"{sources['lake']}: {exc}") from None
+    elif values["s3_endpoint"]:
+        raise ConfigError(f"{sources['s3_endpoint']}: s3_endpoint is only used with --lake")
     if values["node_id"] and not NODE_ID_RE.fullmatch(values["node_id"]):
         raise ConfigError(
             f"{sources['node_id']}: node_id {values['node_id']!r} must be 1-64 letters, digits, "

@@ -295,6 +295,16 @@ PROCESS_SERIES = (
 )
 _EMPTY_HISTOGRAM = {"counts": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0}
 
+# The lake uploader's status file (inslytic_fast.lake), per node.
+LAKE_SERIES = (
+    ("pending_files", "gauge", "Finished Parquet files waiting to be uploaded to the lake."),
+    ("pending_bytes", "gauge", "Bytes of those files."),
+    ("lag_seconds", "gauge", "Age of the oldest file waiting for upload (0: none waits)."),
+    ("uploaded_files", "counter", "Files uploaded and verified since the node started."),
+    ("uploaded_bytes", "counter", "Bytes of those files."),
+    ("errors", "counter", "Upload passes that failed (retried with backoff)."),
+)
+
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -386,6 +396,12 @@ def render(merged: dict, storage: dict) -> bytes:
         name = f"inslytic_{key}"
         family(name, "gauge", help_text)
         out.append(f"{name} {storage[key]}")
+    lake = storage.get("lake")
+    if lake is not None:  # serve --lake
+        for key, kind, help_text in LAKE_SERIES:
+            name = f"inslytic_lake_{key}_total" if kind == "counter" else f"inslytic_lake_{key}"
+            family(name, kind, help_text)
+            out.append(f"{name} {lake.get(key, 0)}")
     gauges = merged.get("gauges", {})
     family("inslytic_open_connections", "gauge", "Open client connections.")
     out.append(f"inslytic_open_connections {gauges.get('open_connections', 0)}")

@@ -29,7 +29,7 @@ import fcntl
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,14 +228,22 @@ def _remove(path: str) -> None:
 
 
 def _open(
-    data_dir: Path, snapshot: Snapshot | None
+    data_dir: Path, snapshot: Snapshot | None, lake: Callable[[Snapshot], None] | None = None
 ) -> tuple[duckdb.DuckDBPyConnection, str | None]:
     """Views over ``snapshot`` (a fresh one if None); nothing is left behind if this fails.
+    ``lake`` (lake.LakeView) swaps the snapshot's files for the lake's plus the local ones
+    not in it yet, after the local snapshot was taken.
 
     Returns the connection and the temp file the caller must remove once done with it.
     """
     if snapshot is None:
         snapshot = take_snapshot(data_dir)
+    if lake is not None:
+        try:
+            lake(snapshot)
+        except BaseException:
+            snapshot.discard()
+            raise
     con = connect_duckdb()
     try:
         _create_views(con, snapshot)
@@ -273,27 +281,29 @@ def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot) -> None:
     con.execute(f"CREATE TEMP VIEW events AS {source}")
 
 
-def _is_missing_file(exc: duckdb.Error) -> bool:
+def _is_missing_file(exc: Exception) -> bool:
+    if isinstance(exc, FileNotFoundError):
+        return True  # a lake object compacted or dropped after the listing (lake.LakeView)
     text = str(exc)
     return isinstance(exc, duckdb.IOException) and (
         "No such file" in text or "No files found" in text or "not found" in text.lower()
     )
 
 
-def run_query(data_dir: Path, sql: str, params=None):
-    """Run ``sql`` against a fresh snapshot; return (column names, rows).
+def run_query(data_dir: Path, sql: str, params=None, *, lake=None):
+    """Run ``sql`` against a fresh snapshot; return (column names, rows). ``lake``: see _open.
 
     Retried on a new snapshot when a file the snapshot named was deleted under it.
     """
     for attempt in range(MAX_QUERY_ATTEMPTS):
         con = scratch = None
         try:
-            con, scratch = _open(data_dir, None)
+            con, scratch = _open(data_dir, None, lake)
             result = con.execute(sql, params)
             columns = [d[0] for d in result.description] if result.description else []
             rows = result.fetchall() if result.description else []
             return columns, rows
-        except duckdb.IOException as exc:
+        except (duckdb.IOException, FileNotFoundError) as exc:
             if not _is_missing_file(exc) or attempt == MAX_QUERY_ATTEMPTS - 1:
                 raise
         finally:

@@ -15,12 +15,14 @@ import errno
 import fcntl
 import gc
 import logging
+import math
 import os
 import resource
 import signal
 import socket
 import ssl
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -189,10 +191,16 @@ def bind_socket(
 
 
 def make_roller(settings: Settings) -> Roller:
+    extra = {}
+    if settings.lake:
+        # Files leave for the lake within seconds and the lake compacts its own (`lake
+        # compact`); a local compaction racing an upload could send rows up twice.
+        extra["compact_interval_s"] = math.inf
     return Roller(
         settings.data_dir,
         retention_days=settings.retention_days or None,
         duckdb_threads=settings.roller_threads,
+        **extra,
     )
 
 
@@ -270,6 +278,7 @@ class Server:
         self.tls: ssl.SSLContext | None = None
         self.on_ready = None
         self.coordinator = None  # a CoordinatorLink with --coordinator
+        self.uploader = None  # a lake.Uploader with --lake (in the supervisor with workers)
         self._tick_handle: asyncio.TimerHandle | None = None
         self._stop: asyncio.Event | None = None
 
@@ -397,6 +406,10 @@ class Server:
         self.commitlog.start(loop)
         if self.roller is not None:
             self.roller.start()
+        if self.standalone and settings.lake:
+            from .lake import start_uploader
+
+            self.uploader = start_uploader(settings)
         self.state.now = loop.time()
         app, state = self.app, self.state
         server = await loop.create_server(
@@ -478,7 +491,12 @@ class Server:
         if not self.standalone:
             self._publish_snapshot(snapshot)
             snapshots += read_snapshots(run_dir(self.settings.data_dir), self._snapshot_name())
-        return render_metrics(merge(snapshots), storage_gauges(self.settings.data_dir))
+        storage = storage_gauges(self.settings.data_dir)
+        if self.settings.lake:
+            from .lake import read_status
+
+            storage["lake"] = read_status(self.settings.data_dir) or {}
+        return render_metrics(merge(snapshots), storage)
 
     def _publish_snapshot(self, snapshot: dict) -> None:
         try:
@@ -513,7 +531,14 @@ class Server:
 
     def degraded(self) -> str | None:
         """Serving, but not as configured (for /ready's body); None when all is well."""
-        return None if self.coordinator is None else self.coordinator.note()
+        notes = []
+        if self.coordinator is not None:
+            notes.append(self.coordinator.note())
+        if self.settings.lake:
+            from .lake import degraded_note, read_status
+
+            notes.append(degraded_note(read_status(self.settings.data_dir), time.time()))
+        return "; ".join(n for n in notes if n) or None
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._tick_handle = loop.call_later(TICK_SECONDS, self._tick, loop)
@@ -573,6 +598,8 @@ class Server:
             self.roller.stop()
         if self.coordinator is not None:
             self.coordinator.stop()
+        if self.uploader is not None:
+            self.uploader.stop()
 
 
 def loop_factory():

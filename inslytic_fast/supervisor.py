@@ -125,6 +125,7 @@ class Supervisor:
         self.listen_sock: socket.socket | None = None
         self.stopping = False
         self.coordinator = None  # with --coordinator: the link that mirrors the catalog
+        self.uploader = None  # with --lake: ships finished Parquet files
 
     def run(self) -> int:
         settings = self.settings
@@ -164,6 +165,10 @@ class Supervisor:
         SharedBudget(budget_path(settings.data_dir), create=True).close()
         roller = RollerProcess(settings)
         roller.start()
+        if settings.lake:
+            from .lake import start_uploader
+
+            self.uploader = start_uploader(settings)
         try:
             for worker in self.workers:
                 if self.stopping:
@@ -189,6 +194,8 @@ class Supervisor:
             reservation.close()
             if self.coordinator is not None:
                 self.coordinator.stop()
+            if self.uploader is not None:
+                self.uploader.stop()
         return 0
 
     def _reserve_port(self) -> socket.socket:

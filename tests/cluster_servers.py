@@ -9,6 +9,8 @@ killed and restarted on the same ports and files (the outage tests need that).
 from __future__ import annotations
 
 import http.client
+import os
+import random
 import shutil
 import signal
 import socket
@@ -27,13 +29,23 @@ S3_CREDENTIALS = {
 }
 
 
+# Below the kernel's ephemeral range (32768+), and low enough that SeaweedFS's habit of
+# dialling "port + 10000" for some gRPC peers still yields a valid port.
+PORT_RANGE = (20000, 32000)
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct ports nothing listens on right now (all bound at once, then freed)."""
-    socks = []
+    rng = random.Random()
+    socks: list[socket.socket] = []
     try:
-        for _ in range(count):
+        while len(socks) < count:
             sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", rng.randrange(*PORT_RANGE)))
+            except OSError:
+                sock.close()
+                continue
             socks.append(sock)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -75,9 +87,12 @@ class _Process:
         self.log = directory / "server.log"
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        # Without the tests' AWS_* variables: given those, `weed mini` creates a user and
+        # then demands signatures, and the readiness probe here sends none.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.directory
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.directory, env=env
             )
         return self.proc
 

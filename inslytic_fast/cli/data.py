@@ -52,6 +52,7 @@ def register(subparsers) -> None:
     )
     query.add_argument("sql", help="the SQL to run (the relation is called events); - reads stdin")
     _add_data_dir(query)
+    _add_lake(query)
     query.add_argument(
         "--format",
         choices=QUERY_FORMATS,
@@ -84,6 +85,7 @@ def register(subparsers) -> None:
     )
     export.add_argument("--force", action="store_true", help="replace an existing export file")
     _add_data_dir(export)
+    _add_lake(export)
     export.set_defaults(func=cmd_export)
 
 
@@ -95,6 +97,39 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
         default=Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
         help=f"data directory (default: ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR})",
     )
+
+
+def _add_lake(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lake",
+        metavar="URL",
+        default=os.environ.get("INSLYTIC_LAKE") or None,
+        help="s3://BUCKET/PREFIX: read the cluster's lake plus this data dir's events not "
+        "uploaded yet (the data dir may be absent); env INSLYTIC_LAKE",
+    )
+    parser.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        default=os.environ.get("INSLYTIC_S3_ENDPOINT", ""),
+        help="S3 API endpoint for --lake; env INSLYTIC_S3_ENDPOINT",
+    )
+    parser.add_argument(
+        "--node-id",
+        default=os.environ.get("INSLYTIC_NODE_ID", ""),
+        help="the node id this data dir serves with (default: the host name, as serve's)",
+    )
+
+
+def _lake_view(args: argparse.Namespace):
+    """The lake.LakeView for --lake, or None; raises LakeError on a bad URL or no client."""
+    if not args.lake:
+        return None
+    from inslytic_fast.config import Settings
+    from inslytic_fast.lake import LakeView, S3ObjectStore, default_cache_dir
+
+    store = S3ObjectStore(args.lake, args.s3_endpoint)
+    node = Settings(node_id=args.node_id).node
+    return LakeView(store, node, args.data_dir, default_cache_dir(args.lake))
 
 
 def _timestamp(text: str) -> dt.datetime:
@@ -113,21 +148,24 @@ def _error(message: str) -> None:
     print(f"inslytic-fast: error: {message}", file=sys.stderr)
 
 
-def _check_data_dir(data_dir: Path) -> bool:
-    if not data_dir.is_dir():
+def _check_data_dir(data_dir: Path, lake: str | None = None) -> bool:
+    if not data_dir.is_dir() and not lake:
         _error(f"no data directory at {data_dir} (use --data-dir or ${DATA_DIR_ENV})")
         return False
     return True
 
 
-def _run(data_dir: Path, sql: str, params=None):
+def _run(data_dir: Path, sql: str, params=None, args: argparse.Namespace | None = None):
     """run_query with errors turned into (exit code, None)."""
+    from inslytic_fast.lake import LakeError
+
     try:
-        return 0, run_query(data_dir, sql, params)
+        lake = _lake_view(args) if args is not None else None
+        return 0, run_query(data_dir, sql, params, lake=lake)
     except SQL_USAGE_ERRORS as exc:
         _error(_one_line(exc))
         return 2, None
-    except (duckdb.Error, SnapshotError, OSError) as exc:
+    except (duckdb.Error, SnapshotError, OSError, LakeError) as exc:
         _error(_one_line(exc))
         return 1, None
 
@@ -140,13 +178,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    if not _check_data_dir(args.data_dir):
+    if not _check_data_dir(args.data_dir, args.lake):
         return 1
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if not sql.strip():
         _error("empty SQL")
         return 2
-    code, result = _run(args.data_dir, sql)
+    code, result = _run(args.data_dir, sql, None, args)
     if result is None:
         return code
     columns, rows = result
@@ -284,7 +322,7 @@ def export_select_sql(fmt: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if not _check_data_dir(args.data_dir):
+    if not _check_data_dir(args.data_dir, args.lake):
         return 1
     if args.since and args.until and args.since >= args.until:
         _error("--since must be earlier than --until")
@@ -320,7 +358,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"COPY (SELECT {export_select_sql(args.format)} FROM events {where_sql} "
         f'ORDER BY "timestamp", event_id) TO {sql_string(tmp)} ({options})'
     )
-    code, result = _run(args.data_dir, sql, params)
+    code, result = _run(args.data_dir, sql, params, args)
     if result is None:
         tmp.unlink(missing_ok=True)
         return code
