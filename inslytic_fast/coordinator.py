@@ -60,8 +60,9 @@ POLL_SECONDS = 0.5
 # A member not heard from for this long no longer counts when a limit is divided among nodes.
 MEMBER_TTL_SECONDS = 10.0
 # Redis answers in well under a millisecond on a LAN; a call that takes this long is a failure.
-# It bounds how long a grant can hold up a serving loop (once per outage, see globallimit).
-CALL_TIMEOUT_SECONDS = 0.25
+# It bounds how long a grant can hold up a serving loop (once per outage: after a failure the
+# loop stops calling until the link's thread reaches the coordinator again, see globallimit).
+CALL_TIMEOUT_SECONDS = 1.0
 # A catalog edit takes milliseconds; the lock's expiry only matters for a CLI killed mid-edit.
 EDIT_LOCK_MS = 10_000
 EDIT_LOCK_WAIT_SECONDS = 10.0
@@ -226,11 +227,13 @@ class CoordinatorLink:
     registered, e.g. the catalog mirror); ``up`` is what the serving loop reads before it
     spends a round trip. An outage and its end are logged once each."""
 
-    def __init__(self, url: str, member: str | None) -> None:
+    def __init__(
+        self, url: str, member: str | None, *, timeout: float = CALL_TIMEOUT_SECONDS
+    ) -> None:
         """``member``: this limiter's name in the membership set (None: not a limiter)."""
         self.url = url
         self.member = member
-        self.client = connect(url)
+        self.client = connect(url, timeout=timeout)
         self.up = False
         self.members = 1
         self.down_since: float | None = time.time()

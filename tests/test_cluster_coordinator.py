@@ -172,6 +172,12 @@ def test_the_limit_holds_across_nodes_and_leaves_little_unused(make_server, coor
     # other nodes hold (limit // (16 x members) each), which they give back within a tick.
     stranded = 2 * (limit // (16 * 3))
     print(f"accepted {accepted} of {limit} across 3 nodes in {elapsed:.2f} s")
+    failed = sum(metric(n, "inslytic_coordinator_calls_failed_total") for n in nodes)
+    if failed:
+        # A call slower than the timeout (a starved machine) switches that node to its local
+        # share for a moment: the documented outage bound, not the exact one, applies.
+        assert accepted <= limit + limit // 3 * 3, accepted
+        return
     assert limit - 7 - stranded <= accepted <= limit
 
 
@@ -261,7 +267,9 @@ def make_limiter(url: str, member: str):
     from inslytic_fast.coordinator import CoordinatorLink
     from inslytic_fast.globallimit import GlobalRateLimiter
 
-    link = CoordinatorLink(url, member)
+    # A generous timeout: these tests are about the coordinator's decisions, and a call slower
+    # than the serving default (0.25 s) on a loaded machine would switch to the local share.
+    link = CoordinatorLink(url, member, timeout=10.0)
     link.poll_once()
     # Each reading a second later: a refused batch may ask the coordinator again at once
     # (instead of EXHAUSTED_RECHECK_SECONDS later), so every attempt reaches the script.
@@ -283,6 +291,7 @@ def test_limit_changes_seen_at_different_moments_never_mint_tokens(coordinator):
             bucket = limiter.bucket("flip", limit, now)
             while bucket.try_spend(10):
                 spent += 10
+    assert old_view.calls_failed == new_view.calls_failed == 0
     assert spent <= 1000, spent
 
 
@@ -302,4 +311,5 @@ def test_a_lease_nobody_uses_goes_back_within_a_tick(coordinator):
     while bucket.try_spend(50):
         taken += 50
     # All but the first node's one event: its idle lease of 100 came back.
+    assert first.calls_failed == second.calls_failed == 0
     assert taken == (limit - 1) // 50 * 50, taken
