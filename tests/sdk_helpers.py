@@ -1,0 +1,93 @@
+"""Shared pieces of the real-client tests: a proxy that loses answers, and stored-data checks.
+
+``AnswerLosingProxy`` stands where a load balancer would: it relays each request to the real
+server, waits for the server's complete answer, and for the first ``lose`` requests drops the
+client's connection instead of relaying it (what a client sees when a proxy or the network
+fails after the server stored the batch). The SDK's own retry then resends what is already
+stored, which is the case exactly-once exists for.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+from inslytic_fast.query import run_query
+
+
+def _read_message(sock: socket.socket, buffer: bytearray) -> bytes | None:
+    """One HTTP/1.1 message framed by Content-Length (what these SDKs and the server send)."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    head_end = buffer.index(b"\r\n\r\n") + 4
+    length = 0
+    for line in bytes(buffer[:head_end]).split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(buffer) < head_end + length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    message = bytes(buffer[: head_end + length])
+    del buffer[: head_end + length]
+    return message
+
+
+class AnswerLosingProxy:
+    def __init__(self, upstream: tuple[str, int], lose: int) -> None:
+        self.upstream = upstream
+        self.lose = lose
+        self.lost = 0
+        self.relayed = 0
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        buffer = bytearray()
+        with client:
+            while (request := _read_message(client, buffer)) is not None:
+                with socket.create_connection(self.upstream, timeout=30) as upstream:
+                    upstream.sendall(request)
+                    answer = _read_message(upstream, bytearray())
+                with self._lock:
+                    drop = self.lost < self.lose
+                    if drop:
+                        self.lost += 1
+                    else:
+                        self.relayed += 1
+                if drop or answer is None:
+                    # RST instead of an answer: the client cannot tell whether it was stored.
+                    client.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    return
+                client.sendall(answer)
+
+
+def duplicate_message_ids(data_dir) -> list[tuple]:
+    return run_query(
+        data_dir,
+        "SELECT message_id, count(*) FROM events WHERE message_id IS NOT NULL "
+        "GROUP BY message_id HAVING count(*) > 1",
+    )[1]
