@@ -385,6 +385,7 @@ class CommitLog:
         "sync_latency",
         "_space_failure",
         "_repair_failure",
+        "_write_failure",
         "_loop",
         "_thread",
         "_jobs",
@@ -450,6 +451,9 @@ class CommitLog:
         self.sync_latency = Histogram(LATENCY_BUCKETS)  # per group commit, not per request
         self._space_failure = RepeatedFailure(log, "commit log: free space check")
         self._repair_failure = RepeatedFailure(log, "commit log: repair")
+        # One episode from a failed write until a write succeeds: a disk that stays full fails
+        # every append between repairs, and must not log (or leave a segment) for each.
+        self._write_failure = RepeatedFailure(log, "commit log: write/sync")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -761,7 +765,6 @@ class CommitLog:
         stats = self.stats
         if kind == _JOB_REPAIR:
             if error is None:
-                log.warning("commit log %s: sound again after %s", self.worker_id, self._unsound)
                 self._unsound = None
                 self._repair_failure.succeeded()
             else:
@@ -777,6 +780,8 @@ class CommitLog:
             self.sync_latency.observe(latency)
             if latency > stats.max_sync_latency_s:
                 stats.max_sync_latency_s = latency
+            if self._write_failure.count:
+                self._write_failure.succeeded()
             self._unrolled_bytes += written
             self._free_bytes -= written
             # The next group first: the disk works while these answers are written.
@@ -794,7 +799,13 @@ class CommitLog:
         # fsyncgate: the kernel may already have dropped the dirty pages; never retry these.
         stats.sync_errors += 1
         self._unsound = error
-        log.error("commit log %s: write/sync failed, refusing appends: %s", self.worker_id, error)
+        self._write_failure.failed(
+            "commit log %s: write/sync failed, refusing appends: %s", self.worker_id, error
+        )
+        if getattr(error, "errno", None) == errno.ENOSPC:
+            # Refused as "disk full" until the next tick's statvfs says there is room again:
+            # at most one failing write a second while the disk stays full.
+            self._free_bytes = -(1 << 62)
         failure = self._failure(error)
         queued = self._pending_waiters
         self._pending_waiters = []
@@ -959,6 +970,11 @@ class CommitLog:
         if self._fd >= 0:
             os.ftruncate(self._fd, self._durable_size)
             os.fsync(self._fd)
+            if self._durable_size == 0:
+                # Nothing acknowledged in it: keep writing to it rather than leave an empty
+                # segment behind per failed write (1,122 in 40 s on a full disk).
+                self._segment_size = 0
+                return
             os.close(self._fd)
             self._fd = -1
         self._segment_size = self._durable_size

@@ -59,8 +59,10 @@ class ServerProcess:
         *args: str,
         env: dict[str, str] | None = None,
         cpus: set[int] | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
+        self.wrapper = wrapper  # a command the server runs under (strace -e inject=...)
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.cpus = cpus  # pinned as taskset -c or systemd's CPUAffinity= would
@@ -81,6 +83,7 @@ class ServerProcess:
     def start(self, port: int = 0) -> ServerProcess:
         self._runs += 1
         cmd = [
+            *self.wrapper,
             sys.executable,
             "-m",
             "inslytic_fast",

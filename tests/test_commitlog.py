@@ -545,6 +545,7 @@ def test_failed_sync_fails_the_batch_refuses_then_recovers(tmp_path, monkeypatch
         while log._unsound is not None:  # noqa: SLF001 - poll-with-deadline via wait_for
             await asyncio.sleep(0.001)
         assert log.segment_path != damaged
+        log.tick()  # after ENOSPC, appends wait for a tick that sees free space again
         assert await driver.append("shop", "good-2") is None
         await log.close()
         assert log.stats.failed == 1 and log.stats.sync_errors == 1

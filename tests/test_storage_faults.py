@@ -290,3 +290,47 @@ def test_a_data_dir_that_disappears_gives_503_and_not_ready_then_recovers(make_s
     poll_until(put_back, timeout=30)
     poll_until(lambda: server.request("GET", "/ready")[0] == 200, timeout=30)
     assert server.ingest([{**EXAMPLE_EVENT, "eventName": "after"}], key)[0] == 202
+
+
+# A disk that stays full --------------------------------------------------------------------
+
+FAILED_SYNCS = 5
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_disk_that_stays_full_logs_once_and_leaves_no_empty_segments(tmp_path):
+    """fdatasync fails with ENOSPC 5 times, then works. Before: each failed write logged an
+    ERROR and a 'sound again' WARNING and left an empty segment behind, back to back (~230
+    pairs a second on a really full disk); now one line when it starts and one when it ends,
+    at most one failing write per tick, and the empty segment is reused."""
+    server = ServerProcess(
+        tmp_path / "data",
+        "--workers", "1", "--events-per-minute", "0",
+        wrapper=(
+            "strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fdatasync",
+            "-e", f"inject=fdatasync:error=ENOSPC:when=1..{FAILED_SYNCS}",
+        ),
+    ).start()  # fmt: skip
+    try:
+        key = server.first_run_key
+        statuses = []
+
+        def accepted_again() -> bool:
+            status, _, _ = server.request("POST", "/v1/ingest", batch_body(["full"]), key=key)
+            statuses.append(status)
+            return status == 202
+
+        poll_until(accepted_again, 60, interval=0.01)
+        assert set(statuses[:-1]) == {503}
+        log_dir = server.data_dir / "log"
+        segments = [p for segs in list_segments(log_dir).values() for p in segs]
+        empty = [p.name for p in segments if p.stat().st_size == 0]
+        stderr = server.stderr()
+    finally:
+        server.kill()
+    failures = stderr.count("write/sync failed")
+    print(f"{len(statuses) - 1} refused, {failures} failure lines, {len(segments)} segments")
+    assert failures == 1, stderr
+    assert stderr.count("working again") == 1, stderr
+    assert "sound again" not in stderr
+    assert not empty, f"empty segments left behind: {empty}"
