@@ -16,8 +16,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kib": KiB, "kb": 1000,
+    "m": MiB, "mib": MiB, "mb": 1000**2,
+    "g": GiB, "gib": GiB, "gb": 1000**3,
+    "t": 1024 * GiB, "tib": 1024 * GiB, "tb": 1000**4,
+}  # fmt: skip
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_QUANTITY_RE = re.compile(r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*")  # -: "must not be negative"
+
+
+def parse_size(text: str) -> int:
+    """``"10MiB"`` -> 10485760: bytes, or a number with a unit (KiB, MiB, GiB, TiB; k/m/g/t
+    alike; KB, MB, GB, TB are powers of 1000), case-insensitive. ValueError if not one."""
+    match = _QUANTITY_RE.fullmatch(text.lower())
+    if match is None or match[2] not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(match[1]) * _SIZE_UNITS[match[2]])
+
+
+def parse_duration(text: str) -> float:
+    """``"30s"`` -> 30.0: seconds, or a number with ms, s, m, h or d. ValueError if not one."""
+    match = _QUANTITY_RE.fullmatch(text.lower())
+    if match is None or match[2] not in _DURATION_UNITS:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(match[1]) * _DURATION_UNITS[match[2]]
+
+
+class ByteSize(int):
+    """A setting in bytes: a number, or a string with a unit (``"5MiB"``)."""
+
+    description = "a size such as 1048576, 512KiB or 5MiB"
+
+    def __new__(cls, value: object = 0) -> ByteSize:
+        return super().__new__(cls, parse_size(value) if isinstance(value, str) else value)
+
+
+class Seconds(float):
+    """A setting in seconds: a number, or a string with a unit (``"30s"``, ``"500ms"``)."""
+
+    description = "a duration such as 30, 30s, 500ms or 2m"
+
+    def __new__(cls, value: object = 0.0) -> Seconds:
+        return super().__new__(cls, parse_duration(value) if isinstance(value, str) else value)
+
 
 DEFAULT_DATA_DIR = "./inslytic-data"
 
@@ -29,6 +78,10 @@ class Option:
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
+    metavar: str | None = None  # in --help; derived from the type when None (see metavar())
+    # Conventional variables read after INSLYTIC_*: PORT (Heroku, Cloud Run), WEB_CONCURRENCY
+    # (gunicorn, uvicorn).
+    fallback_env: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -40,9 +93,15 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("host", str, "127.0.0.1", "address to listen on"),
-    Option("port", int, 8080, "TCP port to listen on"),
-    Option("data_dir", str, DEFAULT_DATA_DIR, "where the log, Parquet files and key catalog live"),
+    Option("host", str, "127.0.0.1", "address to listen on", metavar="ADDRESS"),
+    Option("port", int, 8080, "TCP port to listen on", metavar="PORT", fallback_env=("PORT",)),
+    Option(
+        "data_dir",
+        str,
+        DEFAULT_DATA_DIR,
+        "where the log, Parquet files and key catalog live",
+        metavar="DIR",
+    ),
     Option(
         "durability",
         str,
@@ -60,25 +119,27 @@ OPTIONS: tuple[Option, ...] = (
     ),
     # h11 and uvicorn use 16 KiB for request line + headers (nginx's large_client_header_buffers
     # is 4 x 8k); SDKs send a handful of short headers.
-    Option("max_header_bytes", int, 16 * KiB, "request line + headers cap; over it -> 431"),
+    Option("max_header_bytes", ByteSize, 16 * KiB, "request line + headers cap; over it -> 431"),
     # The hosted API's 1,000-event batches of ~1-2 KiB events fit in a few MiB after gzip.
-    Option("max_body_bytes", int, 5 * MiB, "request body cap as sent (compressed); over it -> 413"),
+    Option(
+        "max_body_bytes", ByteSize, 5 * MiB, "request body cap as sent (compressed); over it -> 413"
+    ),
     Option(
         "max_decompressed_bytes",
-        int,
+        ByteSize,
         20 * MiB,
         "cap on a gzip/deflate body once inflated; over it -> 413 (stops a gzip bomb early)",
     ),
     # Slowloris defence; 10 s / 30 s as the ingestion issue specifies (nginx: 60 s each).
-    Option("header_timeout", float, 10.0, "seconds to receive request line + headers; then 408"),
-    Option("body_timeout", float, 30.0, "seconds a body may stall between reads; then 408"),
+    Option("header_timeout", Seconds, 10.0, "seconds to receive request line + headers; then 408"),
+    Option("body_timeout", Seconds, 30.0, "seconds a body may stall between reads; then 408"),
     # AWS ALB's default idle timeout is 60 s; nginx keepalive_timeout is 75 s.
-    Option("keepalive_timeout", float, 60.0, "seconds an idle keep-alive connection is kept"),
+    Option("keepalive_timeout", Seconds, 60.0, "seconds an idle keep-alive connection is kept"),
     # nginx's send_timeout is 60 s between two writes; a non-reading client here also pins
     # memory (up to the per-connection bound, README: Reliability), so half that.
     Option(
         "send_timeout",
-        float,
+        Seconds,
         30.0,
         "seconds unsent answers may wait for a client that does not read them; then abort",
     ),
@@ -98,18 +159,18 @@ OPTIONS: tuple[Option, ...] = (
     # The roller's Parquet output and DuckDB temp files need room before the disk is full.
     Option(
         "min_free_bytes",
-        int,
+        ByteSize,
         512 * MiB,
         "refuse ingest (503, /ready 503) when the data dir's disk has less free space than this",
     ),
     # Minutes of peak ingest: rides out a slow roll, keeps `query` over the log tail quick.
     Option(
         "max_unrolled_bytes",
-        int,
+        ByteSize,
         2048 * MiB,
         "refuse ingest (503) when this much log is waiting to be rolled to Parquet",
     ),
-    Option("shutdown_timeout", float, 10.0, "seconds SIGTERM waits for in-flight requests"),
+    Option("shutdown_timeout", Seconds, 10.0, "seconds SIGTERM waits for in-flight requests"),
     Option(
         "retention_days",
         int,
@@ -135,6 +196,13 @@ OPTIONS: tuple[Option, ...] = (
         "log_format", str, "text", "log lines for people or for shippers", choices=("text", "json")
     ),
     Option(
+        "log_level",
+        str,
+        "info",
+        "least severe log lines written (debug shows every reload and roll)",
+        choices=("debug", "info", "warning", "error"),
+    ),
+    Option(
         "access_log",
         bool,
         False,
@@ -146,6 +214,7 @@ OPTIONS: tuple[Option, ...] = (
         int,
         0,
         "serve GET /metrics on this port only (same --host), not on --port; 0: on --port",
+        metavar="PORT",
     ),
     Option(
         "metrics_token",
@@ -154,14 +223,17 @@ OPTIONS: tuple[Option, ...] = (
         "require 'Authorization: Bearer TOKEN' on GET /metrics (Prometheus' bearer_token); "
         "empty: no auth. Prefer the env var: flags show in ps",
     ),
-    Option("tls_cert", str, "", "PEM certificate chain: serve HTTPS (needs --tls-key)"),
-    Option("tls_key", str, "", "PEM private key for --tls-cert"),
+    Option(
+        "tls_cert", str, "", "PEM certificate chain: serve HTTPS (needs --tls-key)", metavar="FILE"
+    ),
+    Option("tls_key", str, "", "PEM private key for --tls-cert", metavar="FILE"),
     Option(
         "workers",
         int,
         0,
         "worker processes sharing the port; 0: one per CPU this process may use; "
         "1: a single process",
+        fallback_env=("WEB_CONCURRENCY",),
     ),
     # Cluster mode (README, Cluster mode). The URL names no secret: the password comes from
     # INSLYTIC_COORDINATOR_PASSWORD, so it shows neither in ps nor in --print-config.
@@ -272,6 +344,7 @@ class Settings:
     roller_threads: int = 1
     roller_cpus: tuple[int, ...] = ()  # empty: the roller keeps the server's affinity
     log_format: str = "text"
+    log_level: str = "info"
     access_log: bool = False
     metrics_port: int = 0
     metrics_token: str = ""
@@ -300,16 +373,17 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
     try:
         if opt.type is bool and isinstance(value, str):
             return value.lower() in ("1", "true", "yes", "on")
-        if opt.type is int and isinstance(value, bool):
+        if opt.type is not bool and isinstance(value, bool):
             raise ValueError
         value = opt.type(value)
+        if isinstance(value, ByteSize | Seconds):  # plain numbers from here on
+            value = int(value) if isinstance(value, int) else float(value)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"{source}: {opt.name} must be {opt.type.__name__}, got {value!r}"
-        ) from None
+        what = getattr(opt.type, "description", opt.type.__name__)
+        raise ConfigError(f"{source}: {opt.name} must be {what}, got {value!r}") from None
     if opt.choices and value not in opt.choices:
         raise ConfigError(f"{source}: {opt.name} must be one of {', '.join(opt.choices)}")
-    if opt.type in (int, float) and value < 0:
+    if opt.type is not bool and issubclass(opt.type, int | float) and value < 0:
         raise ConfigError(f"{source}: {opt.name} must not be negative")
     return value
 
@@ -342,10 +416,13 @@ def resolve(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for opt in OPTIONS:
+        fallback = next((name for name in opt.fallback_env if environ.get(name)), None)
         if flags.get(opt.name) is not None:
             value, source = flags[opt.name], opt.flag
         elif opt.env in environ:
             value, source = environ[opt.env], opt.env
+        elif fallback is not None:
+            value, source = environ[fallback], fallback
         elif opt.name in from_file:
             value, source = from_file[opt.name], f"{config_file}"
         else:
@@ -421,12 +498,54 @@ def add_arguments(parser) -> None:
             continue
         parser.add_argument(
             opt.flag,
-            type=opt.type,
+            type=_flag_type(opt),
             default=None,
             choices=opt.choices,
-            metavar=None if opt.choices else opt.name.split("_")[-1].upper(),
-            help=f"{opt.help} (default: {opt.default}; env {opt.env})",
+            metavar=None if opt.choices else metavar(opt),
+            help=f"{opt.help} (default: {_shown_default(opt)}; env {_env_names(opt)})",
         )
+
+
+def _flag_type(opt: Option):
+    """The argparse type of a flag: its option's, with an error that says what is expected."""
+    if opt.type in (int, float, str):
+        return opt.type
+
+    def parse(text: str):
+        try:
+            return opt.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {opt.type.description}") from None
+
+    parse.__name__ = opt.type.__name__
+    return parse
+
+
+def metavar(opt: Option) -> str:
+    """One name per kind of value in --help: SIZE, DURATION, N, or what the option names."""
+    if opt.metavar:
+        return opt.metavar
+    if opt.type is ByteSize:
+        return "SIZE"
+    if opt.type is Seconds:
+        return "DURATION"
+    if opt.type is int:
+        return "N"
+    return opt.name.split("_")[-1].upper()
+
+
+def _shown_default(opt: Option) -> str:
+    if opt.type is ByteSize and opt.default and opt.default % KiB == 0:
+        for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+            if opt.default % size == 0:
+                return f"{opt.default // size}{unit}"
+    if opt.type is Seconds:
+        return f"{opt.default:g}s"
+    return str(opt.default)
+
+
+def _env_names(opt: Option) -> str:
+    return " or ".join((opt.env, *opt.fallback_env))
 
 
 def example_config() -> str:
@@ -445,4 +564,31 @@ def example_config() -> str:
         else:
             rendered = repr(default)
         lines.append(f"{opt.name} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+# Settings whose values are secrets: --print-config effective says whether they are set.
+SECRET_OPTIONS = frozenset(("metrics_token",))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return orjson.dumps(str(value)).decode()  # a JSON string is a TOML basic string
+    if isinstance(value, tuple):
+        return _toml_value(",".join(map(str, value)))
+    return repr(value)
+
+
+def effective_config(settings: Settings) -> str:
+    """The settings in force, as TOML, each with the source it came from (secrets hidden)."""
+    lines = ["# inslytic-fast effective settings (flag > env > config file > default)", "[serve]"]
+    for opt in OPTIONS:
+        value = getattr(settings, opt.name)
+        source = settings.sources.get(opt.name, "default")
+        if opt.name in SECRET_OPTIONS and value:
+            lines.append(f'# {opt.name} = "..."  # set, from {source}; not shown')
+            continue
+        lines.append(f"{opt.name} = {_toml_value(value)}  # {source}")
     return "\n".join(lines) + "\n"

@@ -59,7 +59,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-def configure(log_format: str = "text", worker_id: str | None = None) -> None:
+def configure(
+    log_format: str = "text", worker_id: str | None = None, level: str = "info"
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter = JsonFormatter(worker_id) if log_format == "json" else TextFormatter(worker_id)
     handler.setFormatter(formatter)
@@ -67,7 +69,7 @@ def configure(log_format: str = "text", worker_id: str | None = None) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(level.upper())
 
 
 access_log = logging.getLogger("inslytic_fast.access")

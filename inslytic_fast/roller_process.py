@@ -40,7 +40,7 @@ def roller_main(settings: Settings, parent_pid: int) -> None:
 
     leave_sigint_to_parent()
     follow_parent(parent_pid, "inslytic-roller")
-    configure(settings.log_format, "roller")
+    configure(settings.log_format, "roller", settings.log_level)
     if settings.roller_cpus:
         # Before the roller starts its thread and DuckDB its pool: sched_setaffinity(0) moves
         # only the calling thread, and threads inherit it from their creator.

@@ -83,7 +83,7 @@ def worker_main(
     leave_sigint_to_parent()
     parent_pid = os.getppid()
     follow_parent(parent_pid, f"inslytic-{worker_id}")
-    configure_logging(settings.log_format, worker_id)
+    configure_logging(settings.log_format, worker_id, settings.log_level)
     limiter = None  # with --coordinator the server builds a cluster-wide one
     if not settings.coordinator:
         limiter = SharedRateLimiter(SharedBudget(budget_path(settings.data_dir)), settings.workers)

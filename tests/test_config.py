@@ -151,3 +151,76 @@ def test_roller_cpus_resolve_to_a_tuple_and_bad_ones_name_source_and_setting():
         resolve(no_flags(roller_cpus=str(beyond)), environ={})
     with pytest.raises(ConfigError, match="^INSLYTIC_ROLLER_CPUS: roller_cpus has an empty part"):
         resolve(no_flags(), environ={"INSLYTIC_ROLLER_CPUS": "0,"})
+
+
+def test_sizes_and_durations_take_units_from_every_source(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('max_unrolled_bytes = "1.5GiB"\nshutdown_timeout = "2m"\n')
+    settings = resolve(
+        no_flags(max_body_bytes="10MiB", keepalive_timeout="500ms"),
+        environ={"INSLYTIC_MIN_FREE_BYTES": "64 MB", "INSLYTIC_HEADER_TIMEOUT": "30s"},
+        config_file=str(config),
+    )
+    assert settings.max_body_bytes == 10 * 1024 * 1024
+    assert settings.keepalive_timeout == 0.5
+    assert settings.min_free_bytes == 64_000_000
+    assert settings.header_timeout == 30.0
+    assert settings.max_unrolled_bytes == 3 * 512 * 1024 * 1024
+    assert settings.shutdown_timeout == 120.0
+    assert type(settings.max_body_bytes) is int and type(settings.shutdown_timeout) is float
+    with pytest.raises(ConfigError, match="max_body_bytes must be a size such as .*'10 parsecs'"):
+        resolve(no_flags(), environ={"INSLYTIC_MAX_BODY_BYTES": "10 parsecs"})
+
+
+def test_the_serve_flags_take_units_and_say_what_they_expect():
+    from inslytic_fast.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--max-body-bytes", "1MiB", "--body-timeout", "1m"])
+    assert (args.max_body_bytes, args.body_timeout) == (1024 * 1024, 60.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--body-timeout", "soon"])
+
+
+def test_port_and_web_concurrency_are_read_after_the_inslytic_variables():
+    # The conventions of Heroku/Cloud Run (PORT) and gunicorn/uvicorn (WEB_CONCURRENCY).
+    settings = resolve(no_flags(), environ={"PORT": "9000", "WEB_CONCURRENCY": "3"})
+    assert (settings.port, settings.workers) == (9000, 3)
+    assert settings.sources["port"] == "PORT"
+    env = {"PORT": "9000", "INSLYTIC_PORT": "9001", "WEB_CONCURRENCY": "3"}
+    assert resolve(no_flags(), environ=env).port == 9001
+    assert resolve(no_flags(port=9002, workers=1), environ=env).workers == 1
+    assert resolve(no_flags(port=9002), environ=env).port == 9002
+
+
+def test_log_level_is_a_setting():
+    assert resolve(no_flags(), environ={}).log_level == "info"
+    assert resolve(no_flags(), environ={"INSLYTIC_LOG_LEVEL": "warning"}).log_level == "warning"
+    with pytest.raises(ConfigError, match="log_level must be one of"):
+        resolve(no_flags(log_level="loud"), environ={})
+
+
+def test_print_config_effective_shows_the_settings_in_force_and_their_sources(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PORT": "9100", "INSLYTIC_METRICS_TOKEN": "s3cret"}
+    env.pop("INSLYTIC_PORT", None)
+    cmd = [sys.executable, "-m", "inslytic_fast", "serve", "--print-config", "effective"]
+    proc = subprocess.run(
+        [*cmd, "--max-body-bytes", "1MiB", "--workers", "3"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "max_body_bytes = 1048576  # --max-body-bytes" in proc.stdout
+    assert "port = 9100  # PORT" in proc.stdout
+    assert "s3cret" not in proc.stdout and "metrics_token" in proc.stdout
+    # What it prints is a config file that gives the same settings back.
+    saved = tmp_path / "effective.toml"
+    saved.write_text(proc.stdout)
+    assert tomllib.loads(proc.stdout)["serve"]["workers"] == 3
+    again = resolve(no_flags(metrics_token="s3cret"), environ={}, config_file=str(saved))
+    expected = resolve(
+        no_flags(max_body_bytes=1024 * 1024, workers=3, port=9100, metrics_token="s3cret"),
+        environ={},
+    )
+    assert again == expected

@@ -170,3 +170,12 @@ def test_tls_flags_go_together_and_bad_files_are_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2 and "cannot load TLS certificate" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_log_level_leaves_out_the_less_severe_lines(make_server):
+    quiet = make_server("--workers", "1", "--log-level", "warning")
+    assert quiet.stop() == 0
+    assert "draining" not in quiet.stderr()  # an INFO line
+    chatty = make_server("--workers", "1")
+    assert chatty.stop() == 0
+    assert "draining" in chatty.stderr()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError, add_arguments, example_config, resolve
+from ..config import ConfigError, add_arguments, effective_config, example_config, resolve
 
 
 def register(subparsers) -> None:
@@ -13,30 +13,44 @@ def register(subparsers) -> None:
         "serve",
         help="run the ingestion server",
         description="Run the ingestion server. Every flag can also be set with its INSLYTIC_* "
-        "environment variable or in a TOML file (--config); flags win over env, env over the file.",
+        "environment variable or in a TOML file (--config); flags win over env, env over the file. "
+        "PORT and WEB_CONCURRENCY are read too, after INSLYTIC_PORT and INSLYTIC_WORKERS. Sizes "
+        "take units (512KiB, 10MiB, 1GiB), durations too (500ms, 30s, 5m).",
     )
     add_arguments(parser)
     parser.add_argument(
         "--print-config",
-        action="store_true",
-        help="print an example TOML config with every setting and its default, then exit",
+        nargs="?",
+        const="example",
+        choices=("example", "effective"),
+        metavar="example|effective",
+        help="print a TOML config, then exit: 'example' (the default) lists every setting at its "
+        "default; 'effective' the settings this command line, environment and --config give, "
+        "each with where it came from",
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.print_config:
+    if args.print_config == "example":
         sys.stdout.write(example_config())
         return 0
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("func", "command", "config", "print_config")
+    }
     try:
         settings = resolve(flags, config_file=args.config)
     except ConfigError as exc:
         print(f"inslytic-fast: error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config == "effective":
+        sys.stdout.write(effective_config(settings))
+        return 0
     from ..logs import configure
     from ..server import run as run_server
 
-    configure(settings.log_format)
+    configure(settings.log_format, level=settings.log_level)
 
     return run_server(settings)
