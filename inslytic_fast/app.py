@@ -121,6 +121,22 @@ class App:
             return None
         return INGEST_ROUTE, self.ingestor.refusal(rejection, req, close=True)
 
+    def refuse_on_headers(self, req: Request) -> tuple[bytes, bytes] | None:
+        """(route, response) for an ingest request the log cannot take whatever its body
+        (overload past the hard mark, disk short, shutting down); None otherwise. Asked of
+        every request on its headers; the response closes, the body is never read."""
+        if req.path != self.ingest_route or req.method != b"POST":
+            return None
+        refusal = self.ingestor.refuse_on_headers(req)
+        return None if refusal is None else (INGEST_ROUTE, refusal)
+
+    def backpressure(self, req: Request) -> float:
+        """Seconds to hold a complete request (and stop reading its connection) before
+        handling it: ingest while the roll is behind past the backpressure mark, else 0."""
+        if req.path != self.ingest_route or req.method != b"POST":
+            return 0.0
+        return self.ingestor.commitlog.backpressure_delay()
+
     def _read(self, req: Request, path: bytes) -> bytes:
         """GET/HEAD of a read-only route; the page is built only once the method is known good."""
         status, extra, content_type = 200, b"", JSON_CONTENT_TYPE

@@ -109,6 +109,14 @@ DEFAULT_SEGMENT_MAX_AGE_S = 30.0
 # 2 GiB of unrolled log is minutes of peak ingest: enough to ride out a slow roll or a
 # compaction, small enough that query (which reads the log tail in Python) stays quick.
 DEFAULT_MAX_UNROLLED_BYTES = 2 * 1024 * 1024 * 1024
+# Overload has two marks. Above the hard mark (max_unrolled_bytes) ingest is refused on its
+# headers (503 + Retry-After, the body never read). From BACKPRESSURE_FROM_SHARE of it upwards
+# the server slows clients down instead: each ingest request is held (its connection not read)
+# for a delay rising linearly from 0 to MAX_BACKPRESSURE_DELAY_S at the hard mark, which gives
+# the roller the CPU that serving would have used. 2 s is well inside SDK request timeouts
+# (Segment's analytics-node and PostHog's clients: 10 s).
+BACKPRESSURE_FROM_SHARE = 0.125
+MAX_BACKPRESSURE_DELAY_S = 2.0
 # Leave room for the roller's Parquet output and DuckDB temp files before the disk is full.
 DEFAULT_MIN_FREE_BYTES = 512 * 1024 * 1024
 
@@ -591,21 +599,15 @@ class CommitLog:
         rebuilds its table from it). Raises LogUnavailable at once when the log refuses
         (overloaded, disk short, unsound).
         """
-        if self._unsound is not None or self._closing:
-            self._refuse()
         pending_bytes = self._pending_bytes
-        if self._unrolled_bytes + pending_bytes > self._max_unrolled_bytes:
+        if (
+            self._unsound is not None
+            or self._closing
+            or self._unrolled_bytes + pending_bytes > self._max_unrolled_bytes
+            or self._free_bytes - pending_bytes < self._min_free_bytes
+        ):
             self.stats.refused += 1
-            raise LogUnavailable(
-                "overloaded: the log is too far ahead of the Parquet roller", RETRY_AFTER_OVERLOADED
-            )
-        if self._free_bytes - pending_bytes < self._min_free_bytes:
-            self.stats.refused += 1
-            if self._space_error is not None:
-                raise LogUnavailable(self._storage_unavailable(), RETRY_AFTER_IO_ERROR)
-            raise LogUnavailable(
-                "disk full: not enough free space for the log", RETRY_AFTER_DISK_FULL
-            )
+            raise self.unavailable()  # the same tests, in the order that names the cause
 
         project_json = self._project_json.get(project)
         if project_json is None:
@@ -653,33 +655,48 @@ class CommitLog:
             self._loop.call_soon(self._start_sync)
 
     def refusal(self) -> str | None:
-        """Why append would refuse right now, or None (for /ready; same tests as append)."""
+        """Why append would refuse right now, or None (for /ready)."""
+        unavailable = self.unavailable()
+        return None if unavailable is None else str(unavailable)
+
+    def unavailable(self) -> LogUnavailable | None:
+        """What append would raise right now, or None; counts nothing. The server also asks
+        this on a request's headers, to refuse before reading a body it could not store."""
         if self._closing:
-            return "shutting down"
-        if self._unsound is not None:
-            return f"the log is recovering from a failed write/sync ({self._unsound})"
+            return LogUnavailable("shutting down", RETRY_AFTER_SHUTTING_DOWN)
+        exc = self._unsound
+        if exc is not None:
+            disk_full = getattr(exc, "errno", None) == errno.ENOSPC
+            return LogUnavailable(
+                f"{'disk full' if disk_full else 'I/O error'}: the log is recovering from a "
+                f"failed write/sync ({exc})",
+                RETRY_AFTER_DISK_FULL if disk_full else RETRY_AFTER_IO_ERROR,
+            )
         if self._unrolled_bytes + self._pending_bytes > self._max_unrolled_bytes:
-            return "overloaded: the log is too far ahead of the Parquet roller"
+            return LogUnavailable(
+                "overloaded: the log is too far ahead of the Parquet roller", RETRY_AFTER_OVERLOADED
+            )
         if self._free_bytes - self._pending_bytes < self._min_free_bytes:
             if self._space_error is not None:
-                return self._storage_unavailable()
-            return "disk full: not enough free space for the log"
+                return LogUnavailable(self._storage_unavailable(), RETRY_AFTER_IO_ERROR)
+            return LogUnavailable(
+                "disk full: not enough free space for the log", RETRY_AFTER_DISK_FULL
+            )
         return None
+
+    def backpressure_delay(self) -> float:
+        """Seconds to hold an ingest request before handling it: 0 below the backpressure mark,
+        rising to MAX_BACKPRESSURE_DELAY_S at the hard mark (see BACKPRESSURE_FROM_SHARE)."""
+        backlog = self._unrolled_bytes + self._pending_bytes
+        soft = self._max_unrolled_bytes * BACKPRESSURE_FROM_SHARE
+        if backlog <= soft:
+            return 0.0
+        share = (backlog - soft) / (self._max_unrolled_bytes - soft)
+        return MAX_BACKPRESSURE_DELAY_S * min(1.0, share)
 
     def _storage_unavailable(self) -> str:
         exc = self._space_error
         return f"storage unavailable: cannot check {self.log_dir}: {exc.strerror or exc}"
-
-    def _refuse(self) -> None:
-        self.stats.refused += 1
-        if self._closing:
-            raise LogUnavailable("shutting down", RETRY_AFTER_SHUTTING_DOWN)
-        exc = self._unsound
-        reason = "disk full" if getattr(exc, "errno", None) == errno.ENOSPC else "I/O error"
-        raise LogUnavailable(
-            f"{reason}: the log is recovering from a failed write/sync ({exc})",
-            RETRY_AFTER_DISK_FULL if reason == "disk full" else RETRY_AFTER_IO_ERROR,
-        )
 
     def _batch_id_prefix(self, now_ms: int) -> bytes:
         """33 leading hex/dash characters of a UUIDv7 whose last 3 hex digits are 0."""

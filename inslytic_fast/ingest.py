@@ -575,6 +575,16 @@ class Ingestor:
         except LogUnavailable as exc:
             responder.respond(self._unavailable(decision, exc, origin, close))
 
+    def refuse_on_headers(self, req: Request) -> bytes | None:
+        """503 + Retry-After (closing) when the log could store no batch right now, whatever
+        the body holds: decided on the headers, so an overloaded server never reads a body
+        only to refuse it. None when the log takes appends."""
+        unavailable = self.commitlog.unavailable()
+        if unavailable is None:
+            return None
+        self.metrics.rejected("overload")
+        return self._unavailable_response(unavailable, req.origin, True)
+
     def _unavailable(
         self, decision: Admission, error: BaseException, origin: bytes | None, close: bool
     ) -> bytes:
@@ -585,9 +595,14 @@ class Ingestor:
             self.dedup.release(decision.claimed)
         if decision.bucket is not None:
             decision.bucket.refund(decision.count, decision.window)
-        retry_after = getattr(error, "retry_after", 1)
         if not isinstance(error, LogUnavailable):
             log.error("commit failed, answering 503: %s", error)
+        return self._unavailable_response(error, origin, close)
+
+    def _unavailable_response(
+        self, error: BaseException, origin: bytes | None, close: bool
+    ) -> bytes:
+        retry_after = getattr(error, "retry_after", 1)
         return self.responses.render(
             503,
             error_body("Service Unavailable", [f"events not stored: {error}"]),

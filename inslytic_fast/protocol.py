@@ -185,6 +185,7 @@ class HttpProtocol(asyncio.Protocol):
         "write_paused_since",
         "unsent_seen",
         "send_progress_at",
+        "holding",
     )
 
     def __init__(self, app: App, state: ServerState) -> None:
@@ -216,6 +217,8 @@ class HttpProtocol(asyncio.Protocol):
         self.host_headers = 0
         self.asks_keep_alive = False
         self.linger_on_close = False
+        # Backpressure: a complete request held back (App.backpressure); reading stops too.
+        self.holding = False
         self.access_log = settings.access_log
         self.peer = "-"
         # Copied once so the hot path does not chase settings attributes.
@@ -415,6 +418,11 @@ class HttpProtocol(asyncio.Protocol):
                 self.error_status = 400
                 self.error_details = [SEVERAL_HOSTS if self.host_headers else MISSING_HOST]
                 raise _Reject
+        # Overload past the hard mark: refused here, so its body costs a discard, not a parse.
+        refusal = self.app.refuse_on_headers(request)
+        if refusal is not None:
+            self.early_answer = refusal
+            raise _Reject
         if self.expect_continue:
             # Whatever can be decided without the body is decided before inviting it: a client
             # should not upload megabytes to learn its key is wrong.
@@ -452,14 +460,28 @@ class HttpProtocol(asyncio.Protocol):
         )
         if not keep_alive:
             self.closing = True
+        if not self.deferred and not self.holding:
+            delay = self.app.backpressure(request)
+            if delay > 0.0:
+                # Slow this client down rather than refuse it: its request waits (deferred),
+                # its connection is not read, and the roll gets the CPU meanwhile.
+                self.holding = True
+                asyncio.get_running_loop().call_later(delay, self._end_hold)
         if self.deferred or self._output_blocked():
             self.deferred.append((request, keep_alive_10))
+            if self.holding and not self.read_paused:
+                self._update_reading()
         else:
             self._dispatch(request, keep_alive_10)
 
     def _output_blocked(self) -> bool:
-        """Enough is owed to this client: answer nothing more until it reads."""
-        return self.write_paused or len(self.pending) > self.max_pipelined
+        """Enough is owed to this client (or it is held back): answer nothing more for now."""
+        return self.holding or self.write_paused or len(self.pending) > self.max_pipelined
+
+    def _end_hold(self) -> None:
+        self.holding = False
+        if self.transport is not None:
+            self._parse_unparsed()  # handles the held request, then reads on
 
     def _dispatch(self, request: Request, keep_alive_10: bool) -> None:
         keep_alive = request.keep_alive

@@ -63,6 +63,7 @@ class ScriptedApp:
         self.responses = Responses()
         self.held = []
         self.requests = []
+        self.hold_s = 0.05
 
     def handle(self, req, slot) -> None:
         self.requests.append(req)
@@ -79,6 +80,18 @@ class ScriptedApp:
         if req.path != b"/refused":
             return None
         return b"/refused", self.responses.render(401, b'{"error":"refused"}', close=True)
+
+    def refuse_on_headers(self, req) -> tuple[bytes, bytes] | None:
+        """POST /overloaded is refused on its headers, as /v1/ingest is past the hard mark."""
+        if req.path != b"/overloaded":
+            return None
+        return b"/overloaded", self.responses.render(
+            503, b'{"error":"overloaded"}', b"Retry-After: 1\r\n", close=True
+        )
+
+    def backpressure(self, req) -> float:
+        """POST /held is held back this long (as /v1/ingest is past the backpressure mark)."""
+        return self.hold_s if req.path == b"/held" else 0.0
 
     def release(self, index: int = 0) -> None:
         req, slot = self.held.pop(index)

@@ -771,3 +771,30 @@ def test_batches_beyond_the_event_id_counter_are_rejected(tmp_path):
         await log.close()
 
     run(main())
+
+
+def test_backpressure_rises_from_its_mark_and_the_hard_mark_refuses(tmp_path):
+    async def main():
+        log = open_log(tmp_path, max_unrolled_bytes=800_000)
+        backlog = tmp_path / "log" / "w0-00000000000000000001.log"  # an unrolled segment
+        soft = 800_000 * commitlog_module.BACKPRESSURE_FROM_SHARE
+        delays = []
+        for size in (0, int(soft) - 1000, int(soft) + 100_000, 700_000, 900_000):
+            backlog.write_bytes(b"\0" * size)
+            log.tick()
+            delays.append(log.backpressure_delay())
+        # Nothing below the mark, then rising with the backlog, the most at the hard mark.
+        assert delays[:2] == [0.0, 0.0]
+        assert 0 < delays[2] < delays[3] < delays[4] == commitlog_module.MAX_BACKPRESSURE_DELAY_S
+        # Past the hard mark: refused, and the refusal is the one append raises.
+        refusal = log.unavailable()
+        assert refusal is not None and refusal.retry_after >= 1
+        with pytest.raises(LogUnavailable, match=str(refusal)):
+            log.append("shop", make_events("late", 1), 1, lambda _: None)
+        assert log.refusal() == str(refusal)
+        backlog.unlink()
+        log.tick()
+        assert log.unavailable() is None and log.backpressure_delay() == 0.0
+        await log.close()
+
+    asyncio.run(main())

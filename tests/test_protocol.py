@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 
@@ -397,3 +399,31 @@ def test_a_client_that_leaves_answers_unsent_is_aborted_after_the_send_timeout()
     assert not transport.closed
     conn.check_timeouts(conn.state.now + 5)
     assert transport.closed
+
+
+def test_overload_is_refused_on_the_headers_and_the_body_never_parsed():
+    conn, transport, app = make_conn()
+    conn.data_received(
+        b"POST /overloaded HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"[" * 1000
+    )
+    [(status, headers, _)] = split_responses(transport.take())
+    assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
+    assert conn.phase == LINGER and transport.eof_written  # the rest is read and discarded
+    conn.data_received(b"x" * 65536)
+    assert transport.take() == b"" and app.requests == []
+
+
+def test_a_held_request_stops_reading_and_is_answered_in_order_after_the_hold():
+    async def main():
+        conn, transport, app = make_conn()
+        conn.data_received(post("/held", b"{}") + get("/after"))
+        # Held: nothing handled or answered yet, and the connection is not read meanwhile.
+        assert app.requests == [] and transport.buffer == b"" and transport.read_paused
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(statuses(transport.buffer)) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the hold never ended"
+            await asyncio.sleep(0.01)
+        assert [r.path for r in app.requests] == [b"/held", b"/after"]
+        assert statuses(transport.take()) == [200, 200] and not transport.read_paused
+
+    asyncio.run(main())

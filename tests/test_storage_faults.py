@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -334,3 +335,41 @@ def test_a_disk_that_stays_full_logs_once_and_leaves_no_empty_segments(tmp_path)
     assert stderr.count("working again") == 1, stderr
     assert "sound again" not in stderr
     assert not empty, f"empty segments left behind: {empty}"
+
+
+# -- Overload ------------------------------------------------------------------------------
+
+
+def test_past_the_hard_mark_ingest_is_refused_on_its_headers_alone(make_server, tmp_path):
+    data_dir = tmp_path / "data"
+    lock = RollerLock(data_dir)  # the roller cannot take anything: the backlog only grows
+    try:
+        server = make_server(
+            "--workers", "1", "--events-per-minute", "0", "--max-unrolled-bytes", "100000",
+            data_dir=data_dir,
+        )  # fmt: skip
+        key = server.first_run_key
+        big = [{**EXAMPLE_EVENT, "eventName": f"fill-{i}"} for i in range(100)]
+
+        def refused():
+            status, headers, _ = server.ingest(big, key)
+            return headers if status == 503 else None
+
+        assert int(poll_until(refused, timeout=30)["retry-after"]) >= 1
+        # A client announcing a 1 MB body gets its 503 without sending a byte of it: the
+        # server decides on the headers (it would otherwise wait for the body for 30 s).
+        with socket.create_connection((server.host, server.port), timeout=20) as sock:
+            sock.sendall(
+                b"POST /v1/ingest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + key.encode()
+                + b"\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(65536)
+                assert chunk, f"closed without an answer: {head!r}"
+                head += chunk
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert b"\r\nretry-after: " in head.lower() and b"\r\nconnection: close" in head.lower()
+    finally:
+        lock.release()
