@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from .forwarded import TrustedProxies
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -210,6 +212,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     # Prometheus scrapes over a management network, the API on the public one.
     Option(
+        "trusted_proxies",
+        str,
+        "",
+        "comma-separated addresses or networks (10.0.0.0/8) of proxies in front, whose "
+        "X-Forwarded-For names the client in the access log; empty: trust none",
+        metavar="ADDRESSES",
+    ),
+    Option(
         "metrics_port",
         int,
         0,
@@ -345,6 +355,7 @@ class Settings:
     roller_cpus: tuple[int, ...] = ()  # empty: the roller keeps the server's affinity
     log_format: str = "text"
     log_level: str = "info"
+    trusted_proxies: str = ""
     access_log: bool = False
     metrics_port: int = 0
     metrics_token: str = ""
@@ -435,6 +446,10 @@ def resolve(
         raise ConfigError(f"{sources['metrics_port']}: metrics_port must be 0-65535")
     if values["metrics_port"] and values["metrics_port"] == values["port"]:
         raise ConfigError("--metrics-port must differ from --port (0 serves /metrics on --port)")
+    try:
+        TrustedProxies(values["trusted_proxies"])
+    except ValueError as exc:
+        raise ConfigError(f"{sources['trusted_proxies']}: trusted_proxies: {exc}") from None
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
     if values["workers"] == 0:

@@ -302,6 +302,7 @@ class Ingestor:
         project = self.keyring.lookup(key)
         if project is None:
             return _unauthorized("Invalid API key")
+        req.project = project.name  # for the access log
         origin = req.origin
         if origin is not None:
             # Enforced here, not only by browsers: a beacon is not subject to CORS, and a

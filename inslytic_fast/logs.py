@@ -36,6 +36,14 @@ class TextFormatter(logging.Formatter):
             record.msg, record.args = saved
 
 
+def utc_timestamp(created: float) -> str:
+    """``2026-12-01T22:18:00.123Z``: the ``ts`` of a JSON log line."""
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, worker_id: str | None = None) -> None:
         super().__init__()
@@ -43,8 +51,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": utc_timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),  # orjson escapes control characters itself
@@ -59,9 +66,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-def configure(
-    log_format: str = "text", worker_id: str | None = None, level: str = "info"
-) -> None:
+def configure(log_format: str = "text", worker_id: str | None = None, level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter = JsonFormatter(worker_id) if log_format == "json" else TextFormatter(worker_id)
     handler.setFormatter(formatter)

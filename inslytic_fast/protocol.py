@@ -62,9 +62,11 @@ PARSE_SLICE = 16 * 1024
 # Headers the server looks at; everything else is skipped with one dict miss.
 _AUTHORIZATION, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
 _TRANSFER_ENCODING, _EXPECT, _ORIGIN, _HOST, _CONNECTION, _IDEMPOTENCY_KEY = 5, 6, 7, 8, 9, 10
+_FORWARDED_FOR = 11
 _INTERESTING = {
     b"host": _HOST,
     b"connection": _CONNECTION,
+    b"x-forwarded-for": _FORWARDED_FOR,
     b"authorization": _AUTHORIZATION,
     b"content-type": _CONTENT_TYPE,
     b"content-encoding": _CONTENT_ENCODING,
@@ -89,7 +91,6 @@ _HEADER_KIND = {
                 b"accept-encoding",
                 b"accept-language",
                 b"referer",
-                b"x-forwarded-for",
                 b"x-request-id",
                 b"keep-alive",
             )
@@ -173,6 +174,7 @@ class HttpProtocol(asyncio.Protocol):
         "asks_keep_alive",
         "linger_on_close",
         "access_log",
+        "trusted_proxies",
         "peer",
         "max_header_bytes",
         "max_body_bytes",
@@ -220,6 +222,7 @@ class HttpProtocol(asyncio.Protocol):
         # Backpressure: a complete request held back (App.backpressure); reading stops too.
         self.holding = False
         self.access_log = settings.access_log
+        self.trusted_proxies = state.trusted_proxies
         self.peer = "-"
         # Copied once so the hot path does not chase settings attributes.
         self.max_header_bytes = settings.max_header_bytes
@@ -257,7 +260,7 @@ class HttpProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         if self.access_log:
             peer = transport.get_extra_info("peername")
-            self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+            self.peer = peer[0] if peer else "-"
         self.phase_since = state.now
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -398,6 +401,8 @@ class HttpProtocol(asyncio.Protocol):
             self.expect_continue = value.strip().lower() == b"100-continue"
         elif which == _HOST:
             self.host_headers += 1
+        elif which == _FORWARDED_FOR:
+            request.forwarded_for = value
         elif which == _CONNECTION:
             self.asks_keep_alive = b"keep-alive" in value.lower()
         elif which == _ORIGIN:
@@ -531,17 +536,43 @@ class HttpProtocol(asyncio.Protocol):
         self._update_reading()
 
     def log_access(self, request: Request, data: bytes, seconds: float) -> None:
-        path = request.path.decode("latin-1")
+        client = self.peer
+        if request.forwarded_for is not None and self.trusted_proxies:
+            client = self.trusted_proxies.client(client, request.forwarded_for)
+        self._log_access(
+            client, request.method, request.path, data, seconds, request.project or "-"
+        )
+
+    def _log_access(
+        self, client: str, method: bytes, path_bytes: bytes, data: bytes, seconds: float, project
+    ) -> None:
+        """One line: readable in text, and with the same fields as keys in JSON."""
+        path = path_bytes.decode("latin-1")
         if "ik_" in path:  # an SDK misconfigured to put its key in the URL: never log the key
             path = _KEY_IN_PATH.sub("ik_[REDACTED]", path)
+        if len(path) > 200:
+            path = path[:200] + "..."
+        method_text = method.decode("latin-1") or "-"
+        status = data[9:12].decode()
+        fields = {
+            "method": method_text,
+            "path": path,
+            "status": int(status),
+            "bytes": len(data),
+            "duration_ms": round(seconds * 1000, 3),
+            "client": client,
+            "project": project,
+        }
         access_log.info(
-            '%s "%s %s" %s %d %.1fms',
-            self.peer,
-            request.method.decode("latin-1"),
-            path if len(path) <= 200 else path[:200] + "...",
-            data[9:12].decode(),
+            '%s "%s %s" %s %d %.1fms %s',
+            client,
+            method_text,
+            path,
+            status,
             len(data),
             seconds * 1000,
+            project,
+            extra={"fields": fields},
         )
 
     # Output, in request order
@@ -594,6 +625,9 @@ class HttpProtocol(asyncio.Protocol):
         self.metrics.response(route, slot.data, now, now)
         if route == INGEST_ROUTE and status in PROTOCOL_REJECT_REASONS:
             self.metrics.rejected(PROTOCOL_REJECT_REASONS[status])
+        if self.access_log:  # a malformed request is logged with what of it was parsed
+            method = self.request.method if self.phase == BODY else b""
+            self._log_access(self.peer, method, self.url.partition(b"?")[0], slot.data, 0.0, "-")
         if self.deferred:
             self.deferred.append(slot)  # answered after the requests parsed before the error
             return

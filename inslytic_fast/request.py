@@ -14,6 +14,8 @@ class Request:
         "content_encoding",
         "origin",
         "idempotency_key",
+        "forwarded_for",
+        "project",
         "body",
         "keep_alive",
     )
@@ -26,5 +28,7 @@ class Request:
         self.content_encoding: bytes | None = None
         self.origin: bytes | None = None
         self.idempotency_key: bytes | None = None
+        self.forwarded_for: bytes | None = None  # X-Forwarded-For, for the access log
+        self.project: str | None = None  # the authenticated project, for the access log
         self.body = b""
         self.keep_alive = True

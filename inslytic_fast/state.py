@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from .forwarded import TrustedProxies
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -13,7 +14,15 @@ if TYPE_CHECKING:
 
 
 class ServerState:
-    __slots__ = ("settings", "connections", "now", "draining", "ready", "metrics")
+    __slots__ = (
+        "settings",
+        "connections",
+        "now",
+        "draining",
+        "ready",
+        "metrics",
+        "trusted_proxies",
+    )
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -23,3 +32,5 @@ class ServerState:
         self.draining = False
         self.ready = False  # /ready: set once listening, cleared when draining starts
         self.metrics = Metrics()
+        # Whose X-Forwarded-For names the client in the access log (config checked it parses).
+        self.trusted_proxies = TrustedProxies(settings.trusted_proxies)

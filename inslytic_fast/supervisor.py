@@ -39,6 +39,7 @@ from .server import (
     loop_factory,
     run_dir,
     seal_orphan_logs,
+    startup_failed,
     tls_context,
 )
 from .sharedlimit import SharedBudget, SharedRateLimiter
@@ -152,12 +153,8 @@ class Supervisor:
                 keyring.load()
             else:
                 first_run_key = keyring.ensure_default_project()
-        except CatalogError as exc:
-            print(f"inslytic-fast: error: {exc}", file=sys.stderr)
-            return 2
-        except (StartupError, CoordinatorError) as exc:
-            print(f"inslytic-fast: error: {exc}", file=sys.stderr)
-            return 2
+        except (CatalogError, StartupError, CoordinatorError) as exc:
+            return startup_failed(settings, str(exc))
         host, port = reservation.getsockname()[:2]
         self.settings = settings = replace(settings, port=port)
         seal_orphan_logs(settings.data_dir, set(worker_ids(settings.workers)))
@@ -175,10 +172,7 @@ class Supervisor:
                     return 0
                 error = self._start(worker, wait_ready=True)
                 if error:
-                    print(
-                        f"inslytic-fast: error: worker {worker.worker_id}: {error}", file=sys.stderr
-                    )
-                    return 2
+                    return startup_failed(settings, f"worker {worker.worker_id}: {error}")
             if self.stopping:
                 return 0
             announce(settings, host, port, first_run_key, sys.stdout)

@@ -18,7 +18,8 @@ import pytest
 
 STARTUP_DEADLINE_S = 30.0
 LISTENING_RE = re.compile(r"listening on https?://([\d.]+):(\d+)")
-KEY_RE = re.compile(r"^\s+(ik_\S+)\s*$", re.M)
+# The first-run key: on a line of its own, or (--log-format json) in the api_key field.
+KEY_RE = re.compile(r'^\s+(ik_\S+)\s*$|"api_key":"(ik_[^"]+)"', re.M)
 
 EXAMPLE_EVENT = {
     "eventName": "page_viewed",
@@ -103,7 +104,7 @@ class ServerProcess:
             if match:
                 self.host, self.port = match.group(1), int(match.group(2))
                 key = KEY_RE.search(self.stdout())
-                self.first_run_key = key.group(1) if key else None
+                self.first_run_key = (key.group(1) or key.group(2)) if key else None
                 return self
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}: {self.stderr()}")

@@ -6,6 +6,7 @@ import http.client
 import logging
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 
@@ -15,7 +16,7 @@ import pytest
 from inslytic_fast.logs import JsonFormatter, RepeatedFailure, TextFormatter, escape
 
 from .adversarial_helpers import poll_until
-from .conftest import cli, free_port
+from .conftest import EXAMPLE_EVENT, cli, free_port
 
 
 def record(message: str, *args) -> logging.LogRecord:
@@ -94,15 +95,33 @@ def test_a_failure_that_keeps_repeating_logs_once_not_every_second(make_server):
     assert server.stop() == 0
 
 
-def test_access_log_in_json(make_server):
-    server = make_server("--workers", "1", "--access-log", "--log-format", "json")
-    server.request("GET", "/health?probe=1")
+def test_json_logs_are_json_on_every_line_and_access_entries_carry_fields(make_server):
+    server = make_server(
+        "--workers", "1", "--access-log", "--log-format", "json",
+        "--trusted-proxies", "127.0.0.0/8",
+    )  # fmt: skip
+    key = server.first_run_key  # read from the JSON first-run line on stdout
+    assert server.ingest([EXAMPLE_EVENT], key)[0] == 202
+    server.request("GET", "/health?probe=1", headers={"X-Forwarded-For": "203.0.113.9, 10.1.1.1"})
     server.request("GET", "/nope")
-    server.stop()
-    entries = [orjson.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
-    access = [e["msg"] for e in entries if e["logger"] == "inslytic_fast.access"]
-    assert any('"GET /health" 200' in line for line in access), access
-    assert any('"GET /nope" 404' in line for line in access), access
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(b"POST /malformed HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
+    assert server.stop() == 0
+    for stream in (server.stderr(), server.stdout()):  # the banner and the key included
+        for line in stream.splitlines():
+            orjson.loads(line)
+    entries = [orjson.loads(line) for line in server.stderr().splitlines()]
+    assert any("listening on" in e["msg"] for e in entries)
+    access = {e["path"]: e for e in entries if e["logger"] == "inslytic_fast.access"}
+    ingest = access["/v1/ingest"]
+    assert (ingest["method"], ingest["status"], ingest["project"]) == ("POST", 202, "default")
+    assert ingest["bytes"] > 0 and ingest["duration_ms"] >= 0 and ingest["client"] == "127.0.0.1"
+    # The proxy 127.0.0.1 is trusted, 10.1.1.1 is not: the client is the right-most untrusted.
+    assert access["/health"]["client"] == "10.1.1.1"
+    assert access["/nope"]["status"] == 404
+    # Refused by the HTTP layer, logged all the same.
+    assert access["/malformed"]["status"] == 400
 
 
 def test_no_access_log_by_default(shared_server):
