@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .ingest import MAX_IDEMPOTENCY_KEY_LENGTH
 from .schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, FieldSpec, event_fields
+from .segment import MAX_FUTURE_S, MAX_PAST_S, MESSAGE_TYPES, SEGMENT_ROUTES, SKEW_TOLERANCE_S
 
 OPENAPI_VERSION = "3.1.0"
 # Mirrors app.py: browsers cache the preflight this long; the header is always present.
@@ -24,6 +26,14 @@ PREFLIGHT_ALLOW_HEADERS = (
 CONTENT_ENCODINGS = ("gzip", "x-gzip", "deflate", "identity", "")
 
 _REF = "#/components/{}/{}"
+# ingest.py strips the value, then wants 1..MAX_IDEMPOTENCY_KEY_LENGTH printable ASCII.
+IDEMPOTENCY_KEY_PATTERN = (
+    rf"^[!-~]([ -~]{{0,{MAX_IDEMPOTENCY_KEY_LENGTH - 2}}}[!-~])?$"
+)
+ORIGIN_REFUSED = (
+    "The request's Origin header names a site outside the server's --cors-origins allowlist; "
+    "nothing was stored (enforced by the server: beacons are not subject to CORS)."
+)
 
 
 def _ref(section: str, name: str) -> dict[str, str]:
@@ -147,6 +157,13 @@ def _schemas(limits: EventLimits) -> dict[str, Any]:
                 }
             ],
         },
+        "SegmentMessage": _segment_message(None, limits),
+        "SegmentSuccess": {
+            "type": "object",
+            "required": ["success"],
+            "properties": {"success": {"const": True}},
+            "additionalProperties": False,
+        },
         "Health": {
             "type": "object",
             "required": ["status"],
@@ -257,7 +274,13 @@ def _ingest_post(max_body_bytes: int) -> dict[str, Any]:
             "Missing or invalid API key.",
             **{"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
         ),
+        "403": _error(ORIGIN_REFUSED),
         "408": shared["RequestTimeout"],
+        "409": _error(
+            "A request with the same Idempotency-Key is still being stored; nothing was done. "
+            "Retry after `Retry-After` seconds to get the first request's answer.",
+            **{"Retry-After": _ref("headers", "Retry-After")},
+        ),
         "413": _error(
             f"The body is larger than {max_body_bytes} bytes as sent, or too large once "
             "inflated, or the batch holds more events than the project's whole per-minute "
@@ -289,7 +312,10 @@ def _ingest_post(max_body_bytes: int) -> dict[str, Any]:
             "Stores 1 to the configured maximum of events. The body is JSON; it may be sent as "
             "`text/plain` (what `navigator.sendBeacon` uses) and may be gzip- or "
             f"deflate-compressed. The body as sent may be at most {max_body_bytes} bytes. "
-            "A 202 is sent only after the events are durable."
+            "A 202 is sent only after the events are durable. A `text/plain` body (a beacon) "
+            "may carry the key as a top-level `writeKey` field instead of the Authorization "
+            "header; when both are present they must agree (else 401). A body starting with "
+            "gzip's magic bytes is read as gzip without Content-Encoding."
         ),
         "tags": ["ingest"],
         "parameters": [
@@ -299,7 +325,20 @@ def _ingest_post(max_body_bytes: int) -> dict[str, Any]:
                 "required": False,
                 "description": "Compression of the body (case-insensitive).",
                 "schema": {"type": "string", "enum": list(CONTENT_ENCODINGS)},
-            }
+            },
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "Makes retries of this batch safe: a request with a key already stored "
+                    "for the project (within the dedup window, see the README) stores "
+                    "nothing and is answered 202 with the first request's count. The key "
+                    "alone identifies the batch; the body is not compared. Kept in the "
+                    "`idempotency_key` column."
+                ),
+                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+            },
         ],
         "requestBody": {
             "required": True,
@@ -358,6 +397,179 @@ def _read_operation(
     }
 
 
+def _segment_id(description: str, max_length: int = 256) -> dict[str, Any]:
+    return {
+        "description": description,
+        "anyOf": [
+            {"type": "string", "maxLength": max_length},
+            {"type": "number"},
+            {"type": "null"},
+        ],
+    }
+
+
+def _segment_message(message_type: str | None, limits: EventLimits) -> dict[str, Any]:
+    """One Segment-spec message; ``message_type`` None: a /v1/batch item (type required)."""
+    timestamp = {"type": ["string", "null"], "format": "date-time"}
+    json_object = {"type": ["object", "null"]}
+    name = {"type": ["string", "null"], "maxLength": 200}
+    properties: dict[str, Any] = {
+        "type": {"type": "string", "enum": list(MESSAGE_TYPES)}
+        if message_type is None
+        else {"type": ["string", "null"], "description": "Ignored: the path says the type."},
+        "event": name,
+        "name": name,
+        "userId": _segment_id("Stored as user_id (a number as its decimal text)."),
+        "anonymousId": _segment_id("Stored as anonymous_id."),
+        "messageId": {"type": ["string", "null"], "maxLength": 256,
+                      "description": "The dedup key: a retry with the same id stores nothing."},
+        "groupId": _segment_id("group: stored as group_id."),
+        "previousId": _segment_id("alias: stored as previous_id."),
+        "timestamp": {**timestamp, "description": (
+            "When it happened, by the client's clock; without a zone it is UTC. Corrected by "
+            f"(received - sentAt) when that exceeds {SKEW_TOLERANCE_S:g} s; replaced by the "
+            f"receive time if more than {MAX_FUTURE_S / 3600:g} h ahead or "
+            f"{MAX_PAST_S / 86400:g} days behind it (the original is kept)."
+        )},
+        "sentAt": timestamp,
+        "properties": json_object,
+        "traits": json_object,
+        "context": json_object,
+        "integrations": json_object,
+    }  # fmt: skip
+    one_of_ids = [
+        {"required": [field], "properties": {field: {"not": {"type": "null"}}}}
+        for field in ("userId", "anonymousId")
+    ]
+    rules: list[dict[str, Any]] = [{"anyOf": one_of_ids}]
+    needs = {"track": ("event", {"type": "string", "minLength": 1, "maxLength": 200}),
+             "group": ("groupId", {"not": {"type": "null"}}),
+             "alias": ("previousId", {"not": {"type": "null"}})}  # fmt: skip
+    for kind, (field, schema) in needs.items():
+        requirement = {"required": [field], "properties": {field: schema}}
+        if message_type is None:
+            rules.append({"if": {"properties": {"type": {"const": kind}}, "required": ["type"]},
+                          "then": requirement})  # fmt: skip
+        elif message_type == kind:
+            rules.append(requirement)
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": properties,
+        "allOf": rules,
+        "additionalProperties": True,
+    }
+    if message_type is None:
+        schema["required"] = ["type"]
+    else:
+        schema["description"] = (
+            "May carry the write key as `writeKey` instead of the Authorization header."
+        )
+    return schema
+
+
+def _segment_post(message_type: str | None, limits: EventLimits, max_body_bytes: int) -> dict:
+    if message_type is None:
+        body = {
+            "type": "object",
+            "required": ["batch"],
+            "properties": {
+                "batch": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": limits.max_events,
+                    "items": _ref("schemas", "SegmentMessage"),
+                },
+                "sentAt": {"type": ["string", "null"], "format": "date-time"},
+            },
+            "description": "May carry the write key as `writeKey` instead of a header.",
+            "additionalProperties": True,
+        }
+    else:
+        body = _segment_message(message_type, limits)
+    shared = _responses(max_body_bytes)
+    responses: dict[str, Any] = {
+        "200": {
+            "description": (
+                "Stored durably (or already stored: retried messageIds store nothing)."
+            ),
+            "content": _json("SegmentSuccess"),
+        },
+        "400": _error(
+            "Invalid JSON or a message the Segment spec does not allow; nothing was stored.",
+            "ValidationError",
+        ),
+        "401": _error(
+            "Missing or invalid write key, or a body writeKey that disagrees with the header.",
+            **{"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
+        ),
+        "403": _error(ORIGIN_REFUSED),
+        "408": shared["RequestTimeout"],
+        "413": _error(
+            f"The body is larger than {max_body_bytes} bytes as sent or too large once "
+            "inflated, or it holds more messages than the project's whole per-minute limit."
+        ),
+        "415": _error(
+            "Content-Type is not application/json or text/plain, or Content-Encoding is not "
+            "gzip, deflate or identity."
+        ),
+        "429": _error(
+            "Rate limit exceeded: one token per new message. Nothing was stored.",
+            **{"Retry-After": _ref("headers", "Retry-After")},
+        ),
+        "431": shared["HeadersTooLarge"],
+        "500": shared["InternalError"],
+        "503": _error(
+            "Nothing was stored: the commit log cannot take more now, the server is at its "
+            "connection limit, or a message of this batch is still being stored by an "
+            "earlier attempt. Retry after `Retry-After` seconds.",
+            **{"Retry-After": _ref("headers", "Retry-After")},
+        ),
+    }
+    for response in responses.values():
+        _with_rate_limit_headers(response)
+    kind = message_type or "batch"
+    return {
+        "operationId": f"segment{kind.title()}",
+        "summary": f"Segment-spec {kind}" + (" (what the Segment SDKs send)" if not message_type
+                                             else ""),
+        "description": (
+            "Segment's HTTP tracking API, as the Segment, RudderStack and Jitsu SDKs speak it. "
+            "The write key is the project's key: HTTP Basic user name (empty password), "
+            "Bearer, or `writeKey` in the body. Answered 200 once durable. The body may be "
+            "`text/plain` and gzip (with Content-Encoding, or recognised by its magic bytes)."
+        ),
+        "tags": ["segment"],
+        "security": [{"basicAuth": []}, {"bearerAuth": []}],
+        "parameters": [
+            {
+                "name": "Content-Encoding",
+                "in": "header",
+                "required": False,
+                "description": "Compression of the body (case-insensitive).",
+                "schema": {"type": "string", "enum": list(CONTENT_ENCODINGS)},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": body}, "text/plain": {"schema": body}},
+        },
+        "responses": responses,
+    }  # fmt: skip
+
+
+def _segment_paths(limits: EventLimits, max_body_bytes: int) -> dict[str, Any]:
+    paths = {}
+    for route, message_type in SEGMENT_ROUTES.items():
+        kind = (message_type or "batch").title()
+        preflight = {**_ingest_options(), "operationId": f"segment{kind}Preflight",
+                     "tags": ["segment"]}  # fmt: skip
+        paths[route.decode()] = {
+            "post": _segment_post(message_type, limits, max_body_bytes),
+            "options": preflight,
+        }
+    return paths
+
+
 def build_openapi(limits: EventLimits, *, max_body_bytes: int, server_version: str) -> dict:
     """The OpenAPI 3.1 document for a server running with these limits."""
     health = {"application/json": {"schema": _ref("schemas", "Health")}}
@@ -378,6 +590,7 @@ def build_openapi(limits: EventLimits, *, max_body_bytes: int, server_version: s
         "servers": [{"url": "/"}],
         "tags": [
             {"name": "ingest", "description": "Event ingestion"},
+            {"name": "segment", "description": "Segment-spec intake for existing SDKs"},
             {"name": "service", "description": "Health and discovery"},
         ],
         "security": [{"bearerAuth": []}],
@@ -386,6 +599,7 @@ def build_openapi(limits: EventLimits, *, max_body_bytes: int, server_version: s
                 "post": _ingest_post(max_body_bytes),
                 "options": _ingest_options(),
             },
+            **_segment_paths(limits, max_body_bytes),
             "/health": {
                 "get": _read_operation("health", "Liveness check", health, head=False),
                 "head": _read_operation("health", "Liveness check", health, head=True),
@@ -401,7 +615,12 @@ def build_openapi(limits: EventLimits, *, max_body_bytes: int, server_version: s
                     "type": "http",
                     "scheme": "bearer",
                     "description": "The project API key: `Authorization: Bearer <key>`.",
-                }
+                },
+                "basicAuth": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "Segment SDKs: the project key as user name, no password.",
+                },
             },
             "schemas": _schemas(limits),
             "headers": _headers(),

@@ -63,11 +63,11 @@ class Message(msgspec.Struct, rename="camel", gc=False):
     type: str | None = None
     event: _Name | None = None
     name: _Name | None = None
-    user_id: _Id | int | None = None
-    anonymous_id: _Id | int | None = None
+    user_id: _Id | int | float | None = None
+    anonymous_id: _Id | int | float | None = None
     message_id: _Id | None = None
-    group_id: _Id | int | None = None
-    previous_id: _Id | int | None = None
+    group_id: _Id | int | float | None = None
+    previous_id: _Id | int | float | None = None
     timestamp: datetime | None = None
     sent_at: datetime | None = None
     # Raw cannot sit in a union with None: an absent field is an empty Raw, and a JSON null
@@ -183,8 +183,13 @@ def _present(raw: Raw) -> Raw | None:
     return None if size == 0 or (size == 4 and bytes(raw) == _NULL) else raw
 
 
-def _text(value: str | int | None) -> str | None:
-    return value if value is None or type(value) is str else str(value)
+def _text(value: str | int | float | None) -> str | None:
+    """An id as text: SDKs may send a numeric id (JavaScript numbers are floats: 42.0 -> "42")."""
+    if value is None or type(value) is str:
+        return value
+    if type(value) is float and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 class SegmentCodec:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 
 import orjson
 import pytest
 
 from inslytic_fast import app, ingest
+from inslytic_fast.ingest import MAX_IDEMPOTENCY_KEY_LENGTH
 from inslytic_fast.openapi import CONTENT_ENCODINGS, build_openapi
 from inslytic_fast.schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, event_fields
+from inslytic_fast.segment import SEGMENT_ROUTES
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 LIMITS = EventLimits()
@@ -118,7 +121,10 @@ def test_security():
     assert DOC["security"] == [{"bearerAuth": []}]
     assert "security" not in INGEST  # inherits the bearer requirement
     for path, method, operation in operations():
-        if (path, method) != ("/v1/ingest", "post"):
+        if path.encode() in SEGMENT_ROUTES and method == "post":
+            # Segment SDKs send the key as the Basic user name; Bearer works too.
+            assert operation["security"] == [{"basicAuth": []}, {"bearerAuth": []}]
+        elif (path, method) != ("/v1/ingest", "post"):
             assert operation["security"] == [], (path, method)
 
 
@@ -134,6 +140,22 @@ def test_not_found_and_method_not_allowed_are_documented():
 # --------------------------------------------------------------------------- ingest operation
 
 
+def test_idempotency_key_pattern_is_what_the_server_accepts():
+    [parameter] = [p for p in INGEST["parameters"] if p["name"] == "Idempotency-Key"]
+    pattern = re.compile(parameter["schema"]["pattern"])
+    for good in ("a", "order-77", "a b", "~" * MAX_IDEMPOTENCY_KEY_LENGTH):
+        assert pattern.match(good), good
+    for bad in ("", " a", "a ", "é", "a\tb", "x" * (MAX_IDEMPOTENCY_KEY_LENGTH + 1)):
+        assert not pattern.match(bad), bad
+
+
+def test_segment_routes_are_documented():
+    for route in SEGMENT_ROUTES:
+        post = DOC["paths"][route.decode()]["post"]
+        assert {"200", "400", "401", "403", "413", "429", "503"} <= set(post["responses"])
+    assert {"403", "409"} <= set(INGEST["responses"])
+
+
 def test_request_body_media_types_match_the_server():
     content = INGEST["requestBody"]["content"]
     assert INGEST["requestBody"]["required"] is True
@@ -143,8 +165,8 @@ def test_request_body_media_types_match_the_server():
 
 
 def test_content_encoding_parameter():
-    [parameter] = INGEST["parameters"]
-    assert parameter["in"] == "header" and parameter["name"] == "Content-Encoding"
+    [parameter] = [p for p in INGEST["parameters"] if p["name"] == "Content-Encoding"]
+    assert parameter["in"] == "header"
     assert set(parameter["schema"]["enum"]) == set(CONTENT_ENCODINGS)
     assert {"gzip", "deflate", "identity"} <= set(CONTENT_ENCODINGS)
 
