@@ -109,6 +109,13 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def put_if(self, key: str, data: bytes, etag: str | None) -> str | None:
+        """Write only if the object is absent (``etag`` None) or still has ``etag``; the new
+        ETag, or None when the condition failed (S3 If-None-Match / If-Match)."""
+        ...
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str] | None: ...
+
 
 def parse_lake_url(url: str) -> tuple[str, str]:
     """``s3://bucket/prefix`` -> (bucket, prefix without slashes at the ends)."""
@@ -184,7 +191,10 @@ class S3ObjectStore:
         self._obstore.put(self.store, key, data, use_multipart=False)
 
     def get_bytes(self, key: str) -> bytes:
-        return bytes(self._obstore.get(self.store, key).bytes())
+        try:
+            return bytes(self._obstore.get(self.store, key).bytes())
+        except self._not_found:
+            raise FileNotFoundError(f"lake object {key} is gone") from None
 
     def get_file(self, key: str, path: Path) -> None:
         try:
@@ -202,6 +212,23 @@ class S3ObjectStore:
 
     def delete(self, key: str) -> None:
         self._obstore.delete(self.store, key)  # deleting a missing object is not an error
+
+    def put_if(self, key: str, data: bytes, etag: str | None) -> str | None:
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        mode = "create" if etag is None else {"e_tag": f'"{etag}"'}
+        try:
+            result = self._obstore.put(self.store, key, data, mode=mode, use_multipart=False)
+        except (AlreadyExistsError, PreconditionError):
+            return None
+        return (result["e_tag"] or "").strip('"')
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            result = self._obstore.get(self.store, key)
+        except self._not_found:
+            return None
+        return bytes(result.bytes()), (result.meta["e_tag"] or "").strip('"')
 
 
 def expected_etag(path: Path) -> tuple[int, str]:
@@ -278,6 +305,32 @@ def object_key(node: str, relative: str) -> str:
     )
 
 
+def read_intents(store: ObjectStore) -> dict[str, dict]:
+    """The lake's compaction intents by key (kept after their merge, as its record)."""
+    intents = {}
+    for info in store.list(LAKE_INTENTS + "/"):
+        try:
+            intents[info.key] = orjson.loads(store.get_bytes(info.key))
+        except FileNotFoundError:
+            continue  # undone by a recovering leader meanwhile
+    return intents
+
+
+def merged_away(intents: dict[str, dict], present: set[str]) -> set[str]:
+    """Keys whose rows live in another object: inputs of an intent whose output is present,
+    or was itself merged further (a small output can be the input of a later compaction)."""
+    gone: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for intent in intents.values():
+            if intent["output"] in present or intent["output"] in gone:
+                before = len(gone)
+                gone.update(intent["inputs"])
+                changed |= len(gone) != before
+    return gone
+
+
 def lake_listing(store: ObjectStore) -> tuple[dict[str, ObjectInfo], set[str]]:
     """The lake's event objects a reader should use, and every key compacted away.
 
@@ -285,11 +338,7 @@ def lake_listing(store: ObjectStore) -> tuple[dict[str, ObjectInfo], set[str]]:
     listing was written after its intent, and the intent outlives the inputs it names, so an
     input still listed beside its output is dropped rather than read twice."""
     listing = {info.key: info for info in store.list(LAKE_EVENTS + "/")}
-    gone: set[str] = set()
-    for info in store.list(LAKE_INTENTS + "/"):
-        intent = orjson.loads(store.get_bytes(info.key))
-        if intent["output"] in listing:
-            gone.update(intent["inputs"])
+    gone = merged_away(read_intents(store), set(listing))
     for key in gone:
         listing.pop(key, None)
     return listing, gone

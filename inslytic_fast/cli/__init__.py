@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import data, projects, serve, stats
+from . import data, lake, projects, serve, stats
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     projects.register(subparsers)
     data.register(subparsers)
     stats.register(subparsers)
+    lake.register(subparsers)
     return parser
 
 

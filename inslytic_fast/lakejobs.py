@@ -1,0 +1,249 @@
+"""Lake upkeep, one leader at a time: ``inslytic-fast lake compact`` and ``lake retention``.
+
+Run from cron (or a systemd timer) on any machine that can reach the bucket; a run that finds
+another one in charge exits at once. The leader holds a *lease object* in the bucket,
+``<prefix>/_leader.json`` (holder, expiry), written with S3 conditional writes: created with
+``If-None-Match: *``, renewed and taken over (once expired) with ``If-Match: <its ETag>``, so
+of two runs racing for it exactly one wins, with no Redis needed (AWS S3, MinIO, SeaweedFS and
+R2 support both conditions). The lease is renewed before every write step and a run stops when
+a renewal fails.
+
+Compaction merges a partition's small objects into one, crash-safe at every step, with the
+same protocol the roller uses locally (``storage.Roller._compact``):
+
+1. ``lake:intent_written`` -- ``_compactions/<id>.json`` names the inputs and the output key.
+2. ``lake:output_written`` -- the merged object (rows sorted by event time), verified.
+3. ``lake:inputs_deleted`` -- the inputs go. The intent stays, as the record that those keys
+   were merged: an uploader that finds its file's object gone checks it, and never uploads
+   rows a second time.
+
+Readers (``lake_listing``) drop the inputs of an intent whose output is present, so a query at
+any step sees each row once. A run first finishes what a crashed run left: an intent whose
+output exists gets its inputs deleted; one whose output does not is removed (nothing was
+merged). Retention deletes objects whose partition date is older than the cutoff; an
+interrupted run leaves some of those rows for the next one, never loses others.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import secrets
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from .lake import (
+    LAKE_EVENTS,
+    LAKE_INTENTS,
+    LakeError,
+    ObjectInfo,
+    ObjectStore,
+    UploadMismatch,
+    expected_etag,
+    lake_listing,
+    merged_away,
+    read_intents,
+)
+from .storage import connect_duckdb, sql_string
+
+log = logging.getLogger("inslytic_fast.lake")
+
+LEASE_KEY = "_leader.json"
+LEASE_SECONDS = 300.0
+# As the roller's local compaction (storage.py): small under 32 MiB, at least 8 of them.
+SMALL_OBJECT_BYTES = 32 * 1024 * 1024
+MIN_OBJECTS = 8
+TARGET_BYTES = 256 * 1024 * 1024
+# A partition directory component holding a date: date=2026-02-16 (or any name=YYYY-MM-DD).
+_DATE_PART = re.compile(r"(?:^|/)[A-Za-z_]+=(\d{4}-\d{2}-\d{2})(?:/|$)")
+
+
+class LeaseHeld(LakeError):
+    """Another run is the leader; the message says who and until when."""
+
+
+class Lease:
+    """The leader lease object. ``acquire`` or LeaseHeld; ``renew`` before each write."""
+
+    def __init__(self, store: ObjectStore, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.holder = f"{socket.gethostname()}:{secrets.token_hex(4)}"
+        self.etag: str | None = None
+
+    def _body(self, expires: float) -> bytes:
+        return orjson.dumps({"holder": self.holder, "expires": expires})
+
+    def acquire(self) -> None:
+        now = self.clock()
+        etag = self.store.put_if(LEASE_KEY, self._body(now + LEASE_SECONDS), None)
+        if etag is None:
+            current = self.store.get_with_etag(LEASE_KEY)
+            if current is None:
+                return self.acquire()  # released meanwhile
+            data, their_etag = current
+            lease = orjson.loads(data)
+            if lease["expires"] > now:
+                raise LeaseHeld(
+                    f"another lake job ({lease['holder']}) holds the lease until "
+                    f"{dt.datetime.fromtimestamp(lease['expires'], dt.UTC):%H:%M:%SZ}"
+                )
+            etag = self.store.put_if(LEASE_KEY, self._body(now + LEASE_SECONDS), their_etag)
+            if etag is None:
+                raise LeaseHeld("another lake job took the expired lease first")
+        self.etag = etag
+
+    def renew(self) -> None:
+        etag = self.store.put_if(LEASE_KEY, self._body(self.clock() + LEASE_SECONDS), self.etag)
+        if etag is None:
+            raise LeaseHeld("the lease was taken over (this run stalled past its expiry)")
+        self.etag = etag
+
+    def release(self) -> None:
+        if self.etag is not None:
+            self.store.put_if(LEASE_KEY, self._body(0.0), self.etag)
+            self.etag = None
+
+
+class LakeJobs:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        step_hook: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        min_objects: int = MIN_OBJECTS,
+        small_object_bytes: int = SMALL_OBJECT_BYTES,
+        target_bytes: int = TARGET_BYTES,
+    ) -> None:
+        self.store = store
+        self._step_hook = step_hook
+        self.clock = clock
+        self.min_objects = min_objects
+        self.small_object_bytes = small_object_bytes
+        self.target_bytes = target_bytes
+        self.lease = Lease(store, clock=clock)
+
+    def _step(self, name: str) -> None:
+        if self._step_hook is not None:
+            self._step_hook(name)
+
+    def run(self, job: Callable[[], int]) -> int:
+        self.lease.acquire()
+        try:
+            self.recover()
+            return job()
+        finally:
+            self.lease.release()
+
+    # Recovery: finish or undo what a crashed run left
+
+    def recover(self) -> None:
+        listing = {info.key for info in self.store.list(LAKE_EVENTS + "/")}
+        intents = read_intents(self.store)
+        gone = merged_away(intents, listing)
+        for key, intent in sorted(intents.items()):
+            if intent["output"] in listing or intent["output"] in gone:
+                leftovers = [k for k in intent["inputs"] if k in listing]
+                if leftovers:
+                    self.lease.renew()
+                    for input_key in leftovers:
+                        self.store.delete(input_key)
+                    log.info("lake: finished compaction %s", key)
+            else:
+                self.lease.renew()
+                self.store.delete(key)  # the output never appeared: nothing was merged
+                log.info("lake: undid compaction %s (no output)", key)
+
+    # Compaction
+
+    def compact(self) -> int:
+        """Merge each partition's small objects; return the number of merges."""
+        listing, _ = lake_listing(self.store)
+        by_partition: dict[str, list[ObjectInfo]] = {}
+        for info in listing.values():
+            partition, _, _ = info.key.rpartition("/")
+            by_partition.setdefault(partition, []).append(info)
+        done = 0
+        for partition, objects in sorted(by_partition.items()):
+            inputs = self._inputs(objects)
+            if inputs:
+                self._merge(partition, inputs)
+                done += 1
+        return done
+
+    def _inputs(self, objects: list[ObjectInfo]) -> list[ObjectInfo]:
+        small = sorted(
+            (o for o in objects if o.size < self.small_object_bytes), key=lambda o: o.key
+        )
+        if len(small) < self.min_objects:
+            return []
+        chosen, total = [], 0
+        for info in small:
+            if chosen and total + info.size > self.target_bytes:
+                break
+            chosen.append(info)
+            total += info.size
+        return chosen if len(chosen) >= 2 else []
+
+    def _merge(self, partition: str, inputs: list[ObjectInfo]) -> None:
+        cid = f"c-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        output = f"{partition}/{cid}.parquet"
+        with tempfile.TemporaryDirectory(prefix="inslytic-lake-") as scratch:
+            files = []
+            for n, info in enumerate(inputs):
+                path = Path(scratch) / f"in-{n}.parquet"
+                self.store.get_file(info.key, path)
+                files.append(path)
+            merged = Path(scratch) / "out.parquet"
+            con = connect_duckdb()
+            try:
+                listing = "[" + ", ".join(sql_string(p) for p in files) + "]"
+                con.execute(
+                    f"COPY (SELECT * FROM read_parquet({listing}, union_by_name=true, "
+                    f'hive_partitioning=false) ORDER BY "timestamp") TO {sql_string(merged)} '
+                    "(FORMAT parquet, COMPRESSION zstd)"
+                )
+            finally:
+                con.close()
+            intent = {"partition": partition, "inputs": [i.key for i in inputs], "output": output}
+            self.lease.renew()
+            self.store.put_bytes(f"{LAKE_INTENTS}/{cid}.json", orjson.dumps(intent))
+            self._step("lake:intent_written")
+            size, etag = expected_etag(merged)
+            self.lease.renew()
+            self.store.put_file(output, merged, size)
+            found = self.store.head(output)
+            if found is None or (found.size, found.etag) != (size, etag):
+                raise UploadMismatch(f"lake object {output} does not match what was written")
+            self._step("lake:output_written")
+        self.lease.renew()
+        for info in inputs:
+            self.store.delete(info.key)
+        self._step("lake:inputs_deleted")
+        log.info("lake: merged %d objects into %s", len(inputs), output)
+
+    # Retention
+
+    def retention(self, days: int) -> int:
+        """Delete objects whose partition date is older than ``days`` ago; return how many."""
+        if days < 1:
+            raise LakeError("retention needs --days of at least 1")
+        cutoff = (dt.datetime.fromtimestamp(self.clock(), dt.UTC) - dt.timedelta(days=days)).date()
+        dropped = 0
+        for info in list(self.store.list(LAKE_EVENTS + "/")):
+            match = _DATE_PART.search(info.key)
+            if match is None or dt.date.fromisoformat(match.group(1)) >= cutoff:
+                continue
+            if dropped % 100 == 0:
+                self.lease.renew()
+            self.store.delete(info.key)
+            dropped += 1
+        return dropped
