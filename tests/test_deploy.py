@@ -359,3 +359,48 @@ def test_dockerfile_install_steps_work_outside_a_container(tmp_path):
     )
     assert installed.returncode == 0, installed.stdout + installed.stderr
     serve_check_and_stop(venv, tmp_path / "data", venv / "bin" / "python")
+
+
+# deploy/cluster: the fleet example
+
+
+CLUSTER = DEPLOY / "cluster"
+
+
+def compose_commands(text: str) -> list[list[str]]:
+    """Every flow-style ``command: [...]`` of the compose file (JSON-compatible lists)."""
+    return [
+        orjson.loads("[" + body + "]")
+        for body in re.findall(r"^\s+command: \[(.*?)\]", text, re.S | re.M)
+    ]
+
+
+def test_every_inslytic_command_of_the_fleet_example_parses_with_the_real_cli():
+    parser = build_parser()
+    subcommands = set(parser._subparsers._group_actions[0].choices)  # serve, projects, lake...
+    commands = [
+        c for c in compose_commands((CLUSTER / "compose.yaml").read_text()) if c[0] in subcommands
+    ]
+    assert [c[0] for c in commands] == ["serve", "serve", "lake"]
+    for command in commands:
+        args = parser.parse_args(command)  # an unknown flag or a bad value exits here
+        if command[0] == "serve":
+            flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+            settings = resolve(flags, environ={})
+            assert settings.coordinator and settings.lake and settings.node_id
+    help_text = subprocess.run(
+        [sys.executable, "-m", "inslytic_fast", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in {t for c in commands if c[0] == "serve" for t in c if t.startswith("--")}:
+        assert flag in help_text, flag
+
+
+def test_the_fleet_example_keeps_secrets_out_of_the_files():
+    compose = (CLUSTER / "compose.yaml").read_text()
+    assert "AWS_SECRET_ACCESS_KEY=" not in compose and "PASSWORD=" not in compose
+    assert "secrets.env" in (REPO / ".gitignore").read_text()
+    image = (CLUSTER / "Dockerfile").read_text()
+    assert '"/src[cluster]"' in image  # the extra declared in pyproject, not a copy of its list
