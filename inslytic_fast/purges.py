@@ -14,8 +14,11 @@ lock (by the CLI at once, or by the roller's next pass), which then marks the to
 applied. T is the purge's time plus PURGE_GRACE_S: servers notice the deleted project's keys
 only at their next catalog check, and events accepted until then must go too.
 
-Tombstones stay (they are tiny): the log may hold such events for a while, and the filter is
-what keeps them out. A project of the same name can be created again once its tombstone is
+A tombstone stays while the log may hold events it covers, and the filter is what keeps them
+out. Then it expires (``expired``): once applied, and once every record left in the log was
+received after T -- every non-empty segment was created after T, with an hour's margin for a
+clock stepped back -- the roller deletes it, so tombstones do not pile up (2,000 of them cost
+every query 0.8 s). A project of the same name can be created again once its tombstone is
 applied and T has passed; its events are newer than T and untouched.
 """
 
@@ -35,6 +38,9 @@ PURGES_DIRNAME = "_purges"
 # The server checks the key catalog once a second (its tick); 5 s leaves room for a busy loop
 # or a worker that is slow to notice, and is short enough that re-creating the name can wait.
 PURGE_GRACE_S = 5.0
+# Segments are named after the wall clock at their creation; an NTP step back could date a
+# record before its segment. An hour covers any step a sane clock takes.
+EXPIRY_MARGIN_US = 3600 * 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,19 +74,38 @@ def read_purges(events_dir: Path) -> list[Purge]:
     for entry in entries:
         if not entry.name.endswith(".json"):
             continue  # a write -> rename in progress
-        try:
-            doc = orjson.loads(Path(entry.path).read_bytes())
-        except FileNotFoundError:
-            continue
-        found.append(Purge(doc["project"], int(doc["received_before_us"]), bool(doc["applied"])))
+        purge = _read(Path(entry.path))
+        if purge is not None:
+            found.append(purge)
     return found
 
 
+def _read(path: Path) -> Purge | None:
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    return Purge(doc["project"], int(doc["received_before_us"]), bool(doc["applied"]))
+
+
 def find_purge(events_dir: Path, project: str) -> Purge | None:
-    for purge in read_purges(events_dir):
-        if purge.project == project:
-            return purge
-    return None
+    """The tombstone of ``project``: one file read, whatever the number of tombstones."""
+    return _read(purges_dir(events_dir) / f"{project}.json")
+
+
+def expired(purge: Purge, nonempty_segment_seqs: list[int], now: float) -> bool:
+    """Whether no event the tombstone covers can exist any more (see the module docstring);
+    segment sequence numbers are their creation time in microseconds."""
+    safe_after = purge.received_before_us + EXPIRY_MARGIN_US
+    return (
+        purge.applied
+        and now * 1_000_000 > safe_after
+        and all(seq > safe_after for seq in nonempty_segment_seqs)
+    )
+
+
+def remove_purge(events_dir: Path, purge: Purge) -> None:
+    (purges_dir(events_dir) / f"{purge.project}.json").unlink(missing_ok=True)
 
 
 def record_purge(events_dir: Path, project: str, now: float | None = None) -> Purge:

@@ -54,13 +54,22 @@ from .commitlog import (
     MAX_RECORD_BYTES,
     list_segments,
     make_dirs_durable,
+    parse_segment_name,
     quarantine_bytes,
     scan_segment,
     sealed_segments,
 )
 from .durable import fsync_dir, write_file_durably
 from .filelock import lock_exclusive
-from .purges import Purge, mark_applied, project_dirs, read_purges
+from .purges import (
+    Purge,
+    expired,
+    mark_applied,
+    project_dirs,
+    purges_dir,
+    read_purges,
+    remove_purge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +548,29 @@ class Roller:
             # After the rolls: a roll that read the tombstones before a purge was recorded
             # published files of the purged project, and they go now.
             apply_purges_locked(self.events_dir)
+            self._expire_purges()
             return total
+
+    def _expire_purges(self) -> None:
+        """Delete the tombstones nothing in the log needs any more (purges.expired)."""
+        purges = read_purges(self.events_dir)
+        if not purges:
+            return
+        seqs = []
+        for segments in list_segments(self.log_dir).values():
+            for path in segments:
+                try:
+                    if path.stat().st_size == 0:
+                        continue
+                except FileNotFoundError:
+                    continue  # rolled meanwhile
+                seqs.append(parse_segment_name(path.name)[1])
+        now = time.time()
+        gone = [p for p in purges if expired(p, seqs, now)]
+        for purge in gone:
+            remove_purge(self.events_dir, purge)
+        if gone:
+            fsync_dir(purges_dir(self.events_dir))
 
     def _roll_segment(self, segment: Path, stop_after: float | None = None) -> int:
         stem = segment.name.rsplit(".", 1)[0]
