@@ -402,3 +402,14 @@ def test_rotate_with_zero_grace_killed_at_any_step_never_locks_the_project_out(r
             break
     else:
         raise AssertionError("rotate-key never finished")
+
+
+def test_projects_help_is_plain_text():
+    proc = subprocess.run(
+        [sys.executable, "-m", "inslytic_fast", "projects", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0
+    assert "``" not in proc.stdout and "inslytic_fast.auth" not in proc.stdout
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "catalog.json" in text and "Exit codes" in text

@@ -188,6 +188,20 @@ def test_cli_export_filters_by_project_and_time(tmp_path, capsys):
     assert header.startswith("event_id,project,event_name,timestamp")
 
 
+def test_cli_export_of_an_unknown_project_fails_clearly(data_dir, tmp_path, capsys):
+    from inslytic_fast.auth import Catalog
+
+    Catalog(data_dir).create_project("shop")
+    Catalog(data_dir).create_project("quiet")  # known, with no events: an empty export is fine
+    out_dir = tmp_path / "out"
+    args = ["export", "--out", str(out_dir), "--data-dir", str(data_dir)]
+    code, _, err = cli(capsys, *args, "--project", "shpo")
+    assert code == 1 and "no project named 'shpo'" in err
+    assert list(out_dir.iterdir()) == []  # no empty file left behind
+    code, _, err = cli(capsys, *args, "--project", "quiet")
+    assert code == 0 and "exported 0 events" in err
+
+
 def test_cli_export_rejects_bad_times(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(

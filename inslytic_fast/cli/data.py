@@ -306,6 +306,20 @@ def write_table(out, columns: list[str], rows: list[tuple]) -> None:
 # -- export --------------------------------------------------------------------------------
 
 
+def _project_known(data_dir: Path, name: str) -> bool:
+    """Whether the key catalog names the project (True when there is no catalog to ask)."""
+    from inslytic_fast.auth import CatalogError, KeyRing
+
+    keyring = KeyRing(data_dir)
+    if not keyring.catalog_path.exists():
+        return True
+    try:
+        keyring.load()
+    except CatalogError:
+        return True
+    return name in keyring.projects
+
+
 def export_select_sql(fmt: str) -> str:
     """The events columns; text formats carry RFC 3339 timestamps and JSON properties."""
     if fmt == "parquet":
@@ -363,6 +377,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
         return code
     count = result[1][0][0] if result[1] else 0
+    if count == 0 and args.project and not _project_known(args.data_dir, args.project):
+        # A typo would otherwise be an empty file and exit 0. A deleted project's events stay
+        # and still export: only a name with neither events nor a catalog entry is refused.
+        tmp.unlink(missing_ok=True)
+        _error(f"no project named {args.project!r} (inslytic-fast projects list shows them)")
+        return 1
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)

@@ -109,12 +109,25 @@ def _duration(text: str) -> int:
 
 # Parser ------------------------------------------------------------------------------------
 
+# For --help: plain text (the module docstring is reStructuredText for the code's readers).
+DESCRIPTION = (
+    "There is no dashboard in a self-hosted install, so this is where keys come from. Every "
+    "command edits <data_dir>/catalog.json under a lock; a running server picks the change up "
+    "within a second or two, no restart."
+)
+EPILOG = (
+    "A plaintext key is printed exactly once, as the last line of stdout of create and "
+    "rotate-key (KEY=$(inslytic-fast projects create shop | tail -n1)). Exit codes: 0 ok, 1 "
+    "operational error (duplicate or unknown name, unreadable catalog), 2 usage."
+)
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "projects",
         help="create projects and manage their API keys",
-        description=__doc__.split("\n\n")[1],
+        description=DESCRIPTION,
+        epilog=EPILOG,
     )
     commands = parser.add_subparsers(dest="projects_command", metavar="COMMAND", required=True)
 
