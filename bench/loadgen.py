@@ -29,7 +29,7 @@ import sys
 import time
 from collections import deque
 
-from .payloads import build_requests
+from .payloads import MESSAGE_SERIAL_DIGITS, build_requests, message_serial_offsets
 
 PROGRESS_INTERVAL_S = 1.0
 # After the window closes, responses still in flight are awaited this long so the count of
@@ -148,7 +148,10 @@ class Connection(asyncio.Protocol):
         index = self.request_index
         self.request_index = index + 1
         self.in_flight.append(started_at)
-        self.transport.write(gen.requests[index % gen.request_count])
+        request = gen.requests[index % gen.request_count]
+        if gen.serial_offsets is not None:
+            request = gen.with_new_message_ids(request, index % gen.request_count)
+        self.transport.write(request)
 
 
 class Generator:
@@ -156,6 +159,13 @@ class Generator:
         self.spec = spec
         self.requests = requests
         self.request_count = len(requests)
+        # 202 for /v1/ingest, 200 for the Segment routes.
+        self.ok_status = str(spec.get("ok_status", 202)).encode()
+        # Segment: fresh messageIds per request (payloads.MESSAGE_SERIAL_DIGITS).
+        self.serial_offsets = (
+            [message_serial_offsets(r) for r in requests] if spec.get("segment") else None
+        )
+        self.serial = 0
         self.depth = max(1, int(spec.get("pipeline", 1)))
         self.rate = spec.get("rate")  # requests/s for this process; None -> closed loop
         self.connections: list[Connection] = []
@@ -182,11 +192,19 @@ class Generator:
         self.drained: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
+    def with_new_message_ids(self, request: bytes, variant: int) -> bytes:
+        self.serial += 1
+        digits = b"%012x" % self.serial
+        fresh = bytearray(request)
+        for offset in self.serial_offsets[variant]:
+            fresh[offset : offset + MESSAGE_SERIAL_DIGITS] = digits
+        return bytes(fresh)
+
     # Callbacks from connections
 
     def on_response(self, status: bytes, latency: float, now: float) -> None:
         self.total_requests += 1
-        if status == b"202":
+        if status == self.ok_status:
             self.total_ok += 1
         if self.rate is None:
             # Closed loop: what completed inside the window.
@@ -196,7 +214,7 @@ class Generator:
             # answered, so a backlog at the end of the window is not silently dropped.
             counted = self.window_start <= now - latency < self.window_end
         if counted:
-            if status == b"202":
+            if status == self.ok_status:
                 self.ok += 1
             else:
                 key = status.decode("latin-1")
@@ -435,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         int(spec["events_per_request"]),
         seed=int(spec["seed"]),
         use_gzip=bool(spec.get("gzip")),
+        segment=bool(spec.get("segment")),
     )
     try:
         import uvloop

@@ -10,6 +10,7 @@ body) is built here once and the generator cycles through the finished bytes.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import random
 from datetime import UTC, datetime, timedelta
@@ -103,14 +104,69 @@ def make_body(rng: random.Random, events_per_request: int) -> bytes:
     return orjson.dumps({"events": [make_event(rng) for _ in range(events_per_request)]})
 
 
-def build_request(host: str, port: int, key: str, body: bytes, use_gzip: bool) -> bytes:
+SEGMENT_PATH = "/v1/batch"
+# Segment scenario: every messageId ends in this many hex digits, which the generator overwrites
+# with a per-request serial number (bench/loadgen.py), so every message is new to the server's
+# dedup table, as an SDK's would be.
+MESSAGE_SERIAL_DIGITS = 12
+MESSAGE_SERIAL_PLACEHOLDER = b"0" * MESSAGE_SERIAL_DIGITS
+
+
+def make_segment_message(rng: random.Random, variant: int, index: int) -> dict:
+    """A Segment-spec track/page/identify message like analytics.js sends, from make_event."""
+    event = make_event(rng)
+    kind = rng.choice(("track", "track", "track", "page", "identify"))
+    url = event["pageUrl"]
+    message: dict = {
+        "type": kind,
+        "messageId": f"bench-{variant:04x}-{index:04x}-"
+        + MESSAGE_SERIAL_PLACEHOLDER.decode(),
+        "anonymousId": event["anonymousId"],
+        "timestamp": event["timestamp"],
+        "context": {
+            "library": {"name": "analytics.js", "version": "next-1.70.0"},
+            "page": {"url": url, "title": event["pageTitle"],
+                     "referrer": event.get("referrer", "")},
+            "userAgent": f"Mozilla/5.0 ({event['os']}) {event['browser']}",
+            "locale": "en-US",
+        },
+    }  # fmt: skip
+    if event["userId"]:
+        message["userId"] = event["userId"]
+    properties = {**event["properties"], "amount": rng.randrange(1, 500) / 4, "ok": True}
+    if kind == "track":
+        message["event"] = event["eventName"]
+        message["properties"] = properties
+    elif kind == "page":
+        message["name"] = event["pageTitle"]
+        message["properties"] = {"url": url, "title": event["pageTitle"], "path": url}
+    else:
+        message["traits"] = {"plan": rng.choice(["free", "pro"]), "seats": rng.randrange(1, 50)}
+    if event["utmSource"]:
+        message["context"]["campaign"] = {"source": event["utmSource"],
+                                          "medium": event["utmMedium"]}  # fmt: skip
+    return message
+
+
+def make_segment_body(rng: random.Random, variant: int, messages: int) -> bytes:
+    batch = [make_segment_message(rng, variant, i) for i in range(messages)]
+    return orjson.dumps({"batch": batch, "sentAt": BASE_TIME.isoformat()})
+
+
+def build_request(
+    host: str, port: int, key: str, body: bytes, use_gzip: bool, *, segment: bool = False
+) -> bytes:
     """One complete keep-alive HTTP/1.1 POST, ready to write to a socket."""
+    if segment:  # what the Segment SDKs send: Basic auth with the write key as user name
+        authorization = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+    else:
+        authorization = f"Bearer {key}"
     headers = [
-        f"POST {INGEST_PATH} HTTP/1.1",
+        f"POST {SEGMENT_PATH if segment else INGEST_PATH} HTTP/1.1",
         f"Host: {host}:{port}",
         "User-Agent: inslytic-bench",
         "Content-Type: application/json",
-        f"Authorization: Bearer {key}",
+        f"Authorization: {authorization}",
     ]
     if use_gzip:
         # Level 6 is what most HTTP client libraries and SDKs default to.
@@ -129,13 +185,30 @@ def build_requests(
     seed: int,
     use_gzip: bool = False,
     variants: int | None = None,
+    segment: bool = False,
 ) -> tuple[list[bytes], int]:
     """Pre-encoded requests and the mean JSON bytes per event (before any gzip)."""
     count = variants or VARIANTS_FOR_EVENTS.get(events_per_request, DEFAULT_VARIANTS)
     rng = random.Random(seed)
-    bodies = [make_body(rng, events_per_request) for _ in range(count)]
+    if segment:
+        bodies = [make_segment_body(rng, v, events_per_request) for v in range(count)]
+    else:
+        bodies = [make_body(rng, events_per_request) for _ in range(count)]
     # The envelope {"events":[...]} is 12 bytes; the rest is events and commas.
     json_bytes = sum(len(b) - 12 for b in bodies)
     mean_event_bytes = round(json_bytes / (count * events_per_request))
-    requests = [build_request(host, port, key, body, use_gzip) for body in bodies]
+    requests = [
+        build_request(host, port, key, body, use_gzip and not segment, segment=segment)
+        for body in bodies
+    ]
     return requests, mean_event_bytes
+
+
+def message_serial_offsets(request: bytes) -> list[int]:
+    """Where a Segment request's messageId serial digits sit (see MESSAGE_SERIAL_DIGITS)."""
+    offsets, at = [], request.find(b'"bench-')
+    while at >= 0:
+        end = request.index(b'"', at + 1)
+        offsets.append(end - MESSAGE_SERIAL_DIGITS)
+        at = request.find(b'"bench-', end)
+    return offsets

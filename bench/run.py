@@ -55,10 +55,15 @@ class Scenario:
     rate_fraction: float = 0.5
     # Sustained: no warmup, --minutes long, sampled over time (see sustained_figures).
     sustained: bool = False
+    # Segment-spec: POST /v1/batch as the Segment SDKs send it (Basic auth, messageIds that
+    # are new every request, typed properties, context), answered 200.
+    segment: bool = False
 
     @property
     def label(self) -> str:
         kind = "open loop, " if self.open_loop else "sustained, " if self.sustained else ""
+        if self.segment:
+            kind = "Segment /v1/batch, " + kind
         unit = "event" if self.events == 1 else "events"
         return f"{kind}{self.events} {unit}/req, {self.connections} conn"
 
@@ -72,12 +77,15 @@ SCENARIOS = {
     # Issue 14: what a steady sender gets once the roll has to keep up, minutes on end.
     "sustained-100": Scenario("sustained-100", 100, 32, sustained=True),
     "sustained-1000": Scenario("sustained-1000", 1000, 8, sustained=True),
+    # Issue 16: existing SDKs' traffic (analytics-python sends 100 messages a batch at most).
+    "segment": Scenario("segment", 100, 32, segment=True),
 }
 SMOKE_SCENARIOS = {
     "1": Scenario("1", 1, 4),
     "100": Scenario("100", 100, 2),
     "open": Scenario("open", 1, 4, open_loop=True),
     "sustained": Scenario("sustained", 100, 2, sustained=True),
+    "segment": Scenario("segment", 100, 2, segment=True),
 }
 # Sustained runs: a sample of counters, /metrics and the process tree every SAMPLE_S; rates
 # over WINDOW_S windows; "sustained" is the median window of the run's second half.
@@ -440,6 +448,8 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             "key": server.key,
             "events_per_request": scenario.events,
             "gzip": args.gzip,
+            "segment": scenario.segment,
+            "ok_status": 200 if scenario.segment else 202,
             "seed": args.seed + index,
             "connections": max(1, conns),
             "pipeline": args.pipeline,
@@ -656,7 +666,9 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             if server_cpu is not None and ok
             else None
         ),
-        "server_latency_ms": server_side_latency(scrape_start, scrape_end),
+        "server_latency_ms": server_side_latency(
+            scrape_start, scrape_end, "/v1/batch" if scenario.segment else "/v1/ingest"
+        ),
         "roller_cpu_s": round(roller_cpu, 3) if roller_cpu is not None else None,
         "roller_cpu_s_per_1m_events": (
             round(roller_cpu / (ok * scenario.events) * 1e6, 2)
@@ -812,11 +824,12 @@ def write_sustained_charts(runs: list[dict], output: Path) -> list[Path]:
 SERVER_LATENCY_METRIC = "inslytic_http_request_duration_seconds_bucket"
 
 
-def server_side_latency(before, after) -> dict | None:
+def server_side_latency(before, after, route: str = "/v1/ingest") -> dict | None:
     """Percentile upper bounds (bucket edges, ms) of the requests the server answered between
     two scrapes of its /metrics, and the share answered within 5 ms; None without both.
 
-    Only the ingest route's histogram (a server from before the route label had one for all).
+    Only the scenario's route's histogram (a server from before the route label had one for
+    all, which counts as /v1/ingest's).
     With several workers the other workers' counts are up to one tick (1 s) old."""
     if before is None or after is None:
         return None
@@ -824,7 +837,7 @@ def server_side_latency(before, after) -> dict | None:
     for (name, labels), value in after.samples.items():
         if (
             name == SERVER_LATENCY_METRIC
-            and dict(labels).get("route", "/v1/ingest") == "/v1/ingest"
+            and dict(labels).get("route", "/v1/ingest") == route
         ):
             edge = dict(labels)["le"]
             counts[edge] = value - before.samples.get((name, labels), 0.0)
@@ -1171,6 +1184,8 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(1, args.rounds + 1):
             for scenario in args.scenario_list:
                 for target in args.target_list:
+                    if scenario.segment and target != targets.INSLYTIC:
+                        continue  # the peers speak /v1/ingest only
                     rate = None
                     if scenario.open_loop:
                         rate = args.rate

@@ -71,7 +71,7 @@ def test_smoke_run_succeeds_against_server_and_bare_peer(smoke):
         (target, scenario)
         for target in ("inslytic-fast", "bare-httptools")
         for scenario in ("1", "100", "open")
-    }
+    } | {("inslytic-fast", "segment")}  # the peers speak /v1/ingest only
     # The Markdown table is what people paste: one row per (scenario, server).
     table_rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table_rows) == 1 + len(ran)
@@ -475,3 +475,20 @@ def test_server_side_latency_is_read_from_two_scrapes_of_the_histogram():
     }
     assert server_side_latency(None, after) is None
     assert server_side_latency(after, after) is None  # nothing answered in between
+
+
+def test_segment_requests_are_what_the_server_decodes_with_fresh_ids_per_request():
+    from bench.loadgen import Generator
+    from inslytic_fast.segment import SegmentCodec
+
+    requests, _ = payloads.build_requests("127.0.0.1", 1, "ik_k", 5, seed=1, segment=True)
+    head, body = requests[0].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"POST /v1/batch ") and b"Authorization: Basic " in head
+    assert len(SegmentCodec().decode(body, None).messages) == 5
+    gen = Generator({"segment": True, "ok_status": 200}, requests)
+    first, second = (gen.with_new_message_ids(requests[0], 0) for _ in range(2))
+    ids = [
+        [m.message_id for m in SegmentCodec().decode(r.split(b"\r\n\r\n", 1)[1], None).messages]
+        for r in (first, second)
+    ]
+    assert len(set(ids[0]) | set(ids[1])) == 10  # no id repeats across requests
