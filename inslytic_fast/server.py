@@ -55,6 +55,7 @@ from .roller_process import RollerProcess
 from .schema import EventLimits, Schema
 from .state import ServerState
 from .storage import Roller
+from .systemd import listen_socket_from_systemd, notify
 
 log = logging.getLogger("inslytic_fast.server")
 
@@ -476,6 +477,7 @@ class Server:
             if not settings.coordinator:  # a cluster's first project is made in _join_cluster
                 self.first_run_key = self.keyring.ensure_default_project()
             announce(settings, host, port, self.first_run_key, self.out)
+            notify(f"READY=1\nSTATUS=serving on port {port}")
             self.first_run_key = None
         # What exists now (modules, the app, decoders, the catalog) lives as long as the process.
         # Frozen, it is skipped by the collector's full passes, which walked ~30,000 objects and
@@ -600,6 +602,8 @@ class Server:
             self._tick_failure.succeeded()
 
     async def _shutdown(self, servers: list[asyncio.AbstractServer], loop) -> None:
+        if self.standalone:
+            notify("STOPPING=1")
         state = self.state
         state.draining = True
         state.ready = False
@@ -654,7 +658,7 @@ def run(settings: Settings) -> int:
         return Supervisor(settings).run()
     server = Server(settings)
     try:
-        sock = bind_socket(settings.host, settings.port)
+        sock = listen_socket_from_systemd() or bind_socket(settings.host, settings.port)
         metrics_sock = server.bind_metrics_socket()
         server.open_storage()
     except StartupError as exc:

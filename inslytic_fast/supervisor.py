@@ -43,6 +43,7 @@ from .server import (
     tls_context,
 )
 from .sharedlimit import SharedBudget, SharedRateLimiter
+from .systemd import listen_socket_from_systemd, notify
 
 log = logging.getLogger("inslytic_fast.supervisor")
 
@@ -176,8 +177,10 @@ class Supervisor:
             if self.stopping:
                 return 0
             announce(settings, host, port, first_run_key, sys.stdout)
+            notify(f"READY=1\nSTATUS=serving on port {port} with {settings.workers} workers")
             first_run_key = None
             self._monitor(wake_r, roller)
+            notify("STOPPING=1")
         finally:
             self._stop_all()
             if first_run_key is not None and not settings.coordinator:
@@ -196,6 +199,10 @@ class Supervisor:
         """Bind (not listen) with SO_REUSEPORT: the port is ours and known (also for --port 0),
         but only the workers' listening sockets receive connections."""
         settings = self.settings
+        activated = listen_socket_from_systemd()
+        if activated is not None:  # systemd holds the port: the workers share its socket
+            self.listen_sock = activated
+            return activated
         if not HAS_REUSEPORT:
             self.listen_sock = bind_socket(settings.host, settings.port)
             return self.listen_sock

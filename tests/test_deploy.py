@@ -141,6 +141,8 @@ def test_unit_runs_the_venv_command_with_the_config_file_as_a_dedicated_user():
     assert unit["StateDirectory"] == "inslytic-fast"
     assert STATE_DIR in unit["ReadWritePaths"].split()
     assert unit["WorkingDirectory"] == STATE_DIR
+    # Readiness is the server's word (sd_notify READY=1, tests/test_systemd.py), not exec().
+    assert unit["Type"] == "notify" and unit["NotifyAccess"] == "main"
 
 
 def test_unit_hardening():
@@ -188,7 +190,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
 
 def test_dockerfile_base_user_volume_port():
     (base,) = instructions("FROM")
-    assert base == "python:3.11-slim"
+    # Pinned: a patch release of Python on a named Debian release, not a moving tag.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
     parsed = dockerfile_instructions(DOCKERFILE.read_text())
     users = [(i, rest) for i, (instr, rest) in enumerate(parsed) if instr == "USER"]
     assert users, "no USER: the server would run as root"
@@ -237,6 +240,20 @@ def test_dockerfile_healthcheck_passes_on_a_server_and_fails_without_one(shared_
         bound_not_listening.bind(("127.0.0.1", 0))
         env["INSLYTIC_PORT"] = str(bound_not_listening.getsockname()[1])
         assert subprocess.run(here, env=env, capture_output=True, timeout=60).returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_dockerfile_healthcheck_passes_on_an_https_server(make_server, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    server = make_server("--workers", "1", "--tls-cert", str(cert), "--tls-key", str(key))
+    here = [sys.executable, *healthcheck_argv()[1:]]
+    env = {**os.environ, "INSLYTIC_PORT": str(server.port)}
+    assert subprocess.run(here, env=env, capture_output=True, timeout=60).returncode == 0
 
 
 def test_deploy_readme_covers_every_file():
