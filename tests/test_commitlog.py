@@ -190,11 +190,9 @@ def test_a_lone_producer_never_waits_for_the_commit_window(tmp_path, monkeypatch
     run(main())
 
 
-def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, monkeypatch):
-    """Order and counts, not wall-clock gaps (a busy CI machine stretches those): the log's
-    clock stands still, so every sync after one that carried several batches must ask for the
-    whole window, and the producers' next batches all wait for it together."""
-    window = commitlog_module.COMMIT_WINDOW_S
+def freeze_the_logs_monotonic_clock(monkeypatch) -> None:
+    """The commit window is measured on time.monotonic: frozen, a sync is always "just now",
+    whatever a busy machine did to the real gaps (the loop's own clock keeps running)."""
     frozen = types.SimpleNamespace(
         monotonic=lambda: 1000.0,
         perf_counter=time.perf_counter,
@@ -202,6 +200,14 @@ def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, 
         time_ns=time.time_ns,
     )
     monkeypatch.setattr(commitlog_module, "time", frozen)
+
+
+def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, monkeypatch):
+    """Order and counts, not wall-clock gaps (a busy CI machine stretches those): the log's
+    clock stands still, so every sync after one that carried several batches must ask for the
+    whole window, and the producers' next batches all wait for it together."""
+    window = commitlog_module.COMMIT_WINDOW_S
+    freeze_the_logs_monotonic_clock(monkeypatch)
     # Fewer producers than a full group: every sync after the first waits out the window.
     producers = commitlog_module.FULL_SYNC_BATCHES // 2
     rounds = 25
@@ -227,6 +233,7 @@ def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, 
 
 def test_a_full_group_does_not_wait_for_the_window(tmp_path, monkeypatch):
     full = commitlog_module.FULL_SYNC_BATCHES
+    freeze_the_logs_monotonic_clock(monkeypatch)  # else a slow iteration outlasts the window
 
     async def main():
         log, starts, driver = watched_log(tmp_path, monkeypatch, durability="none")
