@@ -225,35 +225,35 @@ class DedupTable:
             return now - stamp < self.window_s
         return state == _PENDING and now - stamp < PENDING_STALE_S
 
+    # One slice-to-list per bucket, then C-level `in`/`index`: a Python loop over the eight
+    # slots cost ~9 us per key (claim + settle); this ~2 us (bench in the commit message).
+
     def _find(self, base: int, fp: int, now: int) -> int | None:
-        fps, meta = self._fps, self._meta
-        for slot in range(base, base + BUCKET_SLOTS):
-            if fps[slot] == fp:
-                value = meta[slot]
-                if not self._live(value, now):
-                    return None
-                if (value >> 24) & 0xFF == _PENDING:
-                    return IN_FLIGHT
-                return value & 0xFFFF
-        return None
+        bucket = self._fps[base : base + BUCKET_SLOTS].tolist()
+        if fp not in bucket:
+            return None
+        value = self._meta[base + bucket.index(fp)]
+        if not self._live(value, now):
+            return None
+        if (value >> 24) & 0xFF == _PENDING:
+            return IN_FLIGHT
+        return value & 0xFFFF
 
     def _slot_of(self, base: int, fp: int) -> int:
-        fps = self._fps
-        for slot in range(base, base + BUCKET_SLOTS):
-            if fps[slot] == fp:
-                return slot
-        return -1
+        bucket = self._fps[base : base + BUCKET_SLOTS].tolist()
+        return base + bucket.index(fp) if fp in bucket else -1
 
     def _free_slot(self, base: int, now: int) -> int:
         """A free or expired slot of the bucket, else the oldest stored entry (evicted)."""
-        meta = self._meta
+        metas = self._meta[base : base + BUCKET_SLOTS].tolist()
+        if 0 in metas:  # the common case while the table is not full
+            return base + metas.index(0)
         oldest, oldest_stamp = -1, 1 << 40
-        for slot in range(base, base + BUCKET_SLOTS):
-            value = meta[slot]
-            if value == 0 or not self._live(value, now):
-                return slot
+        for offset, value in enumerate(metas):
+            if not self._live(value, now):
+                return base + offset
             if (value >> 24) & 0xFF == _DONE and value >> 32 < oldest_stamp:
-                oldest, oldest_stamp = slot, value >> 32
+                oldest, oldest_stamp = base + offset, value >> 32
         if oldest >= 0:
             self.evictions += 1
         return oldest  # -1: every slot is an in-flight claim; the key goes untracked
