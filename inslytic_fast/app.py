@@ -11,7 +11,7 @@ from .ingest import Ingestor, Responder
 from .metrics import INGEST_ROUTE
 from .request import Request
 from .responses import JSON_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Responses, error_body
-from .segment import SEGMENT_ROUTES
+from .segment import SEGMENT_PATHS
 
 HEALTH_BODY = b'{"status":"ok"}'
 READY_BODY = b'{"status":"ready"}'
@@ -71,7 +71,7 @@ class App:
         # The main port serves the API and, unless --metrics-port moves it, /metrics; the
         # metrics port serves /metrics alone. Routes it does not serve are not found.
         self.ingest_route = INGEST_ROUTE if serves_api else None
-        self.segment_routes = SEGMENT_ROUTES if serves_api else {}
+        self.segment_routes = SEGMENT_PATHS if serves_api else {}
         routes = READ_ROUTES if serves_api else frozenset((METRICS_ROUTE,))
         self.read_routes = routes if serves_metrics else routes - {METRICS_ROUTE}
         self.metrics_authorization = b"Bearer " + metrics_token.encode() if metrics_token else None

@@ -24,7 +24,7 @@ from .ratelimit import UNLIMITED, RateLimiter, TokenBucket
 from .request import Request
 from .responses import Responses, error_body
 from .schema import BatchRejected, Schema
-from .segment import SEGMENT_ROUTES, SegmentCodec, SegmentRejected
+from .segment import SEGMENT_PATHS, SegmentCodec, SegmentRejected
 
 if TYPE_CHECKING:
     from .auth import KeyRing, Project
@@ -534,7 +534,7 @@ class Ingestor:
         if segment_route is None:
             decision = self.admit(req)
         else:
-            decision = self.admit_segment(req, SEGMENT_ROUTES[segment_route])
+            decision = self.admit_segment(req, SEGMENT_PATHS[segment_route])
         responses = self.responses
         decision_type = type(decision)
         if decision_type is Rejection:

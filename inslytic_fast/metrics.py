@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 
 from . import __version__
-from .segment import SEGMENT_ROUTES
+from .segment import SEGMENT_PATHS
 
 # Seconds; the request buckets resolve sub-millisecond answers and multi-second fsync stalls.
 LATENCY_BUCKETS = (
@@ -42,7 +42,7 @@ LATENCY_BUCKETS = (
 
 INGEST_ROUTE = b"/v1/ingest"
 ROUTES = (
-    INGEST_ROUTE, *SEGMENT_ROUTES, b"/health", b"/ready", b"/metrics", b"/openapi.json",
+    INGEST_ROUTE, *SEGMENT_PATHS, b"/health", b"/ready", b"/metrics", b"/openapi.json",
 )  # fmt: skip
 OTHER_ROUTE = b"other"
 ALL_ROUTES = (*ROUTES, OTHER_ROUTE)

@@ -536,7 +536,9 @@ def _segment_post(message_type: str | None, limits: EventLimits, max_body_bytes:
             "Segment's HTTP tracking API, as the Segment, RudderStack and Jitsu SDKs speak it. "
             "The write key is the project's key: HTTP Basic user name (empty password), "
             "Bearer, or `writeKey` in the body. Answered 200 once durable. The body may be "
-            "`text/plain` and gzip (with Content-Encoding, or recognised by its magic bytes)."
+            "`text/plain` and gzip (with Content-Encoding, or recognised by its magic bytes). "
+            "The short paths analytics.js uses (`/v1/b`, `/v1/t`, `/v1/i`, `/v1/p`, `/v1/s`, "
+            "`/v1/g`, `/v1/a`) are served the same way as the long ones."
         ),
         "tags": ["segment"],
         "security": [{"basicAuth": []}, {"bearerAuth": []}],

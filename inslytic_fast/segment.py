@@ -44,6 +44,18 @@ SEGMENT_ROUTES: dict[bytes, str | None] = {
     b"/v1/group": "group",
     b"/v1/alias": "alias",
 }
+# The short paths analytics.js and analytics-next post to (api.segment.io/v1/t, ...).
+SEGMENT_SHORT_ROUTES: dict[bytes, str | None] = {
+    b"/v1/b": None,
+    b"/v1/t": "track",
+    b"/v1/i": "identify",
+    b"/v1/p": "page",
+    b"/v1/s": "screen",
+    b"/v1/g": "group",
+    b"/v1/a": "alias",
+}
+# Every path the server answers as Segment intake, with the message type it implies.
+SEGMENT_PATHS = {**SEGMENT_ROUTES, **SEGMENT_SHORT_ROUTES}
 MESSAGE_TYPES = ("track", "identify", "page", "screen", "group", "alias")
 
 # Below this the sentAt gap is network transit and SDK queueing, not a wrong clock (an SDK
@@ -348,7 +360,9 @@ __all__ = [
     "MAX_FUTURE_S",
     "MAX_PAST_S",
     "MESSAGE_TYPES",
+    "SEGMENT_PATHS",
     "SEGMENT_ROUTES",
+    "SEGMENT_SHORT_ROUTES",
     "SKEW_TOLERANCE_S",
     "SegmentCodec",
     "SegmentRejected",

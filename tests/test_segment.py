@@ -365,3 +365,19 @@ def test_dedup_survives_a_restart_and_a_crash(make_server, how):
     )  # fmt: skip
     server.stop()
     assert rows(server, "SELECT count(*) FROM events") == [(4,)]
+
+
+def test_the_short_paths_analytics_js_posts_to_are_served(segment_server):
+    key = segment_server.first_run_key
+    status, _, _ = segment_server.request(
+        "POST", "/v1/t", {**message(messageId="short-1"), "writeKey": key},
+        headers={"Content-Type": "text/plain"},
+    )  # fmt: skip
+    assert status == 200
+    status, _, _ = segment_server.request(
+        "POST", "/v1/b", {"batch": [message(messageId="short-2")], "writeKey": key}
+    )
+    assert status == 200
+    assert rows(segment_server, "SELECT count(*) FROM events WHERE message_id LIKE 'short-%'") == [
+        (2,)
+    ]
