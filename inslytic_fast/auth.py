@@ -188,7 +188,49 @@ def _utc(timestamp: float) -> datetime:
 _HANDS_OFF = "the file was left untouched: fix it or restore it from a backup"
 
 
+# Typed in one pass: half the CPU of decode-then-convert (6 vs 11 ms at 2,000 projects), and
+# a worker's loop waits for it on every catalog change.
+_catalog_decoder = msgspec.json.Decoder(CatalogDoc)
+
+
+class _FormatVersion(msgspec.Struct):
+    version: int  # required here, unlike in CatalogDoc (which new documents get it from)
+
+
+_version_decoder = msgspec.json.Decoder(_FormatVersion)
+
+
+class _RawCatalog(msgspec.Struct):
+    """The catalog with each project left as its JSON text: a reload decodes only those whose
+    text changed (one of 2,000 after a set-limit: ~4x less CPU on the worker's loop)."""
+
+    version: int
+    projects: dict[str, msgspec.Raw] = {}
+
+
+_raw_catalog_decoder = msgspec.json.Decoder(_RawCatalog)
+_project_decoder = msgspec.json.Decoder(ProjectRecord)
+
+
 def _parse_catalog(path: Path, data: bytes) -> CatalogDoc:
+    try:
+        if _version_decoder.decode(data).version != CATALOG_VERSION:
+            raise msgspec.DecodeError
+        doc = _catalog_decoder.decode(data)
+    except msgspec.DecodeError:
+        doc = _parse_catalog_explaining(path, data)  # says what is wrong
+    seen: set[str] = set()
+    for name, project in doc.projects.items():
+        if not valid_project_name(name):
+            raise CatalogError(f"catalog {path}: invalid project name {shown(name)}; {_HANDS_OFF}")
+        for key in project.keys:
+            if key.sha256 in seen:
+                raise CatalogError(f"catalog {path}: a key digest appears twice; {_HANDS_OFF}")
+            seen.add(key.sha256)
+    return doc
+
+
+def _parse_catalog_explaining(path: Path, data: bytes) -> CatalogDoc:
     try:
         raw = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
@@ -201,18 +243,9 @@ def _parse_catalog(path: Path, data: bytes) -> CatalogDoc:
             f"version {CATALOG_VERSION} (written by a newer release?); {_HANDS_OFF}"
         )
     try:
-        doc = msgspec.convert(raw, CatalogDoc)
+        return msgspec.convert(raw, CatalogDoc)
     except msgspec.ValidationError as exc:
         raise CatalogError(f"catalog {path} is invalid: {exc}; {_HANDS_OFF}") from None
-    seen: set[str] = set()
-    for name, project in doc.projects.items():
-        if not valid_project_name(name):
-            raise CatalogError(f"catalog {path}: invalid project name {shown(name)}; {_HANDS_OFF}")
-        for key in project.keys:
-            if key.sha256 in seen:
-                raise CatalogError(f"catalog {path}: a key digest appears twice; {_HANDS_OFF}")
-            seen.add(key.sha256)
-    return doc
 
 
 _encoder = msgspec.json.Encoder()
@@ -481,6 +514,9 @@ class KeyRing:
         # catalog key, emptied by every reload (so a revoked key stops at once).
         self._verified: dict[bytes, tuple[Project, float | None]] = {}
         self._projects: dict[str, Project] = {}
+        # Per project, as last installed: its record, key-map entries and JSON text.
+        self._installed: dict[str, tuple[ProjectRecord, list, msgspec.Raw | None]] = {}
+        self._texts: dict[str, msgspec.Raw] = {}  # set by _parse_changes for _install
         # What the last read saw: the file's stat signature, whether it was racily recent,
         # and its bytes (None: no file). The CLI replaces the file by rename, so the inode
         # alone changes on every CLI write even when two fall in the same mtime tick.
@@ -569,17 +605,20 @@ class KeyRing:
             return False  # same bytes as last time: nothing to install, nothing to log again
         self._seen_data = data
         try:
-            doc = CatalogDoc() if data is None else _parse_catalog(path, data)
+            doc = CatalogDoc() if data is None else self._parse_changes(path, data)
         except CatalogError as exc:
             self._log_error_once(str(exc))
             return False
         self._last_error = None
         if data is None and self._by_digest:
             log.warning("key catalog %s was removed: every API key is now refused", path)
+        before = (len(self._projects), len(self._by_digest))
         self._install(doc)
-        log.info(
-            "key catalog reloaded: %d projects, %d keys", len(self._projects), len(self._by_digest)
-        )
+        after = (len(self._projects), len(self._by_digest))
+        # A limit change or a rotation's expiry is routine (scripts may do it all day); a
+        # project or key created or removed is worth a line.
+        level = logging.INFO if after != before else logging.DEBUG
+        log.log(level, "key catalog reloaded: %d projects, %d keys", *after)
         return True
 
     def ensure_default_project(self) -> str | None:
@@ -626,9 +665,40 @@ class KeyRing:
         racy = self._clock() * 1e9 - changed_ns < RACY_WINDOW_NS
         return _signature(st), racy, data
 
+    def _parse_changes(self, path: Path, data: bytes) -> CatalogDoc:
+        """``_parse_catalog``, decoding only the projects whose JSON text changed since the
+        last install (the others were validated then); anything odd takes the full path."""
+        try:
+            raw = _raw_catalog_decoder.decode(data)
+            if raw.version != CATALOG_VERSION:
+                raise msgspec.DecodeError
+            previous = self._installed
+            projects: dict[str, ProjectRecord] = {}
+            texts: dict[str, msgspec.Raw] = {}
+            for name, text in raw.projects.items():
+                seen = previous.get(name)
+                if seen is not None and seen[2] == text:
+                    projects[name] = seen[0]
+                elif valid_project_name(name):
+                    projects[name] = _project_decoder.decode(text)
+                else:
+                    raise msgspec.DecodeError
+                texts[name] = text
+        except msgspec.DecodeError:
+            return _parse_catalog(path, data)  # the full path says what is wrong
+        digests = [key.sha256 for record in projects.values() for key in record.keys]
+        if len(set(digests)) != len(digests):
+            return _parse_catalog(path, data)
+        self._texts = texts
+        return CatalogDoc(version=raw.version, projects=projects)
+
     def _install(self, doc: CatalogDoc) -> None:
         projects: dict[str, Project] = {}
         by_digest: dict[bytes, tuple[Project, float | None]] = {}
+        # Entries of a project whose record is unchanged are reused: a reload at 2,000
+        # projects then converts one project's keys, not every digest and expiry.
+        previous = self._installed
+        installed: dict[str, tuple[ProjectRecord, list, msgspec.Raw | None]] = {}
         for name, record in doc.projects.items():
             project = self._projects.get(name)
             if project is None:
@@ -636,13 +706,26 @@ class KeyRing:
             else:
                 project.events_per_minute = record.events_per_minute
             projects[name] = project
-            for key in record.keys:
-                expires = None if key.expires is None else key.expires.timestamp()
-                by_digest[bytes.fromhex(key.sha256)] = (project, expires)
+            seen = previous.get(name)
+            if seen is not None and seen[0] == record:
+                entries = seen[1]
+            else:
+                entries = [
+                    (
+                        bytes.fromhex(key.sha256),
+                        None if key.expires is None else key.expires.timestamp(),
+                    )
+                    for key in record.keys
+                ]
+            installed[name] = (record, entries, self._texts.get(name))
+            for digest, expires in entries:
+                by_digest[digest] = (project, expires)
         # No await in between: a request sees the old maps or the new ones.
         self._by_digest = by_digest
         self._verified = {}
         self._projects = projects
+        self._installed = installed
+        self._texts = {}
 
 
 __all__ = [
