@@ -171,6 +171,9 @@ class ProjectRecord(msgspec.Struct):
     # None: the server's --events-per-minute; 0: unlimited.
     events_per_minute: Annotated[int, msgspec.Meta(ge=0)] | None = None
     keys: list[KeyRecord] = msgspec.field(default_factory=list)
+    # Sites whose pages may send with this project's keys (an Origin header outside the list
+    # gets 403); None: any site --cors-origins allows. See `projects set-origins`.
+    origins: list[str] | None = None
 
     def active_keys(self, now: float) -> list[KeyRecord]:
         return [k for k in self.keys if not k.expired(now)]
@@ -372,6 +375,10 @@ class Catalog:
         with self.edit() as doc:
             _project(doc, name).events_per_minute = events_per_minute
 
+    def set_origins(self, name: str, origins: list[str] | None) -> None:
+        with self.edit() as doc:
+            _project(doc, name).origins = origins
+
     def rotate_key(self, name: str, keep_old_for: float | None) -> tuple[str, list[KeyRecord]]:
         """Issue a new key; the project's other keys stop working ``keep_old_for`` seconds from
         now (0: at once; None: left as they are, for ``revoke_keys`` once the new key is safe
@@ -463,12 +470,16 @@ class Project:
     """A project as the ingest path sees it. The same instance is kept across catalog reloads
     (its limit updated in place), so holders of a reference see limit changes."""
 
-    __slots__ = ("name", "events_per_minute")
+    __slots__ = ("name", "events_per_minute", "origins")
 
-    def __init__(self, name: str, events_per_minute: int | None) -> None:
+    def __init__(
+        self, name: str, events_per_minute: int | None, origins: frozenset[bytes] | None = None
+    ) -> None:
         self.name = name
         # None: the server's default limit (--events-per-minute); 0: unlimited.
         self.events_per_minute = events_per_minute
+        # Origin header values allowed to send with this project's keys; None: any.
+        self.origins = origins
 
     def __repr__(self) -> str:
         return f"Project({self.name!r}, events_per_minute={self.events_per_minute!r})"
@@ -701,10 +712,14 @@ class KeyRing:
         installed: dict[str, tuple[ProjectRecord, list, msgspec.Raw | None]] = {}
         for name, record in doc.projects.items():
             project = self._projects.get(name)
+            origins = (
+                None if record.origins is None else frozenset(o.encode() for o in record.origins)
+            )
             if project is None:
-                project = Project(name, record.events_per_minute)
+                project = Project(name, record.events_per_minute, origins)
             else:
                 project.events_per_minute = record.events_per_minute
+                project.origins = origins
             projects[name] = project
             seen = previous.get(name)
             if seen is not None and seen[0] == record:

@@ -307,7 +307,7 @@ class Ingestor:
         if origin is not None:
             # Enforced here, not only by browsers: a beacon is not subject to CORS, and a
             # key shown in a page must not work from any other site.
-            allowed = getattr(project, "origins", None)
+            allowed = project.origins  # `projects set-origins`
             if not (
                 self.responses.origin_allowed(origin)
                 and (allowed is None or origin in allowed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import signal
+import time
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -381,3 +382,33 @@ def test_the_short_paths_analytics_js_posts_to_are_served(segment_server):
     assert rows(segment_server, "SELECT count(*) FROM events WHERE message_id LIKE 'short-%'") == [
         (2,)
     ]
+
+
+def test_projects_set_origins_limits_the_sites_a_key_works_from(make_server):
+    from .conftest import cli
+
+    server = make_server("--workers", "2")
+    key = server.first_run_key
+    shop, evil = "https://shop.example", "https://evil.example"
+
+    def status(origin: str | None, message_id: str) -> int:
+        headers = {**basic(key), **({"Origin": origin} if origin else {})}
+        return server.request(
+            "POST", "/v1/batch", {"batch": [message(messageId=message_id)]}, headers=headers
+        )[0]
+
+    assert status(evil, "so-0") == 200  # --cors-origins is * and no project list yet
+    done = cli("projects", "set-origins", "default", shop, data_dir=server.data_dir)
+    assert shop in done.stdout
+    deadline = time.monotonic() + 30
+    while status(evil, "so-1") != 403:  # running servers pick the catalog up within 2 s
+        assert time.monotonic() < deadline, "set-origins was not picked up"
+        time.sleep(0.1)
+    assert status(shop, "so-2") == 200 and status(None, "so-3") == 200
+    assert cli("projects", "set-origins", "default", "https://a/b", data_dir=server.data_dir,
+               check=False).returncode == 2  # fmt: skip
+    cli("projects", "set-origins", "default", "any", data_dir=server.data_dir)
+    deadline = time.monotonic() + 30
+    while status(evil, "so-4") != 200:
+        assert time.monotonic() < deadline, "set-origins any was not picked up"
+        time.sleep(0.1)

@@ -184,6 +184,24 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     set_limit.set_defaults(func=cmd_set_limit)
 
+    set_origins = commands.add_parser(
+        "set-origins",
+        parents=[common],
+        help="the sites whose pages may send with this project's keys",
+        description=(
+            "A request with an Origin header naming another site gets 403, beacons included "
+            "(the server enforces it; browsers do not for beacons). 'any' lifts the list "
+            "(then only --cors-origins applies). Requests without Origin (servers, SDKs) are "
+            "not affected."
+        ),
+    )
+    set_origins.add_argument("name", type=_project_name, metavar="NAME")
+    set_origins.add_argument(
+        "origins", nargs="+", type=_origin, metavar="ORIGIN|any",
+        help="e.g. https://shop.example.com (scheme://host[:port], as browsers send it)",
+    )  # fmt: skip
+    set_origins.set_defaults(func=cmd_set_origins)
+
     rotate = commands.add_parser(
         "rotate-key",
         parents=[common],
@@ -303,6 +321,7 @@ def _project_json(name: str, project: ProjectRecord, now: float) -> dict:
     return {
         "name": name,
         "events_per_minute": project.events_per_minute,
+        "origins": project.origins,
         "created": _iso(project.created),
         "active_keys": len(active),
         "keys": [_key_json(k) for k in active],
@@ -380,6 +399,31 @@ def cmd_list(args: argparse.Namespace, catalog: Catalog) -> int:
     for row in table:
         padded = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*padded, row[-1]]))
+    return 0
+
+
+_ORIGIN_RE = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")
+
+
+def _origin(text: str) -> str:
+    if text == "any" or _ORIGIN_RE.match(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not an origin: scheme://host[:port] with nothing after it "
+        "(e.g. https://shop.example.com), or 'any'"
+    )
+
+
+@_run
+def cmd_set_origins(args: argparse.Namespace, catalog: Catalog) -> int:
+    origins = None if "any" in args.origins else sorted(set(args.origins))
+    catalog.set_origins(args.name, origins)
+    if args.json:
+        _emit_json({"name": args.name, "origins": origins})
+    elif origins is None:
+        print(f"Project {args.name!r}: pages on any site --cors-origins allows may send.")
+    else:
+        print(f"Project {args.name!r}: only pages on {', '.join(origins)} may send.")
     return 0
 
 
