@@ -357,6 +357,27 @@ def test_compaction_merges_small_files_without_changing_the_data(tmp_path):
     assert _empty_or_missing(tmp_path / "events" / "_compactions")
 
 
+def test_compaction_merges_rolled_files_apart_from_its_own_outputs(tmp_path):
+    # Tiers: an output is not rewritten each time a few new rolled files arrive beside it.
+    batches = _many_small_files(tmp_path, rounds=2)
+    roller = Roller(tmp_path, compact_min_files=2)
+    assert roller.compact_once() >= 1
+    first = {p for p in parquet_files(tmp_path) if p.name.startswith("c-")}
+    assert first
+    more = expected_batches("later-", 4)
+    for half in (dict(list(more.items())[:2]), dict(list(more.items())[2:])):
+        write_batches(tmp_path, half)
+        Roller(tmp_path).roll_once()
+    roller.compact_once()
+    outputs = {p for p in parquet_files(tmp_path) if p.name.startswith("c-")}
+    assert first < outputs  # the first outputs untouched, new ones beside them
+    assert all(p.name.startswith("c-") for p in parquet_files(tmp_path))
+    # Outputs are merged with each other once enough of them are there.
+    roller.compact_once()
+    assert len({p for p in parquet_files(tmp_path)} & first) == 0
+    assert batch_counts(tmp_path) == {**batches, **more}
+
+
 def test_a_fault_at_any_compaction_step_then_recovery_gives_each_event_once(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
