@@ -471,12 +471,12 @@ class Schema:
             try:
                 self._raw_decoder.decode(body)
             except _DECODE_FAILURES as error:
-                return self._invalid_json(error, len(body))
+                return self._invalid_json(error, body)
             return BatchRejected(
                 VALIDATION_FAILED, ["body must be a JSON object with an events array"]
             )
         except _DECODE_FAILURES as error:
-            return self._invalid_json(error, len(body))
+            return self._invalid_json(error, body)
 
         if envelope.events is UNSET:
             return BatchRejected(VALIDATION_FAILED, ["events is required"])
@@ -511,11 +511,22 @@ class Schema:
         return BatchRejected(VALIDATION_FAILED, details)
 
     @staticmethod
-    def _invalid_json(error: BaseException, body_length: int) -> BatchRejected:
+    def _invalid_json(error: BaseException, body: bytes) -> BatchRejected:
+        body_length = len(body)
         if isinstance(error, RecursionError):
             return BatchRejected(INVALID_JSON, ["JSON is nested too deeply"])
         if isinstance(error, UnicodeDecodeError):
             return BatchRejected(INVALID_JSON, ["JSON is malformed: invalid UTF-8"])
+        lone = _LONE_SURROGATE.search(body)
+        if lone is not None:  # msgspec says "unexpected end of hex escape" or "truncated"
+            return BatchRejected(
+                INVALID_JSON,
+                [
+                    f"JSON is malformed: lone UTF-16 surrogate {lone[1].decode()} at byte "
+                    f"{lone.start(1)}: strings must be valid Unicode (a character beyond U+FFFF "
+                    "is escaped as a pair, \\ud83d\\ude00)"
+                ],
+            )
         message = str(error)
         if message == _MSGSPEC_TRUNCATED:  # say where, as msgspec's other messages do
             message = f"JSON is malformed: unexpected end of input (byte {body_length})"
@@ -595,6 +606,11 @@ class Schema:
         if spec.kind == "timestamp":
             naive_ok = msgspec.json.Decoder(datetime)
             not_iso = [f"{name} must be an ISO 8601 UTC timestamp"]
+            leap_second = [
+                f"{name} has a leap second (:60), which cannot be stored; "
+                "send :59.999 or the next second"
+            ]
+            text = msgspec.json.Decoder(str)
             naive = [f"{name} must include a timezone (Z or an offset such as +02:00)"]
             out_of_range = [_TIMESTAMP_OUT_OF_RANGE]
 
@@ -612,6 +628,11 @@ class Schema:
                 try:
                     naive_ok.decode(raw)
                 except _DECODE_FAILURES:
+                    try:
+                        if _LEAP_SECOND.match(text.decode(raw)):
+                            return leap_second
+                    except _DECODE_FAILURES:
+                        pass
                     return not_iso
                 return naive
 
@@ -694,4 +715,14 @@ class Schema:
 
 # msgspec's wording for a body that ends inside a value (it has no byte position).
 _MSGSPEC_TRUNCATED = "Input data was truncated"
+# An RFC 3339 time whose seconds are 60: valid ISO 8601, but no datetime can hold it.
+_LEAP_SECOND = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:60(\.\d+)?([Zz]|[+-]\d\d:?\d\d)?")
+# A \uD800-\uDFFF escape that is not half of a pair (after an even run of backslashes, so
+# an escaped backslash followed by "ud800" is plain text): msgspec only says "unexpected end
+# of hex escape" or "truncated".
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*"
+    rb"(\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
 _TIMESTAMP_OUT_OF_RANGE = "timestamp is out of range (year 1 to 9999 in UTC)"

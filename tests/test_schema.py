@@ -383,7 +383,6 @@ def test_string_limits_follow_event_limits():
         "2026-02-30T10:30:00Z",
         "2026-13-01T10:30:00Z",
         "2026-02-16T24:00:00Z",
-        "2026-02-16T23:59:60Z",
         "2026-02-16T10:30:00.Z",
         "16/02/2026 10:30",
         "1771237800",
@@ -518,7 +517,7 @@ def test_lone_surrogate_escape_is_invalid_json():
     body = body_of(valid_event(anonymousId="PLACEHOLDER")).replace(b"PLACEHOLDER", b"\\ud800")
     error = rejection(body)
     assert error.error == "Invalid JSON"
-    assert "hex escape (byte" in error.details[0]
+    assert "lone UTF-16 surrogate \\ud800 at byte" in error.details[0]  # was "hex escape"
 
 
 def test_invalid_utf8_inside_an_ignored_field_is_ignored():
@@ -1075,3 +1074,40 @@ def test_fast_path_and_explain_agree_on_many_more_batches(body):
         assert explained.details
     else:
         assert explained.details == []
+
+
+# Rejections that say what is wrong (issue 19: each got a misleading message before) --------
+
+
+def test_a_leap_second_is_named_not_called_a_non_iso_timestamp():
+    body = body_of(valid_event(timestamp="2016-12-31T23:59:60Z"))
+    assert details(body) == [
+        "Event 0: timestamp has a leap second (:60), which cannot be stored; "
+        "send :59.999 or the next second"
+    ]
+
+
+def test_seven_and_nine_digit_fractions_are_accepted_and_rounded_to_microseconds():
+    for fraction in ("1234567", "123456789"):
+        [event] = SCHEMA.decode(body_of(valid_event(timestamp=f"2026-02-16T10:30:00.{fraction}Z")))
+        assert event.timestamp == datetime(2026, 2, 16, 10, 30, 0, 123457, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("escape", "lone", "where"),
+    [(rb"\ud800", "\\ud800", 25), (rb"\udc00", "\\udc00", 25), (rb"x\ud800\u0041", "\\ud800", 26)],
+)
+def test_a_lone_surrogate_is_named_not_called_an_unexpected_end_of_hex_escape(
+    escape, lone, where
+):
+    body = b'{"events":[{"eventName":"' + escape + b'","timestamp":"2026-02-16T10:30:00Z"}]}'
+    [detail] = details(body)
+    expected = f"JSON is malformed: lone UTF-16 surrogate {lone} at byte {where}: strings must"
+    assert detail.startswith(expected), detail
+
+
+def test_an_escaped_backslash_before_u_d800_is_plain_text_not_a_surrogate():
+    body = body_of(valid_event(eventName="\\ud800"))
+    assert b'"\\\\ud800"' in body
+    [event] = SCHEMA.decode(body)
+    assert "\\ud800" in msgspec.json.encode(event).decode()
