@@ -383,13 +383,14 @@ class Ingestor:
             return self._rate_limited(bucket, limit, count, now)
         return bucket, limit_headers(bucket, now)
 
-    def admit(self, req: Request) -> Admission | Duplicate | Rejection:
-        """POST /v1/ingest."""
-        # A beacon (text/plain: sendBeacon cannot set headers) may carry its key in the body.
-        beacon = _is_beacon(req)
+    def _header_key_and_body(
+        self, req: Request, *, header_required: bool, basic: bool = False
+    ) -> tuple[bytes | None, bytes] | Rejection:
+        """The Authorization header's key (None when absent and not required: the body may
+        carry one) and the decoded body; headers that decide a refusal decide it first."""
         header_key = None
-        if req.authorization is not None or not beacon:
-            header_key = bearer_token(req.authorization)  # refused before the body is read
+        if req.authorization is not None or header_required:
+            header_key = bearer_token(req.authorization, basic=basic)
             if type(header_key) is Rejection:
                 return header_key
         rejection = check_media_type(req.content_type)
@@ -398,6 +399,16 @@ class Ingestor:
         body = decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
         if type(body) is Rejection:
             return body
+        return header_key, body
+
+    def admit(self, req: Request) -> Admission | Duplicate | Rejection:
+        """POST /v1/ingest."""
+        # A beacon (text/plain: sendBeacon cannot set headers) may carry its key in the body.
+        beacon = _is_beacon(req)
+        read = self._header_key_and_body(req, header_required=not beacon)
+        if type(read) is Rejection:
+            return read
+        header_key, body = read
         body_key = None
         if beacon:  # also with a header: a body key that disagrees with it is refused
             try:
@@ -454,17 +465,10 @@ class Ingestor:
 
     def admit_segment(self, req: Request, route_type: str | None) -> Admission | Rejection:
         """POST /v1/batch and the single-message Segment routes."""
-        header_key = None
-        if req.authorization is not None:
-            header_key = bearer_token(req.authorization, basic=True)
-            if type(header_key) is Rejection:
-                return header_key
-        rejection = check_media_type(req.content_type)
-        if rejection is not None:
-            return rejection
-        body = decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
-        if type(body) is Rejection:
-            return body
+        read = self._header_key_and_body(req, header_required=False, basic=True)
+        if type(read) is Rejection:
+            return read
+        header_key, body = read
         try:
             decoded = self.segment.decode(body, route_type)
         except SegmentRejected as exc:

@@ -36,6 +36,15 @@ ORIGIN_REFUSED = (
 )
 
 
+CONTENT_ENCODING_PARAMETER = {
+    "name": "Content-Encoding",
+    "in": "header",
+    "required": False,
+    "description": "Compression of the body (case-insensitive).",
+    "schema": {"type": "string", "enum": list(CONTENT_ENCODINGS)},
+}
+
+
 def _ref(section: str, name: str) -> dict[str, str]:
     return {"$ref": _REF.format(section, name)}
 
@@ -319,13 +328,7 @@ def _ingest_post(max_body_bytes: int) -> dict[str, Any]:
         ),
         "tags": ["ingest"],
         "parameters": [
-            {
-                "name": "Content-Encoding",
-                "in": "header",
-                "required": False,
-                "description": "Compression of the body (case-insensitive).",
-                "schema": {"type": "string", "enum": list(CONTENT_ENCODINGS)},
-            },
+            CONTENT_ENCODING_PARAMETER,
             {
                 "name": "Idempotency-Key",
                 "in": "header",
@@ -542,15 +545,7 @@ def _segment_post(message_type: str | None, limits: EventLimits, max_body_bytes:
         ),
         "tags": ["segment"],
         "security": [{"basicAuth": []}, {"bearerAuth": []}],
-        "parameters": [
-            {
-                "name": "Content-Encoding",
-                "in": "header",
-                "required": False,
-                "description": "Compression of the body (case-insensitive).",
-                "schema": {"type": "string", "enum": list(CONTENT_ENCODINGS)},
-            }
-        ],
+        "parameters": [CONTENT_ENCODING_PARAMETER],
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": body}, "text/plain": {"schema": body}},

@@ -91,3 +91,41 @@ def duplicate_message_ids(data_dir) -> list[tuple]:
         "SELECT message_id, count(*) FROM events WHERE message_id IS NOT NULL "
         "GROUP BY message_id HAVING count(*) > 1",
     )[1]
+
+
+def sdk_test_server(tmp_path_factory, name: str):
+    """A module's real server: two workers (a retry may land on either), no rate limit."""
+    from .conftest import ServerProcess
+
+    data_dir = tmp_path_factory.mktemp(name) / "data"
+    server = ServerProcess(data_dir, "--workers", "2", "--events-per-minute", "0").start()
+    yield server
+    if server.proc.poll() is None:
+        server.kill()
+
+
+def mapped_rows(data_dir, tag: str) -> dict[str, tuple]:
+    """The stored columns the SDK tests check, per message type, for user-<tag>."""
+    rows = run_query(
+        data_dir,
+        "SELECT type, event_name, user_id, group_id, previous_id, page_url, utm_source, "
+        "properties_json->>'$.amount', CAST(traits->'$.seats' AS INTEGER), "
+        "json_type(traits->'$.beta'), context->>'$.library.name', message_id IS NOT NULL, "
+        f"sent_at IS NOT NULL FROM events WHERE user_id = 'user-{tag}' ORDER BY type",
+    )[1]
+    return {row[0]: row[1:] for row in rows}
+
+
+def expected_rows(tag: str, library: str) -> dict[str, tuple]:
+    """What mapped_rows reads after identify/track/page/group/alias as the SDK tests send them."""
+    lib, user = library, f"user-{tag}"
+    return {
+        "alias": (None, user, None, f"anon-{tag}", None, None, None, None, None, lib, True, True),
+        "group": (None, user, f"group-{tag}", None, None, None, None, None, None, lib, True,
+                  True),
+        "identify": (None, user, None, None, None, None, None, 3, "BOOLEAN", lib, True, True),
+        "page": ("Pricing", user, None, None, "https://example.com/pricing", None, None, None,
+                 None, lib, True, True),
+        "track": ("Order Completed", user, None, None, None, "newsletter", "42.5", None, None,
+                  lib, True, True),
+    }  # fmt: skip

@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from .sdk_helpers import AnswerLosingProxy, duplicate_message_ids
-from .test_sdk_python import mapped_rows
+from .sdk_helpers import (
+    AnswerLosingProxy,
+    duplicate_message_ids,
+    expected_rows,
+    mapped_rows,
+    sdk_test_server,
+)
 
 NODE_DIR = Path(__file__).parent / "sdk" / "node"
 NODE = shutil.which("node")
@@ -34,30 +39,15 @@ def send(host: str, key: str, tag: str) -> dict:
 
 
 def expected(tag: str) -> dict[str, tuple]:
-    lib = "@segment/analytics-node"
-    user = f"user-{tag}"
-    return {
-        "alias": (None, user, None, f"anon-{tag}", None, None, None, None, None, lib, True, True),
-        "group": (None, user, f"group-{tag}", None, None, None, None, None, None, lib, True,
-                  True),
-        "identify": (None, user, None, None, None, None, None, 3, "BOOLEAN", lib, True, True),
-        "page": ("Pricing", user, None, None, "https://example.com/pricing", None, None, None,
-                 None, lib, True, True),
-        "screen": ("Home", user, None, None, None, None, None, None, None, lib, True, True),
-        "track": ("Order Completed", user, None, None, None, "newsletter", "42.5", None, None,
-                  lib, True, True),
-    }  # fmt: skip
+    rows = expected_rows(tag, "@segment/analytics-node")
+    lib, user = "@segment/analytics-node", f"user-{tag}"
+    rows["screen"] = ("Home", user, None, None, None, None, None, None, None, lib, True, True)
+    return rows
 
 
 @pytest.fixture(scope="module")
 def node_server(tmp_path_factory):
-    from .conftest import ServerProcess
-
-    data_dir = tmp_path_factory.mktemp("node-sdk") / "data"
-    server = ServerProcess(data_dir, "--workers", "2", "--events-per-minute", "0").start()
-    yield server
-    if server.proc.poll() is None:
-        server.kill()
+    yield from sdk_test_server(tmp_path_factory, "node-sdk")
 
 
 def test_every_call_is_stored_with_the_segment_mapping(node_server):

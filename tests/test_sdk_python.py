@@ -11,7 +11,13 @@ import pytest
 
 from inslytic_fast.query import run_query
 
-from .sdk_helpers import AnswerLosingProxy, duplicate_message_ids
+from .sdk_helpers import (
+    AnswerLosingProxy,
+    duplicate_message_ids,
+    expected_rows,
+    mapped_rows,
+    sdk_test_server,
+)
 
 analytics = pytest.importorskip("segment.analytics", reason="pip install segment-analytics-python")
 
@@ -37,48 +43,16 @@ def send_every_call(sdk: analytics.Client, tag: str) -> None:
     sdk.flush()
 
 
-def mapped_rows(data_dir, tag: str) -> dict[str, tuple]:
-    rows = run_query(
-        data_dir,
-        "SELECT type, event_name, user_id, group_id, previous_id, page_url, utm_source, "
-        "properties_json->>'$.amount', CAST(traits->'$.seats' AS INTEGER), "
-        "json_type(traits->'$.beta'), context->>'$.library.name', message_id IS NOT NULL, "
-        f"sent_at IS NOT NULL FROM events WHERE user_id = 'user-{tag}' ORDER BY type",
-    )[1]
-    return {row[0]: row[1:] for row in rows}
-
-
-def expected(tag: str) -> dict[str, tuple]:
-    lib = "analytics-python"
-    user = f"user-{tag}"
-    return {
-        "alias": (None, user, None, f"anon-{tag}", None, None, None, None, None, lib, True, True),
-        "group": (None, user, f"group-{tag}", None, None, None, None, None, None, lib, True,
-                  True),
-        "identify": (None, user, None, None, None, None, None, 3, "BOOLEAN", lib, True, True),
-        "page": ("Pricing", user, None, None, "https://example.com/pricing", None, None, None,
-                 None, lib, True, True),
-        "track": ("Order Completed", user, None, None, None, "newsletter", "42.5", None, None,
-                  lib, True, True),
-    }  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def sdk_server(tmp_path_factory):
-    from .conftest import ServerProcess
-
-    data_dir = tmp_path_factory.mktemp("python-sdk") / "data"
-    server = ServerProcess(data_dir, "--workers", "2", "--events-per-minute", "0").start()
-    yield server
-    if server.proc.poll() is None:
-        server.kill()
+    yield from sdk_test_server(tmp_path_factory, "python-sdk")
 
 
 def test_every_call_is_stored_with_the_segment_mapping(sdk_server):
     sdk = client(sdk_server.url, sdk_server.first_run_key, gzip=True)
     send_every_call(sdk, "plain")
     assert sdk.errors == []
-    assert mapped_rows(sdk_server.data_dir, "plain") == expected("plain")
+    assert mapped_rows(sdk_server.data_dir, "plain") == expected_rows("plain", "analytics-python")
 
 
 def test_a_retry_after_a_lost_answer_stores_nothing_twice(sdk_server):
@@ -90,7 +64,7 @@ def test_a_retry_after_a_lost_answer_stores_nothing_twice(sdk_server):
         proxy.close()
     assert proxy.lost == 2 and proxy.relayed >= 1  # the server stored the batch every time
     assert sdk.errors == []
-    assert mapped_rows(sdk_server.data_dir, "lost") == expected("lost")
+    assert mapped_rows(sdk_server.data_dir, "lost") == expected_rows("lost", "analytics-python")
     assert duplicate_message_ids(sdk_server.data_dir) == []
 
 
