@@ -396,6 +396,14 @@ class Ingestor:
         rejection = check_media_type(req.content_type)
         if rejection is not None:
             return rejection
+        if header_key is not None and (
+            req.content_encoding is not None or req.body[:2] == GZIP_MAGIC
+        ):
+            # Inflating costs up to max_decompressed_bytes of work per request (60 KB of gzip
+            # -> 20 MB of JSON): a project whose bucket is empty is refused before that.
+            early = self.refuse_before_body(req)
+            if early is not None and early.status == 429:
+                return early
         body = decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
         if type(body) is Rejection:
             return body

@@ -9,6 +9,7 @@ CR/LF and ANSI escapes. What a test claims about storage it checks with a query 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import random
 import resource
@@ -18,6 +19,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import orjson
 import pytest
@@ -651,3 +653,42 @@ def test_slowloris_is_cut_with_408_while_normal_traffic_keeps_its_latency(make_s
     assert max(o[1] for o in cut) <= SLOW_HEADER_TIMEOUT + TICK_SLACK_S + 1.0
     assert p99_during < max(0.25, 5 * p99_before)
     assert stored_count(server.data_dir, "during-%") == (len(during) + 1) // 2
+
+
+# -- Byte volume -----------------------------------------------------------------------------
+
+
+def inflating_batch() -> tuple[bytes, int]:
+    """1,000 events of ~19.7 KB each (19 properties of 1,000 characters): ~20 MB of JSON in
+    ~60 KB of gzip. Returns (gzip body, inflated size)."""
+    props = {f"p{i}": "a" * 1000 for i in range(19)}
+    raw = orjson.dumps({"events": [event(f"bytes-{i}", properties=props) for i in range(1000)]})
+    return gzip.compress(raw, 9), len(raw)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_compressed_body_of_a_project_with_an_empty_bucket_is_refused_before_inflating(
+    make_server,
+):
+    """Byte volume is bounded by the event budget (events x 32 KiB each, README: Reliability);
+    what a 60 KB gzip body can still cost is the inflating. Before: every such request of a
+    project that had spent its window inflated ~20 MB (and a corrupt one got 400) first."""
+    server = make_server("--workers", "1", "--events-per-minute", "1000")
+    key = server.first_run_key
+    body, inflated = inflating_batch()
+    assert len(body) < 100_000 and inflated > 19_000_000
+    gz = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    status, _, _ = server.request("POST", "/v1/ingest", body, gz, key=key)
+    assert status == 202  # within the limits: 1,000 events, each under 32 KiB
+    corrupt = gzip.compress(b'{"events":[]}')[:-6]
+    status, _, answer = server.request("POST", "/v1/ingest", corrupt, gz, key=key)
+    assert status == 429, answer
+    before = cpu_seconds(server.proc.pid)
+    for _ in range(10):
+        assert server.request("POST", "/v1/ingest", body, gz, key=key)[0] == 429
+    used = cpu_seconds(server.proc.pid) - before
+    print(f"10 refused {len(body)} B gzip bodies ({inflated} B inflated): {used:.2f} s CPU")
