@@ -266,6 +266,11 @@ class Catalog:
         self.lock_path = self.data_dir / LOCK_FILE
         self._clock = clock
 
+    @property
+    def location(self) -> str:
+        """Where the catalog lives, for messages."""
+        return str(self.data_dir)
+
     def exists(self) -> bool:
         return self.path.exists()
 

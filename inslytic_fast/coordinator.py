@@ -146,6 +146,10 @@ class CoordinatorCatalog(Catalog):
         self._read_version = 0
         self.label = f"coordinator catalog at {masked(url)}"
 
+    @property
+    def location(self) -> str:
+        return self.label
+
     def _call(self, fn, *args):
         try:
             return fn(*args)

@@ -92,6 +92,7 @@ def test_keys_made_on_one_node_work_on_all_and_revocation_reaches_all(make_serve
         "projects", "create", "shop", "--coordinator", coordinator.url, data_dir=first.data_dir
     )
     shop_key = new_key(created.stdout)
+    assert f"in coordinator catalog at {coordinator.url}" in created.stdout
     took = max(
         poll(lambda n=node: ingest_status(n, shop_key) == 202, f"new key on {node.url}")
         for node in (first, second)
@@ -313,3 +314,14 @@ def test_a_lease_nobody_uses_goes_back_within_a_tick(coordinator):
     # All but the first node's one event: its idle lease of 100 came back.
     assert first.calls_failed == second.calls_failed == 0
     assert taken == (limit - 1) // 50 * 50, taken
+
+
+def test_a_coordinator_password_never_reaches_a_message(tmp_path):
+    from .cluster_servers import free_ports
+
+    closed = free_ports(1)[0]  # nothing listens there
+    url = f"redis://:s3cret-pw@127.0.0.1:{closed}/0"
+    failed = cli("projects", "list", "--coordinator", url, data_dir=tmp_path, check=False)
+    assert failed.returncode == 1
+    assert "s3cret-pw" not in failed.stderr + failed.stdout
+    assert f"redis://:***@127.0.0.1:{closed}/0" in failed.stderr

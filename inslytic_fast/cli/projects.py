@@ -362,7 +362,7 @@ def cmd_create(args: argparse.Namespace, catalog: Catalog) -> int:
         return 0
     print(
         f"Created project {args.name!r} (limit: {_limit_text(args.events_per_minute)}) "
-        f"in {catalog.data_dir}."
+        f"in {catalog.location}."
     )
     _print_new_key(args.name, key)
     return 0
@@ -377,7 +377,7 @@ def cmd_list(args: argparse.Namespace, catalog: Catalog) -> int:
         _emit_json({"projects": rows})
         return 0
     if not rows:
-        print(f"No projects in {catalog.data_dir}. Create one: inslytic-fast projects create NAME")
+        print(f"No projects in {catalog.location}. Create one: inslytic-fast projects create NAME")
         return 0
     table = [("NAME", "LIMIT", "KEYS", "CREATED", "KEY PREFIXES")]
     for name, project in sorted(doc.projects.items()):
