@@ -515,6 +515,7 @@ class Uploader:
         pending = finished_files(self.data_dir)
         now = self._clock()
         return {
+            "node": self.node,  # query --lake on this data dir matches files by it
             "pending_files": len(pending),
             "pending_bytes": sum(f.size for f in pending),
             "lag_seconds": max(0.0, now - pending[0].mtime) if pending else 0.0,

@@ -116,7 +116,8 @@ def _add_lake(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--node-id",
         default=os.environ.get("INSLYTIC_NODE_ID", ""),
-        help="the node id this data dir serves with (default: the host name, as serve's)",
+        help="the node id this data dir serves with (default: the one its server last used, "
+        "else the host name, as serve's)",
     )
 
 
@@ -125,10 +126,11 @@ def _lake_view(args: argparse.Namespace):
     if not args.lake:
         return None
     from inslytic_fast.config import Settings
-    from inslytic_fast.lake import LakeView, S3ObjectStore, default_cache_dir
+    from inslytic_fast.lake import LakeView, S3ObjectStore, default_cache_dir, read_status
 
     store = S3ObjectStore(args.lake, args.s3_endpoint)
-    node = Settings(node_id=args.node_id).node
+    node = args.node_id or (read_status(args.data_dir) or {}).get("node")
+    node = Settings(node_id=node or "").node
     return LakeView(store, node, args.data_dir, default_cache_dir(args.lake))
 
 
