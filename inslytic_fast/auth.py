@@ -353,6 +353,16 @@ class Catalog:
             if digest not in existing:
                 return key, KeyRecord(prefix=display_prefix(key), sha256=digest, created=_utc(now))
 
+    def _create_default_project(self) -> str:
+        """First run: write a catalog holding only project ``default``; return its plaintext
+        key. The caller holds the lock and has seen no catalog."""
+        now = self._clock()
+        doc = CatalogDoc()
+        key, record = self._new_key(doc, now)
+        doc.projects[DEFAULT_PROJECT] = ProjectRecord(created=_utc(now), keys=[record])
+        self._write(doc)
+        return key
+
     def create_project(self, name: str, events_per_minute: int | None = None) -> str:
         """Add a project with one key; returns the plaintext key (shown once, never stored)."""
         _check_name(name)
@@ -649,11 +659,7 @@ class KeyRing:
         with catalog._locked():
             if catalog.exists():  # another process created it while we waited for the lock
                 return None
-            now = self._clock()
-            doc = CatalogDoc()
-            key, record = catalog._new_key(doc, now)
-            doc.projects[DEFAULT_PROJECT] = ProjectRecord(created=_utc(now), keys=[record])
-            catalog._write(doc)
+            key = catalog._create_default_project()
         self.load()
         return key
 

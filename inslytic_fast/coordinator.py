@@ -37,14 +37,11 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 from .auth import (
-    DEFAULT_PROJECT,
     Catalog,
     CatalogDoc,
     CatalogError,
-    ProjectRecord,
     _encoder,
     _parse_catalog,
-    _utc,
 )
 
 if TYPE_CHECKING:
@@ -216,12 +213,7 @@ class CoordinatorCatalog(Catalog):
                 self._write(local.read())
                 log.info("coordinator catalog seeded from %s", local.path)
                 return None
-            now = self._clock()
-            doc = CatalogDoc()
-            key, record = self._new_key(doc, now)
-            doc.projects[DEFAULT_PROJECT] = ProjectRecord(created=_utc(now), keys=[record])
-            self._write(doc)
-            return key
+            return self._create_default_project()
 
 
 class CoordinatorLink:

@@ -107,6 +107,14 @@ def counts_by_name(data_dir) -> dict[str, int]:
 
 def audit(data_dir, clients: list[LoadClient], previous: dict[str, int] | None = None) -> dict:
     counts = counts_by_name(data_dir)
+    check_counts(counts, clients)
+    if previous is not None:
+        assert counts == previous, "restart changed the stored events"
+    return counts
+
+
+def check_counts(counts: dict[str, int], clients: list[LoadClient]) -> None:
+    """Every acknowledged event stored once, none twice, nothing of a refused batch."""
     acked = [name for c in clients for name in c.acked]
     rejected = [name for c in clients for name in c.rejected]
     missing = [n for n in acked if counts.get(n, 0) == 0]
@@ -115,6 +123,3 @@ def audit(data_dir, clients: list[LoadClient], previous: dict[str, int] | None =
     assert not missing, f"{len(missing)} acknowledged events lost, e.g. {missing[:5]}"
     assert not doubled, f"{len(doubled)} events stored twice, e.g. {doubled[:5]}"
     assert not leaked, f"{len(leaked)} events of rejected batches stored, e.g. {leaked[:5]}"
-    if previous is not None:
-        assert counts == previous, "restart changed the stored events"
-    return counts

@@ -16,6 +16,7 @@ import time
 import orjson
 import pytest
 
+from .adversarial_helpers import metric, poll_until
 from .cluster_servers import ValkeyProcess
 from .conftest import EXAMPLE_EVENT, cli
 
@@ -41,13 +42,10 @@ def coordinator(valkey):
 
 
 def poll(condition, what: str, deadline_s: float = POLL_DEADLINE_S) -> float:
-    """Seconds until ``condition()`` held; fails after the deadline."""
+    """Seconds until ``condition()`` held (``what`` says what is awaited, for the reader)."""
     started = time.monotonic()
-    while time.monotonic() - started < deadline_s:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"not within {deadline_s} s: {what}")
+    poll_until(condition, deadline_s)
+    return time.monotonic() - started
 
 
 def events(n: int) -> list[dict]:
@@ -58,17 +56,14 @@ def ingest_status(node, key: str, n: int = 1) -> int:
     return node.ingest(events(n), key)[0]
 
 
-def metric(node, name: str) -> float:
-    status, _, body = node.request("GET", "/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def new_key(output: str) -> str:
     return output.strip().splitlines()[-1]
+
+
+def create_project(url: str, name: str, limit: int | None = None) -> str:
+    """``projects create`` through the coordinator; the new key."""
+    extra = ("--events-per-minute", str(limit)) if limit is not None else ()
+    return new_key(cli("projects", "create", name, *extra, "--coordinator", url).stdout)
 
 
 def start_nodes(make_server, url: str, count: int, *extra: str):
@@ -152,17 +147,7 @@ def accept_until_refused(nodes, key: str, batch: int, max_requests: int = 2000) 
 def test_the_limit_holds_across_nodes_and_leaves_little_unused(make_server, coordinator):
     nodes = start_nodes(make_server, coordinator.url, 3)
     limit = 300
-    key = new_key(
-        cli(
-            "projects",
-            "create",
-            "capped",
-            "--events-per-minute",
-            str(limit),
-            "--coordinator",
-            coordinator.url,
-        ).stdout
-    )
+    key = create_project(coordinator.url, "capped", limit)
     for node in nodes:
         poll(lambda n=node: ingest_status(n, key, 0) in (202, 400), "key known")
     started = time.monotonic()
@@ -184,17 +169,7 @@ def test_the_limit_holds_across_nodes_and_leaves_little_unused(make_server, coor
 
 def test_the_coordinator_is_off_the_per_request_path(make_server, coordinator):
     nodes = start_nodes(make_server, coordinator.url, 2)
-    key = new_key(
-        cli(
-            "projects",
-            "create",
-            "busy",
-            "--events-per-minute",
-            "320000",
-            "--coordinator",
-            coordinator.url,
-        ).stdout
-    )
+    key = create_project(coordinator.url, "busy", 320000)
     for node in nodes:
         poll(lambda n=node: ingest_status(n, key, 0) in (202, 400), "key known")
     poll(lambda: metric(nodes[0], "inslytic_coordinator_up") == 1, "node sees the coordinator")
@@ -216,17 +191,7 @@ def test_coordinator_down_known_keys_work_each_node_gets_its_share_then_recovers
 ):
     nodes = start_nodes(make_server, coordinator.url, 2)
     limit = 100
-    key = new_key(
-        cli(
-            "projects",
-            "create",
-            "outage",
-            "--events-per-minute",
-            str(limit),
-            "--coordinator",
-            coordinator.url,
-        ).stdout
-    )
+    key = create_project(coordinator.url, "outage", limit)
     for node in nodes:
         poll(lambda n=node: ingest_status(n, key, 0) in (202, 400), "key known")
         poll(lambda n=node: metric(n, "inslytic_coordinator_up") == 1, "node reaches it")
@@ -256,7 +221,7 @@ def test_coordinator_down_known_keys_work_each_node_gets_its_share_then_recovers
         assert (status, orjson.loads(body)) == (200, {"status": "ready"})
     assert "reachable again" in nodes[0].stderr()
     # Keys made after the outage reach every node again.
-    fresh = new_key(cli("projects", "create", "after", "--coordinator", coordinator.url).stdout)
+    fresh = create_project(coordinator.url, "after")
     for node in nodes:
         poll(lambda n=node: ingest_status(n, fresh) == 202, "a new key after the outage")
 

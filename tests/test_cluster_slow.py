@@ -17,9 +17,10 @@ import time
 import orjson
 import pytest
 
+from .adversarial_helpers import metric, poll_until
 from .cluster_servers import S3_CREDENTIALS, SeaweedProcess, ValkeyProcess
 from .conftest import cli
-from .crash_harness import run_load
+from .crash_harness import check_counts, run_load
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("obstore")
@@ -45,23 +46,6 @@ def env_for(tmp_path) -> dict[str, str]:
     return {**os.environ, **S3_CREDENTIALS, "XDG_CACHE_HOME": str(tmp_path / "cache")}
 
 
-def metric(node, name: str) -> float:
-    _, _, body = node.request("GET", "/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def poll(condition, what: str, deadline_s: float = 120.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not within {deadline_s} s: {what}")
-
-
 def lake_counts(seaweed, prefix: str, env, tmp_path) -> dict[str, int]:
     """Events per name in the lake alone (a reader with no data dir)."""
     out = cli(
@@ -80,15 +64,8 @@ def lake_counts(seaweed, prefix: str, env, tmp_path) -> dict[str, int]:
 
 
 def audit_lake(counts: dict[str, int], clients) -> int:
-    acked = [name for c in clients for name in c.acked]
-    rejected = [name for c in clients for name in c.rejected]
-    missing = [n for n in acked if counts.get(n, 0) == 0]
-    doubled = [n for n, k in counts.items() if k > 1]
-    leaked = [n for n in rejected if n in counts]
-    assert not missing, f"{len(missing)} acknowledged events not in the lake, e.g. {missing[:5]}"
-    assert not doubled, f"{len(doubled)} events in the lake twice, e.g. {doubled[:5]}"
-    assert not leaked, f"{len(leaked)} events of refused batches in the lake, e.g. {leaked[:5]}"
-    return len(acked)
+    check_counts(counts, clients)
+    return sum(len(c.acked) for c in clients)
 
 
 def failing(node) -> bool:
@@ -134,7 +111,7 @@ def test_sigkill_of_a_lake_node_under_load_leaves_each_event_once_in_the_lake(
         node.start()
     node.stop()  # clean: rolls the tail
     node.start()  # uploads it
-    poll(lambda: drained(node), "everything uploaded")
+    poll_until(lambda: drained(node), 120)
     acked = audit_lake(lake_counts(seaweed, prefix, env, tmp_path), clients)
     assert acked > 1000 * cycles / 4, "the load was too light to prove anything"
     print(f"{cycles} SIGKILL cycles, {acked} acknowledged events, each once in the lake")
@@ -160,7 +137,7 @@ def test_object_store_down_for_20_s_under_load_loses_nothing(
     first = make_server(*args, "--node-id", "edge-1", env=env)
     second = make_server(*args, "--node-id", "edge-2", env=env)
     key = first.first_run_key
-    poll(lambda: second.ingest([], key)[0] == 400, "the key works on node 2")
+    poll_until(lambda: second.ingest([], key)[0] == 400, 30)  # the key works on node 2
     seaweed.stop()
     started = time.monotonic()
     clients = []
@@ -188,6 +165,6 @@ def test_object_store_down_for_20_s_under_load_loses_nothing(
         node.stop()
         node.start()
     for node in (first, second):
-        poll(lambda n=node: drained(n), "uploads resumed and drained")
+        poll_until(lambda n=node: drained(n), 120)  # uploads resumed and drained
     acked = audit_lake(lake_counts(seaweed, prefix, env, tmp_path), clients)
     print(f"object store down {outage:.0f} s: {acked} events acknowledged, each once in the lake")

@@ -25,6 +25,7 @@ from inslytic_fast.lake import (
 )
 from inslytic_fast.storage import Roller, sql_string
 
+from .adversarial_helpers import metric, poll_until
 from .cluster_servers import S3_CREDENTIALS, SeaweedProcess
 from .conftest import EXAMPLE_EVENT, cli
 from .storage_helpers import LogOnLoop, open_log
@@ -184,24 +185,6 @@ def test_object_store_down_files_wait_then_uploads_resume(seaweed, tmp_path):
 # Nodes with --lake, end to end -----------------------------------------------------------------
 
 
-def lake_metric(node, name: str) -> float:
-    status, _, body = node.request("GET", "/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def poll(condition, what: str, deadline_s: float = 60.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {deadline_s} s: {what}")
-
-
 def lake_count(seaweed, prefix: str, data_dir: Path, node_id: str, env) -> int:
     out = cli(
         "query",
@@ -249,19 +232,19 @@ def test_two_nodes_upload_everything_and_query_lake_sees_each_event_once(
     for node in nodes:
         assert node.stop() == 0
         node.start()
-    for node in nodes:
-        poll(
+    for node in nodes:  # every event in the lake
+        poll_until(
             lambda n=node: (
-                lake_metric(n, "inslytic_lake_pending_files") == 0
+                metric(n, "inslytic_lake_pending_files") == 0
                 # No --node-id: query finds the one the data dir's server used.
                 and lake_count(seaweed, prefix, n.data_dir, "", env) == sent
             ),
-            "every event in the lake",
+            60,
         )
     # From a machine with no data dir at all: the lake alone has every event, once.
     assert lake_count(seaweed, prefix, tmp_path / "nowhere", "reader", env) == sent
-    assert all(lake_metric(n, "inslytic_lake_uploaded_files_total") > 0 for n in nodes)
-    assert lake_metric(nodes[0], "inslytic_lake_errors_total") == 0
+    assert all(metric(n, "inslytic_lake_uploaded_files_total") > 0 for n in nodes)
+    assert metric(nodes[0], "inslytic_lake_errors_total") == 0
 
 
 # Lake upkeep: compaction and retention, one leader --------------------------------------------
