@@ -243,6 +243,22 @@ def test_two_nodes_upload_everything_and_query_lake_sees_each_event_once(
         )
     # From a machine with no data dir at all: the lake alone has every event, once.
     assert lake_count(seaweed, prefix, tmp_path / "nowhere", "reader", env) == sent
+    exported = cli(
+        "export",
+        "--out",
+        str(tmp_path / "export"),
+        "--format",
+        "ndjson",
+        "--lake",
+        f"s3://{seaweed.bucket}/{prefix}",
+        "--s3-endpoint",
+        seaweed.endpoint,
+        data_dir=tmp_path / "nowhere",
+        env=env,
+    )
+    assert exported.returncode == 0
+    lines = (tmp_path / "export" / "events.ndjson").read_text().splitlines()
+    assert len(lines) == sent
     assert all(metric(n, "inslytic_lake_uploaded_files_total") > 0 for n in nodes)
     assert metric(nodes[0], "inslytic_lake_errors_total") == 0
 
