@@ -270,6 +270,11 @@ class CoordinatorLink:
             pipe.zremrangebyscore(members_key, "-inf", now - MEMBER_TTL_SECONDS)
             pipe.zcard(members_key)
             self.members = max(1, int(pipe.execute()[-1]))
+        except self._errors as exc:
+            self.failed(exc)
+            return
+        self.recovered()
+        try:
             for poller in self.pollers:
                 poller(self.client)
         except self._errors as exc:
@@ -277,8 +282,6 @@ class CoordinatorLink:
         except CatalogError as exc:
             # Reached, but the catalog there is unusable: keep serving the mirror, say why.
             self._log_error_once(str(exc))
-        else:
-            self.recovered()
 
     def failed(self, exc: BaseException) -> None:
         """A call to the coordinator failed (from the thread or a serving loop)."""

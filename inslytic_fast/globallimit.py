@@ -215,18 +215,15 @@ class GlobalBucket:
         end = self.window_end if self.window_start else now + REFILL_SECONDS
         return max(1, min(int(REFILL_SECONDS), math.ceil(end - now)))
 
-    def release_unused(self) -> None:
-        """Tick: a lease nobody spent from for a whole tick goes back to the coordinator."""
-        limiter = self.limiter
-        if not self.used and self.lease and self.window_start and limiter.link.up:
-            try:
-                limiter.give_back_script(keys=[self.key], args=[self.lease, self.window_start])
-            except limiter.errors as exc:
-                limiter.link.failed(exc)
-                return
-            self.table_left += self.lease
-            self.lease = 0
+    def idle_lease(self) -> bool:
+        """Tick: whether this holds a lease nobody spent from for a whole tick."""
+        idle = not self.used and self.lease > 0 and bool(self.window_start)
         self.used = False
+        return idle
+
+    def gave_back(self) -> None:
+        self.table_left += self.lease
+        self.lease = 0
 
 
 class GlobalRateLimiter:
@@ -264,8 +261,22 @@ class GlobalRateLimiter:
         return bucket
 
     def tick(self) -> None:
-        for bucket in self._buckets.values():
-            bucket.release_unused()
+        """Idle leases go back to the coordinator, all in one round trip."""
+        idle = [b for b in self._buckets.values() if b.idle_lease()]
+        if not idle or not self.link.up:
+            return
+        try:
+            pipe = self.link.client.pipeline(transaction=False)
+            for bucket in idle:
+                self.give_back_script(
+                    keys=[bucket.key], args=[bucket.lease, bucket.window_start], client=pipe
+                )
+            pipe.execute()
+        except self.errors as exc:
+            self.link.failed(exc)
+            return
+        for bucket in idle:
+            bucket.gave_back()
 
     def forget(self, keep: set[str]) -> None:
         for name in [n for n in self._buckets if n not in keep]:
