@@ -115,6 +115,16 @@ def test_keys_made_on_one_node_work_on_all_and_revocation_reaches_all(make_serve
     names = [p["name"] for p in orjson.loads(listing.stdout)["projects"]]
     assert names == ["default", "shop"]
 
+    cli("projects", "set-limit", "default", "5", "--coordinator", coordinator.url)
+    for node in (first, second):
+        poll(
+            lambda n=node: n.ingest(events(1), default_key)[1].get("x-ratelimit-limit") == "5",
+            f"new limit on {node.url}",
+        )
+    cli("projects", "delete", "default", "--coordinator", coordinator.url)
+    for node in (first, second):
+        poll(lambda n=node: ingest_status(n, default_key) == 401, f"deleted on {node.url}")
+
 
 def test_a_single_node_joining_a_cluster_brings_its_projects(make_server, coordinator, tmp_path):
     data_dir = tmp_path / "solo"
