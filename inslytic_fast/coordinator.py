@@ -207,6 +207,16 @@ class CoordinatorCatalog(Catalog):
         catalog is left as it is. Raises CatalogError if the coordinator is unreachable."""
         with self._locked():
             if self.read_raw()[1] is not None:
+                if local.exists():
+                    lost = sorted(set(local.read().projects) - set(self.read().projects))
+                    if lost:
+                        log.warning(
+                            "projects %s of %s are not in the cluster's catalog: the mirror "
+                            "replaces this node's catalog and their keys stop working here "
+                            "(create them with `projects create --coordinator`)",
+                            ", ".join(lost),
+                            local.path,
+                        )
                 return None
             self._read_version = 0
             if local.exists():

@@ -134,6 +134,13 @@ def test_a_single_node_joining_a_cluster_brings_its_projects(make_server, coordi
     assert ingest_status(node, key) == 202
     other = start_nodes(make_server, coordinator.url, 1)[0]
     poll(lambda: ingest_status(other, key) == 202, "the joined node's key works on another")
+    # A second node with projects of its own does not seed (the cluster has a catalog): it
+    # says which of its projects stop working.
+    lone_dir = tmp_path / "lone"
+    cli("projects", "create", "lonely", data_dir=lone_dir)
+    lone = make_server("--coordinator", coordinator.url, "--workers", "1", data_dir=lone_dir)
+    assert "projects lonely of" in lone.stderr()
+    poll(lambda: ingest_status(lone, key) == 202, "the cluster's key works on it")
 
 
 def accept_until_refused(nodes, key: str, batch: int, max_requests: int = 2000) -> int:
