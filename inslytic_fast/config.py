@@ -253,6 +253,7 @@ OPTIONS: tuple[Option, ...] = (
         "",
         "redis://HOST:PORT/DB of the Redis/Valkey all nodes share: projects, keys and rate "
         "limits become cluster-wide (needs the cluster extra); empty: this node alone",
+        metavar="URL",
     ),
     Option(
         "lake",
@@ -261,6 +262,7 @@ OPTIONS: tuple[Option, ...] = (
         "s3://BUCKET/PREFIX: upload finished Parquet files there, exactly once, and delete the "
         "local copies (needs the cluster extra; AWS credentials from the environment); "
         "empty: Parquet stays in the data dir",
+        metavar="URL",
     ),
     Option(
         "s3_endpoint",
@@ -268,12 +270,14 @@ OPTIONS: tuple[Option, ...] = (
         "",
         "S3 API endpoint for --lake (MinIO, SeaweedFS, Ceph, R2), e.g. http://minio:9000; "
         "empty: AWS S3",
+        metavar="URL",
     ),
     Option(
         "node_id",
         str,
         "",
         "this node's name in a cluster (coordinator membership, logs); empty: the host name",
+        metavar="NAME",
     ),
 )
 

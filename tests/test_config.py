@@ -224,3 +224,12 @@ def test_print_config_effective_shows_the_settings_in_force_and_their_sources(tm
         environ={},
     )
     assert again == expected
+
+
+def test_the_other_commands_durations_take_the_same_units():
+    from inslytic_fast.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["stats", "--interval", "500ms"]).interval == 0.5
+    rotate = parser.parse_args(["projects", "rotate-key", "shop", "--keep-old-for", "90m"])
+    assert rotate.keep_old_for == 5400

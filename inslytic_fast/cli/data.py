@@ -116,6 +116,7 @@ def _add_lake(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--node-id",
         default=os.environ.get("INSLYTIC_NODE_ID", ""),
+        metavar="NAME",
         help="the node id this data dir serves with (default: the one its server last used, "
         "else the host name, as serve's)",
     )

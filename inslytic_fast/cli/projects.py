@@ -35,7 +35,7 @@ from inslytic_fast.auth import (
     valid_project_name,
 )
 from inslytic_fast.commitlog import LOG_DIRNAME, list_segments
-from inslytic_fast.config import DEFAULT_DATA_DIR
+from inslytic_fast.config import DEFAULT_DATA_DIR, parse_duration
 from inslytic_fast.coordinator import PASSWORD_ENV, CoordinatorCatalog, CoordinatorError
 from inslytic_fast.purges import find_purge, project_dirs, record_purge, why_name_is_blocked
 
@@ -54,9 +54,6 @@ DEFAULT_KEEP_OLD_FOR_SECONDS = 86_400
 MAX_KEEP_OLD_FOR_SECONDS = 366 * 86_400
 # Far above what one node ingests (~10^8 events/minute); larger values are typos.
 MAX_EVENTS_PER_MINUTE = 10**12
-
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
-_DURATION_RE = re.compile(r"(\d+)([smhd]?)")
 
 
 # Argument types (argparse turns their ArgumentTypeError into exit 2) ------------------------
@@ -92,13 +89,15 @@ def _set_limit(text: str) -> int | None:
 
 
 def _duration(text: str) -> int:
-    match = _DURATION_RE.fullmatch(text.strip().lower())
-    if match is None:
+    try:
+        seconds = int(parse_duration(text))  # the units of serve's durations (config.py)
+    except ValueError:
+        seconds = -1
+    if seconds < 0:
         raise argparse.ArgumentTypeError(
             f"invalid duration {shown(text)}: seconds, or a number with s, m, h or d "
             "(e.g. 86400, 24h)"
         )
-    seconds = int(match[1]) * _DURATION_UNITS[match[2]]
     if seconds > MAX_KEEP_OLD_FOR_SECONDS:
         raise argparse.ArgumentTypeError(
             f"duration {shown(text)} is over a year; "
@@ -212,7 +211,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--keep-old-for",
         type=_duration,
         default=DEFAULT_KEEP_OLD_FOR_SECONDS,
-        metavar="SECONDS",
+        metavar="DURATION",
         help="how long the current keys stay valid, in seconds or with s/m/h/d "
         f"(default {DEFAULT_KEEP_OLD_FOR_SECONDS} = 24h; 0 revokes them now)",
     )

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from ..config import DEFAULT_DATA_DIR
+from ..config import DEFAULT_DATA_DIR, parse_duration
 from ..metrics import storage_gauges
 
 DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
@@ -510,6 +510,16 @@ def _live(view: View) -> None:
         time.sleep(next_at - time.monotonic())
 
 
+def _interval(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (e.g. 1, 0.5, 500ms, 2s)"
+        ) from None
+    return seconds  # run() refuses 0 and less, in one line
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "stats",
@@ -533,10 +543,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--interval",
-        type=float,
+        type=_interval,
         default=DEFAULT_INTERVAL_S,
-        metavar="SECONDS",
-        help=f"seconds between refreshes (default: {DEFAULT_INTERVAL_S:g})",
+        metavar="DURATION",
+        help=f"time between refreshes: seconds, or 500ms, 2s, 1m (default: {DEFAULT_INTERVAL_S:g})",
     )
     parser.add_argument(
         "--once",
