@@ -114,7 +114,7 @@ class Metrics:
         self.responses[key] = self.responses.get(key, 0) + 1
         try:
             histogram = self.request_latency[route]
-        except KeyError:  # a route the app added to ALL_ROUTES' own
+        except KeyError:  # a route the app names beyond ALL_ROUTES (not client-chosen)
             histogram = self.request_latency[route] = Histogram(LATENCY_BUCKETS)
         histogram.observe(now - started)
 
@@ -188,7 +188,7 @@ def merge(snapshots: Iterable[dict]) -> dict:
 def carried_totals(snapshot: dict) -> dict:
     """What a restarted worker carries over from its predecessor's last snapshot: the
     counters (so the sum over workers never goes down), not the dead process's gauges."""
-    return {key: value for key, value in snapshot.items() if key != "process"}
+    return {key: value for key, value in snapshot.items() if key not in ("process", "gauges")}
 
 
 PROCESS_STARTED_AT = time.time()
