@@ -86,8 +86,16 @@ class FakeTransport:
 
 class AckAtOnce:
     @staticmethod
-    def append(project, events_json, count, on_done) -> None:
+    def append(project, events_json, count, on_done, idempotency_key=None) -> None:
         on_done(None)
+
+    @staticmethod
+    def unavailable():
+        return None  # never refuses
+
+    @staticmethod
+    def backpressure_delay() -> float:
+        return 0.0  # never behind
 
 
 async def measure(args, data_dir: Path) -> dict:

@@ -122,20 +122,28 @@ class App:
         return INGEST_ROUTE, self.ingestor.refusal(rejection, req, close=True)
 
     def refuse_on_headers(self, req: Request) -> tuple[bytes, bytes] | None:
-        """(route, response) for an ingest request the log cannot take whatever its body
+        """(route, response) for an ingest or Segment request the log cannot take whatever its body
         (overload past the hard mark, disk short, shutting down); None otherwise. Asked of
         every request on its headers; the response closes, the body is never read."""
-        if req.path != self.ingest_route or req.method != b"POST":
+        if not self._stores(req):
             return None
         refusal = self.ingestor.refuse_on_headers(req)
-        return None if refusal is None else (INGEST_ROUTE, refusal)
+        return None if refusal is None else (req.path, refusal)
 
     def backpressure(self, req: Request) -> float:
         """Seconds to hold a complete request (and stop reading its connection) before
-        handling it: ingest while the roll is behind past the backpressure mark, else 0."""
-        if req.path != self.ingest_route or req.method != b"POST":
+        handling it: ingest and Segment intake while the roll is behind past the backpressure
+        mark, else 0."""
+        if not self._stores(req):
             return 0.0
         return self.ingestor.commitlog.backpressure_delay()
+
+    def _stores(self, req: Request) -> bool:
+        """A request that would write to the log: /v1/ingest or a Segment route, POST."""
+        path = req.path
+        return req.method == b"POST" and (
+            path == self.ingest_route or path in self.segment_routes
+        )
 
     def _read(self, req: Request, path: bytes) -> bytes:
         """GET/HEAD of a read-only route; the page is built only once the method is known good."""
