@@ -412,3 +412,27 @@ def test_projects_set_origins_limits_the_sites_a_key_works_from(make_server):
     while status(evil, "so-4") != 200:
         assert time.monotonic() < deadline, "set-origins any was not picked up"
         time.sleep(0.1)
+
+
+def test_keys_in_bodies_and_basic_auth_stay_out_of_the_access_log(make_server):
+    server = make_server("--workers", "1", "--access-log")
+    key = server.first_run_key
+    beacon = {"writeKey": key, "events": [{"eventName": "b", "timestamp": "2026-02-16T10:30:00Z",
+              "anonymousId": "a", "sessionId": "s", "consentGiven": True}]}  # fmt: skip
+    sent = [
+        server.request("POST", "/v1/ingest", orjson.dumps(beacon),
+                       headers={"Content-Type": "text/plain"})[0],
+        server.request("POST", "/v1/batch", {"batch": [message(messageId="log-1")]},
+                       headers=basic(key))[0],
+        server.request("POST", "/v1/t", {**message(messageId="log-2"), "writeKey": key})[0],
+    ]  # fmt: skip
+    assert sent == [202, 200, 200]
+    encoded = base64.b64encode(f"{key}:".encode()).decode()
+    wait = time.monotonic() + 30
+    while server.stderr().count("/v1/") < 3:  # access lines are written as answers go out
+        assert time.monotonic() < wait, server.stderr()
+        time.sleep(0.05)
+    server.stop()
+    logged = server.stderr()  # the logs; stdout holds only the first-run banner with the key
+    assert '"POST /v1/batch"' in logged and '"POST /v1/t"' in logged
+    assert key not in logged and encoded not in logged and key[8:20] not in logged
