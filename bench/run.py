@@ -1034,6 +1034,11 @@ def pinning_text(pin: dict, self_hosted: bool) -> str:
     )
 
 
+def _sustained_text(runs: list[dict]) -> str:
+    windows = [r["window_s"] for r in runs if r.get("sustained")]
+    return f"; sustained runs of {max(windows):.0f} s, no warmup" if windows else ""
+
+
 def markdown(report: dict) -> str:
     info = report["machine"]
     pin_text = pinning_text(report["pinning"], report["settings"]["mode"] == "self-hosted")
@@ -1044,7 +1049,8 @@ def markdown(report: dict) -> str:
         f"{info['memory_total_mb']} MiB, {info['os']}, {info['python']}",
         f"- Pinning: {pin_text}; durability {report['settings']['durability']}; "
         f"{report['settings']['rounds']} round(s) of {report['settings']['duration_s']:g} s "
-        f"(+{report['settings']['warmup_s']:g} s warmup), interleaved; medians shown",
+        f"(+{report['settings']['warmup_s']:g} s warmup), interleaved; medians shown"
+        + _sustained_text(report["runs"]),
         f"- Command: `{report['command']}`",
         "",
     ]
@@ -1092,7 +1098,7 @@ def markdown(report: dict) -> str:
             f"{row['non_202']} / {row['errors']} | {_pct(row['foreign_share_server_cpus'])} |"
         )
     if report["goals"]:
-        lines += ["", "| goal (issue 5) | measured | target | met |", "|---|--:|--:|:-:|"]
+        lines += ["", "| goal (issues 5, 14) | measured | target | met |", "|---|--:|--:|:-:|"]
         for goal in report["goals"]:
             sign = ">=" if "RSS" not in goal["goal"] and "p99" not in goal["goal"] else "<="
             lines.append(
@@ -1250,6 +1256,7 @@ def main(argv: list[str] | None = None) -> int:
             "server_args": args.server_arg,
             "workers": args.workers,
             "duration_s": args.duration,
+            "sustained_s": args.sustained_s,
             "warmup_s": args.warmup,
             "rounds": args.rounds,
             "pipeline": args.pipeline,
