@@ -197,3 +197,14 @@ def metric(server, name: str) -> float:
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def killed_at_fsync(when: int) -> list[str]:
+    """A command prefix that SIGKILLs the command on entering its ``when``-th fsync or
+    fdatasync: with write -> fsync -> rename -> fsync(dir), every rename is followed by one,
+    so the kills cover each moment between two durable steps."""
+    return [
+        "strace", "-f", "-qq", "-o", "/dev/null",
+        "-e", "trace=fsync,fdatasync",
+        "-e", f"inject=fsync,fdatasync:signal=SIGKILL:when={when}",
+    ]  # fmt: skip

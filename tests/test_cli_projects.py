@@ -16,6 +16,8 @@ import pytest
 
 from inslytic_fast.auth import CATALOG_FILE, Catalog, KeyRing
 
+from .adversarial_helpers import killed_at_fsync
+
 KEY_RE = re.compile(r"ik_live_[0-9A-Za-z]{38}")
 ENTRY = [sys.executable, "-m", "inslytic_fast", "projects"]
 
@@ -387,11 +389,9 @@ def test_rotate_with_zero_grace_killed_at_any_step_never_locks_the_project_out(r
         data_dir = tmp_path / f"kill-{when}"
         old = Runs(data_dir).create("shop")
         cmd = [
-            "strace", "-f", "-qq", "-o", "/dev/null",
-            "-e", "trace=fsync,fdatasync",
-            "-e", f"inject=fsync,fdatasync:signal=SIGKILL:when={when}",
-            *ENTRY, "rotate-key", "shop", "--keep-old-for", "0", "--data-dir", str(data_dir),
-        ]  # fmt: skip
+            *killed_at_fsync(when),
+            *[*ENTRY, "rotate-key", "shop", "--keep-old-for", "0", "--data-dir", str(data_dir)],
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         printed = KEY_RE.findall(proc.stdout)
         ring = ring_for(data_dir)

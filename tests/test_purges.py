@@ -25,7 +25,7 @@ from inslytic_fast.purges import (
 from inslytic_fast.query import run_query
 from inslytic_fast.storage import Roller, apply_purges_now
 
-from .adversarial_helpers import poll_until
+from .adversarial_helpers import killed_at_fsync, poll_until
 from .conftest import EXAMPLE_EVENT, cli
 from .storage_helpers import LogOnLoop
 
@@ -230,16 +230,12 @@ def projects(data_dir, *args: str) -> subprocess.CompletedProcess:
     return cli("projects", *args, data_dir=data_dir, check=False)
 
 
-def killed_at_fsync(data_dir, when: int, *args: str) -> subprocess.CompletedProcess:
-    """``projects ARGS`` SIGKILLed on entering its ``when``-th fsync: with write -> fsync ->
-    rename -> fsync(dir), every rename is followed by one, so the kills cover each moment
-    between two durable steps."""
+def projects_killed_at_fsync(data_dir, when: int, *args: str) -> subprocess.CompletedProcess:
+    """``projects ARGS`` SIGKILLed on entering its ``when``-th fsync."""
     cmd = [
-        "strace", "-f", "-qq", "-o", "/dev/null",
-        "-e", "trace=fsync,fdatasync",
-        "-e", f"inject=fsync,fdatasync:signal=SIGKILL:when={when}",
-        sys.executable, "-m", "inslytic_fast", "projects", *args, "--data-dir", str(data_dir),
-    ]  # fmt: skip
+        *killed_at_fsync(when),
+        *[sys.executable, "-m", "inslytic_fast", "projects", *args, "--data-dir", str(data_dir)],
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -277,7 +273,7 @@ def test_delete_purge_killed_at_any_step_never_hands_old_events_to_a_new_project
     for when in range(1, 100):
         data_dir = tmp_path / f"kill-{when}"
         shutil.copytree(template, data_dir)
-        run = killed_at_fsync(data_dir, when, "delete", "shop", "--purge")
+        run = projects_killed_at_fsync(data_dir, when, "delete", "shop", "--purge")
         if run.returncode == 0:
             assert when > 2, "no fsync was reached: strace did not inject"
             break
