@@ -634,9 +634,10 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
             busy = machine.busy_share(ticks_start, ticks_end, server_core)
             if busy is not None:
                 contention["busy_share_server_cpus"] = round(busy, 3)
-                # Busy time on the server's core that was not the server's own.
-                foreign = busy - server_cpu / (window * len(server_core))
-                contention["foreign_share_server_cpus"] = round(max(0.0, foreign), 3)
+                roller_here = None if pinning.get("roller_cpus") else roller_cpu
+                contention["foreign_share_server_cpus"] = foreign_share(
+                    busy, server_cpu, roller_here, window, len(server_core)
+                )
     quarter = max(1, len(rss_samples) // 4)
     result = {
         "target": server.name,
@@ -717,6 +718,15 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     result["problems"] = problems
     result["valid"] = not problems or (args.allow_errors and ok > 0)
     return result
+
+
+def foreign_share(
+    busy: float, server_cpu: float, roller_cpu: float | None, window: float, cores: int
+) -> float:
+    """Busy share of the server's cores that was neither the server's own nor its roller's
+    (``roller_cpu``: None when the roller runs elsewhere)."""
+    own = server_cpu + (roller_cpu or 0.0)
+    return round(max(0.0, busy - own / (window * cores)), 3)
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

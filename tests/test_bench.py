@@ -22,6 +22,7 @@ import pytest
 from bench import loadgen, machine, payloads
 from bench.run import (
     build_parser,
+    foreign_share,
     percentiles_ms,
     pinning_text,
     plan_pinning,
@@ -169,6 +170,12 @@ def test_sustained_smoke_samples_the_tree_and_the_backlog_and_draws_a_chart(tmp_
     chart = output.with_name("sustained-sustained.svg")
     svg = xml.dom.minidom.parse(str(chart)).documentElement
     assert svg.tagName == "svg" and len(svg.getElementsByTagName("polyline")) == 2
+
+
+def test_the_roller_on_the_server_core_is_not_other_load():
+    # 10 s on one core, fully busy: the server used 4 s and its roller 5 s of it.
+    assert foreign_share(1.0, 4.0, 5.0, 10.0, 1) == 0.1
+    assert foreign_share(1.0, 4.0, None, 10.0, 1) == 0.6  # roller elsewhere: not on this core
 
 
 def test_help_lists_modes():
