@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from multiprocessing import resource_tracker
 
 
 def start_child(process) -> None:
@@ -12,6 +13,10 @@ def start_child(process) -> None:
     mid-start printed a traceback (and the supervisor exited 2), one interrupted mid-drain left
     its log unsealed; the parent stops its children itself (SIGTERM), in the right order. The
     mask survives fork and exec, so the child is immune from its first instruction."""
+    # A spawn starts multiprocessing's resource tracker first if it is not running yet, and
+    # that start *unblocks* SIGINT when done (bpo-33613's own mask): started here, before our
+    # mask, it leaves ours alone (a Ctrl-C test caught the first child unprotected).
+    resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         process.start()

@@ -1,0 +1,37 @@
+"""Children start with SIGINT blocked (start_child), whatever multiprocessing does first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# A fresh interpreter: its first spawn also starts multiprocessing's resource tracker.
+PROBE = """
+import multiprocessing, signal
+from inslytic_fast.children import start_child
+
+def report(conn):
+    conn.send(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    for _ in range(2):
+        parent, child = context.Pipe(duplex=False)
+        process = context.Process(target=report, args=(child,))
+        start_child(process)
+        print(parent.recv())
+        process.join()
+    print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+"""
+
+
+def test_every_child_starts_with_sigint_blocked_and_the_parent_keeps_it(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    # The first child too (the resource tracker's start used to unblock SIGINT before it);
+    # the parent's own mask is as it was.
+    assert proc.stdout.split() == ["True", "True", "False"]
