@@ -164,7 +164,9 @@ def test_sustained_smoke_samples_the_tree_and_the_backlog_and_draws_a_chart(tmp_
     assert last["accepted_events"] > 0 and last["pending_bytes"] is not None
     # The whole tree: server and roller (no timing assertion: a smoke run only shows it works).
     assert last["tree_rss_mb"] > 0 and figures["tree_peak_rss_mb"] >= last["tree_rss_mb"]
-    assert figures["burst_events_per_s"] > 0 and figures["sustained_events_per_s"] is not None
+    # Present, whatever their values: a loaded CI machine may accept nothing in a window.
+    assert figures["burst_events_per_s"] is not None
+    assert figures["sustained_events_per_s"] is not None
     assert figures["serving_us_per_event"] is not None
     assert "sustained events/s" in proc.stdout
     chart = output.with_name("sustained-sustained.svg")
