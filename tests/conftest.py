@@ -125,7 +125,23 @@ class ServerProcess:
         return self.proc.wait(timeout=timeout)
 
     def kill(self) -> int:
-        return self.stop(signal.SIGKILL)
+        # Under a wrapper (strace) the server is the wrapper's child: a SIGKILL of the wrapper
+        # alone leaves it running, detached, for the rest of the machine's day.
+        wrapped = self._wrapped_pids() if self.wrapper else []
+        code = self.stop(signal.SIGKILL)
+        for pid in wrapped:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return code
+
+    def _wrapped_pids(self) -> list[int]:
+        pid = self.proc.pid
+        try:
+            return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:
+            return []
 
     @property
     def url(self) -> str:
