@@ -330,6 +330,10 @@ class Ingestor:
         encoding = decode_body(b"", req.content_encoding, 0)
         if type(encoding) is Rejection and encoding.status == 415:
             return encoding
+        return self._empty_bucket(project)
+
+    def _empty_bucket(self, project: Project) -> Rejection | None:
+        """The 429 of a project whose bucket is empty, whatever the body; spends nothing."""
         limit = self._limit_of(project)
         if limit != UNLIMITED:
             now = self.limiter.clock()
@@ -399,10 +403,14 @@ class Ingestor:
             req.content_encoding is not None or req.body[:2] == GZIP_MAGIC
         ):
             # Inflating costs up to max_decompressed_bytes of work per request (60 KB of gzip
-            # -> 20 MB of JSON): a project whose bucket is empty is refused before that.
-            early = self.refuse_before_body(req)
-            if early is not None and early.status == 429:
-                return early
+            # -> 20 MB of JSON): a project whose bucket is empty is refused before that. The
+            # key as this route reads it (Segment's HTTP Basic too); any other refusal keeps
+            # its usual place, after the body is decoded.
+            project = self._lookup(req, header_key)
+            if type(project) is not Rejection:
+                early = self._empty_bucket(project)
+                if early is not None:
+                    return early
         body = decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
         if type(body) is Rejection:
             return body

@@ -39,6 +39,7 @@ from .adversarial_helpers import (
     stored_names,
 )
 from .conftest import ServerProcess
+from .test_segment import basic, message
 
 MiB = 1024 * 1024
 
@@ -692,3 +693,28 @@ def test_a_compressed_body_of_a_project_with_an_empty_bucket_is_refused_before_i
         assert server.request("POST", "/v1/ingest", body, gz, key=key)[0] == 429
     used = cpu_seconds(server.proc.pid) - before
     print(f"10 refused {len(body)} B gzip bodies ({inflated} B inflated): {used:.2f} s CPU")
+
+
+def test_a_compressed_segment_body_of_a_project_with_an_empty_bucket_is_refused_before_inflating(
+    make_server,
+):
+    """The same decision on the Segment routes, whose SDKs send the key as HTTP Basic. Before:
+    the early check read only a Bearer key, so every such body was inflated first (and a
+    corrupt one got 400, which Segment's SDKs do not retry, instead of 429)."""
+    server = make_server("--workers", "1", "--events-per-minute", "1000")
+    headers = {**basic(server.first_run_key), "Content-Encoding": "gzip"}
+    props = {f"p{i}": "a" * 1000 for i in range(19)}
+    batch = [message(messageId=f"bytes-{i}", properties=props) for i in range(1000)]
+    raw = orjson.dumps({"batch": batch})
+    body = gzip.compress(raw, 9)
+    assert len(body) < 100_000 and len(raw) > 19_000_000
+    assert server.request("POST", "/v1/batch", body, headers)[0] == 200  # 1,000 of 1,000
+    corrupt = gzip.compress(b'{"batch":[]}')[:-6]
+    for route in ("/v1/batch", "/v1/track"):
+        status, _, answer = server.request("POST", route, corrupt, headers)
+        assert status == 429, (route, answer)
+    before = cpu_seconds(server.proc.pid)
+    for _ in range(10):
+        assert server.request("POST", "/v1/batch", body, headers)[0] == 429
+    used = cpu_seconds(server.proc.pid) - before
+    print(f"10 refused {len(body)} B Segment gzip bodies ({len(raw)} B inflated): {used:.2f} s CPU")
