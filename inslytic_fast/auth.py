@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -77,6 +78,11 @@ PROJECT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # `%5F_...`, so a purge looked in the wrong directory. Refused for new projects.
 HIVE_NULL_PARTITION = "__hive_default_partition__"
 DEFAULT_PROJECT = "default"
+# How long a deleted project's keys may still be accepted somewhere: a server notices a catalog
+# change at its 1 s tick (a cluster node's mirror adds the coordinator's 0.5 s poll), and a
+# busy loop or a slow worker can be late by a few seconds more. Until then a new project of
+# the same name could be handed an event sent with an old key, so the name is not reused.
+DELETED_KEYS_ACCEPTED_FOR_S = 5.0
 
 # A catalog write takes milliseconds; a lock held this long belongs to a stuck process.
 LOCK_TIMEOUT_SECONDS = 10.0
@@ -182,6 +188,9 @@ class ProjectRecord(msgspec.Struct):
 class CatalogDoc(msgspec.Struct):
     version: int = CATALOG_VERSION
     projects: dict[str, ProjectRecord] = msgspec.field(default_factory=dict)
+    # Recently deleted project names -> when (see DELETED_KEYS_ACCEPTED_FOR_S). Added in the
+    # same format version: a catalog without it loads, and older releases ignore it.
+    deleted: dict[str, _UtcTime] = msgspec.field(default_factory=dict)
 
 
 def _utc(timestamp: float) -> datetime:
@@ -312,6 +321,11 @@ class Catalog:
             for project in doc.projects.values():
                 # Expired keys can never work again; dropping them keeps the file tidy.
                 project.keys = project.active_keys(now)
+            doc.deleted = {
+                name: moment
+                for name, moment in doc.deleted.items()
+                if now < moment.timestamp() + DELETED_KEYS_ACCEPTED_FOR_S
+            }
             self._write(doc)
 
     def _write(self, doc: CatalogDoc) -> None:
@@ -380,6 +394,7 @@ class Catalog:
                 # filesystems (macOS, Windows shares).
                 raise ProjectError(f"project {clash!r} already exists (names ignore case)")
             now = self._clock()
+            _refuse_while_old_keys_may_work(doc, name, now)
             key, record = self._new_key(doc, now)
             doc.projects[name] = ProjectRecord(
                 created=_utc(now), events_per_minute=events_per_minute, keys=[record]
@@ -464,11 +479,31 @@ class Catalog:
         with self.edit() as doc:
             _project(doc, name)
             del doc.projects[name]
+            doc.deleted[name] = _utc(self._clock())
 
 
 def _check_name(name: str) -> None:
     if not valid_project_name(name):
         raise ProjectError(f"invalid project name {shown(name)}: use {NAME_RULE}")
+
+
+def _reusable_from(doc: CatalogDoc, name: str) -> float | None:
+    """When a project named ``name`` (any case) may be created again, as a Unix time, if a
+    project of that name was deleted too recently for its keys to be dead everywhere."""
+    moments = [m.timestamp() for n, m in doc.deleted.items() if n.lower() == name.lower()]
+    return max(moments) + DELETED_KEYS_ACCEPTED_FOR_S if moments else None
+
+
+def _refuse_while_old_keys_may_work(doc: CatalogDoc, name: str, now: float) -> None:
+    reusable = _reusable_from(doc, name)
+    if reusable is not None and now < reusable:
+        when = _utc(reusable).strftime("%H:%M:%SZ")
+        raise ProjectError(
+            f"project {name!r} was deleted moments ago and a running server may still accept "
+            f"its old keys; the name can be reused from {when} (in "
+            f"{math.ceil(reusable - now)} s), so an event sent with an old key never reaches "
+            f"the new project"
+        )
 
 
 def _project(doc: CatalogDoc, name: str) -> ProjectRecord:

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import orjson
 
+from .auth import DELETED_KEYS_ACCEPTED_FOR_S
 from .commitlog import make_dirs_durable
 from .durable import write_file_durably
 
 PURGES_DIRNAME = "_purges"
-# The server checks the key catalog once a second (its tick); 5 s leaves room for a busy loop
-# or a worker that is slow to notice, and is short enough that re-creating the name can wait.
-PURGE_GRACE_S = 5.0
+# Events sent with the deleted project's keys until every server has noticed the deletion.
+PURGE_GRACE_S = DELETED_KEYS_ACCEPTED_FOR_S
 # Segments are named after the wall clock at their creation; an NTP step back could date a
 # record before its segment. An hour covers any step a sane clock takes.
 EXPIRY_MARGIN_US = 3600 * 1_000_000

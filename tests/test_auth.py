@@ -640,3 +640,24 @@ def test_a_reload_decodes_only_the_projects_that_changed(catalog, ring, clock, m
     assert ring.reload_if_changed()
     assert len(decoded) == 1 and b'"events_per_minute": 5' in decoded[0]
     assert ring.projects["p7"].events_per_minute == 5
+
+
+def test_a_deleted_name_waits_until_no_server_can_take_its_old_keys(tmp_path):
+    """The deletion time is a later addition to the catalog: a catalog without it still loads
+    (server and CLI), and a name deleted through it is refused until the window has passed."""
+    now = 1_790_000_000.0
+    (tmp_path / auth.CATALOG_FILE).write_text(
+        '{"version":1,"projects":{"shop":{"created":"2026-01-01T00:00:00Z","keys":[]}}}'
+    )
+    ring = auth.KeyRing(tmp_path)
+    ring.load()
+    assert list(ring.projects) == ["shop"]
+    catalog = auth.Catalog(tmp_path, clock=lambda: now)
+    assert catalog.read().deleted == {}
+    catalog.delete_project("shop")
+    with pytest.raises(auth.ProjectError, match=r"can be reused from .* \(in 5 s\)"):
+        catalog.create_project("SHOP")  # names ignore case, as partition directories may
+    assert ring.reload_if_changed() and ring.projects == {}
+    later = auth.Catalog(tmp_path, clock=lambda: now + auth.DELETED_KEYS_ACCEPTED_FOR_S)
+    later.create_project("shop")
+    assert later.read().deleted == {}  # the record goes once it has served its purpose
