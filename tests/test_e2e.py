@@ -306,6 +306,15 @@ def test_the_roller_process_does_not_outlive_a_killed_server(make_server):
     assert not any(Path(f"/proc/{c}/cmdline").exists() for c in children)
 
 
+def _interrupt(pids: list[int]) -> None:
+    """SIGINT to each; one that exited since the tree was read needs none."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+
 def _process_tree(pid: int) -> list[int]:
     tree, todo = [], [pid]
     while todo:
@@ -333,8 +342,7 @@ def test_a_clean_stop_leaves_every_acknowledged_event_in_parquet(make_server, wo
         assert server.ingest(batch, server.first_run_key)[0] == 202
         names += [e["eventName"] for e in batch]
     if how == "Ctrl-C":  # a terminal signals the whole foreground process group at once
-        for pid in _process_tree(server.proc.pid):
-            os.kill(pid, signal.SIGINT)
+        _interrupt(_process_tree(server.proc.pid))
         assert server.proc.wait(timeout=30) == 0
     else:
         assert server.stop() == 0
@@ -365,8 +373,7 @@ def test_ctrl_c_while_workers_are_starting_is_a_clean_stop(tmp_path):
             time.sleep(0.005)
         tree = _process_tree(proc.pid)
         assert len(tree) >= 3, "the supervisor never started its children"
-        for pid in tree:  # a terminal signals the whole foreground process group at once
-            os.kill(pid, signal.SIGINT)
+        _interrupt(tree)  # a terminal signals the whole foreground process group at once
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
