@@ -475,11 +475,14 @@ class Catalog:
             project = _project(doc, name)
             project.keys = [k for k in project.keys if k.sha256 not in doomed]
 
-    def delete_project(self, name: str) -> None:
+    def delete_project(self, name: str) -> float:
+        """Delete the project; returns when its name may be created again (a Unix time)."""
         with self.edit() as doc:
             _project(doc, name)
             del doc.projects[name]
-            doc.deleted[name] = _utc(self._clock())
+            now = self._clock()
+            doc.deleted[name] = _utc(now)
+        return now + DELETED_KEYS_ACCEPTED_FOR_S
 
 
 def _check_name(name: str) -> None:

@@ -282,7 +282,8 @@ def test_a_name_deleted_moments_ago_is_not_reused_while_servers_may_take_its_old
     server = make_server("--workers", "1", data_dir=data_dir)
     old_key = projects(data_dir, "create", "shop").stdout.split()[-1]
     poll_until(lambda: key_is_served(server, old_key), 60)
-    assert projects(data_dir, "delete", "shop").returncode == 0
+    deleted = projects(data_dir, "delete", "shop")
+    assert deleted.returncode == 0 and "can be created again from" in deleted.stdout
     refused = projects(data_dir, "create", "shop")
     assert refused.returncode == 1, refused.stdout
     assert "may still accept its old keys" in refused.stderr

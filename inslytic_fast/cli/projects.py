@@ -491,9 +491,10 @@ def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
         # (run it again), never a deleted name whose events a new project would see.
         record_purge(events_dir, args.name)
     deleted = False
+    reusable_from = None
     if exists:
         try:
-            catalog.delete_project(args.name)
+            reusable_from = datetime.fromtimestamp(catalog.delete_project(args.name), UTC)
             deleted = True
         except ProjectError:
             pass  # deleted meanwhile by another command
@@ -510,11 +511,15 @@ def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
                 "purged": args.purge,
                 "files_removed": files_removed,
                 "events_dir": str(partition),
+                "name_reusable_from": _iso(reusable_from),
             }
         )
         return 0
-    if deleted:
-        print(f"Deleted project {args.name!r}; its keys stop working within seconds.")
+    if reusable_from is not None:
+        print(
+            f"Deleted project {args.name!r}; its keys stop working within seconds, and the "
+            f"name can be created again from {_human_time(reusable_from)}."
+        )
     else:
         print(f"Project {args.name!r} was already deleted.")
     if args.purge:
