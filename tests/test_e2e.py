@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -352,7 +353,8 @@ def test_a_clean_stop_leaves_every_acknowledged_event_in_parquet(make_server, wo
     parquet = str(server.data_dir / "events" / "**" / "*.parquet")
     rows = duckdb.sql(f"SELECT event_name FROM read_parquet('{parquet}')").fetchall()
     assert sorted(r[0] for r in rows) == sorted(names)
-    assert "rolled 90 events to Parquet before exit" in server.stderr()
+    # The background roller may have rolled some already (a sealed segment): the rest now.
+    assert re.search(r"rolled \d+ events? to Parquet before exit", server.stderr())
 
     server.start()  # nothing is rolled twice: the restart's log is empty
     assert run_query(server.data_dir, "SELECT count(*) FROM events")[1] == [(len(names),)]
