@@ -116,7 +116,7 @@ ENVELOPE_COLUMNS_SQL = (
 
 def events_select_sql(source: str) -> str:
     """SELECT turning the rows of ``source`` (read_json of log payload lines, with the
-    ENVELOPE_COLUMNS_SQL columns) into ``events`` rows plus a ``date`` column."""
+    ENVELOPE_COLUMNS_SQL columns) into ``events`` rows."""
     # Measured (bench/micro_storage.py, DuckDB 2.0): unnest(max_depth := 2) expanding the
     # struct into columns beats unnest + ev.field.
     columns = ",\n            ".join(f'{c.select} AS "{c.name}"' for c in EVENT_COLUMN_SPECS)
@@ -131,7 +131,6 @@ def events_select_sql(source: str) -> str:
             FROM events
         )
         SELECT
-            {columns},
-            CAST(COALESCE(parsed_ts, received) AS DATE) AS date
+            {columns}
         FROM typed
     """
