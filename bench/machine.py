@@ -51,7 +51,8 @@ def tree_cpu_seconds(pid: int) -> float | None:
     return sum(known) if known else None
 
 
-# The name the roller process gives itself (prctl PR_SET_NAME, inslytic_fast.server.follow_parent).
+# The name the roller process gives itself (prctl PR_SET_NAME,
+# inslytic_fast.runtime.server.follow_parent).
 ROLLER_COMM = "inslytic-roller"
 
 

@@ -1,4 +1,4 @@
-"""Micro-benchmark of inslytic_fast.ratelimit: one admission check, ns per request.
+"""Micro-benchmark of inslytic_fast.limits.ratelimit: one admission check, ns per request.
 
 Usage:  python bench/micro_ratelimit.py [--min-time SECONDS]
 
@@ -19,8 +19,8 @@ import platform
 import sys
 import time
 
-from inslytic_fast.ingest import limit_headers
-from inslytic_fast.ratelimit import RateLimiter
+from inslytic_fast.ingest.pipeline import limit_headers
+from inslytic_fast.limits.ratelimit import RateLimiter
 
 PROJECTS = 1000
 # High enough that no bucket runs dry during a timing loop, so every check takes the

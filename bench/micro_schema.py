@@ -1,4 +1,4 @@
-"""Micro-benchmark of inslytic_fast.schema: decode+validate and encode_events, ns per event.
+"""Micro-benchmark of inslytic_fast.ingest.schema: decode+validate and encode_events, ns per event.
 
 Usage:  python bench/micro_schema.py [--seed N] [--min-time SECONDS]
 
@@ -23,7 +23,7 @@ import time
 
 import msgspec
 
-from inslytic_fast.schema import EventLimits, Schema
+from inslytic_fast.ingest.schema import EventLimits, Schema
 
 EVENT_NAMES = [
     "page_viewed", "button_clicked", "signup_started", "signup_completed", "checkout_started",

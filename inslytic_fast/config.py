@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from .forwarded import TrustedProxies
+from .http.forwarded import TrustedProxies
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -470,14 +470,14 @@ def resolve(
     if values["roller_cpus"] and not hasattr(os, "sched_setaffinity"):
         raise ConfigError(f"{sources['roller_cpus']}: roller_cpus needs Linux (sched_setaffinity)")
     if values["coordinator"]:
-        from .coordinator import CoordinatorError, check_url
+        from .cluster.coordinator import CoordinatorError, check_url
 
         try:
             check_url(values["coordinator"])
         except CoordinatorError as exc:
             raise ConfigError(f"{sources['coordinator']}: {exc}") from None
     if values["lake"]:
-        from .lake import LakeError, parse_lake_url
+        from .lake.uploader import LakeError, parse_lake_url
 
         try:
             parse_lake_url(values["lake"])

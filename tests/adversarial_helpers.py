@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from inslytic_fast.query import run_query
+from inslytic_fast.storage.query import run_query
 
 from .protocol_helpers import split_responses
 

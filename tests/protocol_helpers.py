@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 from inslytic_fast.config import Settings
-from inslytic_fast.protocol import HttpProtocol
-from inslytic_fast.responses import Responses
-from inslytic_fast.state import ServerState
+from inslytic_fast.http.protocol import HttpProtocol
+from inslytic_fast.http.responses import Responses
+from inslytic_fast.http.state import ServerState
 
 
 class MockTransport:

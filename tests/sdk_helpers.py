@@ -13,7 +13,7 @@ import socket
 import struct
 import threading
 
-from inslytic_fast.query import run_query
+from inslytic_fast.storage.query import run_query
 
 
 def _read_message(sock: socket.socket, buffer: bytearray) -> bytes | None:

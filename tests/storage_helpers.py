@@ -18,9 +18,9 @@ from pathlib import Path
 
 import orjson
 
-from inslytic_fast.commitlog import CommitLog, list_segments
-from inslytic_fast.query import run_query
-from inslytic_fast.storage import Roller
+from inslytic_fast.log.commitlog import CommitLog, list_segments
+from inslytic_fast.storage.query import run_query
+from inslytic_fast.storage.storage import Roller
 
 BASE_EVENT = {
     "eventName": "page_viewed",

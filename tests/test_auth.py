@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from inslytic_fast import auth
-from inslytic_fast.auth import (
+from inslytic_fast.ingest import auth
+from inslytic_fast.ingest.auth import (
     CATALOG_FILE,
     KEY_LENGTH,
     KEY_PREFIX,

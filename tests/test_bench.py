@@ -488,7 +488,7 @@ def test_server_side_latency_is_read_from_two_scrapes_of_the_histogram():
 
 def test_segment_requests_are_what_the_server_decodes_with_fresh_ids_per_request():
     from bench.loadgen import Generator
-    from inslytic_fast.segment import SegmentCodec
+    from inslytic_fast.ingest.segment import SegmentCodec
 
     requests, _ = payloads.build_requests("127.0.0.1", 1, "ik_k", 5, seed=1, segment=True)
     head, body = requests[0].split(b"\r\n\r\n", 1)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from inslytic_fast.query import run_query
+from inslytic_fast.storage.query import run_query
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

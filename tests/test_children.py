@@ -8,7 +8,7 @@ import sys
 # A fresh interpreter: its first spawn also starts multiprocessing's resource tracker.
 PROBE = """
 import multiprocessing, signal
-from inslytic_fast.children import start_child
+from inslytic_fast.runtime.children import start_child
 
 def report(conn):
     conn.send(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))

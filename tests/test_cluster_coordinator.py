@@ -253,8 +253,8 @@ def test_coordinator_down_known_keys_work_each_node_gets_its_share_then_recovers
 
 
 def make_limiter(url: str, member: str):
-    from inslytic_fast.coordinator import CoordinatorLink
-    from inslytic_fast.globallimit import GlobalRateLimiter
+    from inslytic_fast.cluster.coordinator import CoordinatorLink
+    from inslytic_fast.limits.globallimit import GlobalRateLimiter
 
     # A generous timeout: these tests are about the coordinator's decisions, and a call slower
     # than the serving default (0.25 s) on a loaded machine would switch to the local share.
@@ -318,7 +318,8 @@ def test_a_coordinator_password_never_reaches_a_message(tmp_path):
 def test_a_node_without_cluster_options_imports_no_cluster_client():
     """The embedded install has neither redis nor obstore: nothing may import them unasked."""
     code = (
-        "import sys, inslytic_fast.cli, inslytic_fast.server, inslytic_fast.supervisor; "
+        "import sys, inslytic_fast.cli, inslytic_fast.runtime.server; "
+        "import inslytic_fast.runtime.supervisor; "
         "from inslytic_fast.cli import build_parser; build_parser(); "
         "print(sorted(m for m in ('redis', 'obstore') if m in sys.modules))"
     )

@@ -16,8 +16,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from inslytic_fast import commitlog as commitlog_module
-from inslytic_fast.commitlog import (
+from inslytic_fast.log import commitlog as commitlog_module
+from inslytic_fast.log.commitlog import (
     HEADER_SIZE,
     CommitLog,
     LogUnavailable,
@@ -28,7 +28,7 @@ from inslytic_fast.commitlog import (
     scan_segment,
     sealed_segments,
 )
-from inslytic_fast.storage import Roller
+from inslytic_fast.storage.storage import Roller
 
 from .storage_helpers import LogOnLoop, as_after_a_crash, batch_counts, make_events, open_log
 

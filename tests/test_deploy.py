@@ -22,7 +22,7 @@ import pytest
 from inslytic_fast import __version__
 from inslytic_fast.cli import build_parser
 from inslytic_fast.config import OPTIONS, example_config, resolve
-from inslytic_fast.supervisor import DRAIN_MARGIN_S
+from inslytic_fast.runtime.supervisor import DRAIN_MARGIN_S
 
 from .conftest import LISTENING_RE, STARTUP_DEADLINE_S
 

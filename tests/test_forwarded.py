@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inslytic_fast.config import ConfigError, resolve
-from inslytic_fast.forwarded import TrustedProxies
+from inslytic_fast.http.forwarded import TrustedProxies
 
 from .test_config import no_flags
 

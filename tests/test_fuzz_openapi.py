@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from inslytic_fast.segment import SEGMENT_ROUTES
+from inslytic_fast.ingest.segment import SEGMENT_ROUTES
 
 from .conftest import ServerProcess
 

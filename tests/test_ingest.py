@@ -9,13 +9,13 @@ import zlib
 import orjson
 import pytest
 
-from inslytic_fast.auth import KeyRing
-from inslytic_fast.commitlog import LogUnavailable
-from inslytic_fast.ingest import Admission, Ingestor, Rejection, decode_body
-from inslytic_fast.ratelimit import RateLimiter
-from inslytic_fast.request import Request
-from inslytic_fast.responses import Responses
-from inslytic_fast.schema import Schema
+from inslytic_fast.http.request import Request
+from inslytic_fast.http.responses import Responses
+from inslytic_fast.ingest.auth import KeyRing
+from inslytic_fast.ingest.pipeline import Admission, Ingestor, Rejection, decode_body
+from inslytic_fast.ingest.schema import Schema
+from inslytic_fast.limits.ratelimit import RateLimiter
+from inslytic_fast.log.commitlog import LogUnavailable
 
 from .conftest import EXAMPLE_EVENT
 
@@ -253,7 +253,7 @@ def test_a_cached_202_is_the_rendered_one_and_follows_the_date(monkeypatch):
     assert responses.accepted(3) == responses.render(202, b'{"accepted":3}')
     assert responses.accepted(3) is responses.accepted(3)
     new_date = "Thu, 01 Jan 2026 00:00:00 GMT"
-    monkeypatch.setattr("inslytic_fast.responses.formatdate", lambda usegmt: new_date)
+    monkeypatch.setattr("inslytic_fast.http.responses.formatdate", lambda usegmt: new_date)
     responses.tick()
     assert b"Date: " + new_date.encode() + b"\r\n" in responses.accepted(3)
     assert responses.accepted(3) == responses.render(202, b'{"accepted":3}')

@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from inslytic_fast.lake import (
+from inslytic_fast.lake.uploader import (
     MULTIPART_PART_BYTES,
     S3ObjectStore,
     Uploader,
@@ -23,7 +23,7 @@ from inslytic_fast.lake import (
     finished_files,
     object_key,
 )
-from inslytic_fast.storage import Roller, sql_string
+from inslytic_fast.storage.storage import Roller, sql_string
 
 from .adversarial_helpers import metric, poll_until
 from .cluster_servers import S3_CREDENTIALS, SeaweedProcess
@@ -267,8 +267,8 @@ def test_two_nodes_upload_everything_and_query_lake_sees_each_event_once(
 
 
 def lake_query_count(store, tmp_path: Path, node: str = "reader", data_dir: Path | None = None):
-    from inslytic_fast.lake import LakeView
-    from inslytic_fast.query import run_query
+    from inslytic_fast.lake.uploader import LakeView
+    from inslytic_fast.storage.query import run_query
 
     data_dir = data_dir or tmp_path / "no-data-dir"
     view = LakeView(store, node, data_dir, tmp_path / "reader-cache")
@@ -288,7 +288,7 @@ COMPACT_STEPS = ("lake:intent_written", "lake:output_written", "lake:inputs_dele
 
 @pytest.mark.parametrize("step", COMPACT_STEPS)
 def test_a_compaction_killed_at_any_step_loses_and_doubles_nothing(seaweed, tmp_path, step):
-    from inslytic_fast.lakejobs import LakeJobs
+    from inslytic_fast.lake.jobs import LakeJobs
 
     store, events = uploaded_lake(seaweed, tmp_path, f"compact-{step.replace(':', '-')}")
     before = len(list(store.list("events/")))
@@ -309,7 +309,7 @@ def test_a_compaction_killed_at_any_step_loses_and_doubles_nothing(seaweed, tmp_
 
 
 def _crash_compaction(store, hook) -> None:
-    from inslytic_fast.lakejobs import LakeJobs
+    from inslytic_fast.lake.jobs import LakeJobs
 
     jobs = LakeJobs(store, step_hook=hook, min_objects=2)
     jobs.lease.acquire()  # a crash does not release it: the next run waits for expiry
@@ -322,7 +322,7 @@ def test_an_upload_that_died_before_its_local_delete_is_not_sent_again_after_com
 ):
     """Upload verified, node killed before the local delete, then a lake compaction merged
     the object (twice, in a chain): the restarted node must drop its copy, not upload it."""
-    from inslytic_fast.lakejobs import LakeJobs
+    from inslytic_fast.lake.jobs import LakeJobs
 
     data_dir = tmp_path / "node"
     events = rolled_data_dir(data_dir)
@@ -357,7 +357,7 @@ def test_an_upload_that_died_before_its_local_delete_is_not_sent_again_after_com
 
 
 def test_one_leader_at_a_time_and_an_expired_lease_is_taken_over(seaweed, tmp_path):
-    from inslytic_fast.lakejobs import LakeJobs, LeaseHeld
+    from inslytic_fast.lake.jobs import LakeJobs, LeaseHeld
 
     store = lake(seaweed, "lease")
     first = LakeJobs(store)
@@ -373,7 +373,7 @@ def test_one_leader_at_a_time_and_an_expired_lease_is_taken_over(seaweed, tmp_pa
 
 
 def test_retention_drops_old_partitions_only(seaweed, tmp_path):
-    from inslytic_fast.lakejobs import LakeJobs
+    from inslytic_fast.lake.jobs import LakeJobs
 
     store, events = uploaded_lake(seaweed, tmp_path, "retention")
     recent = [info.key for info in store.list("events/")]

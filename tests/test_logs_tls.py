@@ -13,7 +13,7 @@ import subprocess
 import orjson
 import pytest
 
-from inslytic_fast.logs import JsonFormatter, RepeatedFailure, TextFormatter, escape
+from inslytic_fast.observe.logs import JsonFormatter, RepeatedFailure, TextFormatter, escape
 
 from .adversarial_helpers import poll_until
 from .conftest import EXAMPLE_EVENT, cli, free_port

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inslytic_fast import __version__
-from inslytic_fast.metrics import (
+from inslytic_fast.observe.metrics import (
     REJECT_REASONS,
     Metrics,
     merge,

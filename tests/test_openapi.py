@@ -1,4 +1,4 @@
-"""Tests for inslytic_fast.openapi: a valid OpenAPI 3.1 document matching what the server does."""
+"""Tests for inslytic_fast.http.openapi: a valid OpenAPI 3.1 document matching the server."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import re
 import orjson
 import pytest
 
-from inslytic_fast import app, ingest
-from inslytic_fast.ingest import MAX_IDEMPOTENCY_KEY_LENGTH
-from inslytic_fast.openapi import CONTENT_ENCODINGS, build_openapi
-from inslytic_fast.schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, event_fields
-from inslytic_fast.segment import SEGMENT_ROUTES
+from inslytic_fast.http import app
+from inslytic_fast.http.openapi import CONTENT_ENCODINGS, build_openapi
+from inslytic_fast.ingest import pipeline as ingest
+from inslytic_fast.ingest.pipeline import MAX_IDEMPOTENCY_KEY_LENGTH
+from inslytic_fast.ingest.schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, event_fields
+from inslytic_fast.ingest.segment import SEGMENT_ROUTES
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 LIMITS = EventLimits()
@@ -317,7 +318,7 @@ def test_custom_limits_flow_into_the_document():
 
 
 def test_validation_error_example_is_what_the_decoder_says():
-    from inslytic_fast.schema import BatchRejected, Schema
+    from inslytic_fast.ingest.schema import BatchRejected, Schema
 
     [example] = DOC["components"]["schemas"]["ValidationError"]["examples"]
     body = b'{"events": [{"anonymousId": "a", "sessionId": "s", "consentGiven": true}]}'
@@ -337,7 +338,7 @@ def test_openapi_spec_validator_accepts_the_document():
 def test_schema_valid_events_are_accepted_by_the_decoder():
     """JSON-Schema-valid events are accepted unless they break the byte cap (stated in prose)."""
     jsonschema = pytest.importorskip("jsonschema")
-    from inslytic_fast.schema import BatchRejected, Schema
+    from inslytic_fast.ingest.schema import BatchRejected, Schema
 
     schemas = json.loads(json.dumps(DOC["components"]["schemas"]).replace(
         "#/components/schemas/", "#/$defs/"

@@ -7,7 +7,7 @@ import asyncio
 import orjson
 import pytest
 
-from inslytic_fast.protocol import LINGER, LINGER_SECONDS, PARSE_SLICE
+from inslytic_fast.http.protocol import LINGER, LINGER_SECONDS, PARSE_SLICE
 
 from .protocol_helpers import get, make_conn, post, split_responses, statuses
 
@@ -323,7 +323,7 @@ def test_lingering_close_ends_after_a_bound():
 def test_connections_over_the_cap_get_503():
     conn, transport, _ = make_conn(max_connections=1)
     state = conn.state
-    from inslytic_fast.protocol import HttpProtocol
+    from inslytic_fast.http.protocol import HttpProtocol
 
     from .protocol_helpers import MockTransport
 

@@ -12,8 +12,8 @@ import time
 import duckdb
 import pytest
 
-from inslytic_fast.commitlog import CommitLog, sealed_segments
-from inslytic_fast.purges import (
+from inslytic_fast.log.commitlog import CommitLog, sealed_segments
+from inslytic_fast.storage.purges import (
     PURGE_GRACE_S,
     Purge,
     expired,
@@ -22,8 +22,8 @@ from inslytic_fast.purges import (
     record_purge,
     why_name_is_blocked,
 )
-from inslytic_fast.query import run_query
-from inslytic_fast.storage import Roller, apply_purges_now
+from inslytic_fast.storage.query import run_query
+from inslytic_fast.storage.storage import Roller, apply_purges_now
 
 from .adversarial_helpers import killed_at_fsync, poll_until
 from .conftest import EXAMPLE_EVENT, cli

@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from inslytic_fast.cli import main
-from inslytic_fast.commitlog import CommitLog, frame_record, list_segments
-from inslytic_fast.query import open_events, run_query, take_snapshot
-from inslytic_fast.storage import Roller
+from inslytic_fast.log.commitlog import CommitLog, frame_record, list_segments
+from inslytic_fast.storage.query import open_events, run_query, take_snapshot
+from inslytic_fast.storage.storage import Roller
 
 from .storage_helpers import LogOnLoop, batch_counts, open_log
 
@@ -189,7 +189,7 @@ def test_cli_export_filters_by_project_and_time(tmp_path, capsys):
 
 
 def test_cli_export_of_an_unknown_project_fails_clearly(data_dir, tmp_path, capsys):
-    from inslytic_fast.auth import Catalog
+    from inslytic_fast.ingest.auth import Catalog
 
     Catalog(data_dir).create_project("shop")
     Catalog(data_dir).create_project("quiet")  # known, with no events: an empty export is fine
@@ -231,7 +231,7 @@ def test_cli_query_reads_sql_from_stdin(data_dir, capsys, monkeypatch):
 
 
 def test_a_file_deleted_under_a_snapshot_makes_the_query_retry(tmp_path, monkeypatch):
-    from inslytic_fast import query as query_module
+    from inslytic_fast.storage import query as query_module
 
     populate(tmp_path, rolled={"r1": 2, "r2": 3}, in_log={"l1": 1})
     populate(tmp_path, rolled={"r3": 4}, in_log={"l2": 2})
@@ -253,7 +253,7 @@ def test_a_file_deleted_under_a_snapshot_makes_the_query_retry(tmp_path, monkeyp
 
 @pytest.mark.parametrize("compact_too", [False, True])
 def test_a_roll_finishing_mid_snapshot_is_counted_once(tmp_path, monkeypatch, compact_too):
-    from inslytic_fast import query as query_module
+    from inslytic_fast.storage import query as query_module
 
     populate(tmp_path, rolled={"r1": 2, "r2": 3}, in_log={"l1": 1})
     populate(tmp_path, rolled={"r3": 4}, in_log={"l2": 2})
@@ -280,7 +280,7 @@ def test_a_roll_finishing_mid_snapshot_is_counted_once(tmp_path, monkeypatch, co
 
 
 def test_a_reader_starved_by_compactions_pauses_the_roller_for_one_snapshot(data_dir, monkeypatch):
-    from inslytic_fast import query as query_module
+    from inslytic_fast.storage import query as query_module
 
     Roller(data_dir).roll_once()  # creates the roller's lock file, as a running server has
     real_attempt = query_module._attempt

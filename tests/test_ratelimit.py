@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inslytic_fast.ratelimit import REFILL_SECONDS, RateLimiter
+from inslytic_fast.limits.ratelimit import REFILL_SECONDS, RateLimiter
 
 
 class FakeClock:

@@ -113,7 +113,7 @@ def test_a_bad_roller_cpus_is_one_line_and_exit_2(tmp_path):
 
 MOVE_TO_CPUS = """\
 import logging, os, sys
-from inslytic_fast.roller_process import move_to_cpus
+from inslytic_fast.storage.roller_process import move_to_cpus
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 move_to_cpus(tuple(int(cpu) for cpu in sys.argv[1:]))
 print(",".join(map(str, sorted(os.sched_getaffinity(0)))))

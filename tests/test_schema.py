@@ -1,4 +1,4 @@
-"""Tests for inslytic_fast.schema: the fast decoder, the explainer, limits and the log encoder."""
+"""Tests for inslytic_fast.ingest.schema: fast decoder, explainer, limits and log encoder."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inslytic_fast.schema import (
+from inslytic_fast.ingest.schema import (
     DEVICE_TYPES,
     ECHOED_KEY_CHARS,
     MAX_ERROR_DETAILS,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from inslytic_fast.query import run_query
+from inslytic_fast.storage.query import run_query
 
 from .sdk_helpers import (
     AnswerLosingProxy,

@@ -11,15 +11,15 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from inslytic_fast.dedup import CLAIMED, IN_FLIGHT, DedupTable, message_key
-from inslytic_fast.query import run_query
-from inslytic_fast.segment import (
+from inslytic_fast.ingest.dedup import CLAIMED, IN_FLIGHT, DedupTable, message_key
+from inslytic_fast.ingest.segment import (
     MAX_FUTURE_S,
     MAX_PAST_S,
     SegmentCodec,
     SegmentRejected,
     corrected_timestamp,
 )
+from inslytic_fast.storage.query import run_query
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 

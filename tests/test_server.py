@@ -8,7 +8,7 @@ import gc
 import io
 
 from inslytic_fast.config import Settings
-from inslytic_fast.server import Server, loop_factory
+from inslytic_fast.runtime.server import Server, loop_factory
 
 
 def test_serving_freezes_what_start_up_built_out_of_full_collections(tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 
-from inslytic_fast.ratelimit import REFILL_SECONDS
-from inslytic_fast.sharedlimit import SharedBudget, SharedRateLimiter, project_key
+from inslytic_fast.limits.ratelimit import REFILL_SECONDS
+from inslytic_fast.limits.sharedlimit import SharedBudget, SharedRateLimiter, project_key
 
 
 class Clock:

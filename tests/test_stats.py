@@ -36,7 +36,7 @@ from inslytic_fast.cli.stats import (
     parse_metrics,
     render_frame,
 )
-from inslytic_fast.metrics import (
+from inslytic_fast.observe.metrics import (
     LATENCY_BUCKETS,
     Metrics,
     merge,

@@ -18,8 +18,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from inslytic_fast import storage
-from inslytic_fast.commitlog import (
+from inslytic_fast.config import Settings
+from inslytic_fast.log.commitlog import (
     CommitLog,
     frame_record,
     list_segments,
@@ -27,10 +27,10 @@ from inslytic_fast.commitlog import (
     sealed_segments,
     segment_name,
 )
-from inslytic_fast.config import Settings
-from inslytic_fast.query import run_query
-from inslytic_fast.roller_process import FINAL_ROLL_LOCK_WAIT_S, roll_before_exit
-from inslytic_fast.storage import EVENT_COLUMNS, Roller
+from inslytic_fast.storage import storage
+from inslytic_fast.storage.query import run_query
+from inslytic_fast.storage.roller_process import FINAL_ROLL_LOCK_WAIT_S, roll_before_exit
+from inslytic_fast.storage.storage import EVENT_COLUMNS, Roller
 
 from .storage_helpers import LogOnLoop, RollerLock, batch_counts, open_log
 

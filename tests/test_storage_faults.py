@@ -21,8 +21,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from inslytic_fast.commitlog import HEADER_SIZE, list_segments, scan_segment
-from inslytic_fast.query import run_query
+from inslytic_fast.log.commitlog import HEADER_SIZE, list_segments, scan_segment
+from inslytic_fast.storage.query import run_query
 
 from .adversarial_helpers import batch_body, poll_until
 from .conftest import EXAMPLE_EVENT, ServerProcess

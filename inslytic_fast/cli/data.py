@@ -23,8 +23,8 @@ import duckdb
 import orjson
 
 from inslytic_fast.config import DEFAULT_DATA_DIR
-from inslytic_fast.query import SnapshotError, run_query
-from inslytic_fast.storage import EVENT_COLUMN_NAMES, sql_string
+from inslytic_fast.storage.query import SnapshotError, run_query
+from inslytic_fast.storage.storage import EVENT_COLUMN_NAMES, sql_string
 
 DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
 QUERY_FORMATS = ("table", "csv", "json", "ndjson")
@@ -127,7 +127,7 @@ def _lake_view(args: argparse.Namespace):
     if not args.lake:
         return None
     from inslytic_fast.config import Settings
-    from inslytic_fast.lake import LakeView, S3ObjectStore, default_cache_dir, read_status
+    from inslytic_fast.lake.uploader import LakeView, S3ObjectStore, default_cache_dir, read_status
 
     store = S3ObjectStore(args.lake, args.s3_endpoint)
     node = args.node_id or (read_status(args.data_dir) or {}).get("node")
@@ -160,7 +160,7 @@ def _check_data_dir(data_dir: Path, lake: str | None = None) -> bool:
 
 def _run(data_dir: Path, sql: str, params=None, args: argparse.Namespace | None = None):
     """run_query with errors turned into (exit code, None)."""
-    from inslytic_fast.lake import LakeError
+    from inslytic_fast.lake.uploader import LakeError
 
     try:
         lake = _lake_view(args) if args is not None else None
@@ -311,7 +311,7 @@ def write_table(out, columns: list[str], rows: list[tuple]) -> None:
 
 def _project_known(data_dir: Path, name: str) -> bool:
     """Whether the key catalog names the project (True when there is no catalog to ask)."""
-    from inslytic_fast.auth import CatalogError, KeyRing
+    from inslytic_fast.ingest.auth import CatalogError, KeyRing
 
     keyring = KeyRing(data_dir)
     if not keyring.catalog_path.exists():

@@ -1,7 +1,7 @@
 """`inslytic-fast lake compact|retention`: upkeep of a cluster's lake, one leader at a time.
 
 Meant for cron or a systemd timer on any one (or every) machine: a run that finds another in
-charge (the lease object in the bucket, see inslytic_fast.lakejobs) exits 0 without work.
+charge (the lease object in the bucket, see inslytic_fast.lake.jobs) exits 0 without work.
 
 Exit codes: 0 ok (or another run is in charge), 1 operational error, 2 usage.
 """
@@ -48,8 +48,8 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace, job) -> int:
-    from inslytic_fast.lake import LakeError, S3ObjectStore
-    from inslytic_fast.lakejobs import LakeJobs, LeaseHeld
+    from inslytic_fast.lake.jobs import LakeJobs, LeaseHeld
+    from inslytic_fast.lake.uploader import LakeError, S3ObjectStore
 
     try:
         jobs = LakeJobs(S3ObjectStore(args.lake, args.s3_endpoint))

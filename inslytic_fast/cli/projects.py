@@ -1,8 +1,8 @@
 """`inslytic-fast projects ...`: create projects and manage their API keys.
 
 There is no dashboard in a self-hosted install, so this is where keys come from. Every command
-edits ``<data_dir>/catalog.json`` under a lock (see inslytic_fast.auth); a running server picks
-the change up within a second or two, no restart.
+edits ``<data_dir>/catalog.json`` under a lock (see inslytic_fast.ingest.auth); a running
+server picks the change up within a second or two, no restart.
 
 A plaintext key is printed exactly once, as the last line of stdout of ``create`` and
 ``rotate-key`` (``KEY=$(inslytic-fast projects create shop | tail -n1)``), and nowhere else.
@@ -22,7 +22,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from inslytic_fast.auth import (
+from inslytic_fast.cluster.coordinator import PASSWORD_ENV, CoordinatorCatalog, CoordinatorError
+from inslytic_fast.config import DEFAULT_DATA_DIR, parse_duration
+from inslytic_fast.ingest.auth import (
     DISPLAY_PREFIX_LENGTH,
     KEY_PREFIX,
     NAME_RULE,
@@ -34,10 +36,8 @@ from inslytic_fast.auth import (
     shown,
     valid_project_name,
 )
-from inslytic_fast.commitlog import LOG_DIRNAME, list_segments
-from inslytic_fast.config import DEFAULT_DATA_DIR, parse_duration
-from inslytic_fast.coordinator import PASSWORD_ENV, CoordinatorCatalog, CoordinatorError
-from inslytic_fast.purges import find_purge, project_dirs, record_purge, why_name_is_blocked
+from inslytic_fast.log.commitlog import LOG_DIRNAME, list_segments
+from inslytic_fast.storage.purges import find_purge, project_dirs, record_purge, why_name_is_blocked
 
 DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
 COORDINATOR_ENV = "INSLYTIC_COORDINATOR"  # the same variable `serve` reads
@@ -500,7 +500,7 @@ def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
             pass  # deleted meanwhile by another command
     files_removed = False
     if args.purge:
-        from inslytic_fast.storage import apply_purges_now  # duckdb: only for --purge
+        from inslytic_fast.storage.storage import apply_purges_now  # duckdb: only for --purge
 
         files_removed = apply_purges_now(catalog.data_dir, PURGE_LOCK_WAIT_S)
     if args.json:

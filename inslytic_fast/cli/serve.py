@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config == "effective":
         sys.stdout.write(effective_config(settings))
         return 0
-    from ..logs import configure
-    from ..server import run as run_server
+    from ..observe.logs import configure
+    from ..runtime.server import run as run_server
 
     configure(settings.log_format, level=settings.log_level)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import orjson
 
 from ..config import DEFAULT_DATA_DIR, parse_duration
-from ..metrics import storage_gauges
+from ..observe.metrics import storage_gauges
 
 DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
 METRICS_TOKEN_ENV = "INSLYTIC_METRICS_TOKEN"  # the serve option's env var (config.OPTIONS)
@@ -47,7 +47,7 @@ MAX_TABLE_ROWS = 20
 # ANSI: clear the screen, then cursor home (what `watch` and `top` do on every refresh).
 CLEAR_AND_HOME = "\x1b[2J\x1b[H"
 
-# Metric names, as inslytic_fast.metrics.render() writes them.
+# Metric names, as inslytic_fast.observe.metrics.render() writes them.
 EVENTS_ACCEPTED = "inslytic_events_accepted_total"
 BATCHES_REJECTED = "inslytic_batches_rejected_total"
 EVENTS_REJECTED = "inslytic_events_rejected_total"

@@ -28,16 +28,22 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from . import __version__
-from .app import App
-from .auth import CatalogError, KeyRing
-from .commitlog import LOG_DIRNAME, CommitLog, list_segments
-from .config import Settings
-from .dedup import DedupTable, rebuild
-from .dedup import table_path as dedup_table_path
-from .ingest import Ingestor
-from .logs import RepeatedFailure, utc_timestamp
-from .metrics import (
+from .. import __version__
+from ..config import Settings
+from ..http.app import App
+from ..http.openapi import build_openapi
+from ..http.protocol import IDLE, HttpProtocol
+from ..http.responses import Responses
+from ..http.state import ServerState
+from ..ingest.auth import CatalogError, KeyRing
+from ..ingest.dedup import DedupTable, rebuild
+from ..ingest.dedup import table_path as dedup_table_path
+from ..ingest.pipeline import Ingestor
+from ..ingest.schema import EventLimits, Schema
+from ..limits.ratelimit import RateLimiter
+from ..log.commitlog import LOG_DIRNAME, CommitLog, list_segments
+from ..observe.logs import RepeatedFailure, utc_timestamp
+from ..observe.metrics import (
     add_snapshots,
     carried_totals,
     merge,
@@ -46,15 +52,9 @@ from .metrics import (
     storage_gauges,
     write_snapshot,
 )
-from .metrics import render as render_metrics
-from .openapi import build_openapi
-from .protocol import IDLE, HttpProtocol
-from .ratelimit import RateLimiter
-from .responses import Responses
-from .roller_process import RollerProcess
-from .schema import EventLimits, Schema
-from .state import ServerState
-from .storage import Roller
+from ..observe.metrics import render as render_metrics
+from ..storage.roller_process import RollerProcess
+from ..storage.storage import Roller
 from .systemd import listen_socket_from_systemd, notify
 
 log = logging.getLogger("inslytic_fast.server")
@@ -389,8 +389,8 @@ class Server:
     def _join_cluster(self) -> None:
         """--coordinator: the catalog comes from the coordinator (mirrored into catalog.json,
         by the supervisor when there are workers) and the rate limits are cluster-wide."""
-        from .coordinator import CoordinatorError, CoordinatorLink, start_cluster_catalog
-        from .globallimit import GlobalRateLimiter
+        from ..cluster.coordinator import CoordinatorError, CoordinatorLink, start_cluster_catalog
+        from ..limits.globallimit import GlobalRateLimiter
 
         settings = self.settings
         member = f"{settings.node}/{self.worker_id}"
@@ -443,7 +443,7 @@ class Server:
         if self.roller is not None:
             self.roller.start()
         if self.standalone and settings.lake:
-            from .lake import start_uploader
+            from ..lake.uploader import start_uploader
 
             self.uploader = start_uploader(settings)
         self.state.now = loop.time()
@@ -530,7 +530,7 @@ class Server:
             snapshots += read_snapshots(run_dir(self.settings.data_dir), self._snapshot_name())
         storage = storage_gauges(self.settings.data_dir)
         if self.settings.lake:
-            from .lake import read_status
+            from ..lake.uploader import read_status
 
             storage["lake"] = read_status(self.settings.data_dir) or {}
         return render_metrics(merge(snapshots), storage)
@@ -572,7 +572,7 @@ class Server:
         if self.coordinator is not None:
             notes.append(self.coordinator.note())
         if self.settings.lake:
-            from .lake import degraded_note, read_status
+            from ..lake.uploader import degraded_note, read_status
 
             notes.append(degraded_note(read_status(self.settings.data_dir), time.time()))
         return "; ".join(n for n in notes if n) or None

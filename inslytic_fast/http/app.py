@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import orjson
 
-from .ingest import Ingestor, Responder
-from .metrics import INGEST_ROUTE
+from ..ingest.pipeline import Ingestor, Responder
+from ..ingest.segment import SEGMENT_PATHS
+from ..observe.metrics import INGEST_ROUTE
 from .request import Request
 from .responses import JSON_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Responses, error_body
-from .segment import SEGMENT_PATHS
 
 HEALTH_BODY = b'{"status":"ok"}'
 READY_BODY = b'{"status":"ready"}'

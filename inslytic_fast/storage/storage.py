@@ -49,8 +49,8 @@ from urllib.parse import unquote
 import duckdb
 import orjson
 
-from . import event_columns
-from .commitlog import (
+from .. import event_columns
+from ..log.commitlog import (
     LOG_DIRNAME,
     MAX_RECORD_BYTES,
     list_segments,
@@ -60,8 +60,8 @@ from .commitlog import (
     scan_segment,
     sealed_segments,
 )
-from .durable import fsync_dir, write_file_durably
-from .filelock import lock_exclusive
+from ..runtime.durable import fsync_dir, write_file_durably
+from ..runtime.filelock import lock_exclusive
 from .purges import (
     Purge,
     expired,
@@ -72,7 +72,7 @@ from .purges import (
     remove_purge,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("inslytic_fast.storage")
 
 EVENTS_DIRNAME = "events"
 STAGING_DIRNAME = ".staging"

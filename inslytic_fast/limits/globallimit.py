@@ -1,6 +1,6 @@
 """Per-project rate limits shared by every node of a cluster, through the coordinator.
 
-The same lease scheme as the workers' shared table (inslytic_fast.sharedlimit), one level up:
+The same lease scheme as the workers' shared table (inslytic_fast.limits.sharedlimit), one level up:
 each project's bucket for the current 60 s window lives in the coordinator, and a worker takes
 tokens from it in *grants* with one atomic script call, then spends them from a local lease on
 its own loop. The request path is a subtraction; the coordinator is called when a batch does
@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from .coordinator import NAMESPACE, CoordinatorLink, redis_errors
+from ..cluster.coordinator import NAMESPACE, CoordinatorLink, redis_errors
 from .ratelimit import REFILL_SECONDS, TokenBucket
 
 GRANT_FRACTION = 16  # as in sharedlimit: at most limit/16 stranded in leases per window

@@ -63,11 +63,11 @@ from pathlib import Path
 
 import orjson
 
-from .durable import fsync_dir
-from .logs import RepeatedFailure
-from .metrics import LATENCY_BUCKETS, Histogram
+from ..observe.logs import RepeatedFailure
+from ..observe.metrics import LATENCY_BUCKETS, Histogram
+from ..runtime.durable import fsync_dir
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("inslytic_fast.commitlog")
 
 # -- Framing -------------------------------------------------------------------------------
 

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import orjson
 
-from .lake import (
+from ..storage.storage import connect_duckdb, sql_string
+from .uploader import (
     LAKE_EVENTS,
     LAKE_INTENTS,
     LakeError,
@@ -51,7 +52,6 @@ from .lake import (
     merged_away,
     read_intents,
 )
-from .storage import connect_duckdb, sql_string
 
 log = logging.getLogger("inslytic_fast.lake")
 

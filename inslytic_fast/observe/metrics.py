@@ -19,8 +19,8 @@ from pathlib import Path
 
 import orjson
 
-from . import __version__
-from .segment import SEGMENT_PATHS
+from .. import __version__
+from ..ingest.segment import SEGMENT_PATHS
 
 # Seconds; the request buckets resolve sub-millisecond answers and multi-second fsync stalls.
 LATENCY_BUCKETS = (
@@ -267,7 +267,7 @@ def _first_record_received_at(path: str, fallback: float) -> float:
     return int(match.group(1)) / 1_000_000 if match else fallback
 
 
-# Cluster mode's limiter, per node (summed over its workers); see inslytic_fast.globallimit.
+# Cluster mode's limiter, per node (summed over its workers); see inslytic_fast.limits.globallimit.
 COORDINATOR_SERIES = (
     ("coordinator_up", "gauge", "Workers of this node that reach the coordinator."),
     ("coordinator_grants", "counter", "Token grants taken from the coordinator."),
@@ -298,7 +298,7 @@ PROCESS_SERIES = (
 )
 _EMPTY_HISTOGRAM = {"counts": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0}
 
-# The lake uploader's status file (inslytic_fast.lake), per node.
+# The lake uploader's status file (inslytic_fast.lake.uploader), per node.
 LAKE_SERIES = (
     ("pending_files", "gauge", "Finished Parquet files waiting to be uploaded to the lake."),
     ("pending_bytes", "gauge", "Bytes of those files."),

@@ -49,10 +49,10 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .commitlog import LOG_DIRNAME, list_segments
-from .durable import fsync_dir
-from .filelock import lock_exclusive
-from .storage import (
+from ..log.commitlog import LOG_DIRNAME, list_segments
+from ..runtime.durable import fsync_dir
+from ..runtime.filelock import lock_exclusive
+from ..storage.storage import (
     EVENTS_DIRNAME,
     INTENTS_DIRNAME,
     ROLLER_LOCK_NAME,
@@ -527,8 +527,8 @@ class Uploader:
         }
 
     def write_status(self) -> None:
-        from .metrics import write_snapshot
-        from .server import run_dir
+        from ..observe.metrics import write_snapshot
+        from ..runtime.server import run_dir
 
         directory = run_dir(self.data_dir)
         directory.mkdir(parents=True, exist_ok=True)
@@ -583,7 +583,7 @@ def start_uploader(settings) -> Uploader:
 
 
 def read_status(data_dir: Path) -> dict | None:
-    from .server import run_dir
+    from ..runtime.server import run_dir
 
     try:
         return orjson.loads((run_dir(data_dir) / STATUS_FILE).read_bytes())

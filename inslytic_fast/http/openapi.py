@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .ingest import MAX_IDEMPOTENCY_KEY_LENGTH
-from .schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, FieldSpec, event_fields
-from .segment import MAX_FUTURE_S, MAX_PAST_S, MESSAGE_TYPES, SEGMENT_ROUTES, SKEW_TOLERANCE_S
+from ..ingest.pipeline import MAX_IDEMPOTENCY_KEY_LENGTH
+from ..ingest.schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, FieldSpec, event_fields
+from ..ingest.segment import (
+    MAX_FUTURE_S,
+    MAX_PAST_S,
+    MESSAGE_TYPES,
+    SEGMENT_ROUTES,
+    SKEW_TOLERANCE_S,
+)
 
 OPENAPI_VERSION = "3.1.0"
 # Mirrors app.py: browsers cache the preflight this long; the header is always present.

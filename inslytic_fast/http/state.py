@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ..observe.metrics import Metrics
 from .forwarded import TrustedProxies
-from .metrics import Metrics
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from ..config import Settings
     from .protocol import HttpProtocol
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import orjson
 
-from .auth import DELETED_KEYS_ACCEPTED_FOR_S
-from .commitlog import make_dirs_durable
-from .durable import write_file_durably
+from ..ingest.auth import DELETED_KEYS_ACCEPTED_FOR_S
+from ..log.commitlog import make_dirs_durable
+from ..runtime.durable import write_file_durably
 
 PURGES_DIRNAME = "_purges"
 # Events sent with the deleted project's keys until every server has noticed the deletion.

@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from .commitlog import LogUnavailable
+from ..http.request import Request
+from ..http.responses import Responses, error_body
+from ..limits.ratelimit import UNLIMITED, RateLimiter, TokenBucket
+from ..log.commitlog import LogUnavailable
+from ..observe.metrics import Metrics
 from .dedup import CLAIMED, IN_FLIGHT, batch_key, message_key
-from .metrics import Metrics
-from .ratelimit import UNLIMITED, RateLimiter, TokenBucket
-from .request import Request
-from .responses import Responses, error_body
 from .schema import BatchRejected, Schema
 from .segment import SEGMENT_PATHS, SegmentCodec, SegmentRejected
 
 if TYPE_CHECKING:
+    from ..log.commitlog import CommitLog
     from .auth import KeyRing, Project
-    from .commitlog import CommitLog
     from .dedup import DedupTable
 
 log = logging.getLogger("inslytic_fast.ingest")

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from .logs import access_log
-from .metrics import INGEST_ROUTE, OTHER_ROUTE, PROTOCOL_REJECT_REASONS, ROUTES
+from ..observe.logs import access_log
+from ..observe.metrics import INGEST_ROUTE, OTHER_ROUTE, PROTOCOL_REJECT_REASONS, ROUTES
 from .request import Request
 from .responses import error_body
 

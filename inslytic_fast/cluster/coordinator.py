@@ -1,7 +1,7 @@
 """Cluster mode's coordinator: one Redis (or Valkey) shared by every node, for keys and limits.
 
 ``serve --coordinator redis://host:6379/0`` makes the coordinator the home of the project
-catalog and of the per-project token buckets (inslytic_fast.globallimit). What lives there:
+catalog and of the per-project token buckets (inslytic_fast.limits.globallimit). What lives there:
 
 - ``<ns>catalog`` -- a hash: ``doc`` (the catalog document, the very JSON of catalog.json) and
   ``version`` (incremented by every edit). ``projects ... --coordinator URL`` edits it under a
@@ -36,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from .auth import (
+from ..ingest.auth import (
     Catalog,
     CatalogDoc,
     CatalogError,

@@ -11,7 +11,7 @@ from email.utils import formatdate
 
 import orjson
 
-from . import __version__
+from .. import __version__
 
 # Built once at import, as uvicorn does, so a response costs one bytes-format call.
 STATUS_LINES: dict[int, bytes] = {

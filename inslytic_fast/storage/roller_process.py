@@ -17,8 +17,8 @@ import signal
 import threading
 import time
 
-from .children import leave_sigint_to_parent, start_child
-from .config import Settings
+from ..config import Settings
+from ..runtime.children import leave_sigint_to_parent, start_child
 
 log = logging.getLogger("inslytic_fast.roller")
 
@@ -35,8 +35,8 @@ FINAL_ROLL_LOCK_WAIT_S = 1.0
 
 
 def roller_main(settings: Settings, parent_pid: int) -> None:
-    from .logs import configure
-    from .server import follow_parent, make_roller
+    from ..observe.logs import configure
+    from ..runtime.server import follow_parent, make_roller
 
     leave_sigint_to_parent()
     follow_parent(parent_pid, "inslytic-roller")
@@ -135,8 +135,8 @@ class RollerProcess:
 
 def roll_before_exit(settings: Settings, budget_s: float = FINAL_ROLL_BUDGET_S) -> int:
     """Roll the sealed segments, oldest first, for up to ``budget_s``; return events rolled."""
-    from .commitlog import sealed_segments
-    from .server import make_roller
+    from ..log.commitlog import sealed_segments
+    from ..runtime.server import make_roller
 
     roller = make_roller(settings)
     started = time.monotonic()

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("inslytic_fast.dedup")
 
 MAGIC = b"IFDD0001"
 HEADER = struct.Struct("<8sQ")  # magic, slot count
@@ -285,7 +285,7 @@ REBUILD_CHUNK_ROWS = 10_000
 def rebuild(table: DedupTable, data_dir: Path) -> int:
     """Mark every key stored within the window (log tail and Parquet) as done; newest kept
     when more than the table holds. Returns how many keys were marked."""
-    from .query import open_events  # the query stack (DuckDB views) only when rebuilding
+    from ..storage.query import open_events  # the query stack (DuckDB views) only when rebuilding
 
     started = time.monotonic()
     con = open_events(data_dir)

@@ -36,7 +36,7 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from .commitlog import LOG_DIRNAME, list_segments, scan_segment
+from ..log.commitlog import LOG_DIRNAME, list_segments, scan_segment
 from .purges import Purge, read_purges
 from .storage import (
     EVENT_COLUMN_NAMES,

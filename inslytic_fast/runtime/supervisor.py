@@ -22,12 +22,13 @@ from dataclasses import replace
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from .auth import CatalogError, KeyRing
+from ..cluster.coordinator import CoordinatorError, start_cluster_catalog
+from ..config import Settings
+from ..ingest.auth import CatalogError, KeyRing
+from ..limits.sharedlimit import SharedBudget, SharedRateLimiter
+from ..observe.logs import configure as configure_logging
+from ..storage.roller_process import RollerProcess
 from .children import leave_sigint_to_parent, start_child
-from .config import Settings
-from .coordinator import CoordinatorError, start_cluster_catalog
-from .logs import configure as configure_logging
-from .roller_process import RollerProcess
 from .server import (
     Server,
     StartupError,
@@ -42,7 +43,6 @@ from .server import (
     startup_failed,
     tls_context,
 )
-from .sharedlimit import SharedBudget, SharedRateLimiter
 from .systemd import listen_socket_from_systemd, notify
 
 log = logging.getLogger("inslytic_fast.supervisor")
@@ -164,7 +164,7 @@ class Supervisor:
         roller = RollerProcess(settings)
         roller.start()
         if settings.lake:
-            from .lake import start_uploader
+            from ..lake.uploader import start_uploader
 
             self.uploader = start_uploader(settings)
         try:

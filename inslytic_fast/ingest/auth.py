@@ -51,10 +51,10 @@ from typing import Annotated
 
 import msgspec
 
-from .durable import fsync_dir
-from .filelock import lock_exclusive
+from ..runtime.durable import fsync_dir
+from ..runtime.filelock import lock_exclusive
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("inslytic_fast.auth")
 
 CATALOG_FILE = "catalog.json"
 LOCK_FILE = "catalog.lock"

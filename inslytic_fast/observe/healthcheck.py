@@ -1,5 +1,6 @@
-"""The container health probe: ``python -m inslytic_fast.healthcheck`` exits 0 if GET /health on
-this host's port answers 200, over HTTP or, for a server started with --tls-cert, over HTTPS.
+"""The container health probe: ``python -m inslytic_fast.observe.healthcheck`` exits 0 if
+GET /health on this host's port answers 200, over HTTP or, for a server started with
+--tls-cert, over HTTPS.
 
 The port is INSLYTIC_PORT, else PORT, else 8080 (as ``serve`` resolves them). The HTTPS probe
 does not verify the certificate: it asks the process on 127.0.0.1 whether it is alive, and a

@@ -1,0 +1,1 @@
+"""Cluster mode's coordinator (Redis/Valkey): the shared catalog and limit leases."""

@@ -1,0 +1,1 @@
+"""The roll from the log into Parquet, the on-disk layout, queries and purges over it."""
