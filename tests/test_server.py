@@ -8,7 +8,11 @@ import gc
 import io
 
 from inslytic_fast.config import Settings
+from inslytic_fast.http.protocol import HttpProtocol
+from inslytic_fast.http.state import ServerState
 from inslytic_fast.runtime.server import Server, loop_factory
+
+from .protocol_helpers import MockTransport, ScriptedApp, get, make_conn, post, statuses
 
 
 def test_serving_freezes_what_start_up_built_out_of_full_collections(tmp_path):
@@ -38,3 +42,48 @@ def test_serving_freezes_what_start_up_built_out_of_full_collections(tmp_path):
         gc.unfreeze()  # leave this test process's collector as it was
     assert seen["frozen"] > 10_000
     assert seen["collected"] >= 1
+
+
+class AbortRecordingTransport(MockTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        super().abort()
+
+
+def test_the_drain_closes_an_idle_connection_and_leaves_a_busy_one_to_answer():
+    conn, transport, app = make_conn()
+    conn.data_received(get("/a"))
+    assert statuses(transport.take()) == [200]
+    assert conn.is_idle()
+    conn.shutdown()
+    assert transport.closed
+
+    busy, busy_transport, busy_app = make_conn()
+    busy.data_received(post("/slow", b"{}"))  # its answer is owed (a commit in flight)
+    assert not busy.is_idle()
+    busy.shutdown()
+    assert not busy_transport.closed
+    busy_app.release()
+    assert statuses(busy_transport.take()) == [202]
+    assert busy.is_idle()
+
+
+def test_a_connection_half_way_through_a_request_is_not_idle():
+    conn, transport, _ = make_conn()
+    conn.data_received(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+    assert not conn.is_idle()
+    conn.shutdown()
+    assert not transport.closed
+
+
+def test_the_drain_deadline_aborts_a_connection_whatever_it_is_doing():
+    conn = HttpProtocol(ScriptedApp(), ServerState(Settings()))
+    transport = AbortRecordingTransport()
+    conn.connection_made(transport)
+    conn.data_received(post("/slow", b"{}"))
+    conn.shutdown(abort=True)
+    assert transport.aborted

@@ -738,3 +738,21 @@ class HttpProtocol(asyncio.Protocol):
         if self.write_paused and now - self.write_paused_since >= self.send_timeout:
             return True
         return now - self.send_progress_at >= self.send_timeout
+
+    # Called by the server's drain
+
+    def is_idle(self) -> bool:
+        """Between requests and owing no answer: closing it now cuts nothing off."""
+        return not self.pending and self.phase == IDLE
+
+    def shutdown(self, *, abort: bool = False) -> None:
+        """Close the connection if it is idle; a busy one keeps going (while the server
+        drains, its last answer says Connection: close). ``abort`` (the drain's deadline has
+        passed) drops it whatever it is doing, unsent output included."""
+        transport = self.transport
+        if transport is None:
+            return
+        if abort:
+            transport.abort()
+        elif self.is_idle():
+            transport.close()

@@ -32,7 +32,7 @@ from .. import __version__
 from ..config import Settings
 from ..http.app import App
 from ..http.openapi import build_openapi
-from ..http.protocol import IDLE, HttpProtocol
+from ..http.protocol import HttpProtocol
 from ..http.responses import Responses
 from ..http.state import ServerState
 from ..ingest.auth import CatalogError, KeyRing
@@ -617,19 +617,16 @@ class Server:
         started = loop.time()
         deadline = started + self.settings.shutdown_timeout
         while loop.time() < deadline:
-            idle_grace_over = loop.time() - started >= DRAIN_IDLE_GRACE_S
-            for conn in list(state.connections):
-                # Idle keep-alive connections get a moment: a balancer's health probe on one
-                # learns "not ready" (503, Connection: close) instead of a reset.
-                if idle_grace_over and not conn.pending and conn.phase == IDLE:
-                    if conn.transport is not None:
-                        conn.transport.close()
+            # Idle keep-alive connections get a moment: a balancer's health probe on one
+            # learns "not ready" (503, Connection: close) instead of a reset.
+            if loop.time() - started >= DRAIN_IDLE_GRACE_S:
+                for conn in list(state.connections):
+                    conn.shutdown()
             if not state.connections:
                 break
             await asyncio.sleep(0.05)
         for conn in list(state.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.shutdown(abort=True)
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         await self.commitlog.close()
