@@ -32,10 +32,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from ..cluster.coordinator import NAMESPACE, CoordinatorLink, redis_errors
 from .ratelimit import REFILL_SECONDS, TokenBucket
+
+if TYPE_CHECKING:
+    from .interface import Bucket, Limiter
 
 GRANT_FRACTION = 16  # as in sharedlimit: at most limit/16 stranded in leases per window
 # While the window's budget is known to be spent, a refused batch asks again at most this often
@@ -86,20 +89,8 @@ return 0
 """
 
 
-class Limiter(Protocol):
-    """What the ingest path needs of a rate limiter (RateLimiter, SharedRateLimiter, this)."""
-
-    clock: Callable[[], float]
-
-    def bucket(self, project: str, limit: int, now: float): ...
-
-    def tick(self) -> None: ...
-
-    def forget(self, keep: set[str]) -> None: ...
-
-
 class GlobalBucket:
-    """A worker's view of one project's cluster-wide bucket; same interface as ``TokenBucket``."""
+    """A worker's view of one project's cluster-wide budget: a ``Bucket``."""
 
     __slots__ = (
         "limiter",
@@ -227,7 +218,7 @@ class GlobalBucket:
 
 
 class GlobalRateLimiter:
-    """Drop-in for ``RateLimiter`` in a server of a cluster (``serve --coordinator``)."""
+    """The ``Limiter`` of a server of a cluster (``serve --coordinator``)."""
 
     __slots__ = (
         "link",
@@ -282,10 +273,16 @@ class GlobalRateLimiter:
         for name in [n for n in self._buckets if n not in keep]:
             del self._buckets[name]
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         return {
             "coordinator_up": int(self.link.up),
             "coordinator_grants": self.grants,
             "coordinator_calls_failed": self.calls_failed,
             "coordinator_local_admissions": self.local_admissions,
         }
+
+
+if TYPE_CHECKING:  # mypy proves the declared seam is implemented
+    _global = GlobalRateLimiter(CoordinatorLink("", ""))
+    _limiter: Limiter = _global
+    _bucket: Bucket = GlobalBucket(_global, "", 0)

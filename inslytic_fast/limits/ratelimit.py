@@ -16,6 +16,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .interface import Bucket, Limiter
 
 REFILL_SECONDS = 60.0  # API reference: "Tokens refill every 60 seconds"
 UNLIMITED = 0  # a project limit of 0 means no rate limit (benchmarks, trusted back-ends)
@@ -83,3 +87,11 @@ class RateLimiter:
         """Drop buckets of projects that no longer exist (bounded memory across deletes)."""
         for name in [n for n in self._buckets if n not in keep]:
             del self._buckets[name]
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+if TYPE_CHECKING:  # mypy proves the declared seam is implemented
+    _limiter: Limiter = RateLimiter()
+    _bucket: Bucket = TokenBucket(0, 0.0)

@@ -42,8 +42,12 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .ratelimit import REFILL_SECONDS, TokenBucket
+
+if TYPE_CHECKING:
+    from .interface import Bucket, Limiter
 
 MAGIC = b"IFRL0002"
 HEADER = struct.Struct("<8sQ")  # magic, slot count
@@ -172,7 +176,7 @@ class SharedBudget:
 
 
 class LeasedBucket:
-    """A worker's view of one project's budget; same interface as ``TokenBucket``."""
+    """A worker's view of one project's budget: a ``Bucket``."""
 
     __slots__ = (
         "budget",
@@ -282,7 +286,7 @@ class LeasedBucket:
 
 
 class SharedRateLimiter:
-    """Drop-in for ``RateLimiter`` in a worker of a multi-process server."""
+    """The ``Limiter`` of a worker of a multi-process server."""
 
     __slots__ = ("budget", "workers", "clock", "_buckets")
 
@@ -311,3 +315,11 @@ class SharedRateLimiter:
     def forget(self, keep: set[str]) -> None:
         for name in [n for n in self._buckets if n not in keep]:
             del self._buckets[name]
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+if TYPE_CHECKING:  # mypy proves the declared seam is implemented
+    _limiter: Limiter = SharedRateLimiter(SharedBudget(Path()), 1)
+    _bucket: Bucket = LeasedBucket(SharedBudget(Path()), time.monotonic, 1, 0, 1)
