@@ -477,7 +477,7 @@ def resolve(
         except CoordinatorError as exc:
             raise ConfigError(f"{sources['coordinator']}: {exc}") from None
     if values["lake"]:
-        from .lake.uploader import LakeError, parse_lake_url
+        from .lake.objectstore import LakeError, parse_lake_url
 
         try:
             parse_lake_url(values["lake"])

@@ -15,14 +15,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from inslytic_fast.lake.uploader import (
-    MULTIPART_PART_BYTES,
-    S3ObjectStore,
-    Uploader,
-    UploadMismatch,
-    finished_files,
-    object_key,
-)
+from inslytic_fast.lake.layout import object_key
+from inslytic_fast.lake.objectstore import MULTIPART_PART_BYTES, S3ObjectStore, UploadMismatch
+from inslytic_fast.lake.uploader import Uploader, finished_files
 from inslytic_fast.storage.storage import Roller, sql_string
 
 from .adversarial_helpers import metric, poll_until
@@ -267,7 +262,7 @@ def test_two_nodes_upload_everything_and_query_lake_sees_each_event_once(
 
 
 def lake_query_count(store, tmp_path: Path, node: str = "reader", data_dir: Path | None = None):
-    from inslytic_fast.lake.uploader import LakeView
+    from inslytic_fast.lake.view import LakeView
     from inslytic_fast.storage.query import run_query
 
     data_dir = data_dir or tmp_path / "no-data-dir"

@@ -127,10 +127,13 @@ def _lake_view(args: argparse.Namespace):
     if not args.lake:
         return None
     from inslytic_fast.config import Settings
-    from inslytic_fast.lake.uploader import LakeView, S3ObjectStore, default_cache_dir, read_status
+    from inslytic_fast.lake.objectstore import S3ObjectStore
+    from inslytic_fast.lake.status import read_status
+    from inslytic_fast.lake.view import LakeView, default_cache_dir
 
     store = S3ObjectStore(args.lake, args.s3_endpoint)
-    node = args.node_id or (read_status(args.data_dir) or {}).get("node")
+    status = read_status(args.data_dir)
+    node = args.node_id or (status["node"] if status else None)
     node = Settings(node_id=node or "").node
     return LakeView(store, node, args.data_dir, default_cache_dir(args.lake))
 
@@ -160,7 +163,7 @@ def _check_data_dir(data_dir: Path, lake: str | None = None) -> bool:
 
 def _run(data_dir: Path, sql: str, params=None, args: argparse.Namespace | None = None):
     """run_query with errors turned into (exit code, None)."""
-    from inslytic_fast.lake.uploader import LakeError
+    from inslytic_fast.lake.objectstore import LakeError
 
     try:
         lake = _lake_view(args) if args is not None else None

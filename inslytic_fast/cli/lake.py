@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 def _run(args: argparse.Namespace, job) -> int:
     from inslytic_fast.lake.jobs import LakeJobs, LeaseHeld
-    from inslytic_fast.lake.uploader import LakeError, S3ObjectStore
+    from inslytic_fast.lake.objectstore import LakeError, S3ObjectStore
 
     try:
         jobs = LakeJobs(S3ObjectStore(args.lake, args.s3_endpoint))

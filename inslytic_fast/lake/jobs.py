@@ -40,18 +40,8 @@ from pathlib import Path
 import orjson
 
 from ..storage.storage import connect_duckdb, sql_string
-from .uploader import (
-    LAKE_EVENTS,
-    LAKE_INTENTS,
-    LakeError,
-    ObjectInfo,
-    ObjectStore,
-    UploadMismatch,
-    expected_etag,
-    lake_listing,
-    merged_away,
-    read_intents,
-)
+from .layout import LAKE_EVENTS, LAKE_INTENTS, lake_listing, merged_away, read_intents
+from .objectstore import LakeError, ObjectInfo, ObjectStore, UploadMismatch, expected_etag
 
 log = logging.getLogger("inslytic_fast.lake")
 

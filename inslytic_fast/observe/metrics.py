@@ -298,7 +298,7 @@ PROCESS_SERIES = (
 )
 _EMPTY_HISTOGRAM = {"counts": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0}
 
-# The lake uploader's status file (inslytic_fast.lake.uploader), per node.
+# The lake uploader's status file (inslytic_fast.lake.status), per node.
 LAKE_SERIES = (
     ("pending_files", "gauge", "Finished Parquet files waiting to be uploaded to the lake."),
     ("pending_bytes", "gauge", "Bytes of those files."),

@@ -530,7 +530,7 @@ class Server:
             snapshots += read_snapshots(run_dir(self.settings.data_dir), self._snapshot_name())
         storage = storage_gauges(self.settings.data_dir)
         if self.settings.lake:
-            from ..lake.uploader import read_status
+            from ..lake.status import read_status
 
             storage["lake"] = read_status(self.settings.data_dir) or {}
         return render_metrics(merge(snapshots), storage)
@@ -572,7 +572,7 @@ class Server:
         if self.coordinator is not None:
             notes.append(self.coordinator.note())
         if self.settings.lake:
-            from ..lake.uploader import degraded_note, read_status
+            from ..lake.status import degraded_note, read_status
 
             notes.append(degraded_note(read_status(self.settings.data_dir), time.time()))
         return "; ".join(n for n in notes if n) or None
