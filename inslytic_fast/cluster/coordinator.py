@@ -357,11 +357,13 @@ class CatalogMirror:
         version = int(client.hget(self.key, "version") or 0)
         if version == self.version:
             return
-        version, data = client.hmget(self.key, "version", "doc")
-        version = int(version or 0)
-        if data is None:
+        raw_version, raw_doc = client.hmget(self.key, "version", "doc")
+        version = int(raw_version or 0)
+        if raw_doc is None:
             self.version = version  # no catalog there yet (bootstrap runs at start)
             return
+        # bytes: connect() never asks the client to decode replies (the typing allows both).
+        data = raw_doc if isinstance(raw_doc, bytes) else raw_doc.encode()
         _parse_catalog(self.label, data)  # never install a document we could not serve
         with self.local._locked():
             self.local._replace_atomically(data)

@@ -224,7 +224,7 @@ _raw_catalog_decoder = msgspec.json.Decoder(_RawCatalog)
 _project_decoder = msgspec.json.Decoder(ProjectRecord)
 
 
-def _parse_catalog(path: Path, data: bytes) -> CatalogDoc:
+def _parse_catalog(path: Path | str, data: bytes) -> CatalogDoc:
     try:
         if _version_decoder.decode(data).version != CATALOG_VERSION:
             raise msgspec.DecodeError
@@ -242,7 +242,7 @@ def _parse_catalog(path: Path, data: bytes) -> CatalogDoc:
     return doc
 
 
-def _parse_catalog_explaining(path: Path, data: bytes) -> CatalogDoc:
+def _parse_catalog_explaining(path: Path | str, data: bytes) -> CatalogDoc:
     try:
         raw = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:

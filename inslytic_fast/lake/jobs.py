@@ -175,7 +175,8 @@ class LakeJobs:
         )
         if len(small) < self.min_objects:
             return []
-        chosen, total = [], 0
+        chosen: list[ObjectInfo] = []
+        total = 0
         for info in small:
             if chosen and total + info.size > self.target_bytes:
                 break
