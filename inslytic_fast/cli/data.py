@@ -23,6 +23,7 @@ import duckdb
 import orjson
 
 from inslytic_fast.config import DEFAULT_DATA_DIR
+from inslytic_fast.runtime.durable import fsync_file
 from inslytic_fast.storage.query import SnapshotError, run_query
 from inslytic_fast.storage.storage import EVENT_COLUMN_NAMES, sql_string
 
@@ -389,8 +390,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
         _error(f"no project named {args.project!r} (inslytic-fast projects list shows them)")
         return 1
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.replace(tmp, target)
     print(f"exported {count} events to {target}", file=sys.stderr)
     return 0

@@ -51,7 +51,7 @@ from typing import Annotated
 
 import msgspec
 
-from ..runtime.durable import fsync_dir
+from ..runtime.durable import write_file_durably
 from ..runtime.filelock import lock_exclusive
 
 log = logging.getLogger("inslytic_fast.auth")
@@ -341,21 +341,7 @@ class Catalog:
         for stale in self.data_dir.glob(f".{CATALOG_FILE}.*.tmp"):
             stale.unlink(missing_ok=True)
         tmp = self.data_dir / f".{CATALOG_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, CATALOG_MODE)
-        try:
-            try:
-                os.fchmod(fd, CATALOG_MODE)  # O_CREAT's mode is filtered by umask; be explicit
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(self.data_dir)
+        write_file_durably(self.path, data, tmp=tmp, mode=CATALOG_MODE)
 
     # Operations used by the CLI (and ensure_default_project) ---------------------------------
 

@@ -93,6 +93,8 @@ class DedupTable:
             with open(tmp, "wb") as fh:
                 fh.write(HEADER.pack(MAGIC, slots).ljust(HEADER_BYTES, b"\0"))
                 fh.truncate(HEADER_BYTES + slots * 16)  # sparse: pages appear as used
+            # Atomic (no worker maps a half-made header) but not fsynced: the table is
+            # rebuilt from what is stored at every start (see the module docstring).
             os.replace(tmp, self.path)
         self.fd = os.open(self.path, os.O_RDWR)
         self.map = mmap.mmap(self.fd, 0)

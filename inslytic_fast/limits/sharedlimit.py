@@ -72,6 +72,8 @@ class SharedBudget:
             with open(tmp, "wb") as fh:
                 fh.write(HEADER.pack(MAGIC, slots))
                 fh.truncate(HEADER.size + slots * SLOT.size)
+            # Atomic (no worker maps a half-made header) but not fsynced: rate-limit budgets
+            # are not data, and the supervisor creates a fresh table at every start.
             os.replace(tmp, path)
         self.fd = os.open(path, os.O_RDWR)
         self.map = mmap.mmap(self.fd, 0)

@@ -65,7 +65,7 @@ import orjson
 
 from ..observe.logs import RepeatedFailure
 from ..observe.metrics import LATENCY_BUCKETS, Histogram
-from ..runtime.durable import fsync_dir
+from ..runtime.durable import fsync_dir, make_dirs_durable, write_file_durably
 
 log = logging.getLogger("inslytic_fast.commitlog")
 
@@ -267,21 +267,6 @@ def scan_segment(data: bytes | bytearray) -> SegmentScan:
     return scan
 
 
-def make_dirs_durable(path: Path) -> None:
-    """mkdir -p, fsyncing the parent of every directory it creates."""
-    missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            continue
-        fsync_dir(directory.parent)
-
-
 def quarantine_bytes(data_dir: Path, source: Path, offset: int, data: bytes) -> Path | None:
     """Keep bytes cut off a segment next to the data set instead of destroying them.
 
@@ -337,16 +322,9 @@ def recover_segment(data_dir: Path, path: Path) -> int:
             f.flush()
             os.fsync(f.fileno())
         return kept
-    salvage = path.with_name(path.name + SALVAGE_SUFFIX)
-    with open(salvage, "wb") as f:
-        for start, end in scan.records:
-            f.write(data[start:end])
-        f.flush()
-        os.fsync(f.fileno())
-        kept = f.tell()
-    os.replace(salvage, path)
-    fsync_dir(path.parent)
-    return kept
+    salvaged = b"".join(data[start:end] for start, end in scan.records)
+    write_file_durably(path, salvaged, tmp=path.with_name(path.name + SALVAGE_SUFFIX))
+    return len(salvaged)
 
 
 # -- The writer ----------------------------------------------------------------------------

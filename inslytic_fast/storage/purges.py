@@ -32,8 +32,7 @@ from pathlib import Path
 import orjson
 
 from ..ingest.auth import DELETED_KEYS_ACCEPTED_FOR_S
-from ..log.commitlog import make_dirs_durable
-from ..runtime.durable import write_file_durably
+from ..runtime.durable import make_dirs_durable, write_file_durably
 
 PURGES_DIRNAME = "_purges"
 # Events sent with the deleted project's keys until every server has noticed the deletion.

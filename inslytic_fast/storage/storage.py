@@ -54,13 +54,18 @@ from ..log.commitlog import (
     LOG_DIRNAME,
     MAX_RECORD_BYTES,
     list_segments,
-    make_dirs_durable,
     parse_segment_name,
     quarantine_bytes,
     scan_segment,
     sealed_segments,
 )
-from ..runtime.durable import fsync_dir, write_file_durably
+from ..runtime.durable import (
+    fsync_dir,
+    fsync_file,
+    make_dirs_durable,
+    rename_durably,
+    write_file_durably,
+)
 from ..runtime.filelock import lock_exclusive
 from .purges import (
     Purge,
@@ -385,14 +390,6 @@ def apply_purges_now(data_dir: Path, wait_s: float) -> bool:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Roller:
     """Background thread that turns sealed segments into Parquet, compacts and drops."""
 
@@ -646,7 +643,7 @@ class Roller:
                     data.close()
         self._step("roll:parquet_written")
         for _, staged_file in staged:
-            _fsync_file(staged_file)
+            fsync_file(staged_file)
         self._step("roll:parquet_synced")
         published: dict[Path, set[str]] = {}
         for partition, staged_file in staged:
@@ -841,7 +838,7 @@ class Roller:
             f"{sql_string(staged)} "
             f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PARQUET_ROW_GROUP_ROWS})"
         )
-        _fsync_file(staged)
+        fsync_file(staged)
         self._step("compact:written")
         make_dirs_durable(self.intents_dir)
         intent = {
@@ -852,8 +849,7 @@ class Roller:
         intent_path = self.intents_dir / (cid + ".json")
         write_file_durably(intent_path, orjson.dumps(intent))
         self._step("compact:intent_written")
-        os.replace(staged, partition / output_name)
-        fsync_dir(partition)
+        rename_durably(staged, partition / output_name)
         self._step("compact:published")
         for name in inputs:
             os.unlink(partition / name)
