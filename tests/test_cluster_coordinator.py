@@ -304,6 +304,49 @@ def test_a_lease_nobody_uses_goes_back_within_a_tick(coordinator):
     assert taken == (limit - 1) // 50 * 50, taken
 
 
+def test_the_coordinator_script_grants_as_the_shared_table_does(coordinator, tmp_path):
+    """One refill and grant rule for both budgets: the Lua script and SharedBudget, given the
+    same bucket (spent, window) and the same request, answer alike (taken, left, window)."""
+    from inslytic_fast.limits.globallimit import _GRANT
+    from inslytic_fast.limits.sharedlimit import SLOT, SharedBudget
+
+    client = redis.Redis.from_url(coordinator.url)
+    script = client.register_script(_GRANT)
+    SharedBudget(tmp_path / "rl.bin", create=True, slots=1024).close()
+    table = SharedBudget(tmp_path / "rl.bin")
+    # Windows begun 1 s, 61 s and 185 s ago: kept, rolled once, rolled three times (each a
+    # second or more from a window's edge, so the script's clock reading a moment later than
+    # ours does not matter).
+    cases = itertools.product(
+        (10, 1000), (0, 7, 10, 990), (1, 3, 20), (0, 5), (0, 4), (1_000, 61_000, 185_000)
+    )
+    for key, (limit, spent, need, extra, give_back, age_ms) in enumerate(cases, start=1):
+        for lease_of_this_window in (True, False):
+            seconds, micros = client.time()
+            now_ms = seconds * 1000 + micros // 1000
+            window_ms = now_ms - age_ms
+            lease_window_ms = window_ms if lease_of_this_window else 0
+            name = f"case:{key}:{lease_of_this_window}"
+            client.hset(name, mapping={"spent": spent, "window": window_ms})
+            taken, left, window, _ = script(
+                keys=[name], args=[limit, need, extra, give_back, lease_window_ms]
+            )
+            slot = table._slot_of(key * 2 + lease_of_this_window, now_ms / 1000)
+            assert slot is not None
+            row = key * 2 + lease_of_this_window
+            SLOT.pack_into(table.map, table._offset(slot), row, limit, spent, window_ms / 1000)
+            got = table.grant(
+                row, limit, need, extra, give_back, lease_window_ms / 1000, now_ms / 1000
+            )
+            assert got is not None
+            shared_taken, shared_window, shared_left = got
+            case = (limit, spent, need, extra, give_back, age_ms, lease_of_this_window)
+            assert (taken, left) == (shared_taken, shared_left), case
+            assert window == round(shared_window * 1000), case
+    table.close()
+    client.close()
+
+
 def test_a_coordinator_password_never_reaches_a_message(tmp_path):
     from .cluster_servers import free_ports
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from inslytic_fast.limits.ratelimit import REFILL_SECONDS, RateLimiter
+from inslytic_fast.limits.ratelimit import RateLimiter, TokenBucket
+from inslytic_fast.limits.window import REFILL_SECONDS, current_window, grant_size
 
 
 class FakeClock:
@@ -89,3 +90,17 @@ def test_a_limit_flipped_down_and_back_never_refills_the_window():
     bucket = limiter.bucket("p", 1000, 2)
     assert bucket.tokens == 100
     assert not bucket.try_spend(101)
+
+
+def test_a_bucket_spends_and_refills_by_the_shared_window_rules():
+    """TokenBucket writes window.grant_size out for speed: the two must agree everywhere."""
+    for limit in (0, 1, 5, 10):
+        for spent in range(0, 13):
+            for cost in range(1, 13):
+                bucket = TokenBucket(limit, 0.0)
+                bucket.spent = spent
+                assert bucket.try_spend(cost) == (grant_size(limit, spent, cost, 0) == cost)
+    for age in (0.0, 59.9, 60.0, 61.5, 180.0, 3599.0):
+        bucket = TokenBucket(10, 100.0)
+        bucket.refresh(10, 100.0 + age)
+        assert bucket.window_start == current_window(100.0, 100.0 + age)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 
-from inslytic_fast.limits.ratelimit import REFILL_SECONDS
 from inslytic_fast.limits.sharedlimit import SharedBudget, SharedRateLimiter, project_key
+from inslytic_fast.limits.window import REFILL_SECONDS
 
 
 class Clock:

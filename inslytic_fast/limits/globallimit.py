@@ -35,22 +35,23 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..cluster.coordinator import NAMESPACE, CoordinatorLink, redis_errors
-from .ratelimit import REFILL_SECONDS, TokenBucket
+from .lease import Lease
+from .ratelimit import TokenBucket
+from .window import REFILL_MS, REFILL_SECONDS, top_up
 
 if TYPE_CHECKING:
     from .interface import Bucket, Limiter
 
-GRANT_FRACTION = 16  # as in sharedlimit: at most limit/16 stranded in leases per window
 # While the window's budget is known to be spent, a refused batch asks again at most this often
 # (other nodes give leases back); a steady flood of refused batches costs ~4 round trips a second.
 EXHAUSTED_RECHECK_SECONDS = 0.25
-_WINDOW_MS = int(REFILL_SECONDS * 1000)
 # An idle project's bucket expires from the coordinator after its window (plus a margin).
-_BUCKET_TTL_MS = 2 * _WINDOW_MS
+_BUCKET_TTL_MS = 2 * REFILL_MS
 
-# KEYS[1] bucket; ARGV limit, need, extra, give_back, its window. Takes ``need`` (+ up to
-# ``extra``) if the window has ``need`` left; otherwise takes nothing and returns the caller's
-# unspendable lease (``give_back``, if from this window) to the bucket.
+# window.current_window and window.grant_size, as SharedBudget.grant uses them, in the
+# coordinator's milliseconds. KEYS[1] bucket; ARGV limit, need, extra, give_back, its window.
+# Takes ``need`` (+ up to ``extra``) if the window has ``need`` left; otherwise takes nothing
+# and returns the caller's unspendable lease (``give_back``, if from this window) to the bucket.
 # Returns {taken, left, window id (ms), ms left in the window}.
 _GRANT = f"""
 local t = redis.call('TIME')
@@ -61,8 +62,8 @@ local extra, give_back = tonumber(ARGV[3]), tonumber(ARGV[4])
 local spent, window = tonumber(b[1]), tonumber(b[2])
 if window == nil then
   window, spent = now, 0
-elseif now - window >= {_WINDOW_MS} then
-  window = window + math.floor((now - window) / {_WINDOW_MS}) * {_WINDOW_MS}
+elseif now - window >= {REFILL_MS} then
+  window = window + math.floor((now - window) / {REFILL_MS}) * {REFILL_MS}
   spent = 0
 end
 if window ~= tonumber(ARGV[5]) then give_back = 0 end
@@ -76,7 +77,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'spent', spent, 'window', window)
 redis.call('PEXPIRE', KEYS[1], {_BUCKET_TTL_MS})
-return {{taken, math.max(0, limit - spent), window, window + {_WINDOW_MS} - now}}
+return {{taken, math.max(0, limit - spent), window, window + {REFILL_MS} - now}}
 """
 
 # KEYS[1] bucket; ARGV count, window id: unspent tokens back into the window they came from.
@@ -89,35 +90,19 @@ return 0
 """
 
 
-class GlobalBucket:
-    """A worker's view of one project's cluster-wide budget: a ``Bucket``."""
+class GlobalBucket(Lease):
+    """A worker's lease on one project's cluster-wide budget: a ``Bucket``."""
 
-    __slots__ = (
-        "limiter",
-        "key",
-        "limit",
-        "lease",
-        "window_start",
-        "window_end",
-        "table_left",
-        "grant",
-        "used",
-        "recheck_at",
-        "fallback",
-    )
+    __slots__ = ("limiter", "key", "window_end", "recheck_at")
 
     def __init__(self, limiter: GlobalRateLimiter, project: str, limit: int) -> None:
+        super().__init__(limit)
         self.limiter = limiter
         self.key = f"{NAMESPACE}bucket:{project}"
-        self.limit = limit
-        self.lease = 0
-        self.window_start = 0.0  # the coordinator's window id (ms); 0: none yet
-        self.window_end = 0.0  # on this process's monotonic clock
-        self.table_left = limit
-        self.grant = 0
-        self.used = False
+        # window_start is the coordinator's window id (ms); window_end is on this process's
+        # monotonic clock.
+        self.window_end = 0.0
         self.recheck_at = 0.0
-        self.fallback: TokenBucket | None = None  # while the coordinator is unreachable
 
     @property
     def tokens(self) -> int:
@@ -130,18 +115,14 @@ class GlobalBucket:
         if limit != self.limit:
             self.limit = limit
             self.recheck_at = 0.0
-        self.grant = limit // (GRANT_FRACTION * self.limiter.link.members)
+        self.grant = top_up(limit, self.limiter.link.members)
         if self.window_start and now >= self.window_end:
             self.lease = 0  # a lease is only good in the window it was granted in
             self.window_start = 0.0
             self.table_left = limit
             self.recheck_at = 0.0
 
-    def try_spend(self, cost: int) -> bool:
-        self.used = True
-        if cost <= self.lease:
-            self.lease -= cost
-            return True
+    def _spend_granted(self, cost: int) -> bool:
         limiter = self.limiter
         if not limiter.link.up:
             return self._spend_locally(cost)
@@ -158,24 +139,13 @@ class GlobalBucket:
             limiter.calls_failed += 1
             return self._spend_locally(cost)
         limiter.grants += 1
-        self.fallback = None
-        if window != self.window_start:
-            self.lease = 0
-            self.window_start = window
         self.window_end = now + ms_left / 1000
-        self.table_left = left
-        if taken:
-            self.lease += taken
-            if cost <= self.lease:
-                self.lease -= cost
-                return True
-            # The window turned between our last grant and this one: the lease we counted
-            # on was void. Ask again within the new window (once: it now matches).
-            return self.try_spend(cost)
-        # Refused: the script took our lease back, since another node's client may need it.
-        self.lease = 0
-        self.recheck_at = now + EXHAUSTED_RECHECK_SECONDS
-        return False
+        spent = self._granted(cost, taken, window, left)
+        if spent is None:
+            return self._spend_granted(cost)
+        if not spent:
+            self.recheck_at = now + EXHAUSTED_RECHECK_SECONDS
+        return spent
 
     def _spend_locally(self, cost: int) -> bool:
         """The coordinator is unreachable: this worker's share of the limit, per local window."""
@@ -205,16 +175,6 @@ class GlobalBucket:
             return self.fallback.reset_in(now)
         end = self.window_end if self.window_start else now + REFILL_SECONDS
         return max(1, min(int(REFILL_SECONDS), math.ceil(end - now)))
-
-    def idle_lease(self) -> bool:
-        """Tick: whether this holds a lease nobody spent from for a whole tick."""
-        idle = not self.used and self.lease > 0 and bool(self.window_start)
-        self.used = False
-        return idle
-
-    def gave_back(self) -> None:
-        self.table_left += self.lease
-        self.lease = 0
 
 
 class GlobalRateLimiter:

@@ -1,14 +1,7 @@
 """Per-project token buckets, owned by the event loop (no locks), with time passed in.
 
-The API reference: "a token bucket rate limiter per project. Each event in a request costs one
-token. The default limit is 1,000 events per minute per project. Tokens refill every 60
-seconds." So a bucket holds ``limit`` tokens and is refilled to full once per 60-second window
-that starts with the project's first request; a batch that costs more than what remains is
-refused whole.
-
-A bucket counts what was *spent* in its window; what remains is ``limit - spent`` under the
-limit in force. So a limit change never mints tokens: flipping 1000 -> 10 -> 1000 leaves the
-window with what 1000 leaves, and a window's total is at most the largest limit applied in it.
+The rules of a bucket (window, refill, what a limit change does) are ``window``'s; here each
+bucket is a plain object of one process's loop.
 """
 
 from __future__ import annotations
@@ -18,11 +11,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .window import REFILL_SECONDS, UNLIMITED, current_window
+
 if TYPE_CHECKING:
     from .interface import Bucket, Limiter
 
-REFILL_SECONDS = 60.0  # API reference: "Tokens refill every 60 seconds"
-UNLIMITED = 0  # a project limit of 0 means no rate limit (benchmarks, trusted back-ends)
+__all__ = ["REFILL_SECONDS", "UNLIMITED", "RateLimiter", "TokenBucket"]
 
 
 class TokenBucket:
@@ -41,13 +35,12 @@ class TokenBucket:
     def refresh(self, limit: int, now: float) -> None:
         """Refill if the window has passed; apply a changed limit to the current window."""
         if now - self.window_start >= REFILL_SECONDS:
-            # Keep windows aligned to the first request so Reset is predictable for clients.
-            elapsed_windows = (now - self.window_start) // REFILL_SECONDS
-            self.window_start += elapsed_windows * REFILL_SECONDS
+            self.window_start = current_window(self.window_start, now)
             self.spent = 0
         self.limit = limit
 
     def try_spend(self, cost: int) -> bool:
+        # window.grant_size(limit, spent, cost, 0), written out: this runs on every request.
         if cost > self.limit - self.spent:
             return False
         self.spent += cost

@@ -44,7 +44,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .ratelimit import REFILL_SECONDS, TokenBucket
+from .lease import Lease
+from .ratelimit import TokenBucket
+from .window import REFILL_SECONDS, current_window, grant_size, top_up
 
 if TYPE_CHECKING:
     from .interface import Bucket, Limiter
@@ -54,7 +56,6 @@ HEADER = struct.Struct("<8sQ")  # magic, slot count
 SLOT = struct.Struct("<Qqqd")  # project key (0 = empty), limit, spent, window start
 DEFAULT_SLOTS = 16384  # 512 KiB: the projects active within a minute, see the docstring
 MAX_PROBE = 64  # rows read to find a project: 64 x 32 B, a few cache lines, no syscall
-GRANT_FRACTION = 16  # see the module docstring: at most limit/16 stranded per window
 
 
 def project_key(name: str) -> int:
@@ -132,9 +133,20 @@ class SharedBudget:
         finally:
             self._unlock(0, HEADER.size)
 
-    def grant(self, key: int, limit: int, want: int, now: float) -> tuple[int, float, int] | None:
-        """Take up to ``want`` tokens of this window: (taken, window start, left in table), or
-        None when the project has no row (the caller limits it per worker)."""
+    def grant(
+        self,
+        key: int,
+        limit: int,
+        need: int,
+        extra: int,
+        give_back: int,
+        lease_window: float,
+        now: float,
+    ) -> tuple[int, float, int] | None:
+        """Take ``need`` tokens (+ up to ``extra``) of this window if it has ``need`` left; else
+        take none and take back the caller's lease of ``give_back`` if it is of this window.
+        (taken, window start, left in the table), or None when the project has no row (the
+        caller limits it per worker)."""
         for _ in range(2):  # a cached row may have been taken over by another project
             slot = self._slot_of(key, now)
             if slot is None:
@@ -143,23 +155,35 @@ class SharedBudget:
             self._lock(offset)
             try:
                 if SLOT.unpack_from(self.map, offset)[0] == key:
-                    return self._grant_locked(offset, key, limit, want, now)
+                    return self._grant_locked(
+                        offset, key, limit, need, extra, give_back, lease_window, now
+                    )
             finally:
                 self._unlock(offset)
             self._index.pop(key, None)
         return None
 
     def _grant_locked(
-        self, offset: int, key: int, limit: int, want: int, now: float
+        self,
+        offset: int,
+        key: int,
+        limit: int,
+        need: int,
+        extra: int,
+        give_back: int,
+        lease_window: float,
+        now: float,
     ) -> tuple[int, float, int]:
         _, _, spent, window = SLOT.unpack_from(self.map, offset)
         if window == 0.0:
             window, spent = now, 0
         elif now - window >= REFILL_SECONDS:
-            window += ((now - window) // REFILL_SECONDS) * REFILL_SECONDS
-            spent = 0
-        taken = max(0, min(limit - spent, want))
-        spent += taken
+            window, spent = current_window(window, now), 0
+        taken = grant_size(limit, spent, need, extra)
+        if taken:
+            spent += taken
+        elif window == lease_window:
+            spent = max(0, spent - give_back)
         SLOT.pack_into(self.map, offset, key, limit, spent, window)
         return taken, window, max(0, limit - spent)
 
@@ -177,22 +201,10 @@ class SharedBudget:
             self._unlock(offset)
 
 
-class LeasedBucket:
-    """A worker's view of one project's budget: a ``Bucket``."""
+class LeasedBucket(Lease):
+    """A worker's lease on one project's row of the table: a ``Bucket``."""
 
-    __slots__ = (
-        "budget",
-        "clock",
-        "key",
-        "limit",
-        "lease",
-        "window_start",
-        "table_left",
-        "grant",
-        "used",
-        "workers",
-        "fallback",
-    )
+    __slots__ = ("budget", "clock", "key", "workers")
 
     def __init__(
         self,
@@ -202,17 +214,12 @@ class LeasedBucket:
         limit: int,
         workers: int,
     ) -> None:
+        super().__init__(limit)
         self.budget = budget
         self.clock = clock
         self.key = key
-        self.limit = limit
-        self.lease = 0
-        self.window_start = 0.0
-        self.table_left = limit
-        self.grant = limit // (GRANT_FRACTION * workers)
-        self.used = False
         self.workers = workers
-        self.fallback: TokenBucket | None = None  # while the project has no row in the table
+        self.grant = top_up(limit, workers)
 
     @property
     def tokens(self) -> int:
@@ -224,37 +231,22 @@ class LeasedBucket:
     def refresh(self, limit: int, now: float, workers: int) -> None:
         if limit != self.limit:
             self.limit = limit
-            self.grant = limit // (GRANT_FRACTION * workers)
+            self.grant = top_up(limit, workers)
         if self.window_start and now - self.window_start >= REFILL_SECONDS:
             self.lease = 0  # a lease is only good in the window it was granted in
             self.window_start = 0.0
             self.table_left = limit
 
-    def try_spend(self, cost: int) -> bool:
-        self.used = True
-        if cost <= self.lease:
-            self.lease -= cost
-            return True
+    def _spend_granted(self, cost: int) -> bool:
         # CLOCK_MONOTONIC is system-wide on Linux, so every worker agrees on window starts.
         now = self.clock()
-        got = self.budget.grant(self.key, self.limit, cost - self.lease + self.grant, now)
+        got = self.budget.grant(
+            self.key, self.limit, cost - self.lease, self.grant, self.lease, self.window_start, now
+        )
         if got is None:
             return self._spend_per_worker(cost, now)
-        self.fallback = None
-        taken, window, left = got
-        if window != self.window_start:
-            self.lease = 0
-            self.window_start = window
-        self.lease += taken
-        self.table_left = left
-        if cost <= self.lease:
-            self.lease -= cost
-            return True
-        # Refused: what this worker holds may be exactly what another worker's client needs.
-        self.budget.give_back(self.key, self.lease, self.window_start)
-        self.table_left += self.lease
-        self.lease = 0
-        return False
+        spent = self._granted(cost, *got)
+        return self._spend_granted(cost) if spent is None else spent
 
     def _spend_per_worker(self, cost: int, now: float) -> bool:
         """No row for this project (all near its hash active): this worker's share."""
@@ -277,14 +269,6 @@ class LeasedBucket:
         start = self.window_start or now
         # The grant may be stamped a hair after ``now``: never report more than a window.
         return max(1, min(int(REFILL_SECONDS), math.ceil(start + REFILL_SECONDS - now)))
-
-    def release_unused(self) -> None:
-        """Tick: a lease nobody spent from for a whole tick goes back to the table."""
-        if not self.used and self.lease and self.window_start:
-            self.budget.give_back(self.key, self.lease, self.window_start)
-            self.table_left += self.lease
-            self.lease = 0
-        self.used = False
 
 
 class SharedRateLimiter:
@@ -311,8 +295,11 @@ class SharedRateLimiter:
         return bucket
 
     def tick(self) -> None:
+        """A lease nobody spent from for a whole tick goes back to the table."""
         for bucket in self._buckets.values():
-            bucket.release_unused()
+            if bucket.idle_lease():
+                self.budget.give_back(bucket.key, bucket.lease, bucket.window_start)
+                bucket.gave_back()
 
     def forget(self, keep: set[str]) -> None:
         for name in [n for n in self._buckets if n not in keep]:
