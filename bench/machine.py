@@ -52,7 +52,7 @@ def tree_cpu_seconds(pid: int) -> float | None:
 
 
 # The name the roller process gives itself (prctl PR_SET_NAME,
-# inslytic_fast.runtime.server.follow_parent).
+# inslytic_fast.runtime.process.follow_parent).
 ROLLER_COMM = "inslytic-roller"
 
 

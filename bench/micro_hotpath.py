@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.payloads import build_request, make_body  # noqa: E402
 from inslytic_fast.config import Settings  # noqa: E402
 from inslytic_fast.http.protocol import HttpProtocol  # noqa: E402
-from inslytic_fast.runtime.server import Server, loop_factory  # noqa: E402
+from inslytic_fast.runtime.process import loop_factory  # noqa: E402
+from inslytic_fast.runtime.server import Server  # noqa: E402
 
 REQUEST_VARIANTS = 64
 

@@ -10,7 +10,8 @@ import io
 from inslytic_fast.config import Settings
 from inslytic_fast.http.protocol import HttpProtocol
 from inslytic_fast.http.state import ServerState
-from inslytic_fast.runtime.server import Server, loop_factory
+from inslytic_fast.runtime.process import loop_factory
+from inslytic_fast.runtime.server import Server
 
 from .protocol_helpers import MockTransport, ScriptedApp, get, make_conn, post, statuses
 

@@ -9,6 +9,7 @@ from typing import TypedDict
 import orjson
 
 from ..observe.metrics import write_snapshot
+from ..runtime.data_dir import run_dir
 
 STATUS_FILE = "lake.json"
 
@@ -26,10 +27,6 @@ class UploadStatus(TypedDict):
 
 
 def _status_path(data_dir: Path) -> Path:
-    # runtime.server imports this module's readers; importing it at the top would tie the
-    # query CLI to the whole serving stack for one directory name.
-    from ..runtime.server import run_dir
-
     return run_dir(data_dir) / STATUS_FILE
 
 

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
-import fcntl
 import gc
 import logging
 import math
 import os
-import resource
 import signal
 import socket
 import ssl
 import sys
 import time
-from pathlib import Path
 
 import duckdb
 import orjson
@@ -41,8 +37,8 @@ from ..ingest.dedup import table_path as dedup_table_path
 from ..ingest.pipeline import Ingestor
 from ..ingest.schema import EventLimits, Schema
 from ..limits.ratelimit import RateLimiter
-from ..log.commitlog import LOG_DIRNAME, CommitLog, list_segments
-from ..observe.logs import RepeatedFailure, utc_timestamp
+from ..log.commitlog import CommitLog
+from ..observe.logs import RepeatedFailure
 from ..observe.metrics import (
     add_snapshots,
     carried_totals,
@@ -55,140 +51,16 @@ from ..observe.metrics import (
 from ..observe.metrics import render as render_metrics
 from ..storage.roller_process import RollerProcess
 from ..storage.storage import Roller
+from .data_dir import DataDirLock, acquire_data_dir, check_data_dir, run_dir, seal_orphan_logs
+from .process import loop_factory, raise_open_file_limit, worker_index
+from .sockets import LISTEN_BACKLOG, bind_socket, tls_context
+from .startup import StartupError, announce, startup_failed
 from .systemd import listen_socket_from_systemd, notify
 
 log = logging.getLogger("inslytic_fast.server")
 
 TICK_SECONDS = 1.0
 DRAIN_IDLE_GRACE_S = 1.0
-LISTEN_BACKLOG = 2048  # nginx and uvicorn default; SOMAXCONN caps it anyway
-
-
-class StartupError(Exception):
-    """A condition the operator must fix before the server can start (exit code 2)."""
-
-
-def run_dir(data_dir: Path) -> Path:
-    """Runtime files of a running server: rate-limit table, worker metric snapshots."""
-    return data_dir / "run"
-
-
-def worker_index(worker_id: str) -> int:
-    """w3 -> 3: a worker's owner number in shared tables (0 for any other name)."""
-    digits = worker_id.lstrip("w")
-    return int(digits) if digits.isdigit() else 0
-
-
-def check_data_dir(data_dir: Path) -> None:
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        probe = data_dir / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise StartupError(f"data dir {data_dir} is not writable: {reason}") from None
-
-
-class DataDirLock:
-    """One serving process tree per data dir: two would interleave logs and rolls."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "serve.lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise StartupError(
-                f"data dir {data_dir} is in use by another inslytic-fast server (pid {holder})"
-            ) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-
-def acquire_data_dir(data_dir: Path) -> DataDirLock:
-    return DataDirLock(data_dir)
-
-
-def seal_orphan_logs(data_dir: Path, active: set[str]) -> None:
-    """Seal the last segment of workers that will not run now (an earlier, larger --workers),
-    so the roller converts it instead of waiting for a worker that never comes back."""
-    for worker_id in list_segments(data_dir / LOG_DIRNAME):
-        if worker_id in active:
-            continue
-        orphan = CommitLog(data_dir, worker_id=worker_id)
-        orphan.open()
-        asyncio.run(orphan.close())
-
-
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """HTTPS for boxes without a proxy in front; HTTP/1.1 only (no ALPN h2)."""
-    if not settings.tls_cert:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise StartupError(
-            f"cannot load TLS certificate {settings.tls_cert} / key {settings.tls_key}: {exc}"
-        ) from None
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-PR_SET_NAME = 15  # the 15-character name `top` and `ps -o comm` show
-
-
-def follow_parent(parent_pid: int, name: str) -> None:
-    """A child of the supervisor gets SIGTERM when the supervisor dies, even by SIGKILL, so no
-    orphan keeps the port and the data dir (Linux prctl; elsewhere the tick's getppid check).
-    It is also named (``inslytic-w0``, ``inslytic-roller``) for operators."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def raise_open_file_limit(wanted: int) -> None:
-    """Each connection is a file descriptor; lift the soft limit toward the hard one."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        if soft != resource.RLIM_INFINITY and soft < target:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        pass
-
-
-def bind_socket(
-    host: str, port: int, *, reuse_port: bool = False, listen: bool = True
-) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"cannot listen on {host}:{port}: address already in use") from None
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    if listen:
-        sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
 
 
 def make_roller(settings: Settings) -> Roller:
@@ -203,73 +75,6 @@ def make_roller(settings: Settings) -> Roller:
         duckdb_threads=settings.roller_threads,
         **extra,
     )
-
-
-def announce(settings: Settings, host: str, port: int, first_run_key: str | None, out) -> None:
-    """On first run the default key with a curl line (stdout), then the one startup line
-    (stderr). In that order: whoever waits for the startup line finds the key already written.
-    With --log-format json each is one JSON object, like every other line."""
-    scheme = "https" if settings.tls_cert else "http"
-    as_json = settings.log_format == "json"
-    if first_run_key is not None:
-        url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        curl = (
-            f"curl -i -X POST {scheme}://{url_host}:{port}/v1/ingest "
-            f'-H "Authorization: Bearer {first_run_key}" -H "Content-Type: application/json" '
-            '-d \'{"events":[{"eventName":"page_viewed",'
-            '"timestamp":"2026-02-16T10:30:00.000Z","anonymousId":"anon-123",'
-            '"sessionId":"sess-456","consentGiven":true}]}\''
-        )
-        # Under systemd stdout is the journal, which keeps it: rotating it is one command.
-        rotate = (
-            "inslytic-fast projects rotate-key default --keep-old-for 0 "
-            f"--data-dir {settings.data_dir}"
-        )
-        if as_json:
-            line = {
-                "ts": utc_timestamp(time.time()),
-                "level": "warning",
-                "logger": log.name,
-                "msg": 'first run: created project "default"; its API key is shown only this once',
-                "project": "default",
-                "api_key": first_run_key,
-                "try": curl,
-                "rotate": rotate,
-            }
-            print(orjson.dumps(line).decode(), file=out, flush=True)
-        else:
-            print(
-                'First run: created project "default". Its API key is shown only this once:\n'
-                f"  {first_run_key}\n"
-                f"Try it:\n  {curl}\n"
-                f"If this output is kept (a journal, a CI log), replace the key:\n  {rotate}",
-                file=out,
-                flush=True,
-            )
-    durability = settings.durability
-    if durability == "none":
-        durability = "none (BENCHMARK ONLY: acknowledged events can be lost on a crash)"
-    workers = f" workers {settings.workers}" if settings.workers > 1 else ""
-    metrics = f" metrics on port {settings.metrics_port}" if settings.metrics_port else ""
-    banner = (
-        f"inslytic-fast {__version__} listening on {scheme}://{host}:{port} "
-        f"data dir {settings.data_dir.resolve()} durability {durability}{workers}{metrics} "
-        f"pid {os.getpid()}"
-    )
-    if as_json:
-        fields = {"version": __version__, "url": f"{scheme}://{host}:{port}", "pid": os.getpid()}
-        log.warning(banner, extra={"fields": fields})  # warning: shown at every --log-level
-    else:
-        print(banner, file=sys.stderr, flush=True)
-
-
-def startup_failed(settings: Settings, message: str) -> int:
-    """Report why the server cannot start (one line, JSON with --log-format json); exit 2."""
-    if settings.log_format == "json":
-        log.error(message)
-    else:
-        print(f"inslytic-fast: error: {message}", file=sys.stderr)
-    return 2
 
 
 class Server:
@@ -636,14 +441,6 @@ class Server:
             self.coordinator.stop()
         if self.uploader is not None:
             self.uploader.stop()
-
-
-def loop_factory():
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        return None
-    return uvloop.new_event_loop
 
 
 def run(settings: Settings) -> int:

@@ -20,7 +20,6 @@ import sys
 import time
 from dataclasses import replace
 from multiprocessing.connection import wait
-from pathlib import Path
 
 from ..cluster.coordinator import CoordinatorError, start_cluster_catalog
 from ..config import Settings
@@ -29,20 +28,17 @@ from ..limits.sharedlimit import SharedBudget, SharedRateLimiter
 from ..observe.logs import configure as configure_logging
 from ..storage.roller_process import RollerProcess
 from .children import leave_sigint_to_parent, start_child
-from .server import (
-    Server,
-    StartupError,
+from .data_dir import (
     acquire_data_dir,
-    announce,
-    bind_socket,
+    budget_path,
     check_data_dir,
-    follow_parent,
-    loop_factory,
-    run_dir,
+    clear_run_dir,
     seal_orphan_logs,
-    startup_failed,
-    tls_context,
 )
+from .process import follow_parent, loop_factory, worker_ids
+from .server import Server
+from .sockets import bind_socket, port_answers, tls_context
+from .startup import StartupError, announce, startup_failed
 from .systemd import listen_socket_from_systemd, notify
 
 log = logging.getLogger("inslytic_fast.supervisor")
@@ -56,22 +52,6 @@ HEALTHY_RUN_S = 60.0
 DRAIN_MARGIN_S = 5.0
 
 HAS_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
-
-
-def worker_ids(count: int) -> list[str]:
-    return [f"w{i}" for i in range(count)]
-
-
-def budget_path(data_dir: Path) -> Path:
-    return run_dir(data_dir) / "ratelimit.bin"
-
-
-def clear_run_dir(data_dir: Path) -> None:
-    """Metric snapshots of an earlier run's workers must not be summed into this one's."""
-    directory = run_dir(data_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    for path in directory.glob("metrics-*.json*"):
-        path.unlink(missing_ok=True)
 
 
 def worker_main(
@@ -210,7 +190,7 @@ class Supervisor:
         # bind() succeeds next to another SO_REUSEPORT listener (say, a second server of ours
         # on another data dir) and the kernel would split traffic between the two.
         for port in (settings.port, settings.metrics_port):
-            if port and _port_answers(settings.host, port):
+            if port and port_answers(settings.host, port):
                 sock.close()
                 raise StartupError(
                     f"cannot listen on {settings.host}:{port}: address already in use"
@@ -320,11 +300,3 @@ class Supervisor:
                 process.join()
         for worker in self.workers:
             worker.process = None
-
-
-def _port_answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False

@@ -19,6 +19,7 @@ import time
 
 from ..config import Settings
 from ..runtime.children import leave_sigint_to_parent, start_child
+from ..runtime.process import follow_parent
 
 log = logging.getLogger("inslytic_fast.roller")
 
@@ -36,7 +37,7 @@ FINAL_ROLL_LOCK_WAIT_S = 1.0
 
 def roller_main(settings: Settings, parent_pid: int) -> None:
     from ..observe.logs import configure
-    from ..runtime.server import follow_parent, make_roller
+    from ..runtime.server import make_roller
 
     leave_sigint_to_parent()
     follow_parent(parent_pid, "inslytic-roller")
