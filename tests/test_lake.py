@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from inslytic_fast.lake.layout import object_key
 from inslytic_fast.lake.objectstore import MULTIPART_PART_BYTES, S3ObjectStore, UploadMismatch
+from inslytic_fast.lake.status import read_status
 from inslytic_fast.lake.uploader import Uploader, finished_files
 from inslytic_fast.storage.storage import Roller, sql_string
 
@@ -223,9 +225,11 @@ def test_two_nodes_upload_everything_and_query_lake_sees_each_event_once(
             assert status == 202
             sent += 5
     # A clean stop rolls the tail (a running node's log segment seals after 30 s: the slow
-    # tests wait for that); the restarted node uploads it.
+    # tests wait for that) and uploads it before exiting.
     for node in nodes:
         assert node.stop() == 0
+        status = read_status(node.data_dir)
+        assert status is not None and status["uploaded_files"] > 0
         node.start()
     for node in nodes:  # every event in the lake
         poll_until(
@@ -254,8 +258,80 @@ def test_two_nodes_upload_everything_and_query_lake_sees_each_event_once(
     assert exported.returncode == 0
     lines = (tmp_path / "export" / "events.ndjson").read_text().splitlines()
     assert len(lines) == sent
-    assert all(metric(n, "inslytic_lake_uploaded_files_total") > 0 for n in nodes)
+    # The restarted nodes found nothing left to send: each stop had uploaded its files.
+    assert all(metric(n, "inslytic_lake_uploaded_files_total") == 0 for n in nodes)
     assert metric(nodes[0], "inslytic_lake_errors_total") == 0
+
+
+def lake_node(make_server, seaweed, prefix: str, env, workers: int = 1):
+    return make_server(
+        "--lake",
+        f"s3://{seaweed.bucket}/{prefix}",
+        "--s3-endpoint",
+        seaweed.endpoint,
+        "--node-id",
+        "edge-1",
+        "--workers",
+        str(workers),
+        "--events-per-minute",
+        "0",
+        env=env,
+    )
+
+
+def ingest_some(node, batches: int = 20, per_batch: int = 5) -> int:
+    for _ in range(batches):
+        status, _, _ = node.ingest([EXAMPLE_EVENT] * per_batch, node.first_run_key)
+        assert status == 202
+    return batches * per_batch
+
+
+def nothing_waits_locally(data_dir: Path) -> bool:
+    status = read_status(data_dir)
+    return finished_files(data_dir) == [] and status is not None and status["pending_files"] == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])  # the server itself; a supervisor of workers
+def test_a_clean_stop_uploads_the_final_roll_before_the_node_exits(
+    seaweed, make_server, tmp_path, workers
+):
+    env = {**os.environ, **S3_CREDENTIALS}
+    prefix = f"clean-stop-{workers}"
+    node = lake_node(make_server, seaweed, prefix, env, workers)
+    sent = ingest_some(node)
+    assert node.stop() == 0
+    # The node is gone: whatever is in the bucket now, it put there before exiting.
+    keys, rows = lake_rows(lake(seaweed, prefix), tmp_path / "scratch")
+    assert rows == sent and set(keys.values()) == {1}
+    assert nothing_waits_locally(node.data_dir)
+
+
+def test_a_store_unreachable_at_stop_delays_the_stop_by_the_deadline_only_and_loses_nothing(
+    seaweed, make_server, tmp_path
+):
+    """The worst kind of down: the store's port accepts connections and never answers, so
+    each request would wait for the client's 120 s timeout. The stop gives up after its
+    final-pass deadline (10 s); the files wait locally and go up at the next start, once."""
+    env = {**os.environ, **S3_CREDENTIALS}
+    prefix = "unreachable-at-stop"
+    node = lake_node(make_server, seaweed, prefix, env)
+    sent = ingest_some(node)
+    seaweed.stop()
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    silent.bind(("127.0.0.1", seaweed.ports["s3.port"]))
+    silent.listen(64)  # connections complete in the kernel; nobody reads or answers
+    try:
+        # Generous for a loaded machine, and still far below one request's 120 s timeout.
+        assert node.stop(timeout=90) == 0
+        assert finished_files(node.data_dir), "the final roll's files should wait locally"
+    finally:
+        silent.close()
+        seaweed.start()
+    node.start()
+    poll_until(lambda: nothing_waits_locally(node.data_dir), 60)
+    keys, rows = lake_rows(lake(seaweed, prefix), tmp_path / "scratch")
+    assert rows == sent and set(keys.values()) == {1}
 
 
 # Lake upkeep: compaction and retention, one leader --------------------------------------------

@@ -17,6 +17,11 @@ file, each step named for the crash tests (``_step``):
 4. ``upload:local_deleted`` -- the local file goes, under the roller's lock (readers pause the
    roller with it, so a reader never loses a file it listed).
 
+A clean stop (SIGTERM, Ctrl-C) calls ``stop`` after the final roll: the thread makes one last
+pass, bounded by ``FINAL_PASS_S``, so the roll's files leave with the node. What is not
+uploaded by then (the store down or slow) stays local and goes up at the next start, by the
+same steps, so exactly once as after a crash.
+
 Object store down or slow: files wait locally (the node keeps accepting until
 ``--min-free-bytes`` or ``--max-unrolled-bytes`` trip, then 503 as without a lake), passes
 back off from 1 s to 30 s, and uploads resume by themselves. The uploader's view of the local
@@ -58,6 +63,9 @@ UPLOAD_INTERVAL_S = 1.0
 MAX_BACKOFF_S = 30.0
 # The roller holds its lock for a roll (seconds); a local delete waits this long for it.
 LOCAL_DELETE_LOCK_WAIT_S = 10.0
+# A clean stop's last pass, after the final roll (whose budget is also 10 s): a stop stays
+# well inside systemd's and compose's stop timeouts even with the store unreachable.
+FINAL_PASS_S = 10.0
 
 
 # The local side: which files are finished ----------------------------------------------------
@@ -138,6 +146,7 @@ class Uploader:
         self.last_error: str | None = None
         self.failing_since: float | None = None
         self._stop = threading.Event()
+        self._deadline: float | None = None  # time.monotonic() the final pass ends by
         self._thread: threading.Thread | None = None
         self._compacted: set[str] | None = None
 
@@ -153,11 +162,14 @@ class Uploader:
         self._compacted = None  # read lazily, once per pass, only if an object is missing
         done = 0
         for local in finished_files(self.data_dir):
-            if self._stop.is_set():
+            if self._out_of_time():
                 break
             if self._ship(local):
                 done += 1
         return done
+
+    def _out_of_time(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
 
     def _ship(self, local: LocalFile) -> bool:
         key = object_key(self.node, local.relative)
@@ -201,9 +213,12 @@ class Uploader:
     def _delete_local(self, path: Path) -> bool:
         """Under the roller's lock: a reader that paused the roller keeps its files."""
         events_dir = self.data_dir / EVENTS_DIRNAME
+        wait = LOCAL_DELETE_LOCK_WAIT_S
+        if self._deadline is not None:
+            wait = max(0.0, min(wait, self._deadline - time.monotonic()))
         fd = os.open(events_dir / ROLLER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if not lock_exclusive(fd, LOCAL_DELETE_LOCK_WAIT_S):
+            if not lock_exclusive(fd, wait):
                 return False  # next pass; the object is verified, so this is cheap
             try:
                 os.unlink(path)
@@ -240,37 +255,63 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="inslytic-lake", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, final_pass_s: float = FINAL_PASS_S) -> None:
+        """Called once the final roll is done: the thread finishes its pass and makes one more
+        over what the roll left, then exits; both end by ``final_pass_s`` from now. A file in
+        flight then is abandoned mid-step, which is a crash the next start converges from."""
+        self._deadline = time.monotonic() + final_pass_s
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return
+        self._thread.join(final_pass_s)
+        if self._thread.is_alive():
+            log.warning(
+                "lake: the upload before exit did not finish in %.0f s; the next start "
+                "uploads the rest",
+                final_pass_s,
+            )
 
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            try:
-                self.upload_once()
-            except Exception as exc:  # the store, the network, a mismatch: retry later
-                failures += 1
-                self.errors += 1
-                message = f"{type(exc).__name__}: {exc}"
-                if self.failing_since is None:
-                    self.failing_since = self._clock()
-                if failures == 1 or message != self.last_error:
-                    log.error("lake: upload pass failed (%s); files wait locally", message)
-                self.last_error = message
-            else:
-                if failures:
-                    log.warning("lake: uploads resumed after %d failed passes", failures)
-                failures = 0
-                self.failing_since = None
-                self.last_error = None
-            try:
-                self.write_status()
-            except OSError:
-                pass
+            failures = self._pass(failures)
             delay = UPLOAD_INTERVAL_S * 2**failures if failures else UPLOAD_INTERVAL_S
             self._stop.wait(min(delay, MAX_BACKOFF_S))
+        # Stopping: the final roll has just written files; send them before the node exits.
+        uploaded = self.uploaded_files
+        self._pass(failures)
+        left = len(finished_files(self.data_dir))
+        if left or self.uploaded_files > uploaded:
+            log.info(
+                "lake: uploaded %d files before exit%s",
+                self.uploaded_files - uploaded,
+                f"; {left} wait locally for the next start" if left else "",
+            )
+
+    def _pass(self, failures: int) -> int:
+        """One pass with its outcome recorded; returns the count of failed passes in a row."""
+        try:
+            self.upload_once()
+        except Exception as exc:  # the store, the network, a mismatch: retry later
+            failures += 1
+            self.errors += 1
+            message = f"{type(exc).__name__}: {exc}"
+            if self.failing_since is None:
+                self.failing_since = self._clock()
+            if failures == 1 or message != self.last_error:
+                log.error("lake: upload pass failed (%s); files wait locally", message)
+            self.last_error = message
+        else:
+            if failures:
+                log.warning("lake: uploads resumed after %d failed passes", failures)
+            failures = 0
+            self.failing_since = None
+            self.last_error = None
+        try:
+            self.write_status()
+        except OSError:
+            pass
+        return failures
 
 
 def start_uploader(settings: Settings) -> Uploader:
