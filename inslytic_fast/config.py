@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from .http.forwarded import TrustedProxies
+from .ingest.dedup import BUCKET_SLOTS, DEFAULT_SLOTS
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -204,6 +205,14 @@ OPTIONS: tuple[Option, ...] = (
         "least severe log lines written (debug shows every reload and roll)",
         choices=("debug", "info", "warning", "error"),
     ),
+    # 16 bytes a slot; the window is min(24 h, slots / keyed messages per second): README,
+    # Exactly once, sizes it from the measured rates.
+    Option(
+        "dedup_slots",
+        int,
+        DEFAULT_SLOTS,
+        "slots of the dedup table of retried messages (16 bytes each, a power of two)",
+    ),
     Option(
         "access_log",
         bool,
@@ -360,6 +369,7 @@ class Settings:
     log_format: str = "text"
     log_level: str = "info"
     trusted_proxies: str = ""
+    dedup_slots: int = DEFAULT_SLOTS
     access_log: bool = False
     metrics_port: int = 0
     metrics_token: str = ""
@@ -456,6 +466,11 @@ def resolve(
         raise ConfigError(f"{sources['trusted_proxies']}: trusted_proxies: {exc}") from None
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("--tls-cert and --tls-key go together")
+    slots = values["dedup_slots"]
+    if slots < BUCKET_SLOTS or slots & (slots - 1):
+        raise ConfigError(
+            f"{sources['dedup_slots']}: dedup_slots must be a power of two >= {BUCKET_SLOTS}"
+        )
     if values["workers"] == 0:
         values["workers"] = usable_cpus()
     if values["roller_threads"] == 0:

@@ -15,9 +15,12 @@ that reached the log before a crash is found by its retry. A restarted worker ru
 rebuild, then releases the claims its dead predecessor left pending.
 
 Bounds: ``DEFAULT_WINDOW_S`` in time (24 h: Segment's own dedup window) and ``slots`` in
-memory, 16 bytes each (``DEFAULT_SLOTS`` = 2^21 -> 32 MiB). Slots form buckets of
-``BUCKET_SLOTS``; a full bucket drops its oldest entry, so under sustained load the window is
-``min(24 h, slots / keyed events per second)``. README "Exactly once" has the sizing numbers.
+memory, 16 bytes each (``DEFAULT_SLOTS`` = 2^21 -> 32 MiB; ``serve --dedup-slots``). Slots form
+buckets of ``BUCKET_SLOTS``; a full bucket drops its oldest entry, so under sustained load the
+window is ``min(24 h, slots / keyed events per second)``: the header keeps the age of the last
+entry dropped that way, which ``/metrics`` shows as the effective window. README "Exactly once"
+has the sizing numbers. With ``--coordinator``, inslytic_fast.cluster.dedup puts the
+coordinator in front of this table for retries that land on another node.
 A false duplicate needs two of the 2^21 keys to share a 64-bit fingerprint in one bucket:
 probability about 2^21 * 8 / 2^64 ~ 1e-12 per key.
 
@@ -36,11 +39,16 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger("inslytic_fast.dedup")
 
 MAGIC = b"IFDD0001"
 HEADER = struct.Struct("<8sQ")  # magic, slot count
+# Then the last eviction inside the window, shared by the workers: (when, the dropped entry's
+# stored-at), both Unix seconds; its difference is the window the table really keeps.
+LAST_EVICTION = struct.Struct("<QQ")
+LAST_EVICTION_OFFSET = HEADER.size
 HEADER_BYTES = 64  # keeps the slot arrays 8-byte aligned for memoryview.cast("Q")
 BUCKET_SLOTS = 8  # two 64-byte cache lines of fingerprints per bucket
 DEFAULT_SLOTS = 1 << 21
@@ -58,6 +66,53 @@ IN_FLIGHT = -2  # claimed by a request still being committed
 
 _EMPTY, _PENDING, _DONE = 0, 1, 2
 
+# A key's first byte says what it identifies (metrics label): see message_key and batch_key.
+KINDS = {ord("m"): "message", ord("k"): "batch"}
+
+# The claimed slots ``claim`` returns, to pass to ``settle`` or ``release``.
+Claims = list[tuple[int, int]]
+
+
+class Dedup(Protocol):
+    """What the ingest path needs of deduplication: this node's table (DedupTable), or the
+    table plus the cluster's coordinator (inslytic_fast.cluster.dedup.ClusterDedup)."""
+
+    def claim(self, keys: list[bytes], owner: int) -> tuple[list[int], Claims]: ...
+
+    def settle(self, claimed: Claims, count: int) -> None: ...
+
+    def release(self, claimed: Claims) -> None: ...
+
+    def counters(self) -> dict[str, dict[str, int]]: ...
+
+    def gauges(self) -> dict[str, float]: ...
+
+
+class DedupCounters:
+    """One process's dedup counters, by key kind (``KINDS``); summed over workers."""
+
+    __slots__ = ("duplicates", "in_flight", "cross_node", "evictions", "coordinator")
+
+    def __init__(self) -> None:
+        self.duplicates = dict.fromkeys(KINDS, 0)  # found stored: answered, not stored again
+        self.in_flight = dict.fromkeys(KINDS, 0)  # first attempt still committing: Retry-After
+        self.cross_node = dict.fromkeys(KINDS, 0)  # of the duplicates, found by the coordinator
+        self.evictions = 0  # entries dropped inside the window to make room
+        # Cluster mode: failed coordinator calls, and requests checked on this node only.
+        self.coordinator = {"failures": 0, "local_only": 0}
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        def named(by_kind: dict[int, int]) -> dict[str, int]:
+            return {KINDS[kind]: n for kind, n in by_kind.items()}
+
+        return {
+            "duplicates": named(self.duplicates),
+            "in_flight": named(self.in_flight),
+            "cross_node": named(self.cross_node),
+            "table": {"evictions": self.evictions},
+            "coordinator": dict(self.coordinator),
+        }
+
 
 def _meta(stamp: int, state: int, owner: int, count: int) -> int:
     return (stamp & 0xFFFFFFFF) << 32 | state << 24 | (owner & 0xFF) << 16 | (count & 0xFFFF)
@@ -73,7 +128,7 @@ def batch_key(project: str, idempotency_key: bytes) -> bytes:
 
 class DedupTable:
     __slots__ = ("path", "fd", "map", "slots", "window_s", "clock", "_fps", "_meta", "_mask",
-                 "evictions")  # fmt: skip
+                 "stats")  # fmt: skip
 
     def __init__(
         self,
@@ -107,7 +162,11 @@ class DedupTable:
         self._mask = (self.slots // BUCKET_SLOTS) - 1
         self.window_s = window_s
         self.clock = clock
-        self.evictions = 0  # entries dropped inside the window to make room (metrics)
+        self.stats = DedupCounters()
+
+    @property
+    def evictions(self) -> int:
+        return self.stats.evictions
 
     def close(self) -> None:
         self._fps.release()
@@ -125,7 +184,8 @@ class DedupTable:
 
     # -- the three calls of a request ------------------------------------------------------
 
-    def _locate(self, key: bytes) -> tuple[int, int]:
+    def locate(self, key: bytes) -> tuple[int, int]:
+        """The key's bucket (its first slot) and its 64-bit fingerprint (never 0: empty)."""
         digest = hashlib.blake2b(key, digest_size=16).digest()
         base = (int.from_bytes(digest[:8], "little") & self._mask) * BUCKET_SLOTS
         return base, int.from_bytes(digest[8:], "little") or 1
@@ -140,7 +200,7 @@ class DedupTable:
         self._lock()
         try:
             for key in keys:
-                base, fp = self._locate(key)
+                base, fp = self.locate(key)
                 status = self._find(base, fp, now)
                 if status is None:
                     slot = self._free_slot(base, now)
@@ -149,6 +209,10 @@ class DedupTable:
                         meta[slot] = _meta(now, _PENDING, owner, 0)
                         claimed.append((slot, fp))
                     status = CLAIMED
+                elif status == IN_FLIGHT:
+                    self.stats.in_flight[key[0]] += 1
+                else:
+                    self.stats.duplicates[key[0]] += 1
                 statuses.append(status)
         finally:
             self._unlock()
@@ -188,7 +252,7 @@ class DedupTable:
         self._lock()
         try:
             for key, count, stamp in entries:
-                base, fp = self._locate(key)
+                base, fp = self.locate(key)
                 slot = self._slot_of(base, fp)
                 if slot < 0:
                     slot = self._free_slot(base, now)
@@ -257,8 +321,25 @@ class DedupTable:
             if (value >> 24) & 0xFF == _DONE and value >> 32 < oldest_stamp:
                 oldest, oldest_stamp = base + offset, value >> 32
         if oldest >= 0:
-            self.evictions += 1
+            self.stats.evictions += 1
+            LAST_EVICTION.pack_into(self.map, LAST_EVICTION_OFFSET, now, oldest_stamp)
         return oldest  # -1: every slot is an in-flight claim; the key goes untracked
+
+    # -- what /metrics shows ---------------------------------------------------------------
+
+    def effective_window_s(self) -> int:
+        """The window the table keeps: the age at which the latest eviction dropped an entry,
+        if one was dropped within the last window, else the whole window."""
+        evicted_at, stored_at = LAST_EVICTION.unpack_from(self.map, LAST_EVICTION_OFFSET)
+        if evicted_at and int(self.clock()) - evicted_at < self.window_s:
+            return min(self.window_s, evicted_at - stored_at)
+        return self.window_s
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return self.stats.snapshot()
+
+    def gauges(self) -> dict[str, float]:
+        return {"window_seconds": self.effective_window_s(), "table_slots": self.slots}
 
 
 def table_path(run_dir: Path) -> Path:

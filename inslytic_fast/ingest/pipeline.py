@@ -29,7 +29,7 @@ from .segment import SEGMENT_PATHS, SegmentCodec, SegmentRejected
 if TYPE_CHECKING:
     from ..log.commitlog import CommitLog
     from .auth import KeyRing, Project
-    from .dedup import DedupTable
+    from .dedup import Dedup
 
 log = logging.getLogger("inslytic_fast.ingest")
 
@@ -247,7 +247,7 @@ class Ingestor:
         max_decompressed_bytes: int,
         metrics: Metrics | None = None,
         segment: SegmentCodec | None = None,
-        dedup: DedupTable | None = None,
+        dedup: Dedup | None = None,
         dedup_owner: int = 0,
         clock=time.time,
     ) -> None:

@@ -413,6 +413,9 @@ def render(merged: dict, storage: dict) -> bytes:
             name = f"inslytic_{key}_total" if kind == "counter" else f"inslytic_{key}"
             family(name, kind, help_text)
             out.append(f"{name} {gauges.get(key, 0)}")
+    dedup = merged.get("dedup")
+    if dedup is not None:
+        render_dedup(family, out, dedup, storage.get("dedup", {}), "coordinator_up" in gauges)
     family("inslytic_build_info", "gauge", "Always 1; the labels say what is running.")
     out.append(
         f'inslytic_build_info{{version="{__version__}",python="{platform.python_version()}"}} 1'
@@ -425,6 +428,52 @@ def render(merged: dict, storage: dict) -> bytes:
         for worker, figures in processes:
             out.append(f'{name}{{worker="{_escape(worker)}"}} {figures.get(key, 0)}')
     return ("\n".join(out) + "\n").encode()
+
+
+# Retried messages (kind="message", Segment's messageId) and batches (kind="batch",
+# /v1/ingest's Idempotency-Key); see inslytic_fast.ingest.dedup and inslytic_fast.cluster.dedup.
+DEDUP_BY_KIND = (
+    ("duplicates", "Retries found already stored: answered as the first time, stored once."),
+    ("in_flight", "Retries refused with Retry-After: their first attempt was still committing."),
+)
+DEDUP_CLUSTER_BY_KIND = (
+    ("cross_node", "Of the duplicates, those stored by another node (found in the coordinator)."),
+)
+DEDUP_COORDINATOR = (
+    ("failures", "Dedup calls to the coordinator that failed or timed out."),
+    ("local_only", "Requests with ids deduplicated on this node only (coordinator unreachable)."),
+)
+
+
+def render_dedup(family, out: list[str], counters: dict, table: dict, cluster: bool) -> None:
+    by_kind = DEDUP_BY_KIND + (DEDUP_CLUSTER_BY_KIND if cluster else ())
+    for key, help_text in by_kind:
+        name = f"inslytic_dedup_{key}_total"
+        family(name, "counter", help_text)
+        for kind, n in sorted(counters.get(key, {}).items()):
+            out.append(f'{name}{{kind="{kind}"}} {n}')
+    family(
+        "inslytic_dedup_evictions_total",
+        "counter",
+        "Entries dropped from the dedup table before the end of the window, to make room.",
+    )
+    out.append(f"inslytic_dedup_evictions_total {counters.get('table', {}).get('evictions', 0)}")
+    if cluster:
+        for key, help_text in DEDUP_COORDINATOR:
+            name = f"inslytic_dedup_coordinator_{key}_total"
+            family(name, "counter", help_text)
+            out.append(f"{name} {counters.get('coordinator', {}).get(key, 0)}")
+    for key, help_text in (
+        (
+            "window_seconds",
+            "How far back the dedup table recognises a retry: 24 h, or less when it is full "
+            "(the age of the last entry dropped for room).",
+        ),
+        ("table_slots", "Slots of the dedup table (serve --dedup-slots; 16 bytes each)."),
+    ):
+        name = f"inslytic_dedup_{key}"
+        family(name, "gauge", help_text)
+        out.append(f"{name} {table.get(key, 0)}")
 
 
 def write_snapshot(path: Path, snapshot: dict) -> None:

@@ -32,7 +32,7 @@ from ..http.protocol import HttpProtocol
 from ..http.responses import Responses
 from ..http.state import ServerState
 from ..ingest.auth import CatalogError, KeyRing
-from ..ingest.dedup import DedupTable, rebuild
+from ..ingest.dedup import Dedup, DedupTable, rebuild
 from ..ingest.dedup import table_path as dedup_table_path
 from ..ingest.pipeline import Ingestor
 from ..ingest.schema import EventLimits, Schema
@@ -101,7 +101,7 @@ class Server:
         # The shared dedup table: "create" it (and rebuild it from the data), "join" the one a
         # sibling created, or "rejoin" after a crash (rebuild, release the dead one's claims).
         self.dedup_role = dedup_role
-        self.dedup: DedupTable | None = None
+        self.dedup: Dedup | None = None
         self.out = out or sys.stdout
         self.state = ServerState(settings)
         self.responses = Responses(settings.cors_origins)
@@ -216,7 +216,9 @@ class Server:
         """After the commit log is open (its tail recovered): the rebuild reads it."""
         path = dedup_table_path(run_dir(self.settings.data_dir))
         try:
-            table = DedupTable(path, create=self.dedup_role == "create")
+            table = DedupTable(
+                path, create=self.dedup_role == "create", slots=self.settings.dedup_slots
+            )
             if self.dedup_role != "join":
                 rebuild(table, self.settings.data_dir)
             if self.dedup_role == "rejoin":
@@ -313,6 +315,7 @@ class Server:
         log_stats = dataclasses.asdict(self.commitlog.stats)
         snapshot["log"] = log_stats
         snapshot["commit_latency"] = self.commitlog.sync_latency.snapshot()
+        snapshot["dedup"] = self.dedup.counters()
         if self.carried_metrics is not None:
             add_snapshots(snapshot, self.carried_metrics)
         gauges = {"open_connections": len(self.state.connections)}
@@ -334,6 +337,7 @@ class Server:
             self._publish_snapshot(snapshot)
             snapshots += read_snapshots(run_dir(self.settings.data_dir), self._snapshot_name())
         storage = storage_gauges(self.settings.data_dir)
+        storage["dedup"] = self.dedup.gauges()  # the table every worker shares: not summed
         if self.settings.lake:
             from ..lake.status import read_status
 
