@@ -128,6 +128,13 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.RedisError, OSError)
 
 
+def no_script_error() -> type[BaseException]:
+    """What EVALSHA raises when the coordinator does not have the script (restarted)."""
+    import redis
+
+    return redis.exceptions.NoScriptError
+
+
 class CoordinatorCatalog(Catalog):
     """The catalog kept in the coordinator: ``Catalog``'s edits with Redis as the store.
 
@@ -245,6 +252,8 @@ class CoordinatorLink:
         self.down_since: float | None = time.time()
         self.errors = 0
         self.pollers: list[Callable[[redis.Redis], None]] = []
+        # Called by ``stop`` first: what else talks to the coordinator (cluster.dedup's thread).
+        self.stoppers: list[Callable[[], None]] = []
         self._last_error: str | None = None
         self._outage_logged = False
         self._stop = threading.Event()
@@ -257,6 +266,8 @@ class CoordinatorLink:
         self._thread.start()
 
     def stop(self) -> None:
+        for stopper in self.stoppers:
+            stopper()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -329,7 +340,6 @@ class CoordinatorLink:
             self._last_error = message
             log.error("%s", message)
 
-
     def note(self) -> str | None:
         """Why this node runs degraded, or None."""
         if self.up:
@@ -337,7 +347,8 @@ class CoordinatorLink:
         since = self.down_since or time.time()
         return (
             f"coordinator unreachable for {time.time() - since:.0f} s: serving known keys, "
-            f"each project limited to 1/{self.members} of its limit on this worker"
+            f"each project limited to 1/{self.members} of its limit on this worker, "
+            "retries deduplicated on this node only"
         )
 
 

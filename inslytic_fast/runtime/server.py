@@ -155,6 +155,11 @@ class Server:
         self.keyring = keyring
         self.commitlog = commitlog
         self.dedup = self._open_dedup()
+        if self.coordinator is not None:  # retries that land on another node too
+            from ..cluster.dedup import ClusterDedup
+
+            member = f"{settings.node}/{self.worker_id}"
+            self.dedup = ClusterDedup(self.dedup, self.coordinator, member)
         if self.standalone:
             self.roller = RollerProcess(settings)
         limits = EventLimits()
