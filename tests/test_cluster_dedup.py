@@ -60,11 +60,11 @@ def make_node(tmp_path):
 
 
 def remote_value(url: str, key: bytes) -> bytes | None:
-    from inslytic_fast.cluster.dedup import KEY_PREFIX
+    from inslytic_fast.cluster.dedup import coordinator_key
 
     client = redis.Redis.from_url(url)
     try:
-        return client.get(KEY_PREFIX + key)
+        return client.get(coordinator_key(key))
     finally:
         client.close()
 

@@ -4,7 +4,7 @@ A load balancer may send an SDK's retry to another node; that node's table (inge
 has never seen the key. With ``--coordinator``, every key the local table calls new is also
 claimed in the coordinator before its events are committed:
 
-- ``<ns>dedup:`` + the table's key (project and messageId or Idempotency-Key): ``p<token>``
+- ``<ns>dedup:<project>:`` + the id's kind and digest (``coordinator_key``): ``p<token>``
   while a request of this process (``token``) commits it, for at most ``PENDING_CLAIM_MS``;
   ``d<count>`` once stored, for the window (24 h), as the local table keeps it.
 - One script call per request, whatever its number of keys: it claims each key that is free
@@ -24,6 +24,7 @@ outage and counted; calls resume once the coordinator link's poll reaches it aga
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import threading
@@ -44,6 +45,9 @@ from .coordinator import (
 log = logging.getLogger("inslytic_fast.coordinator")
 
 KEY_PREFIX = (NAMESPACE + "dedup:").encode()
+# The id itself is not needed there, only its identity: a 16-byte digest keeps every key the
+# same small size whatever the client sends (an Idempotency-Key may be 255 bytes).
+DIGEST_BYTES = 16
 # A commit answers within seconds (the log's own timeouts); a claim still pending after this
 # belongs to a node that died mid-request, and a retry elsewhere may then be stored.
 PENDING_CLAIM_MS = 60_000
@@ -80,6 +84,17 @@ for _, key in ipairs(KEYS) do
 end
 return 0
 """
+
+
+def coordinator_key(key: bytes) -> bytes:
+    """The coordinator's name for a table key: ``inslytic:dedup:<project>:<kind><digest>``."""
+    kind, project, _ = key.split(b"\0", 2)
+    return b"%s%s:%s%s" % (
+        KEY_PREFIX,
+        project,
+        kind,
+        hashlib.blake2b(key, digest_size=DIGEST_BYTES).digest(),
+    )
 
 
 class ClusterClaims(list[tuple[int, int]]):
@@ -134,7 +149,7 @@ class ClusterDedup:
         if not self._reachable():
             self.stats.coordinator["local_only"] += 1
             return statuses, claimed
-        remote = [KEY_PREFIX + keys[i] for i in fresh]
+        remote = [coordinator_key(keys[i]) for i in fresh]
         try:
             answers = self.claim_script(keys=remote, args=[self.pending, PENDING_CLAIM_MS])
         except self.errors as exc:
