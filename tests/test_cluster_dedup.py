@@ -145,6 +145,30 @@ def test_coordinator_down_dedups_locally_within_the_timeout(coordinator, make_no
         coordinator.start()
 
 
+def test_a_coordinator_that_stops_answering_costs_one_timeout(coordinator, make_node):
+    """A stalled coordinator (SIGSTOP: connections accepted, nothing answered) is the slow
+    case: the claim gives up after the call timeout and the request goes on locally."""
+    import signal
+
+    from inslytic_fast.cluster.dedup import CALL_TIMEOUT_S
+
+    a = make_node(coordinator.url, "a")
+    a.claim([message_key("shop", "warm")], owner=0)  # connected while it answered
+    coordinator.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        statuses, _ = a.claim([message_key("shop", "stalled-1")], owner=0)
+        took = time.monotonic() - started
+        assert statuses == [CLAIMED]
+        assert a.counters()["coordinator"] == {"failures": 1, "local_only": 1}
+        assert CALL_TIMEOUT_S <= took < CALL_TIMEOUT_S + 5  # bounded, not a hang
+        started = time.monotonic()
+        a.claim([message_key("shop", "stalled-2")], owner=0)  # no second wait
+        assert a.counters()["coordinator"] == {"failures": 1, "local_only": 2}
+    finally:
+        coordinator.proc.send_signal(signal.SIGCONT)
+
+
 # -- two real nodes -----------------------------------------------------------------------------
 
 
@@ -191,8 +215,21 @@ def test_a_retry_sent_to_another_node_is_stored_once(make_server, coordinator):
     assert stored(nodes, "idempotency_key = 'order-9'") == 3
 
 
-def test_cross_node_hits_are_counted(make_server, coordinator):
+def dedup_keys(url: str) -> list[bytes]:
+    client = redis.Redis.from_url(url)
+    try:
+        return list(client.scan_iter(match=b"inslytic:dedup:*"))
+    finally:
+        client.close()
+
+
+def test_cross_node_hits_are_counted_and_requests_without_ids_stay_local(make_server, coordinator):
     nodes, key = two_nodes(make_server, coordinator.url)
+    for node in nodes:  # no messageId, no Idempotency-Key: the coordinator is not asked
+        assert node.request("POST", "/v1/batch", {"batch": [message(messageId=None)]},
+                            headers=basic(key))[0] == 200  # fmt: skip
+        assert node.ingest(EVENTS, key)[0] == 202
+    assert dedup_keys(coordinator.url) == []
     batch = {"batch": [message(messageId="c-1"), message(messageId="c-2")]}
     assert nodes[0].request("POST", "/v1/batch", batch, headers=basic(key))[0] == 200
     hits = 'inslytic_dedup_cross_node_total{kind="message"}'
