@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,6 @@ class Seconds(float):
         return super().__new__(cls, parse_duration(value) if isinstance(value, str) else value)
 
 
-DEFAULT_DATA_DIR = "./inslytic-data"
-
-
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str  # snake_case: attribute, TOML key; flag is --kebab-case; env is INSLYTIC_UPPER
@@ -101,7 +99,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "data_dir",
         str,
-        DEFAULT_DATA_DIR,
+        "./inslytic-data",
         "where the log, Parquet files and key catalog live",
         metavar="DIR",
     ),
@@ -296,6 +294,18 @@ NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _BY_NAME = {opt.name: opt for opt in OPTIONS}
 
 
+def option(name: str) -> Option:
+    """The table's row of a setting: its environment variable, default and flag."""
+    return _BY_NAME[name]
+
+
+def env_or_default(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """A serve setting as the other commands take it: its INSLYTIC_* variable when set and not
+    empty, else the table's default (flags and the config file are serve's)."""
+    opt = _BY_NAME[name]
+    return (os.environ if environ is None else environ).get(opt.env) or opt.default
+
+
 def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -338,47 +348,64 @@ def parse_cpu_list(text: str, cpu_count: int) -> tuple[int, ...]:
     return tuple(sorted(cpus))
 
 
+def _settled(name: str, value: Any) -> Any:
+    """An option's coerced value in the form ``Settings`` holds it (ValueError if unusable)."""
+    if name == "data_dir":
+        return Path(value).expanduser()
+    if name == "cors_origins":
+        return tuple(o.strip() for o in str(value).split(",") if o.strip()) or ("*",)
+    if name == "roller_cpus":
+        # All of the machine's CPUs, not only this process's: the point is to leave its pin.
+        return parse_cpu_list(value, os.cpu_count() or 1)
+    return value
+
+
+def _default(name: str) -> Any:
+    """A ``Settings`` field's default: its option's, as ``resolve`` would settle it."""
+    return _settled(name, _BY_NAME[name].default)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What ``resolve`` produced. Built directly (embedding, tests, bench harnesses) the defaults
-    are OPTIONS' (tests/test_config.py keeps them equal), except that ``workers`` and
-    ``roller_threads`` are 1 instead of "one per CPU"."""
+    are OPTIONS', except that ``workers`` and ``roller_threads`` are 1 instead of "one per
+    CPU": one process with one roller thread, whatever the machine."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    data_dir: Path = Path(DEFAULT_DATA_DIR)
-    durability: str = "fsync"
-    events_per_minute: int = 1000
-    max_header_bytes: int = 16 * KiB
-    max_body_bytes: int = 5 * MiB
-    max_decompressed_bytes: int = 20 * MiB
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    keepalive_timeout: float = 60.0
-    send_timeout: float = 30.0
-    max_connections: int = 10_000
-    max_pipelined: int = 64
-    cors_origins: tuple[str, ...] = ("*",)
-    min_free_bytes: int = 512 * MiB
-    max_unrolled_bytes: int = 2048 * MiB
-    shutdown_timeout: float = 10.0
-    retention_days: int = 0
+    host: str = _default("host")
+    port: int = _default("port")
+    data_dir: Path = _default("data_dir")
+    durability: str = _default("durability")
+    events_per_minute: int = _default("events_per_minute")
+    max_header_bytes: int = _default("max_header_bytes")
+    max_body_bytes: int = _default("max_body_bytes")
+    max_decompressed_bytes: int = _default("max_decompressed_bytes")
+    header_timeout: float = _default("header_timeout")
+    body_timeout: float = _default("body_timeout")
+    keepalive_timeout: float = _default("keepalive_timeout")
+    send_timeout: float = _default("send_timeout")
+    max_connections: int = _default("max_connections")
+    max_pipelined: int = _default("max_pipelined")
+    cors_origins: tuple[str, ...] = _default("cors_origins")
+    min_free_bytes: int = _default("min_free_bytes")
+    max_unrolled_bytes: int = _default("max_unrolled_bytes")
+    shutdown_timeout: float = _default("shutdown_timeout")
+    retention_days: int = _default("retention_days")
     workers: int = 1
     roller_threads: int = 1
-    roller_cpus: tuple[int, ...] = ()  # empty: the roller keeps the server's affinity
-    log_format: str = "text"
-    log_level: str = "info"
-    trusted_proxies: str = ""
-    dedup_slots: int = DEFAULT_SLOTS
-    access_log: bool = False
-    metrics_port: int = 0
-    metrics_token: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    coordinator: str = ""
-    lake: str = ""
-    s3_endpoint: str = ""
-    node_id: str = ""
+    roller_cpus: tuple[int, ...] = _default("roller_cpus")  # empty: the server's affinity
+    log_format: str = _default("log_format")
+    log_level: str = _default("log_level")
+    trusted_proxies: str = _default("trusted_proxies")
+    dedup_slots: int = _default("dedup_slots")
+    access_log: bool = _default("access_log")
+    metrics_port: int = _default("metrics_port")
+    metrics_token: str = _default("metrics_token")
+    tls_cert: str = _default("tls_cert")
+    tls_key: str = _default("tls_key")
+    coordinator: str = _default("coordinator")
+    lake: str = _default("lake")
+    s3_endpoint: str = _default("s3_endpoint")
+    node_id: str = _default("node_id")
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -478,8 +505,7 @@ def resolve(
         # roller needs threads of its own to keep up, on a small one it must not crowd serving.
         values["roller_threads"] = max(1, usable_cpus() // 4)
     try:
-        # All of the machine's CPUs, not only this process's: the point is to leave its pin.
-        values["roller_cpus"] = parse_cpu_list(values["roller_cpus"], os.cpu_count() or 1)
+        values["roller_cpus"] = _settled("roller_cpus", values["roller_cpus"])
     except ValueError as exc:
         raise ConfigError(f"{sources['roller_cpus']}: roller_cpus {exc}") from None
     if values["roller_cpus"] and not hasattr(os, "sched_setaffinity"):
@@ -505,10 +531,8 @@ def resolve(
             f"{sources['node_id']}: node_id {values['node_id']!r} must be 1-64 letters, digits, "
             "'.', '-' or '_'"
         )
-    values["data_dir"] = Path(values["data_dir"]).expanduser()
-    values["cors_origins"] = tuple(
-        o.strip() for o in str(values["cors_origins"]).split(",") if o.strip()
-    ) or ("*",)
+    for name in ("data_dir", "cors_origins"):
+        values[name] = _settled(name, values[name])
     return Settings(**values, sources=sources)
 
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import os
 import tomllib
 from pathlib import Path
 
 import pytest
 
+import inslytic_fast.cli
 from inslytic_fast.config import (
     OPTIONS,
     ConfigError,
     Settings,
+    env_or_default,
     example_config,
+    option,
     parse_cpu_list,
     resolve,
 )
@@ -233,3 +239,40 @@ def test_the_other_commands_durations_take_the_same_units():
     assert parser.parse_args(["stats", "--interval", "500ms"]).interval == 0.5
     rotate = parser.parse_args(["projects", "rotate-key", "shop", "--keep-old-for", "90m"])
     assert rotate.keep_old_for == 5400
+
+
+def test_settings_has_one_field_per_option_and_takes_its_default_from_the_table():
+    fields = {f.name for f in dataclasses.fields(Settings)} - {"sources"}
+    assert fields == {opt.name for opt in OPTIONS}
+    # The defaults are the table's, not a second copy: no literal default in the class body
+    # (workers and roller_threads are the documented 1s).
+    tree = ast.parse(inspect.getsource(Settings))
+    literal = [
+        node.target.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and node.value is not None
+        and not isinstance(node.value, ast.Call)
+    ]
+    assert literal == ["workers", "roller_threads"]
+
+
+def test_the_other_commands_name_no_serve_variable_of_their_own():
+    """The CLI commands take INSLYTIC_DATA_DIR & co. from the options table (env_or_default,
+    option(...).env): a command that spells one out would drift from serve's."""
+    env_names = {opt.env for opt in OPTIONS}
+    cli_dir = Path(inslytic_fast.cli.__file__).parent
+    spelled = [
+        (path.name, node.value)
+        for path in sorted(cli_dir.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in env_names
+    ]
+    assert spelled == []
+
+
+def test_env_or_default_reads_the_variable_serve_reads_else_the_default():
+    assert env_or_default("data_dir", {}) == option("data_dir").default == "./inslytic-data"
+    assert env_or_default("data_dir", {"INSLYTIC_DATA_DIR": "/srv/x"}) == "/srv/x"
+    assert env_or_default("data_dir", {"INSLYTIC_DATA_DIR": ""}) == "./inslytic-data"

@@ -22,12 +22,12 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from inslytic_fast.config import DEFAULT_DATA_DIR
+from inslytic_fast.config import env_or_default, option
 from inslytic_fast.runtime.durable import fsync_file
 from inslytic_fast.storage.query import SnapshotError, run_query
 from inslytic_fast.storage.storage import EVENT_COLUMN_NAMES, sql_string
 
-DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
+DATA_DIR = option("data_dir")
 QUERY_FORMATS = ("table", "csv", "json", "ndjson")
 EXPORT_FORMATS = ("parquet", "csv", "ndjson")
 EXPORT_EXTENSIONS = {"parquet": "parquet", "csv": "csv", "ndjson": "ndjson"}
@@ -95,8 +95,8 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
         "--data-dir",
         type=Path,
         metavar="DIR",
-        default=Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
-        help=f"data directory (default: ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR})",
+        default=Path(env_or_default("data_dir")),
+        help=f"data directory (default: ${DATA_DIR.env} or {DATA_DIR.default})",
     )
 
 
@@ -104,19 +104,19 @@ def _add_lake(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lake",
         metavar="URL",
-        default=os.environ.get("INSLYTIC_LAKE") or None,
+        default=env_or_default("lake") or None,
         help="s3://BUCKET/PREFIX: read the cluster's lake plus this data dir's events not "
-        "uploaded yet (the data dir may be absent); env INSLYTIC_LAKE",
+        f"uploaded yet (the data dir may be absent); env {option('lake').env}",
     )
     parser.add_argument(
         "--s3-endpoint",
         metavar="URL",
-        default=os.environ.get("INSLYTIC_S3_ENDPOINT", ""),
-        help="S3 API endpoint for --lake; env INSLYTIC_S3_ENDPOINT",
+        default=env_or_default("s3_endpoint"),
+        help=f"S3 API endpoint for --lake; env {option('s3_endpoint').env}",
     )
     parser.add_argument(
         "--node-id",
-        default=os.environ.get("INSLYTIC_NODE_ID", ""),
+        default=env_or_default("node_id"),
         metavar="NAME",
         help="the node id this data dir serves with (default: the one its server last used, "
         "else the host name, as serve's)",
@@ -157,7 +157,7 @@ def _error(message: str) -> None:
 
 def _check_data_dir(data_dir: Path, lake: str | None = None) -> bool:
     if not data_dir.is_dir() and not lake:
-        _error(f"no data directory at {data_dir} (use --data-dir or ${DATA_DIR_ENV})")
+        _error(f"no data directory at {data_dir} (use --data-dir or ${DATA_DIR.env})")
         return False
     return True
 

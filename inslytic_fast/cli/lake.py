@@ -9,8 +9,9 @@ Exit codes: 0 ok (or another run is in charge), 1 operational error, 2 usage.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from ..config import env_or_default, option
 
 
 def register(subparsers) -> None:
@@ -24,15 +25,16 @@ def register(subparsers) -> None:
     common.add_argument(
         "--lake",
         metavar="URL",
-        default=os.environ.get("INSLYTIC_LAKE") or None,
-        required=not os.environ.get("INSLYTIC_LAKE"),
-        help="s3://BUCKET/PREFIX (env INSLYTIC_LAKE); credentials from the AWS environment",
+        default=env_or_default("lake") or None,
+        required=not env_or_default("lake"),
+        help=f"s3://BUCKET/PREFIX (env {option('lake').env}); credentials from the AWS "
+        "environment",
     )
     common.add_argument(
         "--s3-endpoint",
         metavar="URL",
-        default=os.environ.get("INSLYTIC_S3_ENDPOINT", ""),
-        help="S3 API endpoint (env INSLYTIC_S3_ENDPOINT); default AWS S3",
+        default=env_or_default("s3_endpoint"),
+        help=f"S3 API endpoint (env {option('s3_endpoint').env}); default AWS S3",
     )
     compact = commands.add_parser(
         "compact", parents=[common], help="merge each partition's small objects"

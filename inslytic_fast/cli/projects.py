@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from inslytic_fast.cluster.coordinator import PASSWORD_ENV, CoordinatorCatalog, CoordinatorError
-from inslytic_fast.config import DEFAULT_DATA_DIR, parse_duration
+from inslytic_fast.config import env_or_default, option, parse_duration
 from inslytic_fast.ingest.auth import (
     DISPLAY_PREFIX_LENGTH,
     KEY_PREFIX,
@@ -39,8 +39,6 @@ from inslytic_fast.ingest.auth import (
 from inslytic_fast.log.commitlog import LOG_DIRNAME, list_segments
 from inslytic_fast.storage.purges import find_purge, project_dirs, record_purge, why_name_is_blocked
 
-DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
-COORDINATOR_ENV = "INSLYTIC_COORDINATOR"  # the same variable `serve` reads
 # Where the storage layer keeps a project's events: <data_dir>/events/project=<name>/.
 EVENTS_DIR = "events"
 # A purge removes files under the roller's lock. A roll takes seconds; a compaction pass can
@@ -135,8 +133,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=None,
-        help=f"data directory holding catalog.json (default: env {DATA_DIR_ENV} or "
-        f"{DEFAULT_DATA_DIR})",
+        help=f"data directory holding catalog.json (default: env {option('data_dir').env} or "
+        f"{option('data_dir').default})",
     )
     common.add_argument(
         "--coordinator",
@@ -144,7 +142,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=None,
         help=f"edit the cluster's catalog in this Redis/Valkey (redis://HOST:PORT/DB) instead of "
         f"the data dir's; every node serves the change within 2 s (default: env "
-        f"{COORDINATOR_ENV}; password from env {PASSWORD_ENV})",
+        f"{option('coordinator').env}; password from env {PASSWORD_ENV})",
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -248,11 +246,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _data_dir(args: argparse.Namespace) -> Path:
     if args.data_dir is not None:
         return args.data_dir
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+    return Path(env_or_default("data_dir")).expanduser()
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:
-    url = args.coordinator or os.environ.get(COORDINATOR_ENV)
+    url = args.coordinator or env_or_default("coordinator")
     if not url:
         return Catalog(_data_dir(args))
     if getattr(args, "purge", False):

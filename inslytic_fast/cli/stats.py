@@ -30,11 +30,11 @@ from pathlib import Path
 
 import orjson
 
-from ..config import DEFAULT_DATA_DIR, parse_duration
+from ..config import env_or_default, option, parse_duration
 from ..observe.metrics import storage_gauges
 
-DATA_DIR_ENV = "INSLYTIC_DATA_DIR"
-METRICS_TOKEN_ENV = "INSLYTIC_METRICS_TOKEN"  # the serve option's env var (config.OPTIONS)
+DATA_DIR = option("data_dir")
+METRICS_TOKEN_ENV = option("metrics_token").env
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_INTERVAL_S = 1.0
 # Below this the view mostly measures its own scrapes (each one walks the server's data dir).
@@ -537,9 +537,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
+        default=Path(env_or_default("data_dir")),
         help=f"data directory for free disk space, and for the storage figures when the "
-        f"server is not reachable (default: ${DATA_DIR_ENV} or {DEFAULT_DATA_DIR})",
+        f"server is not reachable (default: ${DATA_DIR.env} or {DATA_DIR.default})",
     )
     parser.add_argument(
         "--interval",
@@ -559,7 +559,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--metrics-token",
-        default=os.environ.get(METRICS_TOKEN_ENV, ""),
+        default=env_or_default("metrics_token"),
         metavar="TOKEN",
         help="bearer token of a server started with --metrics-token "
         f"(default: ${METRICS_TOKEN_ENV}, the variable the server reads too)",
