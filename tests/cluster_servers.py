@@ -212,3 +212,19 @@ class SeaweedProcess(_Process):
             return False
         finally:
             conn.close()
+
+
+def lake_serve_args(seaweed: SeaweedProcess, prefix: str, node_id: str, workers: int) -> list[str]:
+    """``serve`` flags for a node of a lake at ``prefix`` in the bucket, with no rate limit."""
+    return [
+        "--lake",
+        f"s3://{seaweed.bucket}/{prefix}",
+        "--s3-endpoint",
+        seaweed.endpoint,
+        "--node-id",
+        node_id,
+        "--workers",
+        str(workers),
+        "--events-per-minute",
+        "0",
+    ]

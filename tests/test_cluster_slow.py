@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from .adversarial_helpers import metric, poll_until
-from .cluster_servers import S3_CREDENTIALS, SeaweedProcess, ValkeyProcess
+from .cluster_servers import S3_CREDENTIALS, SeaweedProcess, ValkeyProcess, lake_serve_args
 from .conftest import cli
 from .crash_harness import check_counts, run_load
 
@@ -84,19 +84,7 @@ def test_sigkill_of_a_lake_node_under_load_leaves_each_event_once_in_the_lake(
 ):
     env = env_for(tmp_path)
     prefix = "kill"
-    node = make_server(
-        "--lake",
-        f"s3://{seaweed.bucket}/{prefix}",
-        "--s3-endpoint",
-        seaweed.endpoint,
-        "--node-id",
-        "edge-1",
-        "--workers",
-        "2",
-        "--events-per-minute",
-        "0",
-        env=env,
-    )
+    node = make_server(*lake_serve_args(seaweed, prefix, "edge-1", 2), env=env)
     key = node.first_run_key
     rng = random.Random(7)
     clients = []

@@ -23,7 +23,7 @@ from inslytic_fast.lake.uploader import Uploader, finished_files
 from inslytic_fast.storage.storage import Roller, sql_string
 
 from .adversarial_helpers import metric, poll_until
-from .cluster_servers import S3_CREDENTIALS, SeaweedProcess
+from .cluster_servers import S3_CREDENTIALS, SeaweedProcess, lake_serve_args
 from .conftest import EXAMPLE_EVENT, cli
 from .storage_helpers import LogOnLoop, open_log
 
@@ -204,19 +204,8 @@ def test_two_nodes_upload_everything_and_query_lake_sees_each_event_once(
 ):
     env = {**os.environ, **S3_CREDENTIALS, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     prefix = "e2e"
-    lake_args = ("--lake", f"s3://{seaweed.bucket}/{prefix}", "--s3-endpoint", seaweed.endpoint)
     nodes = [
-        make_server(
-            *lake_args,
-            "--node-id",
-            f"n{i}",
-            "--workers",
-            str(1 + i),
-            "--events-per-minute",
-            "0",
-            env=env,
-        )
-        for i in range(2)
+        make_server(*lake_serve_args(seaweed, prefix, f"n{i}", 1 + i), env=env) for i in range(2)
     ]
     sent = 0
     for _ in range(30):
@@ -264,19 +253,7 @@ def test_two_nodes_upload_everything_and_query_lake_sees_each_event_once(
 
 
 def lake_node(make_server, seaweed, prefix: str, env, workers: int = 1):
-    return make_server(
-        "--lake",
-        f"s3://{seaweed.bucket}/{prefix}",
-        "--s3-endpoint",
-        seaweed.endpoint,
-        "--node-id",
-        "edge-1",
-        "--workers",
-        str(workers),
-        "--events-per-minute",
-        "0",
-        env=env,
-    )
+    return make_server(*lake_serve_args(seaweed, prefix, "edge-1", workers), env=env)
 
 
 def ingest_some(node, batches: int = 20, per_batch: int = 5) -> int:
