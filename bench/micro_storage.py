@@ -47,7 +47,7 @@ from bench.machine import machine_info  # noqa: E402
 from bench.payloads import make_event  # noqa: E402
 from inslytic_fast.log.commitlog import CommitLog  # noqa: E402
 from inslytic_fast.storage.query import run_query  # noqa: E402
-from inslytic_fast.storage.storage import Roller  # noqa: E402
+from inslytic_fast.storage.roller import Roller  # noqa: E402
 
 # Distinct batches cycled through, so the log sees varied bytes and Parquet compression is not
 # flattered by repetition (256 x 100 events ~ 12 MiB of pre-encoded JSON).

@@ -5,7 +5,7 @@ object in ``e`` uses the camelCase keys below; every key but the five /v1/ingest
 optional (absent = NULL). ``/v1/ingest`` writes the API reference's fields; the Segment-spec
 routes (segment.py) write the same fields mapped from each message plus the Segment-only ones.
 
-The roller (storage.py) and the log-tail reader (query.py) both turn records into rows with
+The roller (storage/roller.py) and the log-tail reader (query.py) both turn records into rows with
 ``events_select_sql``; DESCRIBE, export and the OpenAPI text read ``EVENT_COLUMNS``. A column
 added here flows log -> Parquet -> query with no other change; Parquet files written before it
 existed read it as NULL (``union_by_name``).

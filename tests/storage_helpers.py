@@ -20,7 +20,7 @@ import orjson
 
 from inslytic_fast.log.commitlog import CommitLog, list_segments
 from inslytic_fast.storage.query import run_query
-from inslytic_fast.storage.storage import Roller
+from inslytic_fast.storage.roller import Roller
 
 BASE_EVENT = {
     "eventName": "page_viewed",

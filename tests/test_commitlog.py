@@ -28,7 +28,7 @@ from inslytic_fast.log.commitlog import (
     scan_segment,
     sealed_segments,
 )
-from inslytic_fast.storage.storage import Roller
+from inslytic_fast.storage.roller import Roller
 
 from .storage_helpers import LogOnLoop, as_after_a_crash, batch_counts, make_events, open_log
 

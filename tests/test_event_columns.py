@@ -10,8 +10,9 @@ import pytest
 
 from inslytic_fast.event_columns import EVENT_COLUMN_NAMES, EVENT_COLUMN_SPECS
 from inslytic_fast.log.commitlog import frame_record, segment_name
+from inslytic_fast.storage.layout import EVENTS_DIRNAME
 from inslytic_fast.storage.query import run_query
-from inslytic_fast.storage.storage import EVENTS_DIRNAME, Roller
+from inslytic_fast.storage.roller import Roller
 
 SEGMENT_EVENT = {
     "eventName": "Order Completed",

@@ -20,7 +20,8 @@ from inslytic_fast.lake.layout import object_key
 from inslytic_fast.lake.objectstore import MULTIPART_PART_BYTES, S3ObjectStore, UploadMismatch
 from inslytic_fast.lake.status import read_status
 from inslytic_fast.lake.uploader import Uploader, finished_files
-from inslytic_fast.storage.storage import Roller, sql_string
+from inslytic_fast.storage.events_sql import sql_string
+from inslytic_fast.storage.roller import Roller
 
 from .adversarial_helpers import metric, poll_until
 from .cluster_servers import S3_CREDENTIALS, SeaweedProcess, lake_serve_args

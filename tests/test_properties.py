@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from inslytic_fast.ingest.schema import DEVICE_TYPES, BatchRejected, Schema, event_fields
 from inslytic_fast.log.commitlog import CommitLog
 from inslytic_fast.storage.query import run_query
-from inslytic_fast.storage.storage import Roller
+from inslytic_fast.storage.roller import Roller
 
 from .protocol_helpers import make_conn, post, split_responses
 from .test_schema import SMALL, near_valid_events

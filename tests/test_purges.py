@@ -16,6 +16,7 @@ from inslytic_fast.log.commitlog import CommitLog, sealed_segments
 from inslytic_fast.storage.purges import (
     PURGE_GRACE_S,
     Purge,
+    apply_purges_now,
     expired,
     find_purge,
     mark_applied,
@@ -23,7 +24,7 @@ from inslytic_fast.storage.purges import (
     why_name_is_blocked,
 )
 from inslytic_fast.storage.query import run_query
-from inslytic_fast.storage.storage import Roller, apply_purges_now
+from inslytic_fast.storage.roller import Roller
 
 from .adversarial_helpers import killed_at_fsync, poll_until
 from .conftest import EXAMPLE_EVENT, cli

@@ -13,7 +13,7 @@ import pytest
 from inslytic_fast.cli import main
 from inslytic_fast.log.commitlog import CommitLog, frame_record, list_segments
 from inslytic_fast.storage.query import open_events, run_query, take_snapshot
-from inslytic_fast.storage.storage import Roller
+from inslytic_fast.storage.roller import Roller
 
 from .storage_helpers import LogOnLoop, batch_counts, open_log
 

@@ -19,6 +19,7 @@ import duckdb
 import pytest
 
 from inslytic_fast.config import Settings
+from inslytic_fast.event_columns import EVENT_COLUMNS
 from inslytic_fast.log.commitlog import (
     CommitLog,
     frame_record,
@@ -27,10 +28,10 @@ from inslytic_fast.log.commitlog import (
     sealed_segments,
     segment_name,
 )
-from inslytic_fast.storage import storage
+from inslytic_fast.storage import roller as roller_module
 from inslytic_fast.storage.query import run_query
+from inslytic_fast.storage.roller import Roller
 from inslytic_fast.storage.roller_process import FINAL_ROLL_LOCK_WAIT_S, roll_before_exit
-from inslytic_fast.storage.storage import EVENT_COLUMNS, Roller
 
 from .storage_helpers import LogOnLoop, RollerLock, batch_counts, open_log
 
@@ -244,10 +245,10 @@ def test_a_deadline_reached_inside_a_segment_leaves_it_whole_in_the_log(tmp_path
     batches = expected_batches("d", 12)
     write_batches(tmp_path, batches, segment_max_bytes=1 << 20)
     (segment,) = sealed_segments(tmp_path / "log")
-    monkeypatch.setattr(storage, "ROLL_PIECE_BYTES", 1)  # one record per piece
+    monkeypatch.setattr(roller_module, "ROLL_PIECE_BYTES", 1)  # one record per piece
     ticks = iter(range(1_000_000))
     clock = types.SimpleNamespace(monotonic=lambda: next(ticks), time=time.time)
-    monkeypatch.setattr(storage, "time", clock)
+    monkeypatch.setattr(roller_module, "time", clock)
     # Checked before the segment (0), then before each piece (1, 2, ...): stops at piece 3.
     assert Roller(tmp_path).roll_once(stop_after=3) == 0
     assert sealed_segments(tmp_path / "log") == [segment]

@@ -23,9 +23,10 @@ import duckdb
 import orjson
 
 from inslytic_fast.config import env_or_default, option
+from inslytic_fast.event_columns import EVENT_COLUMN_NAMES
 from inslytic_fast.runtime.durable import fsync_file
+from inslytic_fast.storage.events_sql import sql_string
 from inslytic_fast.storage.query import SnapshotError, run_query
-from inslytic_fast.storage.storage import EVENT_COLUMN_NAMES, sql_string
 
 DATA_DIR = option("data_dir")
 QUERY_FORMATS = ("table", "csv", "json", "ndjson")

@@ -498,7 +498,7 @@ def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
             pass  # deleted meanwhile by another command
     files_removed = False
     if args.purge:
-        from inslytic_fast.storage.storage import apply_purges_now  # duckdb: only for --purge
+        from inslytic_fast.storage.purges import apply_purges_now  # duckdb: only for --purge
 
         files_removed = apply_purges_now(catalog.data_dir, PURGE_LOCK_WAIT_S)
     if args.json:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import orjson
 
-from ..storage.storage import connect_duckdb, sql_string
+from ..storage.events_sql import connect_duckdb, sql_string
 from .layout import LAKE_EVENTS, LAKE_INTENTS, lake_listing, merged_away, read_intents
 from .objectstore import LakeError, ObjectInfo, ObjectStore, UploadMismatch, expected_etag
 
@@ -47,7 +47,7 @@ log = logging.getLogger("inslytic_fast.lake")
 
 LEASE_KEY = "_leader.json"
 LEASE_SECONDS = 300.0
-# As the roller's local compaction (storage.py): small under 32 MiB, at least 8 of them.
+# As the roller's local compaction (storage/compaction.py): small under 32 MiB, at least 8 of them.
 SMALL_OBJECT_BYTES = 32 * 1024 * 1024
 MIN_OBJECTS = 8
 TARGET_BYTES = 256 * 1024 * 1024

@@ -45,7 +45,7 @@ from ..config import Settings
 from ..log.commitlog import LOG_DIRNAME, list_segments
 from ..runtime.durable import fsync_dir
 from ..runtime.filelock import lock_exclusive
-from ..storage.storage import (
+from ..storage.layout import (
     EVENTS_DIRNAME,
     INTENTS_DIRNAME,
     ROLLER_LOCK_NAME,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..storage.layout import EVENTS_DIRNAME
 from ..storage.query import Snapshot
-from ..storage.storage import EVENTS_DIRNAME
 from .layout import LAKE_EVENTS, lake_listing, object_key
 from .objectstore import LakeError, ObjectInfo, ObjectStore, parse_lake_url
 

@@ -49,8 +49,8 @@ from ..observe.metrics import (
     write_snapshot,
 )
 from ..observe.metrics import render as render_metrics
+from ..storage.roller import Roller
 from ..storage.roller_process import RollerProcess
-from ..storage.storage import Roller
 from .data_dir import DataDirLock, acquire_data_dir, check_data_dir, run_dir, seal_orphan_logs
 from .process import loop_factory, raise_open_file_limit, worker_index
 from .sockets import LISTEN_BACKLOG, bind_socket, tls_context

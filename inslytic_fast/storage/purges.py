@@ -33,6 +33,8 @@ import orjson
 
 from ..ingest.auth import DELETED_KEYS_ACCEPTED_FOR_S
 from ..runtime.durable import make_dirs_durable, write_file_durably
+from ..runtime.filelock import lock_exclusive
+from .layout import EVENTS_DIRNAME, ROLLER_LOCK_NAME, TRASH_DIRNAME, drop_dir
 
 PURGES_DIRNAME = "_purges"
 # Events sent with the deleted project's keys until every server has noticed the deletion.
@@ -148,3 +150,33 @@ def why_name_is_blocked(events_dir: Path, project: str, now: float | None = None
     if wait > 0:
         return f"project {project!r} was just purged; its name is free again in {wait:.0f} s"
     return None
+
+
+def apply_purges_locked(events_dir: Path) -> int:
+    """Remove ``project=NAME/`` of every purge not yet applied; the caller holds the roller
+    lock. All of it is purgeable: a purged name cannot be created again before this ran."""
+    applied = 0
+    for purge in read_purges(events_dir):
+        if purge.applied:
+            continue
+        for partition in project_dirs(events_dir, purge.project):
+            if partition.exists():
+                drop_dir(partition, events_dir / TRASH_DIRNAME)
+        mark_applied(events_dir, purge)
+        applied += 1
+    return applied
+
+
+def apply_purges_now(data_dir: Path, wait_s: float) -> bool:
+    """Apply recorded purges under the roller lock, waiting up to ``wait_s`` for a roller pass
+    to finish. False if the lock stayed busy: the roller's next pass applies them then."""
+    events_dir = Path(data_dir) / EVENTS_DIRNAME
+    make_dirs_durable(events_dir)
+    fd = os.open(events_dir / ROLLER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not lock_exclusive(fd, wait_s):
+            return False
+        apply_purges_locked(events_dir)
+        return True
+    finally:
+        os.close(fd)

@@ -36,24 +36,25 @@ from pathlib import Path
 import duckdb
 import orjson
 
+from ..event_columns import EVENT_COLUMN_NAMES, EVENT_COLUMNS
 from ..log.commitlog import LOG_DIRNAME, list_segments, scan_segment
-from .purges import Purge, read_purges
-from .storage import (
-    EVENT_COLUMN_NAMES,
-    EVENT_COLUMNS,
-    EVENTS_DIRNAME,
+from .events_sql import (
     HIVE_TYPES_SQL,
-    INTENTS_DIRNAME,
-    ROLLER_LOCK_NAME,
-    compaction_started_ns,
     connect_duckdb,
     events_from_ndjson_sql,
-    partition_dirs,
-    source_segment,
     sql_string,
     without_purged,
     write_lines,
 )
+from .layout import (
+    EVENTS_DIRNAME,
+    INTENTS_DIRNAME,
+    ROLLER_LOCK_NAME,
+    compaction_started_ns,
+    partition_dirs,
+    source_segment,
+)
+from .purges import Purge, read_purges
 
 # A snapshot is retaken only when a compaction began while it read; after a handful of those
 # in a row it pauses the roller instead (see take_snapshot).
