@@ -5,10 +5,13 @@ object in ``e`` uses the camelCase keys below; every key but the five /v1/ingest
 optional (absent = NULL). ``/v1/ingest`` writes the API reference's fields; the Segment-spec
 routes (segment.py) write the same fields mapped from each message plus the Segment-only ones.
 
-The roller (storage/roller.py) and the log-tail reader (query.py) both turn records into rows with
-``events_select_sql``; DESCRIBE, export and the OpenAPI text read ``EVENT_COLUMNS``. A column
-added here flows log -> Parquet -> query with no other change; Parquet files written before it
-existed read it as NULL (``union_by_name``).
+Everything else is derived from this table: the roller and the log-tail reader
+(storage/events_sql.py) turn records into rows with ``events_select_sql``; the query views use
+``EVENT_COLUMNS_SQL`` and ``NO_EVENTS_SQL``; DESCRIBE, export and the OpenAPI text read
+``EVENT_COLUMNS``; the ingest schema (ingest/schema.py) names its Struct attributes after
+``COLUMN_OF_LOG_KEY`` (tests/test_event_columns.py checks its field kinds against the types
+here). A column added here flows log -> Parquet -> query with no other change; Parquet files
+written before it existed read it as NULL (``union_by_name``).
 
 Types of the JSON columns: ``properties_json``, ``traits``, ``context`` and ``integrations``
 hold the client's JSON exactly as sent (numbers, booleans, nesting kept), queryable with
@@ -55,7 +58,7 @@ EVENT_COLUMN_SPECS: tuple[EventColumn, ...] = (
     _plain("session_id", "VARCHAR", "sessionId", "Session identifier."),
     _plain("user_id", "VARCHAR", "userId", "Identified user ID."),
     _plain("consent_given", "BOOLEAN", "consentGiven", "Whether consent was given."),
-    # Measured (bench/micro_storage.py, DuckDB 2.0): CASE beats COALESCE on a MAP ~2x.
+    # CASE, not COALESCE: cheaper on a MAP (bench/micro_storage.py).
     EventColumn("properties", "MAP(VARCHAR, VARCHAR)", "properties", "JSON",
                 "CASE WHEN properties IS NULL THEN MAP {}::MAP(VARCHAR, VARCHAR) "
                 "ELSE json_transform(properties, '\"MAP(VARCHAR, VARCHAR)\"') END",
@@ -91,23 +94,39 @@ EVENT_COLUMN_SPECS: tuple[EventColumn, ...] = (
                 "/v1/ingest: the batch's Idempotency-Key header."),
 )  # fmt: skip
 
-EVENT_COLUMNS: tuple[tuple[str, str], ...] = tuple(
-    (c.name, c.sql_type) for c in EVENT_COLUMN_SPECS
-)
+# Everything below is derived from EVENT_COLUMN_SPECS.
+
+EVENT_COLUMNS: tuple[tuple[str, str], ...] = tuple((c.name, c.sql_type) for c in EVENT_COLUMN_SPECS)
 EVENT_COLUMN_NAMES = tuple(name for name, _ in EVENT_COLUMNS)
+# The relation's column list, quoted, in order (SELECT lists of the query views).
+EVENT_COLUMNS_SQL = ", ".join(f'"{name}"' for name in EVENT_COLUMN_NAMES)
+# A typed, empty events relation: a UNION BY NAME with it gives a column no file has yet its
+# type (and NULLs) rather than leaving it out.
+NO_EVENTS_SQL = (
+    "SELECT "
+    + ", ".join(f'CAST(NULL AS {sql_type}) AS "{name}"' for name, sql_type in EVENT_COLUMNS)
+    + " WHERE false"
+)
 
 
-def _log_struct() -> str:
-    seen: dict[str, str] = {}
+def _first_column_per_log_key() -> dict[str, EventColumn]:
+    first: dict[str, EventColumn] = {}
     for column in EVENT_COLUMN_SPECS:
         if column.log_key is not None:
-            seen.setdefault(column.log_key, column.log_type or column.sql_type)
-    fields = ", ".join(f'"{key}" {sql_type}' for key, sql_type in seen.items())
-    return f"STRUCT({fields})[]"
+            first.setdefault(column.log_key, column)
+    return first
 
 
+# The column each log key feeds first (``properties`` also feeds ``properties_json``): the
+# ingest schema names its Struct attributes after it, and read_json reads the key as its
+# log_type.
+COLUMN_OF_LOG_KEY: dict[str, EventColumn] = _first_column_per_log_key()
 # What read_json reads each record's ``e`` as; unknown keys are ignored.
-EVENT_STRUCT = _log_struct()
+EVENT_STRUCT = (
+    "STRUCT("
+    + ", ".join(f'"{key}" {c.log_type or c.sql_type}' for key, c in COLUMN_OF_LOG_KEY.items())
+    + ")[]"
+)
 # The record envelope: project, received_at (us), event-id prefix, idempotency key, events.
 ENVELOPE_COLUMNS_SQL = (
     f"{{p: 'VARCHAR', r: 'BIGINT', b: 'VARCHAR', k: 'VARCHAR', e: '{EVENT_STRUCT}'}}"
@@ -117,8 +136,8 @@ ENVELOPE_COLUMNS_SQL = (
 def events_select_sql(source: str) -> str:
     """SELECT turning the rows of ``source`` (read_json of log payload lines, with the
     ENVELOPE_COLUMNS_SQL columns) into ``events`` rows."""
-    # Measured (bench/micro_storage.py, DuckDB 2.0): unnest(max_depth := 2) expanding the
-    # struct into columns beats unnest + ev.field.
+    # unnest(max_depth := 2) expands the struct into columns: cheaper than unnest + ev.field
+    # (bench/micro_storage.py).
     columns = ",\n            ".join(f'{c.select} AS "{c.name}"' for c in EVENT_COLUMN_SPECS)
     return f"""
         WITH events AS (

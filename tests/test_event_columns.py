@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import msgspec
 import orjson
 import pytest
 
-from inslytic_fast.event_columns import EVENT_COLUMN_NAMES, EVENT_COLUMN_SPECS
+from inslytic_fast.event_columns import (
+    COLUMN_OF_LOG_KEY,
+    EVENT_COLUMN_NAMES,
+    EVENT_COLUMN_SPECS,
+    EVENT_STRUCT,
+)
+from inslytic_fast.ingest.schema import EventLimits, Schema
 from inslytic_fast.log.commitlog import frame_record, segment_name
 from inslytic_fast.storage.layout import EVENTS_DIRNAME
 from inslytic_fast.storage.query import run_query
@@ -100,3 +107,87 @@ def test_parquet_written_before_the_new_columns_reads_them_as_null(tmp_path):
         tmp_path, "SELECT event_name, type, message_id, traits, properties['path'] FROM events"
     )
     assert rows == [("page_viewed", None, None, None, "/pricing")]
+
+
+# How the ingest Struct's JSON encoding of each kind of field must be read from the log
+# (log_type) and stored (sql_type) for a value to reach its column unchanged.
+LOG_TYPE_OF_KIND = {
+    "string": "VARCHAR",
+    "device_type": "VARCHAR",
+    "timestamp": "VARCHAR",  # RFC 3339 text, cast with a fallback (event_columns.py)
+    "boolean": "BOOLEAN",
+    "properties": "JSON",
+}
+SQL_TYPE_OF_KIND = {
+    "string": "VARCHAR",
+    "device_type": "VARCHAR",
+    "timestamp": "TIMESTAMPTZ",
+    "boolean": "BOOLEAN",
+    "properties": "MAP(VARCHAR, VARCHAR)",
+}
+
+
+def test_the_ingest_struct_matches_the_event_columns_field_for_field():
+    schema = Schema(EventLimits())
+    struct_fields = msgspec.structs.fields(schema.Event)
+    assert [f.encode_name for f in struct_fields] == [spec.name for spec in schema.fields]
+    for spec, field in zip(schema.fields, struct_fields, strict=True):
+        column = COLUMN_OF_LOG_KEY[spec.name]
+        assert f'"{spec.name}" {column.log_type}' in EVENT_STRUCT
+        assert field.name == column.name, spec.name
+        assert (column.log_type, column.sql_type) == (
+            LOG_TYPE_OF_KIND[spec.kind],
+            SQL_TYPE_OF_KIND[spec.kind],
+        ), spec.name
+        if spec.required:
+            assert field.required, spec.name
+        elif spec.kind == "properties":
+            assert field.default_factory is dict  # omitted when empty: read back as {}
+        else:
+            assert field.default is None, spec.name  # omitted: read back as NULL
+
+
+FULL_INGEST_EVENT = {
+    "eventName": "checkout_started",
+    "timestamp": "2026-02-16T11:30:00.250+01:00",
+    "anonymousId": "anon-3",
+    "sessionId": "sess-3",
+    "consentGiven": False,
+    "userId": "user-3",
+    "properties": {"plan": "pro"},
+    "pageUrl": "https://shop.example/cart",
+    "pageTitle": "Cart",
+    "referrer": "https://search.example/",
+    "utmSource": "news",
+    "utmMedium": "email",
+    "utmCampaign": "spring",
+    "deviceType": "tablet",
+    "browser": "Firefox",
+    "os": "Linux",
+}
+
+
+@pytest.mark.parametrize("rolled", [False, True], ids=["log_tail", "parquet"])
+def test_every_ingest_field_reaches_the_column_the_table_names(tmp_path, rolled):
+    schema = Schema(EventLimits())
+    assert set(FULL_INGEST_EVENT) == {spec.name for spec in schema.fields}
+    events = schema.decode(orjson.dumps({"events": [FULL_INGEST_EVENT]}))
+    record = b'{"p":"shop","r":1771237807000000,"b":"' + b"2" * 33 + b'","e":'
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    with open(log_dir / segment_name("w0", 1), "wb") as f:
+        f.write(frame_record(record + schema.encode_events(events) + b"}\n"))
+    (log_dir / segment_name("w0", 2)).touch()
+    if rolled:
+        assert Roller(tmp_path).roll_once() == 1
+    columns = [COLUMN_OF_LOG_KEY[name].name for name in FULL_INGEST_EVENT]
+    _, rows = run_query(
+        tmp_path, f"SELECT {', '.join(f'{chr(34)}{c}{chr(34)}' for c in columns)} FROM events"
+    )
+    (row,) = rows
+    stored = dict(zip(FULL_INGEST_EVENT, row, strict=True))
+    assert stored.pop("timestamp").isoformat() == "2026-02-16T10:30:00.250000+00:00"
+    assert stored.pop("properties") == {"plan": "pro"}
+    assert stored == {
+        k: v for k, v in FULL_INGEST_EVENT.items() if k not in ("timestamp", "properties")
+    }

@@ -56,6 +56,8 @@ from typing import Annotated, Any, Literal, Optional
 import msgspec
 from msgspec import UNSET, Meta, Raw
 
+from ..event_columns import COLUMN_OF_LOG_KEY
+
 __all__ = [
     "DEVICE_TYPES",
     "ECHOED_KEY_CHARS",
@@ -142,15 +144,21 @@ FieldKind = Literal["string", "timestamp", "boolean", "properties", "device_type
 
 @dataclass(frozen=True, slots=True)
 class FieldSpec:
-    """One event field; the single source of truth for the Struct, the explainer and OpenAPI."""
+    """One event field as the API accepts it: the source of the Struct, the explainer and
+    OpenAPI. Where it is stored (column, SQL type) is event_columns.py's, keyed by ``name``."""
 
-    name: str  # JSON name (camelCase)
-    attr: str  # Struct attribute (snake_case; msgspec renames it to `name`)
+    name: str  # JSON name (camelCase), also the key in the log's event object
     kind: FieldKind
     required: bool
     description: str
     min_length: int = 0  # strings only
     max_length: int | None = None  # strings: characters; properties: entries
+
+    @property
+    def attr(self) -> str:
+        """The Struct attribute: the events column the field feeds (msgspec renames it back
+        to ``name``)."""
+        return COLUMN_OF_LOG_KEY[self.name].name
 
 
 def event_fields(limits: EventLimits) -> tuple[FieldSpec, ...]:
@@ -159,29 +167,29 @@ def event_fields(limits: EventLimits) -> tuple[FieldSpec, ...]:
     text = limits.max_text_length
     url = limits.max_url_length
     return (
-        FieldSpec("eventName", "event_name", "string", True, "Name of the event.", 1,
+        FieldSpec("eventName", "string", True, "Name of the event.", 1,
                   limits.max_name_length),
-        FieldSpec("timestamp", "timestamp", "timestamp", True,
+        FieldSpec("timestamp", "timestamp", True,
                   "ISO 8601 timestamp with Z or an offset; stored in UTC."),
-        FieldSpec("anonymousId", "anonymous_id", "string", True,
+        FieldSpec("anonymousId", "string", True,
                   "Anonymous device/session identifier.", 1, ids),
-        FieldSpec("sessionId", "session_id", "string", True, "Session identifier.", 1, ids),
-        FieldSpec("consentGiven", "consent_given", "boolean", True,
+        FieldSpec("sessionId", "string", True, "Session identifier.", 1, ids),
+        FieldSpec("consentGiven", "boolean", True,
                   "Whether the user has given consent for tracking."),
-        FieldSpec("userId", "user_id", "string", False,
+        FieldSpec("userId", "string", False,
                   "Identified user ID. Null for anonymous events.", 0, ids),
-        FieldSpec("properties", "properties", "properties", False,
+        FieldSpec("properties", "properties", False,
                   "Custom key-value pairs. Defaults to {}.", 0, limits.max_properties),
-        FieldSpec("pageUrl", "page_url", "string", False, "Full URL of the page.", 0, url),
-        FieldSpec("pageTitle", "page_title", "string", False, "Title of the page.", 0, text),
-        FieldSpec("referrer", "referrer", "string", False, "Referrer URL.", 0, url),
-        FieldSpec("utmSource", "utm_source", "string", False, "UTM source parameter.", 0, text),
-        FieldSpec("utmMedium", "utm_medium", "string", False, "UTM medium parameter.", 0, text),
-        FieldSpec("utmCampaign", "utm_campaign", "string", False, "UTM campaign parameter.", 0,
+        FieldSpec("pageUrl", "string", False, "Full URL of the page.", 0, url),
+        FieldSpec("pageTitle", "string", False, "Title of the page.", 0, text),
+        FieldSpec("referrer", "string", False, "Referrer URL.", 0, url),
+        FieldSpec("utmSource", "string", False, "UTM source parameter.", 0, text),
+        FieldSpec("utmMedium", "string", False, "UTM medium parameter.", 0, text),
+        FieldSpec("utmCampaign", "string", False, "UTM campaign parameter.", 0,
                   text),
-        FieldSpec("deviceType", "device_type", "device_type", False, "Device type."),
-        FieldSpec("browser", "browser", "string", False, "Browser name.", 0, text),
-        FieldSpec("os", "os", "string", False, "Operating system.", 0, text),
+        FieldSpec("deviceType", "device_type", False, "Device type."),
+        FieldSpec("browser", "string", False, "Browser name.", 0, text),
+        FieldSpec("os", "string", False, "Operating system.", 0, text),
     )  # fmt: skip
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from ..event_columns import EVENT_COLUMN_NAMES, EVENT_COLUMNS
+from ..event_columns import EVENT_COLUMNS_SQL, NO_EVENTS_SQL
 from ..log.commitlog import LOG_DIRNAME, list_segments, scan_segment
 from .events_sql import (
     HIVE_TYPES_SQL,
@@ -63,11 +63,6 @@ LOCK_FREE_ATTEMPTS = 5
 # slack covers an NTP step between the two (a false positive only costs a retry).
 CLOCK_SLACK_NS = 5_000_000_000
 MAX_QUERY_ATTEMPTS = 5
-
-_COLUMNS_SQL = ", ".join(f'"{name}"' for name in EVENT_COLUMN_NAMES)
-_TYPED_NULLS = ", ".join(
-    f'CAST(NULL AS {sql_type}) AS "{name}"' for name, sql_type in EVENT_COLUMNS
-)
 
 
 class SnapshotError(RuntimeError):
@@ -258,25 +253,27 @@ def _open(
 def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot) -> None:
     if snapshot.log_ndjson is not None:
         # A view, not a table: DuckDB then parses only the JSON fields a query uses.
-        log_source = f"SELECT {_COLUMNS_SQL} FROM ({events_from_ndjson_sql(snapshot.log_ndjson)})"
+        log_source = (
+            f"SELECT {EVENT_COLUMNS_SQL} FROM ({events_from_ndjson_sql(snapshot.log_ndjson)})"
+        )
     else:
-        log_source = f"SELECT {_TYPED_NULLS} WHERE false"
+        log_source = NO_EVENTS_SQL
     con.execute(f"CREATE TEMP VIEW _log_events AS {log_source}")
     if snapshot.parquet_files:
         files = "[" + ", ".join(sql_string(p) for p in snapshot.parquet_files) + "]"
         # UNION BY NAME with a typed empty row set: files written before a column existed
         # (event_columns.py) read it as NULL even when no file in the snapshot has it.
         con.execute(
-            f"CREATE TEMP VIEW _parquet_events AS SELECT {_COLUMNS_SQL} FROM (SELECT * FROM "
+            f"CREATE TEMP VIEW _parquet_events AS SELECT {EVENT_COLUMNS_SQL} FROM (SELECT * FROM "
             f"read_parquet({files}, hive_partitioning=true, hive_types={HIVE_TYPES_SQL}, "
-            f"union_by_name=true) UNION ALL BY NAME SELECT {_TYPED_NULLS} WHERE false)"
+            f"union_by_name=true) UNION ALL BY NAME {NO_EVENTS_SQL})"
         )
         source = (
-            f"SELECT {_COLUMNS_SQL} FROM _parquet_events "
-            f"UNION ALL SELECT {_COLUMNS_SQL} FROM _log_events"
+            f"SELECT {EVENT_COLUMNS_SQL} FROM _parquet_events "
+            f"UNION ALL SELECT {EVENT_COLUMNS_SQL} FROM _log_events"
         )
     else:
-        source = f"SELECT {_COLUMNS_SQL} FROM _log_events"
+        source = f"SELECT {EVENT_COLUMNS_SQL} FROM _log_events"
     # Purged events may still sit in the log, or in files the roller has yet to remove.
     source = without_purged(source, snapshot.purges)
     con.execute(f"CREATE TEMP VIEW events AS {source}")
