@@ -1,4 +1,4 @@
-"""``inslytic-fast serve``: resolve settings, then hand over to the server."""
+"""``inslytic-fast serve``: resolve settings, then hand over to one server or a supervisor."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import argparse
 import sys
 
 from ..config import ConfigError, add_arguments, effective_config, example_config, resolve
+from ..observe.logs import configure
+from ..runtime.process import raise_open_file_limit
+from ..runtime.server import serve_alone
+from ..runtime.supervisor import Supervisor
 
 
 def register(subparsers) -> None:
@@ -48,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config == "effective":
         sys.stdout.write(effective_config(settings))
         return 0
-    from ..observe.logs import configure
-    from ..runtime.server import run as run_server
-
     configure(settings.log_format, level=settings.log_level)
-
-    return run_server(settings)
+    # Each connection is a file descriptor; the rest (logs, catalog, DuckDB) fit in 256.
+    raise_open_file_limit(settings.max_connections + 256)
+    if settings.workers > 1:
+        return Supervisor(settings).run()
+    return serve_alone(settings)

@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import gc
 import logging
-import math
 import os
 import signal
 import socket
@@ -25,6 +24,8 @@ import duckdb
 import orjson
 
 from .. import __version__
+from ..cluster.coordinator import CoordinatorError, CoordinatorLink, start_cluster_catalog
+from ..cluster.dedup import ClusterDedup
 from ..config import Settings
 from ..http.app import App
 from ..http.openapi import build_openapi
@@ -36,6 +37,9 @@ from ..ingest.dedup import Dedup, DedupTable, rebuild
 from ..ingest.dedup import table_path as dedup_table_path
 from ..ingest.pipeline import Ingestor
 from ..ingest.schema import EventLimits, Schema
+from ..lake.status import degraded_note, read_status
+from ..lake.uploader import start_uploader
+from ..limits.globallimit import GlobalRateLimiter
 from ..limits.ratelimit import RateLimiter
 from ..log.commitlog import CommitLog
 from ..observe.logs import RepeatedFailure
@@ -49,10 +53,9 @@ from ..observe.metrics import (
     write_snapshot,
 )
 from ..observe.metrics import render as render_metrics
-from ..storage.roller import Roller
 from ..storage.roller_process import RollerProcess
 from .data_dir import DataDirLock, acquire_data_dir, check_data_dir, run_dir, seal_orphan_logs
-from .process import loop_factory, raise_open_file_limit, worker_index
+from .process import loop_factory, worker_index
 from .sockets import LISTEN_BACKLOG, bind_socket, tls_context
 from .startup import StartupError, announce, startup_failed
 from .systemd import listen_socket_from_systemd, notify
@@ -61,20 +64,6 @@ log = logging.getLogger("inslytic_fast.server")
 
 TICK_SECONDS = 1.0
 DRAIN_IDLE_GRACE_S = 1.0
-
-
-def make_roller(settings: Settings) -> Roller:
-    extra = {}
-    if settings.lake:
-        # Files leave for the lake within seconds and the lake compacts its own (`lake
-        # compact`); a local compaction racing an upload could send rows up twice.
-        extra["compact_interval_s"] = math.inf
-    return Roller(
-        settings.data_dir,
-        retention_days=settings.retention_days or None,
-        duckdb_threads=settings.roller_threads,
-        **extra,
-    )
 
 
 class Server:
@@ -156,8 +145,6 @@ class Server:
         self.commitlog = commitlog
         self.dedup = self._open_dedup()
         if self.coordinator is not None:  # retries that land on another node too
-            from ..cluster.dedup import ClusterDedup
-
             member = f"{settings.node}/{self.worker_id}"
             self.dedup = ClusterDedup(self.dedup, self.coordinator, member)
         if self.standalone:
@@ -199,9 +186,6 @@ class Server:
     def _join_cluster(self) -> None:
         """--coordinator: the catalog comes from the coordinator (mirrored into catalog.json,
         by the supervisor when there are workers) and the rate limits are cluster-wide."""
-        from ..cluster.coordinator import CoordinatorError, CoordinatorLink, start_cluster_catalog
-        from ..limits.globallimit import GlobalRateLimiter
-
         settings = self.settings
         member = f"{settings.node}/{self.worker_id}"
         try:
@@ -255,8 +239,6 @@ class Server:
         if self.roller is not None:
             self.roller.start()
         if self.standalone and settings.lake:
-            from ..lake.uploader import start_uploader
-
             self.uploader = start_uploader(settings)
         self.state.now = loop.time()
         app, state = self.app, self.state
@@ -344,8 +326,6 @@ class Server:
         storage = storage_gauges(self.settings.data_dir)
         storage["dedup"] = self.dedup.gauges()  # the table every worker shares: not summed
         if self.settings.lake:
-            from ..lake.status import read_status
-
             storage["lake"] = read_status(self.settings.data_dir) or {}
         return render_metrics(merge(snapshots), storage)
 
@@ -386,8 +366,6 @@ class Server:
         if self.coordinator is not None:
             notes.append(self.coordinator.note())
         if self.settings.lake:
-            from ..lake.status import degraded_note, read_status
-
             notes.append(degraded_note(read_status(self.settings.data_dir), time.time()))
         return "; ".join(n for n in notes if n) or None
 
@@ -452,13 +430,8 @@ class Server:
             self.uploader.stop()
 
 
-def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT. Returns the process exit code."""
-    raise_open_file_limit(settings.max_connections + 256)
-    if settings.workers > 1:
-        from .supervisor import Supervisor
-
-        return Supervisor(settings).run()
+def serve_alone(settings: Settings) -> int:
+    """``--workers 1``: this process serves until SIGTERM/SIGINT. Returns the exit code."""
     server = Server(settings)
     try:
         sock = listen_socket_from_systemd() or bind_socket(settings.host, settings.port)

@@ -11,6 +11,7 @@ Without SO_REUSEPORT the supervisor listens once and the workers inherit that so
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -24,6 +25,7 @@ from multiprocessing.connection import wait
 from ..cluster.coordinator import CoordinatorError, start_cluster_catalog
 from ..config import Settings
 from ..ingest.auth import CatalogError, KeyRing
+from ..lake.uploader import start_uploader
 from ..limits.sharedlimit import SharedBudget, SharedRateLimiter
 from ..observe.logs import configure as configure_logging
 from ..storage.roller_process import RollerProcess
@@ -81,8 +83,6 @@ def worker_main(
         ready.send(("error", str(exc)))
         sys.exit(2)
     server.on_ready = lambda: ready.send(("ready", os.getpid()))
-    import asyncio
-
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(server.serve(sock, metrics_sock))
 
@@ -144,8 +144,6 @@ class Supervisor:
         roller = RollerProcess(settings)
         roller.start()
         if settings.lake:
-            from ..lake.uploader import start_uploader
-
             self.uploader = start_uploader(settings)
         try:
             for worker in self.workers:

@@ -11,6 +11,7 @@ rolls what its closed logs sealed (``roll_before_exit``), so ``events/`` alone i
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -18,8 +19,11 @@ import threading
 import time
 
 from ..config import Settings
+from ..log.commitlog import sealed_segments
+from ..observe.logs import configure
 from ..runtime.children import leave_sigint_to_parent, start_child
 from ..runtime.process import follow_parent
+from .roller import DEFAULT_COMPACT_INTERVAL_S, Roller
 
 log = logging.getLogger("inslytic_fast.roller")
 
@@ -35,10 +39,19 @@ FINAL_ROLL_BUDGET_S = 10.0
 FINAL_ROLL_LOCK_WAIT_S = 1.0
 
 
-def roller_main(settings: Settings, parent_pid: int) -> None:
-    from ..observe.logs import configure
-    from ..runtime.server import make_roller
+def make_roller(settings: Settings) -> Roller:
+    """The roller as settings configure it (in the roller process, and for the final roll)."""
+    # With a lake, files leave within seconds and the lake compacts its own (`lake compact`);
+    # a local compaction racing an upload could send rows up twice.
+    return Roller(
+        settings.data_dir,
+        retention_days=settings.retention_days or None,
+        duckdb_threads=settings.roller_threads,
+        compact_interval_s=math.inf if settings.lake else DEFAULT_COMPACT_INTERVAL_S,
+    )
 
+
+def roller_main(settings: Settings, parent_pid: int) -> None:
     leave_sigint_to_parent()
     follow_parent(parent_pid, "inslytic-roller")
     configure(settings.log_format, "roller", settings.log_level)
@@ -136,9 +149,6 @@ class RollerProcess:
 
 def roll_before_exit(settings: Settings, budget_s: float = FINAL_ROLL_BUDGET_S) -> int:
     """Roll the sealed segments, oldest first, for up to ``budget_s``; return events rolled."""
-    from ..log.commitlog import sealed_segments
-    from ..runtime.server import make_roller
-
     roller = make_roller(settings)
     started = time.monotonic()
     rolled = 0
