@@ -15,19 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from inslytic_fast.ingest import auth
-from inslytic_fast.ingest.auth import (
-    CATALOG_FILE,
-    KEY_LENGTH,
-    KEY_PREFIX,
-    Catalog,
-    CatalogError,
-    KeyRing,
-    Project,
-    ProjectError,
-    generate_key,
-    key_is_well_formed,
-)
+from inslytic_fast.ingest import catalog as catalog_module
+from inslytic_fast.ingest import keyring as keyring_module
+from inslytic_fast.ingest.catalog import CATALOG_FILE, Catalog, CatalogError, ProjectError
+from inslytic_fast.ingest.keyring import KeyRing, Project
+from inslytic_fast.ingest.keys import KEY_LENGTH, KEY_PREFIX, generate_key, key_is_well_formed
 
 KEY_RE = re.compile(r"ik_live_[0-9A-Za-z]{32}[0-9A-Za-z]{6}")
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -197,7 +189,7 @@ def test_a_failed_write_is_a_catalog_error_and_changes_nothing(tmp_path, catalog
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(auth.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(CatalogError, match="cannot write catalog .*No space left"):
         catalog.create_project("other")
     monkeypatch.undo()
@@ -274,7 +266,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 
 def test_a_stuck_lock_holder_gives_a_clear_error(tmp_path, catalog, monkeypatch):
-    monkeypatch.setattr(auth, "LOCK_TIMEOUT_SECONDS", 0.05)
+    monkeypatch.setattr(catalog_module, "LOCK_TIMEOUT_SECONDS", 0.05)
     catalog.create_project("a")
     before = (tmp_path / CATALOG_FILE).read_bytes()
     fd = os.open(tmp_path / "catalog.lock", os.O_RDWR)
@@ -437,14 +429,14 @@ def test_reload_sees_an_in_place_edit_that_keeps_size_and_timestamps(tmp_path, c
         fh.write(data)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     # ctime moved unless the edit fell in the same tick as the write; make it so.
-    ring._seen_signature = auth._signature(path.stat())
+    ring._seen_signature = keyring_module._signature(path.stat())
     assert ring.reload_if_changed()
     assert ring.projects["shop"].events_per_minute == 700
 
 
 def test_an_unchanged_settled_file_is_not_re_read(tmp_path, catalog, monkeypatch):
     catalog.create_project("shop")
-    later = FakeClock(time.time() + 2 * auth.RACY_WINDOW_NS / 1e9)
+    later = FakeClock(time.time() + 2 * keyring_module.RACY_WINDOW_NS / 1e9)
     ring = KeyRing(tmp_path, clock=later)
     ring.load()
 
@@ -627,14 +619,14 @@ def test_a_reload_decodes_only_the_projects_that_changed(catalog, ring, clock, m
         catalog.create_project(f"p{i}")
     assert ring.reload_if_changed()
     decoded = []
-    real = auth._project_decoder
+    real = keyring_module.PROJECT_DECODER
 
     class Counting:
         def decode(self, text):
             decoded.append(bytes(text))
             return real.decode(text)
 
-    monkeypatch.setattr(auth, "_project_decoder", Counting())
+    monkeypatch.setattr(keyring_module, "PROJECT_DECODER", Counting())
     clock.now += 10
     catalog.set_limit("p7", 5)
     assert ring.reload_if_changed()
@@ -646,18 +638,40 @@ def test_a_deleted_name_waits_until_no_server_can_take_its_old_keys(tmp_path):
     """The deletion time is a later addition to the catalog: a catalog without it still loads
     (server and CLI), and a name deleted through it is refused until the window has passed."""
     now = 1_790_000_000.0
-    (tmp_path / auth.CATALOG_FILE).write_text(
+    (tmp_path / CATALOG_FILE).write_text(
         '{"version":1,"projects":{"shop":{"created":"2026-01-01T00:00:00Z","keys":[]}}}'
     )
-    ring = auth.KeyRing(tmp_path)
+    ring = KeyRing(tmp_path)
     ring.load()
     assert list(ring.projects) == ["shop"]
-    catalog = auth.Catalog(tmp_path, clock=lambda: now)
+    catalog = Catalog(tmp_path, clock=lambda: now)
     assert catalog.read().deleted == {}
     catalog.delete_project("shop")
-    with pytest.raises(auth.ProjectError, match=r"can be reused from .* \(in 5 s\)"):
+    with pytest.raises(ProjectError, match=r"can be reused from .* \(in 5 s\)"):
         catalog.create_project("SHOP")  # names ignore case, as partition directories may
     assert ring.reload_if_changed() and ring.projects == {}
-    later = auth.Catalog(tmp_path, clock=lambda: now + auth.DELETED_KEYS_ACCEPTED_FOR_S)
+    later = Catalog(tmp_path, clock=lambda: now + catalog_module.DELETED_KEYS_ACCEPTED_FOR_S)
     later.create_project("shop")
     assert later.read().deleted == {}  # the record goes once it has served its purpose
+
+
+def test_the_key_format_and_the_catalog_do_not_depend_on_the_server_side():
+    """keys (format, checksum, digest) is pure: it imports nothing of the package and no I/O
+    module. The catalog (what the CLI edits) never imports the server's key map."""
+    import ast
+    from pathlib import Path
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        names: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+        return names
+
+    from inslytic_fast.ingest import keys as keys_module
+
+    assert imported(keys_module) <= {"__future__", "hashlib", "secrets", "zlib"}
+    assert not {name for name in imported(catalog_module) if "keyring" in name}

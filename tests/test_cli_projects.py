@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from inslytic_fast.ingest.auth import CATALOG_FILE, Catalog, KeyRing
+from inslytic_fast.ingest.catalog import CATALOG_FILE, Catalog
+from inslytic_fast.ingest.keyring import KeyRing
 
 from .adversarial_helpers import killed_at_fsync
 
@@ -410,6 +411,6 @@ def test_projects_help_is_plain_text():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0
-    assert "``" not in proc.stdout and "inslytic_fast.ingest.auth" not in proc.stdout
+    assert "``" not in proc.stdout and "inslytic_fast.ingest.catalog" not in proc.stdout
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     assert "catalog.json" in text and "Exit codes" in text

@@ -11,7 +11,7 @@ import pytest
 
 from inslytic_fast.http.request import Request
 from inslytic_fast.http.responses import Responses
-from inslytic_fast.ingest.auth import KeyRing
+from inslytic_fast.ingest.keyring import KeyRing
 from inslytic_fast.ingest.pipeline import Admission, Ingestor, Rejection, decode_body
 from inslytic_fast.ingest.schema import Schema
 from inslytic_fast.limits.ratelimit import RateLimiter

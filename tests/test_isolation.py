@@ -11,7 +11,7 @@ import duckdb
 import orjson
 import pytest
 
-from inslytic_fast.ingest.auth import KEY_PREFIX, generate_key
+from inslytic_fast.ingest.keys import KEY_PREFIX, generate_key
 from inslytic_fast.storage.query import run_query
 
 from .adversarial_helpers import batch_body, event, exchange, ingest_request, poll_until

@@ -189,7 +189,7 @@ def test_cli_export_filters_by_project_and_time(tmp_path, capsys):
 
 
 def test_cli_export_of_an_unknown_project_fails_clearly(data_dir, tmp_path, capsys):
-    from inslytic_fast.ingest.auth import Catalog
+    from inslytic_fast.ingest.catalog import Catalog
 
     Catalog(data_dir).create_project("shop")
     Catalog(data_dir).create_project("quiet")  # known, with no events: an empty export is fine

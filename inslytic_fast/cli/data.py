@@ -316,7 +316,8 @@ def write_table(out, columns: list[str], rows: list[tuple]) -> None:
 
 def _project_known(data_dir: Path, name: str) -> bool:
     """Whether the key catalog names the project (True when there is no catalog to ask)."""
-    from inslytic_fast.ingest.auth import CatalogError, KeyRing
+    from inslytic_fast.ingest.catalog import CatalogError
+    from inslytic_fast.ingest.keyring import KeyRing
 
     keyring = KeyRing(data_dir)
     if not keyring.catalog_path.exists():

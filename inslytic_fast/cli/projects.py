@@ -1,7 +1,7 @@
 """`inslytic-fast projects ...`: create projects and manage their API keys.
 
 There is no dashboard in a self-hosted install, so this is where keys come from. Every command
-edits ``<data_dir>/catalog.json`` under a lock (see inslytic_fast.ingest.auth); a running
+edits ``<data_dir>/catalog.json`` under a lock (see inslytic_fast.ingest.catalog); a running
 server picks the change up within a second or two, no restart.
 
 A plaintext key is printed exactly once, as the last line of stdout of ``create`` and
@@ -24,18 +24,16 @@ from pathlib import Path
 
 from inslytic_fast.cluster.coordinator import PASSWORD_ENV, CoordinatorCatalog, CoordinatorError
 from inslytic_fast.config import env_or_default, option, parse_duration
-from inslytic_fast.ingest.auth import (
-    DISPLAY_PREFIX_LENGTH,
-    KEY_PREFIX,
+from inslytic_fast.ingest.catalog import (
     NAME_RULE,
     Catalog,
     CatalogError,
     KeyRecord,
     ProjectError,
     ProjectRecord,
-    shown,
     valid_project_name,
 )
+from inslytic_fast.ingest.keys import DISPLAY_PREFIX_LENGTH, KEY_PREFIX, shown
 from inslytic_fast.log.commitlog import LOG_DIRNAME, list_segments
 from inslytic_fast.storage.purges import find_purge, project_dirs, record_purge, why_name_is_blocked
 

@@ -34,15 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import msgspec
-
-from ..ingest.auth import (
-    Catalog,
-    CatalogDoc,
-    CatalogError,
-    _encoder,
-    _parse_catalog,
-)
+from ..ingest.catalog import Catalog, CatalogDoc, CatalogError, encode_catalog, parse_catalog
 
 if TYPE_CHECKING:
     import redis
@@ -170,7 +162,7 @@ class CoordinatorCatalog(Catalog):
     def read(self) -> CatalogDoc:
         version, data = self.read_raw()
         self._read_version = version
-        return CatalogDoc() if data is None else _parse_catalog(self.label, data)
+        return CatalogDoc() if data is None else parse_catalog(self.label, data)
 
     def _take_lock(self, lock_key: str, token: str) -> bool:
         return bool(self.client.set(lock_key, token, px=EDIT_LOCK_MS, nx=True))
@@ -196,7 +188,7 @@ class CoordinatorCatalog(Catalog):
                 pass  # it expires by itself
 
     def _write(self, doc: CatalogDoc) -> None:
-        data = msgspec.json.format(_encoder.encode(doc), indent=2) + b"\n"
+        data = encode_catalog(doc)
         written = self._call(
             self.client.eval, _WRITE_IF_VERSION, 1, self.key, self._read_version, data
         )
@@ -375,7 +367,7 @@ class CatalogMirror:
             return
         # bytes: connect() never asks the client to decode replies (the typing allows both).
         data = raw_doc if isinstance(raw_doc, bytes) else raw_doc.encode()
-        _parse_catalog(self.label, data)  # never install a document we could not serve
+        parse_catalog(self.label, data)  # never install a document we could not serve
         with self.local._locked():
             self.local._replace_atomically(data)
         self.version = version

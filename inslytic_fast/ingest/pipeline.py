@@ -28,8 +28,8 @@ from .segment import SEGMENT_PATHS, SegmentCodec, SegmentRejected
 
 if TYPE_CHECKING:
     from ..log.commitlog import CommitLog
-    from .auth import KeyRing, Project
     from .dedup import Dedup
+    from .keyring import KeyRing, Project
 
 log = logging.getLogger("inslytic_fast.ingest")
 

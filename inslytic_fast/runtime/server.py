@@ -32,9 +32,10 @@ from ..http.openapi import build_openapi
 from ..http.protocol import HttpProtocol
 from ..http.responses import Responses
 from ..http.state import ServerState
-from ..ingest.auth import CatalogError, KeyRing
+from ..ingest.catalog import CatalogError
 from ..ingest.dedup import Dedup, DedupTable, rebuild
 from ..ingest.dedup import table_path as dedup_table_path
+from ..ingest.keyring import KeyRing
 from ..ingest.pipeline import Ingestor
 from ..ingest.schema import EventLimits, Schema
 from ..lake.status import degraded_note, read_status

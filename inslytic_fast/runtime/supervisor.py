@@ -24,7 +24,8 @@ from multiprocessing.connection import wait
 
 from ..cluster.coordinator import CoordinatorError, start_cluster_catalog
 from ..config import Settings
-from ..ingest.auth import CatalogError, KeyRing
+from ..ingest.catalog import CatalogError
+from ..ingest.keyring import KeyRing
 from ..lake.uploader import start_uploader
 from ..limits.sharedlimit import SharedBudget, SharedRateLimiter
 from ..observe.logs import configure as configure_logging

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import orjson
 
-from ..ingest.auth import DELETED_KEYS_ACCEPTED_FOR_S
+from ..ingest.catalog import DELETED_KEYS_ACCEPTED_FOR_S
 from ..runtime.durable import make_dirs_durable, write_file_durably
 from ..runtime.filelock import lock_exclusive
 from .layout import EVENTS_DIRNAME, ROLLER_LOCK_NAME, TRASH_DIRNAME, drop_dir
