@@ -1,13 +1,12 @@
 """Settings, resolved once at start: command-line flag > environment > TOML file > default.
 
-Every option is declared once in ``OPTIONS``; the ``serve`` parser, the ``INSLYTIC_*`` environment
-variables, the TOML keys and the example config file are all generated from that table, so they
-cannot drift apart.
+Every option is declared once in ``OPTIONS``, with its default: ``Settings``, the ``serve``
+parser, the ``INSLYTIC_*`` environment variables, the TOML keys and the example config file
+(``config_render``) are all derived from that table, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import socket
@@ -17,59 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .http.forwarded import TrustedProxies
 from .ingest.dedup import BUCKET_SLOTS, DEFAULT_SLOTS
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": KiB, "kib": KiB, "kb": 1000,
-    "m": MiB, "mib": MiB, "mb": 1000**2,
-    "g": GiB, "gib": GiB, "gb": 1000**3,
-    "t": 1024 * GiB, "tib": 1024 * GiB, "tb": 1000**4,
-}  # fmt: skip
-_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_QUANTITY_RE = re.compile(r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*")  # -: "must not be negative"
-
-
-def parse_size(text: str) -> int:
-    """``"10MiB"`` -> 10485760: bytes, or a number with a unit (KiB, MiB, GiB, TiB; k/m/g/t
-    alike; KB, MB, GB, TB are powers of 1000), case-insensitive. ValueError if not one."""
-    match = _QUANTITY_RE.fullmatch(text.lower())
-    if match is None or match[2] not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {text!r}")
-    return int(float(match[1]) * _SIZE_UNITS[match[2]])
-
-
-def parse_duration(text: str) -> float:
-    """``"30s"`` -> 30.0: seconds, or a number with ms, s, m, h or d. ValueError if not one."""
-    match = _QUANTITY_RE.fullmatch(text.lower())
-    if match is None or match[2] not in _DURATION_UNITS:
-        raise ValueError(f"not a duration: {text!r}")
-    return float(match[1]) * _DURATION_UNITS[match[2]]
-
-
-class ByteSize(int):
-    """A setting in bytes: a number, or a string with a unit (``"5MiB"``)."""
-
-    description = "a size such as 1048576, 512KiB or 5MiB"
-
-    def __new__(cls, value: object = 0) -> ByteSize:
-        return super().__new__(cls, parse_size(value) if isinstance(value, str) else value)
-
-
-class Seconds(float):
-    """A setting in seconds: a number, or a string with a unit (``"30s"``, ``"500ms"``)."""
-
-    description = "a duration such as 30, 30s, 500ms or 2m"
-
-    def __new__(cls, value: object = 0.0) -> Seconds:
-        return super().__new__(cls, parse_duration(value) if isinstance(value, str) else value)
+from .units import ByteSize, KiB, MiB, Seconds, parse_cpu_list
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,37 +266,6 @@ class ConfigError(Exception):
     """A setting that cannot be used; the message names its source."""
 
 
-# One part of a Linux cpu-list (taskset -c, cpuset.cpus): a CPU or an inclusive range. ASCII
-# digits only: int() would also take other scripts' digits.
-_CPU_LIST_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
-
-
-def parse_cpu_list(text: str, cpu_count: int) -> tuple[int, ...]:
-    """``"0,2-3"`` -> ``(0, 2, 3)``: distinct, ascending, each below ``cpu_count``. ``""`` ->
-    ``()``: no CPUs chosen. ValueError names the part at fault."""
-    if not text.strip():
-        return ()
-    cpus: set[int] = set()
-    for raw_part in text.split(","):
-        part = raw_part.strip()
-        if not part:
-            raise ValueError(f"has an empty part in {text!r}")
-        match = _CPU_LIST_PART.fullmatch(part)
-        if match is None:
-            if part.startswith("-"):
-                raise ValueError(f"part {part!r} is negative")
-            raise ValueError(f"part {part!r} is not a CPU number or a range such as 2-5")
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) is not None else first
-        if last < first:
-            raise ValueError(f"part {part!r} is a range that runs backwards")
-        if last >= cpu_count:
-            have = f"CPUs 0-{cpu_count - 1}" if cpu_count > 1 else "only CPU 0"
-            raise ValueError(f"part {part!r} names CPU {last}; this machine has {have}")
-        cpus.update(range(first, last + 1))
-    return tuple(sorted(cpus))
-
-
 def _settled(name: str, value: Any) -> Any:
     """An option's coerced value in the form ``Settings`` holds it (ValueError if unusable)."""
     if name == "data_dir":
@@ -459,7 +377,9 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def resolve(
-    flags: dict[str, Any], environ: dict[str, str] | None = None, config_file: str | None = None
+    flags: dict[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
 ) -> Settings:
     """Merge the sources; ``flags`` holds None for every flag not given on the command line."""
     environ = os.environ if environ is None else environ
@@ -534,119 +454,3 @@ def resolve(
     for name in ("data_dir", "cors_origins"):
         values[name] = _settled(name, values[name])
     return Settings(**values, sources=sources)
-
-
-def add_arguments(parser) -> None:
-    """Add one flag per option to an argparse parser (defaults None: resolve() fills them in)."""
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        default=None,
-        help="TOML file with settings (keys as below, snake_case, optionally under [serve]); "
-        "env INSLYTIC_CONFIG",
-    )
-    for opt in OPTIONS:
-        if opt.type is bool:
-            parser.add_argument(
-                opt.flag,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"{opt.help} (default: {'on' if opt.default else 'off'}; env {opt.env})",
-            )
-            continue
-        parser.add_argument(
-            opt.flag,
-            type=_flag_type(opt),
-            default=None,
-            choices=opt.choices,
-            metavar=None if opt.choices else metavar(opt),
-            help=f"{opt.help} (default: {_shown_default(opt)}; env {_env_names(opt)})",
-        )
-
-
-def _flag_type(opt: Option):
-    """The argparse type of a flag: its option's, with an error that says what is expected."""
-    if opt.type in (int, float, str):
-        return opt.type
-
-    def parse(text: str):
-        try:
-            return opt.type(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {opt.type.description}") from None
-
-    parse.__name__ = opt.type.__name__
-    return parse
-
-
-def metavar(opt: Option) -> str:
-    """One name per kind of value in --help: SIZE, DURATION, N, or what the option names."""
-    if opt.metavar:
-        return opt.metavar
-    if opt.type is ByteSize:
-        return "SIZE"
-    if opt.type is Seconds:
-        return "DURATION"
-    if opt.type is int:
-        return "N"
-    return opt.name.split("_")[-1].upper()
-
-
-def _shown_default(opt: Option) -> str:
-    if opt.type is ByteSize and opt.default and opt.default % KiB == 0:
-        for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-            if opt.default % size == 0:
-                return f"{opt.default // size}{unit}"
-    if opt.type is Seconds:
-        return f"{opt.default:g}s"
-    return str(opt.default)
-
-
-def _env_names(opt: Option) -> str:
-    return " or ".join((opt.env, *opt.fallback_env))
-
-
-def example_config() -> str:
-    """The text of an example TOML file with every option at its default."""
-    lines = [
-        "# inslytic-fast settings; every key is optional. Flags and INSLYTIC_* env win.",
-        "[serve]",
-    ]
-    for opt in OPTIONS:
-        lines.append(f"# {opt.help}")
-        default = opt.default
-        if isinstance(default, bool):
-            rendered = "true" if default else "false"
-        elif isinstance(default, str):
-            rendered = f'"{default}"'
-        else:
-            rendered = repr(default)
-        lines.append(f"{opt.name} = {rendered}")
-    return "\n".join(lines) + "\n"
-
-
-# Settings whose values are secrets: --print-config effective says whether they are set.
-SECRET_OPTIONS = frozenset(("metrics_token",))
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | Path):
-        return orjson.dumps(str(value)).decode()  # a JSON string is a TOML basic string
-    if isinstance(value, tuple):
-        return _toml_value(",".join(map(str, value)))
-    return repr(value)
-
-
-def effective_config(settings: Settings) -> str:
-    """The settings in force, as TOML, each with the source it came from (secrets hidden)."""
-    lines = ["# inslytic-fast effective settings (flag > env > config file > default)", "[serve]"]
-    for opt in OPTIONS:
-        value = getattr(settings, opt.name)
-        source = settings.sources.get(opt.name, "default")
-        if opt.name in SECRET_OPTIONS and value:
-            lines.append(f'# {opt.name} = "..."  # set, from {source}; not shown')
-            continue
-        lines.append(f"{opt.name} = {_toml_value(value)}  # {source}")
-    return "\n".join(lines) + "\n"

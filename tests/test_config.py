@@ -17,11 +17,11 @@ from inslytic_fast.config import (
     ConfigError,
     Settings,
     env_or_default,
-    example_config,
     option,
-    parse_cpu_list,
     resolve,
 )
+from inslytic_fast.config_render import example_config
+from inslytic_fast.units import parse_cpu_list
 
 
 def no_flags(**given):

@@ -21,7 +21,8 @@ import pytest
 
 from inslytic_fast import __version__
 from inslytic_fast.cli import build_parser
-from inslytic_fast.config import OPTIONS, example_config, resolve
+from inslytic_fast.config import OPTIONS, resolve
+from inslytic_fast.config_render import example_config
 from inslytic_fast.runtime.supervisor import DRAIN_MARGIN_S
 
 from .conftest import LISTENING_RE, STARTUP_DEADLINE_S

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from inslytic_fast.cluster.coordinator import PASSWORD_ENV, CoordinatorCatalog, CoordinatorError
-from inslytic_fast.config import env_or_default, option, parse_duration
+from inslytic_fast.config import env_or_default, option
 from inslytic_fast.ingest.catalog import (
     NAME_RULE,
     Catalog,
@@ -36,6 +36,7 @@ from inslytic_fast.ingest.catalog import (
 from inslytic_fast.ingest.keys import DISPLAY_PREFIX_LENGTH, KEY_PREFIX, shown
 from inslytic_fast.log.commitlog import LOG_DIRNAME, list_segments
 from inslytic_fast.storage.purges import find_purge, project_dirs, record_purge, why_name_is_blocked
+from inslytic_fast.units import parse_duration
 
 # Where the storage layer keeps a project's events: <data_dir>/events/project=<name>/.
 EVENTS_DIR = "events"
@@ -86,7 +87,7 @@ def _set_limit(text: str) -> int | None:
 
 def _duration(text: str) -> int:
     try:
-        seconds = int(parse_duration(text))  # the units of serve's durations (config.py)
+        seconds = int(parse_duration(text))  # the units of serve's durations
     except ValueError:
         seconds = -1
     if seconds < 0:
@@ -451,6 +452,7 @@ def cmd_rotate_key(args: argparse.Namespace, catalog: Catalog) -> int:
         if revoke_now:
             print("Old keys are revoked now.")
         for old in [] if revoke_now else old_keys:
+            assert old.expires is not None  # rotate_key gave each old key its expiry
             print(f"Old key {old.prefix} keeps working until {_human_time(old.expires)}.")
         _print_new_key(args.name, key)
     sys.stdout.flush()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError, add_arguments, effective_config, example_config, resolve
+from ..config import ConfigError, resolve
+from ..config_render import add_arguments, effective_config, example_config
 from ..observe.logs import configure
 from ..runtime.process import raise_open_file_limit
 from ..runtime.server import serve_alone

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import orjson
 
-from ..config import env_or_default, option, parse_duration
+from ..config import env_or_default, option
 from ..observe.metrics import storage_gauges
+from ..units import parse_duration
 
 DATA_DIR = option("data_dir")
 METRICS_TOKEN_ENV = option("metrics_token").env
