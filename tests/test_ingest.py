@@ -11,8 +11,9 @@ import pytest
 
 from inslytic_fast.http.request import Request
 from inslytic_fast.http.responses import Responses
+from inslytic_fast.ingest.errors import IngestError
 from inslytic_fast.ingest.keyring import KeyRing
-from inslytic_fast.ingest.pipeline import Admission, Ingestor, Rejection, decode_body
+from inslytic_fast.ingest.pipeline import Admission, Ingestor, decode_body
 from inslytic_fast.ingest.schema import Schema
 from inslytic_fast.limits.ratelimit import RateLimiter
 from inslytic_fast.log.commitlog import LogUnavailable
@@ -107,6 +108,19 @@ def batch(n: int) -> dict:
     return {"events": [EXAMPLE_EVENT] * n}
 
 
+def refused(decide, *args) -> IngestError:
+    """The IngestError a decision raises."""
+    with pytest.raises(IngestError) as caught:
+        decide(*args)
+    return caught.value
+
+
+def head_and_body(error: IngestError) -> tuple[bytes, dict]:
+    """The refusal as the one renderer (Responses.refusal) answers it."""
+    head, _, body = Responses().refusal(error).partition(b"\r\n\r\n")
+    return head + b"\r\n", orjson.loads(body)
+
+
 def test_an_accepted_batch_is_answered_only_after_the_commit(world):
     ingestor, sink, key, _ = world
     out = Collector()
@@ -154,10 +168,12 @@ def test_auth_comes_first(world, authorization, error):
     ingestor, sink, _, _ = world
     req = request(None, b"not even json")
     req.authorization = authorization
-    decision = ingestor.admit(req)
-    assert isinstance(decision, Rejection) and decision.status == 401
-    assert error in orjson.loads(decision.body)["error"]
+    decision = refused(ingestor.admit, req)
+    assert decision.status == 401
+    head, body = head_and_body(decision)
+    assert error in body["error"]
     assert decision.headers == b"WWW-Authenticate: Bearer\r\n"
+    assert b"\r\nWWW-Authenticate: Bearer\r\n" in head
 
 
 def test_bearer_scheme_is_case_insensitive(world):
@@ -170,9 +186,9 @@ def test_bearer_scheme_is_case_insensitive(world):
 def test_an_invalid_batch_spends_no_tokens_and_stores_nothing(world):
     ingestor, sink, key, _ = world
     bad = {"events": [EXAMPLE_EVENT] * 5 + [{"eventName": 1}]}
-    decision = ingestor.admit(request(key, bad))
-    assert isinstance(decision, Rejection) and decision.status == 400
-    assert orjson.loads(decision.body)["error"] == "Validation failed"
+    decision = refused(ingestor.admit, request(key, bad))
+    assert decision.status == 400 and decision.reason == "validation"
+    assert head_and_body(decision)[1]["error"] == "Validation failed"
     assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
     assert sink.appended == []
 
@@ -180,21 +196,23 @@ def test_an_invalid_batch_spends_no_tokens_and_stores_nothing(world):
 def test_rate_limit_refuses_the_whole_batch_and_refills_after_the_window(world):
     ingestor, _, key, clock = world
     assert isinstance(ingestor.admit(request(key, batch(7))), Admission)
-    decision = ingestor.admit(request(key, batch(4)))
-    assert isinstance(decision, Rejection) and decision.status == 429
-    assert b"Retry-After: 60\r\n" in decision.headers
-    assert b"X-RateLimit-Remaining: 3\r\n" in decision.headers
+    decision = refused(ingestor.admit, request(key, batch(4)))
+    assert decision.status == 429 and decision.retry_after == 60
+    head, _ = head_and_body(decision)
+    assert b"\r\nRetry-After: 60\r\n" in head
+    assert b"\r\nX-RateLimit-Remaining: 3\r\n" in head
     clock.now += 60
     assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
 
 
 def test_a_batch_larger_than_the_whole_limit_is_413_without_a_retry_hint(world):
     ingestor, _, key, clock = world
-    decision = ingestor.admit(request(key, batch(11)))
+    decision = refused(ingestor.admit, request(key, batch(11)))
     # 429 means "try later"; this batch would be refused in every window.
     assert decision.status == 413
-    assert b"Retry-After" not in decision.headers
-    detail = orjson.loads(decision.body)["details"][0]
+    head, body = head_and_body(decision)
+    assert decision.retry_after is None and b"\r\nRetry-After:" not in head
+    detail = body["details"][0]
     assert "limit of 10 events per minute" in detail and "never" in detail
     # Nothing was spent: a batch that fits still has the whole bucket.
     assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
@@ -223,11 +241,10 @@ def test_content_encodings(world, encoding, compress):
 
 def test_decompression_stops_at_the_cap_and_reports_corrupt_streams():
     bomb = gzip.compress(b"a" * 5_000_000)
-    decision = decode_body(bomb, b"gzip", 1000)
-    assert isinstance(decision, Rejection) and decision.status == 413
-    assert decode_body(b"junk", b"gzip", 1000).status == 400
-    assert decode_body(gzip.compress(b"x" * 100)[:-10], b"gzip", 1000).status == 400
-    assert decode_body(b"{}", b"br", 1000).status == 415
+    assert refused(decode_body, bomb, b"gzip", 1000).status == 413
+    assert refused(decode_body, b"junk", b"gzip", 1000).status == 400
+    assert refused(decode_body, gzip.compress(b"x" * 100)[:-10], b"gzip", 1000).status == 400
+    assert refused(decode_body, b"{}", b"br", 1000).status == 415
 
 
 @pytest.mark.parametrize(
@@ -242,10 +259,11 @@ def test_decompression_stops_at_the_cap_and_reports_corrupt_streams():
 )
 def test_media_types(world, content_type, ok):
     ingestor, _, key, _ = world
-    decision = ingestor.admit(request(key, batch(1), content_type=content_type))
-    assert isinstance(decision, Admission) is ok
-    if not ok:
-        assert decision.status == 415
+    req = request(key, batch(1), content_type=content_type)
+    if ok:
+        assert isinstance(ingestor.admit(req), Admission)
+    else:
+        assert refused(ingestor.admit, req).status == 415
 
 
 def test_a_cached_202_is_the_rendered_one_and_follows_the_date(monkeypatch):
@@ -275,4 +293,4 @@ def test_refuse_before_body_decides_auth_media_type_and_an_empty_bucket_spending
     assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
     # ... and once it is empty, no body is invited until it refills.
     refusal = ingestor.refuse_before_body(request(key, b""))
-    assert refusal.status == 429 and b"Retry-After: " in refusal.headers
+    assert refusal.status == 429 and b"\r\nRetry-After: " in head_and_body(refusal)[0]

@@ -116,10 +116,10 @@ class App:
         invited (``Expect: 100-continue``); None to invite it. The response closes."""
         if req.path != self.ingest_route or req.method != b"POST":
             return None
-        rejection = self.ingestor.refuse_before_body(req)
-        if rejection is None:
+        error = self.ingestor.refuse_before_body(req)
+        if error is None:
             return None
-        return INGEST_ROUTE, self.ingestor.refusal(rejection, req, close=True)
+        return INGEST_ROUTE, self.ingestor.refusal(error, req, close=True)
 
     def refuse_on_headers(self, req: Request) -> tuple[bytes, bytes] | None:
         """(route, response) for an ingest or Segment request the log cannot take whatever its body

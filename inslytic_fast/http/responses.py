@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import http
 from email.utils import formatdate
+from typing import TYPE_CHECKING
 
 import orjson
 
 from .. import __version__
+
+if TYPE_CHECKING:
+    from ..ingest.errors import IngestError
 
 # Built once at import, as uvicorn does, so a response costs one bytes-format call.
 STATUS_LINES: dict[int, bytes] = {
@@ -119,6 +123,18 @@ class Responses:
         close: bool = False,
     ) -> bytes:
         return self.render(status, error_body(message, details), extra, origin=origin, close=close)
+
+    def refusal(
+        self, error: IngestError, *, origin: bytes | None = None, close: bool = False
+    ) -> bytes:
+        """The one rendering of an ingest refusal: its status, ``{"error", "details"}`` body,
+        Retry-After and the header lines it carries."""
+        extra = error.headers
+        if error.retry_after is not None:
+            extra = b"Retry-After: %d\r\n" % error.retry_after + extra
+        return self.render(
+            error.status, error_body(error.error, error.details), extra, origin=origin, close=close
+        )
 
     def no_content(self, extra: bytes, *, origin: bytes | None = None) -> bytes:
         """204 for CORS preflight: no body and (RFC 9110 s8.6) no Content-Length either way."""

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Protocol
 import msgspec
 
 from ..http.request import Request
-from ..http.responses import Responses, error_body
+from ..http.responses import Responses
 from ..limits.ratelimit import UNLIMITED, RateLimiter, TokenBucket
 from ..log.commitlog import LogUnavailable
 from ..observe.metrics import Metrics
+from . import errors
 from .dedup import CLAIMED, IN_FLIGHT, batch_key, message_key
-from .schema import BatchRejected, Schema
+from .errors import MAX_IDEMPOTENCY_KEY_LENGTH, IngestError
+from .schema import Schema
 from .segment import SEGMENT_PATHS, SegmentCodec, SegmentRejected
 
 if TYPE_CHECKING:
@@ -33,18 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("inslytic_fast.ingest")
 
-WWW_AUTHENTICATE = b"WWW-Authenticate: Bearer\r\n"
 JSON_MEDIA_TYPES = (b"application/json", b"text/plain")  # text/plain: navigator.sendBeacon
 SEGMENT_SUCCESS = b'{"success":true}'
 # gzip's magic bytes (RFC 1952 s2.3.1): a beacon cannot set Content-Encoding, so a body that
 # starts with them is read as gzip (JSON text never starts with 0x1f).
 GZIP_MAGIC = b"\x1f\x8b"
-# IETF draft-ietf-httpapi-idempotency-key-header leaves the length open; Stripe caps keys at
-# 255 characters, which fits a UUID, a hash or a compound id.
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
-# A retry that arrives while its first attempt is still committing: stored-or-not is not known
-# yet. The commit takes milliseconds; one second is the smallest Retry-After.
-RETRY_AFTER_IN_FLIGHT = 1
 
 
 class _BodyKey(msgspec.Struct):
@@ -58,21 +53,6 @@ _body_key_decoder = msgspec.json.Decoder(_BodyKey)
 
 class Responder(Protocol):
     def respond(self, data: bytes) -> None: ...
-
-
-class Rejection:
-    """A 4xx decision: nothing stored, no tokens spent (unless the limiter itself refused)."""
-
-    __slots__ = ("status", "body", "headers", "reason", "events")
-
-    def __init__(
-        self, status: int, body: bytes, headers: bytes = b"", reason: str = "body", events: int = 0
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.headers = headers
-        self.reason = reason  # for metrics: auth, body, validation, rate_limit
-        self.events = events  # events in the batch, where known
 
 
 class Admission:
@@ -112,58 +92,47 @@ class Duplicate:
         self.count = count
 
 
-def bearer_token(authorization: bytes | None, *, basic: bool = False) -> bytes | Rejection:
+def bearer_token(authorization: bytes | None, *, basic: bool = False) -> bytes:
     """The key of an Authorization header; ``basic``: also HTTP Basic with the key as user
-    name (Segment's write key: ``base64(key + ":")``)."""
+    name (Segment's write key: ``base64(key + ":")``). Raises a 401 IngestError."""
     if authorization is not None and authorization.startswith(b"Bearer "):
         token = authorization[7:].strip()  # what SDKs send: no partition, no lower()
         if token:
             return token
     if authorization is None:
-        return _unauthorized("Missing API key: send 'Authorization: Bearer <key>'")
+        raise errors.unauthorized("Missing API key: send 'Authorization: Bearer <key>'")
     scheme, _, token = authorization.strip().partition(b" ")
     if basic and scheme.lower() == b"basic":
         try:
             user = base64.b64decode(token.strip(), validate=True).partition(b":")[0]
         except (binascii.Error, ValueError):
-            return _unauthorized("Authorization: Basic credentials are not valid base64")
+            raise errors.unauthorized(
+                "Authorization: Basic credentials are not valid base64"
+            ) from None
         if not user:
-            return _unauthorized("Missing write key: the Basic user name is empty")
+            raise errors.unauthorized("Missing write key: the Basic user name is empty")
         return user
     if scheme.lower() != b"bearer":  # RFC 9110 s11.1: auth schemes are case-insensitive
-        return _unauthorized("Authorization must use the Bearer scheme")
+        raise errors.unauthorized("Authorization must use the Bearer scheme")
     token = token.strip()
     if not token:
-        return _unauthorized("Missing API key: the Bearer token is empty")
+        raise errors.unauthorized("Missing API key: the Bearer token is empty")
     return token
 
 
-def _unauthorized(message: str) -> Rejection:
-    return Rejection(401, error_body(message), WWW_AUTHENTICATE, "auth")
-
-
-def check_media_type(content_type: bytes | None) -> Rejection | None:
+def check_media_type(content_type: bytes | None) -> None:
+    """Raise a 415 IngestError unless the body may be JSON."""
     # None: curl -d without -H; be lenient, the body decides.
     if content_type is None or content_type == b"application/json":
-        return None
+        return
     media_type = content_type.partition(b";")[0].strip().lower()
-    if media_type in JSON_MEDIA_TYPES:
-        return None
-    return Rejection(
-        415,
-        error_body(
-            "Unsupported Media Type",
-            ["Content-Type must be application/json or text/plain"],
-        ),
-    )
+    if media_type not in JSON_MEDIA_TYPES:
+        raise errors.unsupported_media_type()
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-def decode_body(body: bytes, content_encoding: bytes | None, limit: int) -> bytes | Rejection:
-    """Undo Content-Encoding, inflating at most ``limit`` bytes (a gzip bomb stops at the cap).
+def decode_body(body: bytes, content_encoding: bytes | None, limit: int) -> bytes:
+    """Undo Content-Encoding, inflating at most ``limit`` bytes (a gzip bomb stops at the cap);
+    raises an IngestError (415 unknown coding, 413 over the cap, 400 broken stream).
 
     Without Content-Encoding, a body starting with gzip's magic bytes is gzip (see GZIP_MAGIC).
     """
@@ -184,28 +153,16 @@ def decode_body(body: bytes, content_encoding: bytes | None, limit: int) -> byte
         )
         wbits = zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
     else:
-        return Rejection(
-            415,
-            error_body(
-                "Unsupported Content-Encoding",
-                ["Content-Encoding must be gzip, deflate or identity"],
-            ),
-        )
+        raise errors.unsupported_encoding()
     inflater = zlib.decompressobj(wbits)
     try:
         out = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
-        return Rejection(400, error_body("Invalid compressed body", [str(exc)]))
+        raise errors.invalid_compression(str(exc)) from None
     if len(out) > limit:
-        return Rejection(
-            413,
-            error_body(
-                "Payload Too Large",
-                [f"the decompressed body exceeds {limit} bytes"],
-            ),
-        )
+        raise errors.inflated_too_large(limit)
     if not inflater.eof:
-        return Rejection(400, error_body("Invalid compressed body", ["the stream is truncated"]))
+        raise errors.invalid_compression("the stream is truncated")
     return out
 
 
@@ -266,41 +223,32 @@ class Ingestor:
 
     # ------------------------------------------------------------------ decisions
 
-    def _header_project(self, req: Request) -> Project | Rejection:
+    def _header_project(self, req: Request) -> Project:
         """Who is sending by the Authorization header, and whether the headers allow a body."""
-        token = bearer_token(req.authorization)
-        if type(token) is Rejection:
-            return token
-        project = self._lookup(req, token)
-        if type(project) is Rejection:
-            return project
-        rejection = check_media_type(req.content_type)
-        if rejection is not None:
-            return rejection
+        project = self._lookup(req, bearer_token(req.authorization))
+        check_media_type(req.content_type)
         return project
 
-    def _project(
-        self, req: Request, header_key: bytes | None, body_key: str | None
-    ) -> Project | Rejection:
+    def _project(self, req: Request, header_key: bytes | None, body_key: str | None) -> Project:
         """The project of the request's key: the header's, else the body's; both must agree."""
         if header_key is not None:
             if body_key is not None and body_key.encode() != header_key:
-                return _unauthorized(
+                raise errors.unauthorized(
                     "The key in the body does not match the Authorization header"
                 )
             key = header_key
         elif body_key:
             key = body_key.encode()
         else:
-            return _unauthorized(
+            raise errors.unauthorized(
                 "Missing API key: send 'Authorization: Bearer <key>' or a writeKey body field"
             )
         return self._lookup(req, key)
 
-    def _lookup(self, req: Request, key: bytes) -> Project | Rejection:
+    def _lookup(self, req: Request, key: bytes) -> Project:
         project = self.keyring.lookup(key)
         if project is None:
-            return _unauthorized("Invalid API key")
+            raise errors.unauthorized("Invalid API key")
         req.project = project.name  # for the access log
         origin = req.origin
         if origin is not None:
@@ -311,94 +259,69 @@ class Ingestor:
                 self.responses.origin_allowed(origin)
                 and (allowed is None or origin in allowed)
             ):
-                return Rejection(
-                    403,
-                    error_body("Origin not allowed", [f"{origin.decode('latin-1')[:200]}"]),
-                    reason="auth",
-                )
+                raise errors.origin_not_allowed(origin)
         return project
 
-    def refuse_before_body(self, req: Request) -> Rejection | None:
+    def refuse_before_body(self, req: Request) -> IngestError | None:
         """For ``Expect: 100-continue``: the refusal a request would get whatever its body
         (auth, media type, encoding, an empty rate-limit bucket), or None to invite the body.
         Spends nothing; the request is decided again in full once the body is in."""
         if req.authorization is None and _is_beacon(req):
             return None  # the key may be in the body
-        project = self._header_project(req)
-        if type(project) is Rejection:
-            return project
-        encoding = decode_body(b"", req.content_encoding, 0)
-        if type(encoding) is Rejection and encoding.status == 415:
-            return encoding
-        return self._empty_bucket(project)
+        try:
+            project = self._header_project(req)
+            try:
+                decode_body(b"", req.content_encoding, 0)
+            except IngestError as error:
+                if error.status == 415:  # an unknown coding; the empty body's 400 is no verdict
+                    raise
+            self._refuse_if_bucket_empty(project)
+        except IngestError as error:
+            return error
+        return None
 
-    def _empty_bucket(self, project: Project) -> Rejection | None:
-        """The 429 of a project whose bucket is empty, whatever the body; spends nothing."""
+    def _refuse_if_bucket_empty(self, project: Project) -> None:
+        """Raise the 429 of a project whose bucket is empty, whatever the body; spends nothing."""
         limit = self._limit_of(project)
         if limit != UNLIMITED:
             now = self.limiter.clock()
             bucket = self.limiter.bucket(project.name, limit, now)
             if not bucket.try_spend(1):
-                return self._rate_limited(bucket, limit, 1, now)
+                raise self._rate_limited(bucket, limit, 1, now)
             bucket.refund(1, bucket.window_start)
-        return None
 
     def _limit_of(self, project: Project) -> int:
         limit = project.events_per_minute
         return self.default_limit if limit is None else limit
 
-    def _rate_limited(self, bucket: TokenBucket, limit: int, count: int, now: float) -> Rejection:
+    @staticmethod
+    def _rate_limited(bucket: TokenBucket, limit: int, count: int, now: float) -> IngestError:
         reset = bucket.reset_in(now)
-        detail = (
-            f"this batch costs {count} tokens; {bucket.tokens} of {limit} remain "
-            f"until the bucket refills in {reset} s"
-        )
-        return Rejection(
-            429,
-            error_body("Rate limit exceeded", [detail]),
-            b"Retry-After: %d\r\n" % reset + limit_headers(bucket, now),
-            "rate_limit",
-            count,
-        )
+        return errors.rate_limited(count, limit, bucket.tokens, reset, limit_headers(bucket, now))
 
-    def _spend(self, project: Project, count: int) -> tuple[TokenBucket | None, bytes] | Rejection:
+    def _spend(self, project: Project, count: int) -> tuple[TokenBucket | None, bytes]:
+        """The bucket spent from and its rate-limit headers; raises 429 (or 413 for a batch
+        that can never fit)."""
         limit = self._limit_of(project)
         if limit == UNLIMITED or count == 0:
             return None, b""
         if count > limit:
-            # 429 means "try later"; this batch can never fit in a window. No Retry-After.
-            return Rejection(
-                413,
-                error_body(
-                    "Batch exceeds the rate limit",
-                    [
-                        f"this batch of {count} events is more than the project's whole "
-                        f"limit of {limit} events per minute, so it can never be accepted; "
-                        f"send it in batches of at most {limit} events"
-                    ],
-                ),
-                reason="rate_limit",
-                events=count,
-            )
+            raise errors.batch_over_limit(count, limit)
         now = self.limiter.clock()
         bucket = self.limiter.bucket(project.name, limit, now)
         if not bucket.try_spend(count):
-            return self._rate_limited(bucket, limit, count, now)
+            raise self._rate_limited(bucket, limit, count, now)
         return bucket, limit_headers(bucket, now)
 
     def _header_key_and_body(
         self, req: Request, *, header_required: bool, basic: bool = False
-    ) -> tuple[bytes | None, bytes] | Rejection:
+    ) -> tuple[bytes | None, bytes]:
         """The Authorization header's key (None when absent and not required: the body may
         carry one) and the decoded body; headers that decide a refusal decide it first."""
         header_key = None
         if req.authorization is not None or header_required:
             header_key = bearer_token(req.authorization, basic=basic)
-            if type(header_key) is Rejection:
-                return header_key
-        rejection = check_media_type(req.content_type)
-        if rejection is not None:
-            return rejection
+        check_media_type(req.content_type)
         if header_key is not None and (
             req.content_encoding is not None or req.body[:2] == GZIP_MAGIC
         ):
@@ -406,18 +329,16 @@ class Ingestor:
             # -> 20 MB of JSON): a project whose bucket is empty is refused before that. The
             # key as this route reads it (Segment's HTTP Basic too); any other refusal keeps
             # its usual place, after the body is decoded.
-            project = self._lookup(req, header_key)
-            if type(project) is not Rejection:
-                early = self._empty_bucket(project)
-                if early is not None:
-                    return early
-        body = decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
-        if type(body) is Rejection:
-            return body
-        return header_key, body
+            try:
+                project = self._lookup(req, header_key)
+            except IngestError:
+                pass
+            else:
+                self._refuse_if_bucket_empty(project)
+        return header_key, decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
 
-    def admit(self, req: Request) -> Admission | Duplicate | Rejection:
-        """POST /v1/ingest."""
+    def admit(self, req: Request) -> Admission | Duplicate:
+        """POST /v1/ingest; raises IngestError."""
         # A beacon (text/plain: sendBeacon cannot set headers) may carry its key in the body.
         content_type = req.content_type
         beacon = (
@@ -425,10 +346,7 @@ class Ingestor:
             and content_type != b"application/json"  # the common case, decided in one compare
             and content_type[:10].lower() == b"text/plain"
         )
-        read = self._header_key_and_body(req, header_required=not beacon)
-        if type(read) is Rejection:
-            return read
-        header_key, body = read
+        header_key, body = self._header_key_and_body(req, header_required=not beacon)
         if beacon:  # also with a header: a body key that disagrees with it is refused
             try:
                 body_key = _body_key_decoder.decode(body).writeKey
@@ -437,8 +355,6 @@ class Ingestor:
             project = self._project(req, header_key, body_key)
         else:
             project = self._lookup(req, header_key)
-        if type(project) is Rejection:
-            return project
         idempotency_key = req.idempotency_key
         if idempotency_key is not None:
             idempotency_key = idempotency_key.strip()
@@ -447,17 +363,8 @@ class Ingestor:
                 and idempotency_key.isascii()
                 and idempotency_key.decode("ascii").isprintable()
             ):
-                return Rejection(
-                    400,
-                    error_body(
-                        "Invalid Idempotency-Key",
-                        [f"1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters"],
-                    ),
-                )
-        try:
-            events = self.schema.decode(body)
-        except BatchRejected as exc:
-            return Rejection(400, error_body(exc.error, exc.details), reason="validation")
+                raise errors.invalid_idempotency_key()
+        events = self.schema.decode(body)  # raises BatchRejected, an IngestError
         count = len(events)
         claimed = None
         if idempotency_key is not None and self.dedup is not None:
@@ -465,15 +372,15 @@ class Ingestor:
                 [batch_key(project.name, idempotency_key)], self.dedup_owner
             )
             if status == IN_FLIGHT:
-                return _in_flight(409)
+                raise errors.in_flight(409)
             if status != CLAIMED:
                 return Duplicate(status)
-        spent = self._spend(project, count)
-        if type(spent) is Rejection:
+        try:
+            bucket, headers = self._spend(project, count)
+        except IngestError:
             if claimed:
                 self.dedup.release(claimed)
-            return spent
-        bucket, headers = spent
+            raise
         # Positional: keyword arguments cost ~0.1 us each on this path.
         return Admission(
             project.name,
@@ -486,33 +393,30 @@ class Ingestor:
             idempotency_key,
         )
 
-    def admit_segment(self, req: Request, route_type: str | None) -> Admission | Rejection:
-        """POST /v1/batch and the single-message Segment routes."""
-        read = self._header_key_and_body(req, header_required=False, basic=True)
-        if type(read) is Rejection:
-            return read
-        header_key, body = read
+    def admit_segment(self, req: Request, route_type: str | None) -> Admission:
+        """POST /v1/batch and the single-message Segment routes; raises IngestError."""
+        header_key, body = self._header_key_and_body(req, header_required=False, basic=True)
         try:
             decoded = self.segment.decode(body, route_type)
-        except SegmentRejected as exc:
+        except SegmentRejected:
             if header_key is None:  # unauthenticated: say only that the key is missing
-                return _unauthorized("Missing write key: HTTP Basic user name or writeKey")
-            return Rejection(400, error_body(exc.error, exc.details), reason="validation")
+                raise errors.unauthorized(
+                    "Missing write key: HTTP Basic user name or writeKey"
+                ) from None
+            raise
         project = self._project(req, header_key, decoded.write_key)
-        if type(project) is Rejection:
-            return project
         messages = decoded.messages
         claimed = None
         if self.dedup is not None:
             messages, claimed = self._new_messages(project.name, messages)
             if messages is None:
-                return _in_flight(503)
-        spent = self._spend(project, len(messages))
-        if type(spent) is Rejection:
+                raise errors.in_flight(503)
+        try:
+            bucket, headers = self._spend(project, len(messages))
+        except IngestError:
             if claimed:
                 self.dedup.release(claimed)
-            return spent
-        bucket, headers = spent
+            raise
         events_json = (
             self.segment.encode(messages, decoded.sent_at, self.clock()) if messages else b""
         )
@@ -548,35 +452,33 @@ class Ingestor:
 
     # ------------------------------------------------------------------ carrying them out
 
-    def refusal(self, rejection: Rejection, req: Request, *, close: bool) -> bytes:
-        """Count a rejection and render its response."""
-        self.metrics.rejected(rejection.reason, rejection.events)
-        return self.responses.render(
-            rejection.status, rejection.body, rejection.headers, origin=req.origin, close=close
-        )
+    def refusal(self, error: IngestError, req: Request, *, close: bool) -> bytes:
+        """Count a refusal and render its response."""
+        self.metrics.rejected(error.reason, error.events)
+        return self.responses.refusal(error, origin=req.origin, close=close)
 
     def submit(
         self, req: Request, responder: Responder, segment_route: bytes | None = None
     ) -> None:
-        if segment_route is None:
-            decision = self.admit(req)
-        else:
-            decision = self.admit_segment(req, SEGMENT_PATHS[segment_route])
-        responses = self.responses
-        decision_type = type(decision)
-        if decision_type is Rejection:
-            responder.respond(self.refusal(decision, req, close=not req.keep_alive))
+        try:
+            if segment_route is None:
+                decision = self.admit(req)
+            else:
+                decision = self.admit_segment(req, SEGMENT_PATHS[segment_route])
+        except IngestError as error:
+            responder.respond(self.refusal(error, req, close=not req.keep_alive))
             return
+        responses = self.responses
         origin, close = req.origin, not req.keep_alive
-        if decision_type is Duplicate:
+        if type(decision) is Duplicate:
             responder.respond(responses.accepted(decision.count, origin=origin, close=close))
             return
         if not decision.count:  # every message was a retry of one already stored
             responder.respond(responses.render(200, SEGMENT_SUCCESS, origin=origin, close=close))
             return
 
-        def on_done(error: BaseException | None) -> None:
-            if error is None:
+        def on_done(failure: BaseException | None) -> None:
+            if failure is None:
                 if decision.claimed:
                     self.dedup.settle(decision.claimed, decision.count)
                 self.metrics.accepted(decision.project, decision.count)
@@ -590,7 +492,7 @@ class Ingestor:
                     )
                 responder.respond(response)
             else:
-                responder.respond(self._unavailable(decision, error, origin, close))
+                responder.respond(self._not_stored(decision, failure, origin, close))
 
         try:
             self.commitlog.append(
@@ -601,59 +503,36 @@ class Ingestor:
                 decision.idempotency_key,
             )
         except LogUnavailable as exc:
-            responder.respond(self._unavailable(decision, exc, origin, close))
+            responder.respond(self._not_stored(decision, exc, origin, close))
 
     def refuse_on_headers(self, req: Request) -> bytes | None:
         """503 + Retry-After (closing) when the log could store no batch right now, whatever
         the body holds: decided on the headers, so an overloaded server never reads a body
         only to refuse it. None when the log takes appends."""
-        unavailable = self.commitlog.unavailable()
-        if unavailable is None:
+        refused = self.commitlog.unavailable()
+        if refused is None:
             return None
-        self.metrics.rejected("overload")
-        return self._unavailable_response(unavailable, req.origin, True)
+        return self.refusal(errors.unavailable(refused, refused.retry_after), req, close=True)
 
-    def _unavailable(
-        self, decision: Admission, error: BaseException, origin: bytes | None, close: bool
+    def _not_stored(
+        self, decision: Admission, failure: BaseException, origin: bytes | None, close: bool
     ) -> bytes:
         """503 + Retry-After: the events were not stored, so their tokens and dedup claims go
         back (the client's retry must be stored)."""
-        self.metrics.rejected("overload", decision.count)
         if decision.claimed:
             self.dedup.release(decision.claimed)
         if decision.bucket is not None:
             decision.bucket.refund(decision.count, decision.window)
-        if not isinstance(error, LogUnavailable):
-            log.error("commit failed, answering 503: %s", error)
-        return self._unavailable_response(error, origin, close)
-
-    def _unavailable_response(
-        self, error: BaseException, origin: bytes | None, close: bool
-    ) -> bytes:
-        retry_after = getattr(error, "retry_after", 1)
-        return self.responses.render(
-            503,
-            error_body("Service Unavailable", [f"events not stored: {error}"]),
-            b"Retry-After: %d\r\n" % retry_after,
-            origin=origin,
-            close=close,
-        )
+        if isinstance(failure, LogUnavailable):
+            retry_after = failure.retry_after
+        else:
+            log.error("commit failed, answering 503: %s", failure)
+            retry_after = errors.RETRY_AFTER_UNCLASSIFIED
+        error = errors.unavailable(failure, retry_after, decision.count)
+        self.metrics.rejected(error.reason, error.events)
+        return self.responses.refusal(error, origin=origin, close=close)
 
 
 def _is_beacon(req: Request) -> bool:
     content_type = req.content_type
     return content_type is not None and content_type[:10].lower() == b"text/plain"
-
-
-def _in_flight(status: int) -> Rejection:
-    """A retry racing its own first attempt: 409 as the Idempotency-Key draft says, or 503
-    for the Segment routes (their SDKs retry 5xx and 429 only, and drop a batch on 409)."""
-    return Rejection(
-        status,
-        error_body(
-            "Request in progress",
-            ["the first attempt of this request is still being stored; retry shortly"],
-        ),
-        b"Retry-After: %d\r\n" % RETRY_AFTER_IN_FLIGHT,
-        "conflict",
-    )

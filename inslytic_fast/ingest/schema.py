@@ -57,6 +57,7 @@ import msgspec
 from msgspec import UNSET, Meta, Raw
 
 from ..event_columns import COLUMN_OF_LOG_KEY
+from .errors import IngestError
 
 __all__ = [
     "DEVICE_TYPES",
@@ -122,13 +123,15 @@ class EventLimits:
             raise ValueError(f"EventLimits.max_events must be at most {MAX_EVENTS_CEILING}")
 
 
-class BatchRejected(Exception):
+class BatchRejected(IngestError):
     """A request body the server answers with 400 ``{"error": error, "details": details}``."""
 
+    details: list[str]
+
     def __init__(self, error: str, details: list[str]) -> None:
-        super().__init__(error, details)
-        self.error = error  # "Invalid JSON" or "Validation failed"
-        self.details = details  # at most MAX_ERROR_DETAILS entries, never empty
+        # error: "Invalid JSON" or "Validation failed"; details: at most MAX_ERROR_DETAILS
+        # entries, never empty
+        super().__init__(400, error, details, reason="validation")
 
     def as_dict(self) -> dict[str, Any]:
         return {"error": self.error, "details": self.details}

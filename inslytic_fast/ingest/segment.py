@@ -33,6 +33,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Raw
 
+from .errors import IngestError
 from .schema import DEVICE_TYPES, EventLimits
 
 SEGMENT_ROUTES: dict[bytes, str | None] = {
@@ -153,13 +154,11 @@ class LogEvent(msgspec.Struct, omit_defaults=True, gc=False):
     os: str | None = None
 
 
-class SegmentRejected(Exception):
+class SegmentRejected(IngestError):
     """A body answered 400 ``{"error": error, "details": details}``."""
 
     def __init__(self, error: str, details: list[str]) -> None:
-        super().__init__(error, details)
-        self.error = error
-        self.details = details
+        super().__init__(400, error, details, reason="validation")
 
 
 class Decoded:
