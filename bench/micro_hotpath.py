@@ -137,7 +137,7 @@ async def measure(args, data_dir: Path) -> dict:
             await window.done
             answered += len(connections)
         per_request.append((time.process_time() - cpu_started) / answered * 1e6)
-    statuses = {status.decode(): n for (_, status), n in server.state.metrics.responses.items()}
+    statuses = {str(status): n for (_, status), n in server.state.metrics.responses.items()}
     await server.commitlog.close()
     per_request.sort()
     return {

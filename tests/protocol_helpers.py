@@ -73,20 +73,24 @@ class ScriptedApp:
             self.held.append((req, slot))
             return
         body = b'{"path":"%s","body":%d}' % (req.path, len(req.body))
-        slot.respond(self.responses.render(200, body, close=not req.keep_alive))
+        slot.respond(200, self.responses.render(200, body, close=not req.keep_alive))
 
-    def refuse_before_body(self, req) -> tuple[bytes, bytes] | None:
+    def refuse_before_body(self, req) -> tuple[bytes, int, bytes] | None:
         """POST /refused is refused on its headers alone (as a wrong key is on /v1/ingest)."""
         if req.path != b"/refused":
             return None
-        return b"/refused", self.responses.render(401, b'{"error":"refused"}', close=True)
+        return b"/refused", 401, self.responses.render(401, b'{"error":"refused"}', close=True)
 
-    def refuse_on_headers(self, req) -> tuple[bytes, bytes] | None:
+    def refuse_on_headers(self, req) -> tuple[bytes, int, bytes] | None:
         """POST /overloaded is refused on its headers, as /v1/ingest is past the hard mark."""
         if req.path != b"/overloaded":
             return None
-        return b"/overloaded", self.responses.render(
-            503, b'{"error":"overloaded"}', b"Retry-After: 1\r\n", close=True
+        return (
+            b"/overloaded",
+            503,
+            self.responses.render(
+                503, b'{"error":"overloaded"}', b"Retry-After: 1\r\n", close=True
+            ),
         )
 
     def backpressure(self, req) -> float:
@@ -95,7 +99,7 @@ class ScriptedApp:
 
     def release(self, index: int = 0) -> None:
         req, slot = self.held.pop(index)
-        slot.respond(self.responses.render(202, b'{"slow":true}', close=not req.keep_alive))
+        slot.respond(202, self.responses.render(202, b'{"slow":true}', close=not req.keep_alive))
 
 
 def make_conn(app=None, **overrides) -> tuple[HttpProtocol, MockTransport, ScriptedApp]:

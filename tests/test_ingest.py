@@ -46,13 +46,17 @@ class MemorySink:
 class Collector:
     def __init__(self) -> None:
         self.data: list[bytes] = []
+        self.statuses: list[int] = []
 
-    def respond(self, data: bytes) -> None:
+    def respond(self, status: int, data: bytes) -> None:
+        self.statuses.append(status)
         self.data.append(data)
 
     def status(self) -> int:
+        """The answer's status, as carried with it; the status line must say the same."""
         assert len(self.data) == 1
-        return int(self.data[0].split(b" ", 2)[1])
+        assert self.statuses[0] == int(self.data[0].split(b" ", 2)[1])
+        return self.statuses[0]
 
     def body(self) -> dict:
         return orjson.loads(self.data[0].split(b"\r\n\r\n", 1)[1])

@@ -49,9 +49,9 @@ def test_metrics_render_merges_workers_and_parses(tmp_path):
     a.accepted("shop", 10)
     b.accepted("shop", 5)
     b.rejected("rate_limit", 7)
-    a.response(b"/v1/ingest", b"HTTP/1.1 202 Accepted\r\n", 0.0, 0.002)
-    b.response(b"/v1/ingest", b"HTTP/1.1 202 Accepted\r\n", 0.0, 0.004)
-    b.response(b"/health", b"HTTP/1.1 200 OK\r\n", 0.0, 0.0001)
+    a.response(b"/v1/ingest", 202, 0.0, 0.002)
+    b.response(b"/v1/ingest", 202, 0.0, 0.004)
+    b.response(b"/health", 200, 0.0, 0.0001)
     snaps = []
     for m, worker, last_sync in ((a, "w0", 0.01), (b, "w1", 0.02)):
         snap = m.snapshot()

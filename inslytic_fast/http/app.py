@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
 
-from ..ingest.pipeline import Ingestor, Responder
+from ..ingest.pipeline import Ingestor
 from ..ingest.segment import SEGMENT_PATHS
 from ..observe.metrics import INGEST_ROUTE
 from .request import Request
 from .responses import JSON_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Responses, error_body
+
+if TYPE_CHECKING:
+    from .protocol import ResponseSlot
 
 HEALTH_BODY = b'{"status":"ok"}'
 READY_BODY = b'{"status":"ready"}'
@@ -79,7 +83,7 @@ class App:
         # Which worker answered: lets operators and tests see every worker is alive.
         self.health_headers = b"X-Inslytic-Worker: " + worker_id.encode() + b"\r\n"
 
-    def handle(self, req: Request, slot: Responder) -> None:
+    def handle(self, req: Request, slot: ResponseSlot) -> None:
         path = req.path
         method = req.method
         if path == self.ingest_route:
@@ -87,48 +91,50 @@ class App:
             if method == b"POST":
                 self.ingestor.submit(req, slot)
             elif method == b"OPTIONS":
-                slot.respond(self.responses.no_content(PREFLIGHT_HEADERS, origin=req.origin))
+                slot.respond(204, self.responses.no_content(PREFLIGHT_HEADERS, origin=req.origin))
             else:
-                slot.respond(self._method_not_allowed(req, INGEST_METHODS))
+                slot.respond(405, self._method_not_allowed(req, INGEST_METHODS))
         elif path in self.segment_routes:
             slot.route = path
             if method == b"POST":
                 self.ingestor.submit(req, slot, path)
             elif method == b"OPTIONS":
-                slot.respond(self.responses.no_content(PREFLIGHT_HEADERS, origin=req.origin))
+                slot.respond(204, self.responses.no_content(PREFLIGHT_HEADERS, origin=req.origin))
             else:
-                slot.respond(self._method_not_allowed(req, INGEST_METHODS))
+                slot.respond(405, self._method_not_allowed(req, INGEST_METHODS))
         elif path in self.read_routes:
             slot.route = path
             if method == b"GET" or method == b"HEAD":
-                slot.respond(self._read(req, path))
+                self._read(req, path, slot)
             else:
-                slot.respond(self._method_not_allowed(req, READ_METHODS))
+                slot.respond(405, self._method_not_allowed(req, READ_METHODS))
         else:
             slot.respond(
+                404,
                 self.responses.render(
                     404, NOT_FOUND_BODY, origin=req.origin, close=not req.keep_alive
-                )
+                ),
             )
 
-    def refuse_before_body(self, req: Request) -> tuple[bytes, bytes] | None:
-        """(route, response) for a request refused on its headers alone, before its body is
-        invited (``Expect: 100-continue``); None to invite it. The response closes."""
+    def refuse_before_body(self, req: Request) -> tuple[bytes, int, bytes] | None:
+        """(route, status, response) for a request refused on its headers alone, before its
+        body is invited (``Expect: 100-continue``); None to invite it. The response closes."""
         if req.path != self.ingest_route or req.method != b"POST":
             return None
         error = self.ingestor.refuse_before_body(req)
         if error is None:
             return None
-        return INGEST_ROUTE, self.ingestor.refusal(error, req, close=True)
+        return INGEST_ROUTE, error.status, self.ingestor.refusal(error, req, close=True)
 
-    def refuse_on_headers(self, req: Request) -> tuple[bytes, bytes] | None:
-        """(route, response) for an ingest or Segment request the log cannot take whatever its body
-        (overload past the hard mark, disk short, shutting down); None otherwise. Asked of
-        every request on its headers; the response closes, the body is never read."""
+    def refuse_on_headers(self, req: Request) -> tuple[bytes, int, bytes] | None:
+        """(route, status, response) for an ingest or Segment request the log cannot take
+        whatever its body (overload past the hard mark, disk short, shutting down); None
+        otherwise. Asked of every request on its headers; the response closes, the body is
+        never read."""
         if not self._stores(req):
             return None
         refusal = self.ingestor.refuse_on_headers(req)
-        return None if refusal is None else (req.path, refusal)
+        return None if refusal is None else (req.path, *refusal)
 
     def backpressure(self, req: Request) -> float:
         """Seconds to hold a complete request (and stop reading its connection) before
@@ -145,7 +151,7 @@ class App:
             path == self.ingest_route or path in self.segment_routes
         )
 
-    def _read(self, req: Request, path: bytes) -> bytes:
+    def _read(self, req: Request, path: bytes, slot: ResponseSlot) -> None:
         """GET/HEAD of a read-only route; the page is built only once the method is known good."""
         status, extra, content_type = 200, b"", JSON_CONTENT_TYPE
         if path == b"/health":
@@ -173,7 +179,7 @@ class App:
                 body, content_type = self.metrics_page(), PROMETHEUS_CONTENT_TYPE
         else:
             body = self.openapi_body
-        return self.responses.render(
+        response = self.responses.render(
             status,
             body,
             extra,
@@ -182,6 +188,7 @@ class App:
             head=req.method == b"HEAD",
             content_type=content_type,
         )
+        slot.respond(status, response)
 
     def _method_not_allowed(self, req: Request, allow: bytes) -> bytes:
         return self.responses.render(

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
 
 import httptools
 
-from ..observe.logs import access_log
+from ..observe.logs import log_access
 from ..observe.metrics import INGEST_ROUTE, OTHER_ROUTE, PROTOCOL_REJECT_REASONS, ROUTES
 from .request import Request
 from .responses import error_body
@@ -100,9 +99,6 @@ _HEADER_KIND = {
 }
 
 
-_KEY_IN_PATH = re.compile(r"ik_[A-Za-z0-9_]+")
-
-
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the status is on the protocol."""
 
@@ -130,7 +126,9 @@ class ResponseSlot:
         self.request = request  # kept only for the access log
         self.keep_alive_10 = False  # an HTTP/1.0 request that asked for keep-alive
 
-    def respond(self, data: bytes) -> None:
+    def respond(self, status: int, data: bytes) -> None:
+        """Fill the slot with a complete response whose status line says ``status``: the
+        metrics and the access log take the status from here, never from the bytes."""
         if self.data is None:
             if self.keep_alive_10 and b"\r\nConnection: close\r\n" not in data:
                 status_end = data.index(b"\r\n") + 2
@@ -138,9 +136,9 @@ class ResponseSlot:
             self.data = data
             conn = self.conn
             now = monotonic()
-            conn.metrics.response(self.route, data, self.started, now)
+            conn.metrics.response(self.route, status, self.started, now)
             if self.request is not None:
-                conn.log_access(self.request, data, now - self.started)
+                conn.log_access(self.request, status, len(data), now - self.started)
             conn.flush()
 
 
@@ -214,8 +212,9 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.error_status = 0
         self.error_details: list[str] | None = None
-        # (route, response): a refusal decided before an expected body (Expect: 100-continue)
-        self.early_answer: tuple[bytes, bytes] | None = None
+        # (route, status, response): a refusal decided before the body (overload, or before
+        # an expected body: Expect: 100-continue)
+        self.early_answer: tuple[bytes, int, bytes] | None = None
         self.host_headers = 0
         self.asks_keep_alive = False
         self.linger_on_close = False
@@ -498,9 +497,10 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("unexpected error handling %s %r", request.method.decode(), request.path)
             slot.respond(
+                500,
                 self.responses.render(
                     500, error_body("Internal Server Error"), close=not keep_alive
-                )
+                ),
             )
         if len(self.pending) > self.max_pipelined and not self.read_paused:
             self._update_reading()
@@ -535,44 +535,12 @@ class HttpProtocol(asyncio.Protocol):
             self.parsing = False
         self._update_reading()
 
-    def log_access(self, request: Request, data: bytes, seconds: float) -> None:
+    def log_access(self, request: Request, status: int, size: int, seconds: float) -> None:
         client = self.peer
         if request.forwarded_for is not None and self.trusted_proxies:
             client = self.trusted_proxies.client(client, request.forwarded_for)
-        self._log_access(
-            client, request.method, request.path, data, seconds, request.project or "-"
-        )
-
-    def _log_access(
-        self, client: str, method: bytes, path_bytes: bytes, data: bytes, seconds: float, project
-    ) -> None:
-        """One line: readable in text, and with the same fields as keys in JSON."""
-        path = path_bytes.decode("latin-1")
-        if "ik_" in path:  # an SDK misconfigured to put its key in the URL: never log the key
-            path = _KEY_IN_PATH.sub("ik_[REDACTED]", path)
-        if len(path) > 200:
-            path = path[:200] + "..."
-        method_text = method.decode("latin-1") or "-"
-        status = data[9:12].decode()
-        fields = {
-            "method": method_text,
-            "path": path,
-            "status": int(status),
-            "bytes": len(data),
-            "duration_ms": round(seconds * 1000, 3),
-            "client": client,
-            "project": project,
-        }
-        access_log.info(
-            '%s "%s %s" %s %d %.1fms %s',
-            client,
-            method_text,
-            path,
-            status,
-            len(data),
-            seconds * 1000,
-            project,
-            extra={"fields": fields},
+        log_access(
+            client, request.method, request.path, status, size, seconds, request.project or "-"
         )
 
     # Output, in request order
@@ -622,12 +590,12 @@ class HttpProtocol(asyncio.Protocol):
         # 431 on /v1/ingest is an ingest refusal like any other.
         path = self.url.partition(b"?")[0]
         route = path if path in KNOWN_ROUTES else OTHER_ROUTE
-        self.metrics.response(route, slot.data, now, now)
+        self.metrics.response(route, status, now, now)
         if route == INGEST_ROUTE and status in PROTOCOL_REJECT_REASONS:
             self.metrics.rejected(PROTOCOL_REJECT_REASONS[status])
         if self.access_log:  # a malformed request is logged with what of it was parsed
             method = self.request.method if self.phase == BODY else b""
-            self._log_access(self.peer, method, self.url.partition(b"?")[0], slot.data, 0.0, "-")
+            log_access(self.peer, method, path, status, len(slot.data), 0.0, "-")
         if self.deferred:
             self.deferred.append(slot)  # answered after the requests parsed before the error
             return
@@ -637,7 +605,7 @@ class HttpProtocol(asyncio.Protocol):
     def _answer_early(self) -> None:
         """Send the refusal decided before the body, after what is owed, and close: the client
         may send the body anyway, which the lingering close reads and discards."""
-        route, data = self.early_answer
+        route, status, data = self.early_answer
         self.early_answer = None
         self.closing = True
         self.linger_on_close = True
@@ -648,11 +616,11 @@ class HttpProtocol(asyncio.Protocol):
         slot.route = route
         if self.deferred:  # answered after the requests parsed before this one
             slot.data = data
-            self.metrics.response(route, data, slot.started, slot.started)
+            self.metrics.response(route, status, slot.started, slot.started)
             self.deferred.append(slot)
             return
         self.pending.append(slot)
-        slot.respond(data)
+        slot.respond(status, data)
 
     def _linger(self) -> None:
         """Shut our write side and drain input for a moment: closing a socket that still has

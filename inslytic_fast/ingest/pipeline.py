@@ -52,7 +52,9 @@ _body_key_decoder = msgspec.json.Decoder(_BodyKey)
 
 
 class Responder(Protocol):
-    def respond(self, data: bytes) -> None: ...
+    """Where an answer goes (the connection's ResponseSlot): its status, and its bytes."""
+
+    def respond(self, status: int, data: bytes) -> None: ...
 
 
 class Admission:
@@ -466,15 +468,17 @@ class Ingestor:
             else:
                 decision = self.admit_segment(req, SEGMENT_PATHS[segment_route])
         except IngestError as error:
-            responder.respond(self.refusal(error, req, close=not req.keep_alive))
+            responder.respond(error.status, self.refusal(error, req, close=not req.keep_alive))
             return
         responses = self.responses
         origin, close = req.origin, not req.keep_alive
         if type(decision) is Duplicate:
-            responder.respond(responses.accepted(decision.count, origin=origin, close=close))
+            responder.respond(202, responses.accepted(decision.count, origin=origin, close=close))
             return
         if not decision.count:  # every message was a retry of one already stored
-            responder.respond(responses.render(200, SEGMENT_SUCCESS, origin=origin, close=close))
+            responder.respond(
+                200, responses.render(200, SEGMENT_SUCCESS, origin=origin, close=close)
+            )
             return
 
         def on_done(failure: BaseException | None) -> None:
@@ -483,16 +487,21 @@ class Ingestor:
                     self.dedup.settle(decision.claimed, decision.count)
                 self.metrics.accepted(decision.project, decision.count)
                 if decision.segment:
-                    response = responses.render(
-                        200, SEGMENT_SUCCESS, decision.limit_headers, origin=origin, close=close
+                    responder.respond(
+                        200,
+                        responses.render(
+                            200, SEGMENT_SUCCESS, decision.limit_headers, origin=origin, close=close
+                        ),
                     )
                 else:
-                    response = responses.accepted(
-                        decision.count, decision.limit_headers, origin=origin, close=close
+                    responder.respond(
+                        202,
+                        responses.accepted(
+                            decision.count, decision.limit_headers, origin=origin, close=close
+                        ),
                     )
-                responder.respond(response)
             else:
-                responder.respond(self._not_stored(decision, failure, origin, close))
+                responder.respond(503, self._not_stored(decision, failure, origin, close))
 
         try:
             self.commitlog.append(
@@ -503,16 +512,17 @@ class Ingestor:
                 decision.idempotency_key,
             )
         except LogUnavailable as exc:
-            responder.respond(self._not_stored(decision, exc, origin, close))
+            responder.respond(503, self._not_stored(decision, exc, origin, close))
 
-    def refuse_on_headers(self, req: Request) -> bytes | None:
+    def refuse_on_headers(self, req: Request) -> tuple[int, bytes] | None:
         """503 + Retry-After (closing) when the log could store no batch right now, whatever
         the body holds: decided on the headers, so an overloaded server never reads a body
         only to refuse it. None when the log takes appends."""
         refused = self.commitlog.unavailable()
         if refused is None:
             return None
-        return self.refusal(errors.unavailable(refused, refused.retry_after), req, close=True)
+        error = errors.unavailable(refused, refused.retry_after)
+        return error.status, self.refusal(error, req, close=True)
 
     def _not_stored(
         self, decision: Admission, failure: BaseException, origin: bytes | None, close: bool

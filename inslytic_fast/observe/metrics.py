@@ -99,7 +99,7 @@ class Metrics:
     )
 
     def __init__(self) -> None:
-        self.responses: dict[tuple[bytes, bytes], int] = {}
+        self.responses: dict[tuple[bytes, int], int] = {}
         # By route, so a flood of /health probes does not dilute the ingest percentiles.
         self.request_latency = {route: Histogram(LATENCY_BUCKETS) for route in ALL_ROUTES}
         self.events_accepted: dict[str, int] = {}
@@ -109,8 +109,8 @@ class Metrics:
         self.bytes_received = 0
         self.connections_opened = 0
 
-    def response(self, route: bytes, data: bytes, started: float, now: float) -> None:
-        key = (route, data[9:12])  # the status code digits of "HTTP/1.1 NNN"
+    def response(self, route: bytes, status: int, started: float, now: float) -> None:
+        key = (route, status)
         self.responses[key] = self.responses.get(key, 0) + 1
         try:
             histogram = self.request_latency[route]
@@ -131,7 +131,7 @@ class Metrics:
         """Counters as JSON-able data; ``add_snapshots`` sums such snapshots key by key."""
         responses: dict[str, dict[str, int]] = {}
         for (route, status), n in self.responses.items():
-            responses.setdefault(route.decode(), {})[status.decode()] = n
+            responses.setdefault(route.decode(), {})[str(status)] = n
         return {
             "responses": responses,
             "request_latency": {
