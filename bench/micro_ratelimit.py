@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 
-from inslytic_fast.ingest.pipeline import limit_headers
+from inslytic_fast.ingest.admission import limit_headers
 from inslytic_fast.limits.ratelimit import RateLimiter
 
 PROJECTS = 1000

@@ -11,9 +11,11 @@ import pytest
 
 from inslytic_fast.http.request import Request
 from inslytic_fast.http.responses import Responses
+from inslytic_fast.ingest.admission import Admission
+from inslytic_fast.ingest.body import decode_body
 from inslytic_fast.ingest.errors import IngestError
 from inslytic_fast.ingest.keyring import KeyRing
-from inslytic_fast.ingest.pipeline import Admission, Ingestor, decode_body
+from inslytic_fast.ingest.pipeline import Ingestor
 from inslytic_fast.ingest.schema import Schema
 from inslytic_fast.limits.ratelimit import RateLimiter
 from inslytic_fast.log.commitlog import LogUnavailable
@@ -172,7 +174,7 @@ def test_auth_comes_first(world, authorization, error):
     ingestor, sink, _, _ = world
     req = request(None, b"not even json")
     req.authorization = authorization
-    decision = refused(ingestor.admit, req)
+    decision = refused(ingestor.admitter.admit, req)
     assert decision.status == 401
     head, body = head_and_body(decision)
     assert error in body["error"]
@@ -184,34 +186,34 @@ def test_bearer_scheme_is_case_insensitive(world):
     ingestor, _, key, _ = world
     req = request(key, batch(1))
     req.authorization = b"bearer " + key
-    assert isinstance(ingestor.admit(req), Admission)
+    assert isinstance(ingestor.admitter.admit(req), Admission)
 
 
 def test_an_invalid_batch_spends_no_tokens_and_stores_nothing(world):
     ingestor, sink, key, _ = world
     bad = {"events": [EXAMPLE_EVENT] * 5 + [{"eventName": 1}]}
-    decision = refused(ingestor.admit, request(key, bad))
+    decision = refused(ingestor.admitter.admit, request(key, bad))
     assert decision.status == 400 and decision.reason == "validation"
     assert head_and_body(decision)[1]["error"] == "Validation failed"
-    assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
+    assert isinstance(ingestor.admitter.admit(request(key, batch(10))), Admission)
     assert sink.appended == []
 
 
 def test_rate_limit_refuses_the_whole_batch_and_refills_after_the_window(world):
     ingestor, _, key, clock = world
-    assert isinstance(ingestor.admit(request(key, batch(7))), Admission)
-    decision = refused(ingestor.admit, request(key, batch(4)))
+    assert isinstance(ingestor.admitter.admit(request(key, batch(7))), Admission)
+    decision = refused(ingestor.admitter.admit, request(key, batch(4)))
     assert decision.status == 429 and decision.retry_after == 60
     head, _ = head_and_body(decision)
     assert b"\r\nRetry-After: 60\r\n" in head
     assert b"\r\nX-RateLimit-Remaining: 3\r\n" in head
     clock.now += 60
-    assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
+    assert isinstance(ingestor.admitter.admit(request(key, batch(10))), Admission)
 
 
 def test_a_batch_larger_than_the_whole_limit_is_413_without_a_retry_hint(world):
     ingestor, _, key, clock = world
-    decision = refused(ingestor.admit, request(key, batch(11)))
+    decision = refused(ingestor.admitter.admit, request(key, batch(11)))
     # 429 means "try later"; this batch would be refused in every window.
     assert decision.status == 413
     head, body = head_and_body(decision)
@@ -219,13 +221,13 @@ def test_a_batch_larger_than_the_whole_limit_is_413_without_a_retry_hint(world):
     detail = body["details"][0]
     assert "limit of 10 events per minute" in detail and "never" in detail
     # Nothing was spent: a batch that fits still has the whole bucket.
-    assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
+    assert isinstance(ingestor.admitter.admit(request(key, batch(10))), Admission)
 
 
 def test_project_limit_overrides_the_default_and_zero_is_unlimited(world):
     ingestor, _, key, _ = world
-    ingestor.keyring.projects["default"].events_per_minute = 0
-    decision = ingestor.admit(request(key, batch(500)))
+    ingestor.admitter.keyring.projects["default"].events_per_minute = 0
+    decision = ingestor.admitter.admit(request(key, batch(500)))
     assert isinstance(decision, Admission) and decision.limit_headers == b""
 
 
@@ -240,7 +242,7 @@ def test_project_limit_overrides_the_default_and_zero_is_unlimited(world):
 def test_content_encodings(world, encoding, compress):
     ingestor, _, key, _ = world
     req = request(key, compress(orjson.dumps(batch(1))), content_encoding=encoding)
-    assert isinstance(ingestor.admit(req), Admission)
+    assert isinstance(ingestor.admitter.admit(req), Admission)
 
 
 def test_decompression_stops_at_the_cap_and_reports_corrupt_streams():
@@ -265,9 +267,9 @@ def test_media_types(world, content_type, ok):
     ingestor, _, key, _ = world
     req = request(key, batch(1), content_type=content_type)
     if ok:
-        assert isinstance(ingestor.admit(req), Admission)
+        assert isinstance(ingestor.admitter.admit(req), Admission)
     else:
-        assert refused(ingestor.admit, req).status == 415
+        assert refused(ingestor.admitter.admit, req).status == 415
 
 
 def test_a_cached_202_is_the_rendered_one_and_follows_the_date(monkeypatch):
@@ -290,11 +292,12 @@ def test_a_cached_202_is_the_rendered_one_and_follows_the_date(monkeypatch):
 
 def test_refuse_before_body_decides_auth_media_type_and_an_empty_bucket_spending_nothing(world):
     ingestor, _, key, _ = world
-    assert ingestor.refuse_before_body(request(key, b"")) is None
-    assert ingestor.refuse_before_body(request(b"ik_live_wrong", b"")).status == 401
-    assert ingestor.refuse_before_body(request(key, b"", content_type=b"text/csv")).status == 415
+    refuse_before_body = ingestor.admitter.refuse_before_body
+    assert refuse_before_body(request(key, b"")) is None
+    assert refuse_before_body(request(b"ik_live_wrong", b"")).status == 401
+    assert refuse_before_body(request(key, b"", content_type=b"text/csv")).status == 415
     # The checks spent no token: the whole bucket is still there for a body ...
-    assert isinstance(ingestor.admit(request(key, batch(10))), Admission)
+    assert isinstance(ingestor.admitter.admit(request(key, batch(10))), Admission)
     # ... and once it is empty, no body is invited until it refills.
-    refusal = ingestor.refuse_before_body(request(key, b""))
+    refusal = ingestor.admitter.refuse_before_body(request(key, b""))
     assert refusal.status == 429 and b"\r\nRetry-After: " in head_and_body(refusal)[0]

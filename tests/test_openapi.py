@@ -10,8 +10,8 @@ import pytest
 
 from inslytic_fast.http import app
 from inslytic_fast.http.openapi import CONTENT_ENCODINGS, build_openapi
-from inslytic_fast.ingest import pipeline as ingest
-from inslytic_fast.ingest.pipeline import MAX_IDEMPOTENCY_KEY_LENGTH
+from inslytic_fast.ingest import body as ingest_body
+from inslytic_fast.ingest.errors import MAX_IDEMPOTENCY_KEY_LENGTH
 from inslytic_fast.ingest.schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, event_fields
 from inslytic_fast.ingest.segment import SEGMENT_ROUTES
 
@@ -160,7 +160,7 @@ def test_segment_routes_are_documented():
 def test_request_body_media_types_match_the_server():
     content = INGEST["requestBody"]["content"]
     assert INGEST["requestBody"]["required"] is True
-    assert set(content) == {media.decode() for media in ingest.JSON_MEDIA_TYPES}
+    assert set(content) == {media.decode() for media in ingest_body.JSON_MEDIA_TYPES}
     for media in content.values():
         assert media["schema"] == {"$ref": "#/components/schemas/Batch"}
 

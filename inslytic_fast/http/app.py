@@ -121,7 +121,7 @@ class App:
         body is invited (``Expect: 100-continue``); None to invite it. The response closes."""
         if req.path != self.ingest_route or req.method != b"POST":
             return None
-        error = self.ingestor.refuse_before_body(req)
+        error = self.ingestor.admitter.refuse_before_body(req)
         if error is None:
             return None
         return INGEST_ROUTE, error.status, self.ingestor.refusal(error, req, close=True)

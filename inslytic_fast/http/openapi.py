@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..ingest.pipeline import MAX_IDEMPOTENCY_KEY_LENGTH
+from ..ingest.errors import MAX_IDEMPOTENCY_KEY_LENGTH
 from ..ingest.schema import DEVICE_TYPES, MAX_ERROR_DETAILS, EventLimits, FieldSpec, event_fields
 from ..ingest.segment import (
     MAX_FUTURE_S,
@@ -27,12 +27,13 @@ PREFLIGHT_ALLOW_METHODS = "POST, OPTIONS"
 PREFLIGHT_ALLOW_HEADERS = (
     "Authorization, Content-Type, Content-Encoding, Idempotency-Key, X-Requested-With"
 )
-# ingest.decode_body accepts these codings (compared case-insensitively; x-gzip is gzip's alias).
+# ingest/body.py decode_body accepts these codings (compared case-insensitively; x-gzip is
+# gzip's alias).
 # "" is what an empty header means to the server: no coding (identity).
 CONTENT_ENCODINGS = ("gzip", "x-gzip", "deflate", "identity", "")
 
 _REF = "#/components/{}/{}"
-# ingest.py strips the value, then wants 1..MAX_IDEMPOTENCY_KEY_LENGTH printable ASCII.
+# ingest/admission.py strips the value, then wants 1..MAX_IDEMPOTENCY_KEY_LENGTH printable ASCII.
 IDEMPOTENCY_KEY_PATTERN = (
     rf"^[!-~]([ -~]{{0,{MAX_IDEMPOTENCY_KEY_LENGTH - 2}}}[!-~])?$"
 )
