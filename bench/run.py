@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inslytic_fast.cli.stats import fetch as fetch_metrics
-from inslytic_fast.cli.stats import total as fetch_total
+from inslytic_fast.cli.stats_frame import total as fetch_total
 
 from . import chart, loadgen, machine, profile, targets
 from .payloads import build_requests

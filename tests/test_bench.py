@@ -32,7 +32,7 @@ from bench.run import (
     summarize,
 )
 from bench.targets import _first_int
-from inslytic_fast.cli.stats import Scrape, parse_metrics
+from inslytic_fast.cli.stats_frame import Scrape, parse_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_TIMEOUT_S = 120

@@ -23,16 +23,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inslytic_fast.cli import build_parser
-from inslytic_fast.cli.stats import (
-    CLEAR_AND_HOME,
+from inslytic_fast.cli.stats import CLEAR_AND_HOME, View, fetch, metrics_url
+from inslytic_fast.cli.stats_frame import (
     MetricsFormatError,
     Scrape,
-    View,
     build_frame,
-    fetch,
     histogram_quantile,
     interval_quantile,
-    metrics_url,
     parse_metrics,
     render_frame,
 )
@@ -94,7 +91,7 @@ def test_parser_agrees_with_prometheus_client_on_awkward_labels():
 
 
 def test_every_metric_the_view_reads_is_on_the_page():
-    from inslytic_fast.cli import stats
+    from inslytic_fast.cli import stats_frame as stats
 
     metrics = Metrics()
     metrics.accepted("shop", 1)
@@ -452,3 +449,20 @@ def test_stats_is_wired_into_the_top_level_command():
         timeout=60,
     )
     assert proc.returncode == 0 and "--once" in proc.stdout
+
+
+def test_the_frame_pieces_do_no_io():
+    """stats_frame (parse, frame, render) is tested without a server: it imports no module
+    that reaches the network, the file system or a terminal; stats.py does that."""
+    import ast
+
+    from inslytic_fast.cli import stats_frame
+
+    tree = ast.parse(Path(stats_frame.__file__).read_text())
+    imported = {
+        alias.name if isinstance(node, ast.Import) else (node.module or "")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported <= {"__future__", "datetime", "math", "re", "time", "pathlib"}, imported
