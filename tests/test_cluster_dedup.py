@@ -14,8 +14,8 @@ import pytest
 from inslytic_fast.ingest.dedup import CLAIMED, IN_FLIGHT, DedupTable, batch_key, message_key
 from inslytic_fast.storage.query import run_query
 
+from . import test_cluster_coordinator as coordinator_tests
 from .adversarial_helpers import metric, poll_until
-from .cluster_servers import ValkeyProcess
 from .test_cluster_coordinator import create_project, start_nodes
 from .test_segment import basic, message
 
@@ -23,20 +23,9 @@ redis = pytest.importorskip("redis")
 
 DEADLINE_S = 15.0  # polled; generous for a loaded 2-core machine
 
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory):
-    server = ValkeyProcess(tmp_path_factory.mktemp("valkey-dedup")).start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def coordinator(valkey):
-    client = redis.Redis.from_url(valkey.url)
-    client.flushdb()
-    client.close()
-    return valkey
+# The same real Valkey (one per module, flushed for each test) as the coordinator's tests.
+valkey = coordinator_tests.valkey
+coordinator = coordinator_tests.coordinator
 
 
 @pytest.fixture
