@@ -14,7 +14,7 @@ import re
 import resource
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import orjson
@@ -445,7 +445,14 @@ DEDUP_COORDINATOR = (
 )
 
 
-def render_dedup(family, out: list[str], counters: dict, table: dict, cluster: bool) -> None:
+def render_dedup(
+    family: Callable[[str, str, str], None],
+    out: list[str],
+    counters: dict,
+    table: dict,
+    cluster: bool,
+) -> None:
+    """The dedup families; ``table``: the gauges of the table the workers share."""
     by_kind = DEDUP_BY_KIND + (DEDUP_CLUSTER_BY_KIND if cluster else ())
     for key, help_text in by_kind:
         name = f"inslytic_dedup_{key}_total"
