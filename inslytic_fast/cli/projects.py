@@ -34,8 +34,15 @@ from inslytic_fast.ingest.catalog import (
     valid_project_name,
 )
 from inslytic_fast.ingest.keys import DISPLAY_PREFIX_LENGTH, KEY_PREFIX, shown
+from inslytic_fast.lake.objectstore import LakeError
 from inslytic_fast.log.commitlog import LOG_DIRNAME, list_segments
-from inslytic_fast.storage.purges import find_purge, project_dirs, record_purge, why_name_is_blocked
+from inslytic_fast.storage.purges import (
+    PURGE_GRACE_S,
+    find_purge,
+    project_dirs,
+    record_purge,
+    why_name_is_blocked,
+)
 from inslytic_fast.units import parse_duration
 
 # Where the storage layer keeps a project's events: <data_dir>/events/project=<name>/.
@@ -233,7 +240,21 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--purge",
         action="store_true",
         help=f"also remove its stored events (<data_dir>/{EVENTS_DIR}/project=NAME/ and those "
-        "still in the commit log; safe while the server runs)",
+        "still in the commit log; safe while the server runs); with --coordinator, in the "
+        "cluster's lake and on every node (needs --lake)",
+    )
+    delete.add_argument(
+        "--lake",
+        metavar="URL",
+        default=None,
+        help=f"with --purge --coordinator: the cluster's lake, s3://BUCKET/PREFIX (default: env "
+        f"{option('lake').env})",
+    )
+    delete.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        default=None,
+        help=f"S3 API endpoint of --lake (default: env {option('s3_endpoint').env}, else AWS S3)",
     )
     delete.set_defaults(func=cmd_delete)
     return parser
@@ -252,13 +273,18 @@ def _catalog(args: argparse.Namespace) -> Catalog:
     url = args.coordinator or env_or_default("coordinator")
     if not url:
         return Catalog(_data_dir(args))
-    if getattr(args, "purge", False):
-        # Each node has its own events and log; a purge of one data dir is not the cluster's.
+    if getattr(args, "purge", False) and not _lake_url(args):
+        # Each node has its own events and log: the lake is how a purge reaches them all.
         raise ProjectError(
-            "delete --purge is per data dir: delete the project with --coordinator, then run "
-            "`delete NAME --purge` without it on each node (lake objects are not purged)"
+            "delete --purge --coordinator needs the cluster's --lake (nodes learn of the purge "
+            "there); without a lake, delete with --coordinator, then run `delete NAME --purge` "
+            "without it on each node"
         )
     return CoordinatorCatalog(url, _data_dir(args))
+
+
+def _lake_url(args: argparse.Namespace) -> str:
+    return getattr(args, "lake", None) or env_or_default("lake")
 
 
 def _run(command):
@@ -267,7 +293,7 @@ def _run(command):
     def handler(args: argparse.Namespace) -> int:
         try:
             return command(args, _catalog(args))
-        except (CatalogError, ProjectError, CoordinatorError) as exc:
+        except (CatalogError, ProjectError, CoordinatorError, LakeError) as exc:
             _error(str(exc))
         except OSError as exc:
             # Permission denied, read-only file system, disk full: say which file.
@@ -478,6 +504,8 @@ def cmd_revoke_key(args: argparse.Namespace, catalog: Catalog) -> int:
 
 @_run
 def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
+    if args.purge and isinstance(catalog, CoordinatorCatalog):
+        return _delete_and_purge_cluster(args, catalog)
     events_dir = catalog.data_dir / EVENTS_DIR
     partition = project_dirs(events_dir, args.name)[0]
     exists = args.name in catalog.read().projects
@@ -528,6 +556,68 @@ def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
         )
     elif partition.is_dir():
         print(f"Its events stay in {partition} (delete --purge removes them).")
+    return 0
+
+
+def _delete_and_purge_cluster(args: argparse.Namespace, catalog: CoordinatorCatalog) -> int:
+    """The purge recorded in the lake (inslytic_fast.lake.purges): readers filter the rows at
+    once, nodes drop their waiting files instead of uploading them, lake jobs delete objects."""
+    from inslytic_fast.lake.jobs import LakeJobs, LeaseHeld
+    from inslytic_fast.lake.objectstore import S3ObjectStore
+    from inslytic_fast.lake.purges import has_objects, record_lake_purge
+
+    store = S3ObjectStore(_lake_url(args), args.s3_endpoint or env_or_default("s3_endpoint"))
+    exists = args.name in catalog.read().projects
+    # `delete NAME --purge` after a plain `delete NAME` removes the data left behind.
+    if not exists and not has_objects(store, args.name):
+        catalog.delete_project(args.name)  # raises "no project named ..."
+    # The tombstone before the catalog write, as on one node: a purge killed in between
+    # leaves the project (run it again), never a deleted name with its events still shown.
+    record_lake_purge(store, args.name, int((time.time() + PURGE_GRACE_S) * 1_000_000))
+    reusable_from = None
+    if exists:
+        try:
+            deleted_until = catalog.delete_project(args.name)
+        except ProjectError:
+            pass  # deleted meanwhile by another command
+        else:
+            # Old keys work until the name is free again: the purge covers up to then, and
+            # not a moment longer (a project created again then keeps its events).
+            record_lake_purge(store, args.name, int(deleted_until * 1_000_000))
+            reusable_from = datetime.fromtimestamp(deleted_until, UTC)
+    jobs = LakeJobs(store)
+    try:
+        jobs.run(lambda: 0)  # every lake job run applies the tombstones first
+        objects_deleted: int | None = jobs.purged_objects
+    except LeaseHeld:
+        objects_deleted = None  # the running lake job, or the next one, deletes them
+    if args.json:
+        _emit_json(
+            {
+                "name": args.name,
+                "deleted": reusable_from is not None,
+                "purged": True,
+                "lake_objects_deleted": objects_deleted,
+                "name_reusable_from": _iso(reusable_from),
+            }
+        )
+        return 0
+    if reusable_from is not None:
+        print(
+            f"Deleted project {args.name!r}; its keys stop working within seconds, and the "
+            f"name can be created again from {_human_time(reusable_from)}."
+        )
+    else:
+        print(f"Project {args.name!r} was already deleted.")
+    print(
+        "Purged its events in the cluster: queries with --lake no longer show them; "
+        + (
+            f"{objects_deleted} lake objects deleted"
+            if objects_deleted is not None
+            else "another lake job holds the lease, and it or the next deletes its lake objects"
+        )
+        + f"; each node deletes its files of {args.name!r} instead of uploading them."
+    )
     return 0
 
 

@@ -17,6 +17,9 @@ same protocol the roller uses locally (``storage.Roller._compact``):
    were merged: an uploader that finds its file's object gone checks it, and never uploads
    rows a second time.
 
+Purges (lake/purges.py): every run first deletes the objects whose rows a lake tombstone
+covers entirely, and a compaction leaves covered rows out of its output.
+
 Readers (``lake_listing``) drop the inputs of an intent whose output is present, so a query at
 any step sees each row once. A run first finishes what a crashed run left: an intent whose
 output exists gets its inputs deleted; one whose output does not is removed (nothing was
@@ -42,6 +45,7 @@ import orjson
 from ..storage.events_sql import connect_duckdb, sql_string
 from .layout import LAKE_EVENTS, LAKE_INTENTS, lake_listing, merged_away, read_intents
 from .objectstore import LakeError, ObjectInfo, ObjectStore, UploadMismatch, expected_etag
+from .purges import covers_every_row, purged_directories, read_lake_purges
 
 log = logging.getLogger("inslytic_fast.lake")
 
@@ -120,6 +124,9 @@ class LakeJobs:
         self.small_object_bytes = small_object_bytes
         self.target_bytes = target_bytes
         self.lease = Lease(store, clock=clock)
+        # Hive directory (project=NAME) -> received_before_us of its lake tombstone.
+        self._purged: dict[str, int] = {}
+        self.purged_objects = 0
 
     def _step(self, name: str) -> None:
         if self._step_hook is not None:
@@ -129,6 +136,7 @@ class LakeJobs:
         self.lease.acquire()
         try:
             self.recover()
+            self.apply_purges()
             return job()
         finally:
             self.lease.release()
@@ -152,10 +160,34 @@ class LakeJobs:
                 self.store.delete(key)  # the output never appeared: nothing was merged
                 log.info("lake: undid compaction %s (no output)", key)
 
+    # Purges
+
+    def apply_purges(self) -> int:
+        """Delete the objects whose every row a lake tombstone covers; return how many."""
+        self._purged = purged_directories(read_lake_purges(self.store))
+        dropped = 0
+        with tempfile.TemporaryDirectory(prefix="inslytic-lake-") as scratch:
+            copy = Path(scratch) / "object.parquet"
+            for directory, before_us in sorted(self._purged.items()):
+                for info in list(self.store.list(f"{LAKE_EVENTS}/{directory}/")):
+                    try:
+                        self.store.get_file(info.key, copy)
+                    except FileNotFoundError:
+                        continue
+                    if covers_every_row(copy, before_us):
+                        self.lease.renew()
+                        self.store.delete(info.key)
+                        dropped += 1
+        if dropped:
+            log.info("lake: deleted %d purged objects", dropped)
+        self.purged_objects += dropped
+        return dropped
+
     # Compaction
 
     def compact(self) -> int:
         """Merge each partition's small objects; return the number of merges."""
+        self._purged = purged_directories(read_lake_purges(self.store))
         listing, _ = lake_listing(self.store)
         by_partition: dict[str, list[ObjectInfo]] = {}
         for info in listing.values():
@@ -194,12 +226,19 @@ class LakeJobs:
                 self.store.get_file(info.key, path)
                 files.append(path)
             merged = Path(scratch) / "out.parquet"
+            # A partition is one project's (events/project=NAME/date=D): its purged rows stay out.
+            purged_before_us = self._purged.get(partition.split("/")[1])
+            keep = (
+                ""
+                if purged_before_us is None
+                else f"WHERE epoch_us(received_at) > {int(purged_before_us)} "
+            )
             con = connect_duckdb()
             try:
                 listing = "[" + ", ".join(sql_string(p) for p in files) + "]"
                 con.execute(
                     f"COPY (SELECT * FROM read_parquet({listing}, union_by_name=true, "
-                    f'hive_partitioning=false) ORDER BY "timestamp") TO {sql_string(merged)} '
+                    f'hive_partitioning=false) {keep}ORDER BY "timestamp") TO {sql_string(merged)} '
                     "(FORMAT parquet, COMPRESSION zstd)"
                 )
             finally:

@@ -180,7 +180,7 @@ class S3ObjectStore:
     def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
         try:
             result = self._obstore.get(self.store, key)
-        except self._not_found:
+        except (self._not_found, FileNotFoundError):  # either, as in head()
             return None
         return bytes(result.bytes()), _etag(result.meta["e_tag"])
 

@@ -17,6 +17,9 @@ file, each step named for the crash tests (``_step``):
 4. ``upload:local_deleted`` -- the local file goes, under the roller's lock (readers pause the
    roller with it, so a reader never loses a file it listed).
 
+A file whose every row a lake purge tombstone covers (lake/purges.py) is deleted instead,
+without an upload (``upload:purged``).
+
 A clean stop (SIGTERM, Ctrl-C) calls ``stop`` after the final roll: the thread makes one last
 pass, bounded by ``FINAL_PASS_S``, so the roll's files leave with the node. What is not
 uploaded by then (the store down or slow) stays local and goes up at the next start, by the
@@ -54,6 +57,7 @@ from ..storage.layout import (
 )
 from .layout import lake_listing, object_key
 from .objectstore import ObjectInfo, ObjectStore, S3ObjectStore, UploadMismatch, expected_etag
+from .purges import REFRESH_S, covers_every_row, purged_directories, read_lake_purges
 from .status import UploadStatus, write_status
 
 log = logging.getLogger("inslytic_fast.lake")
@@ -142,6 +146,7 @@ class Uploader:
         self._clock = clock
         self.uploaded_files = 0
         self.uploaded_bytes = 0
+        self.purged_files = 0
         self.errors = 0
         self.last_error: str | None = None
         self.failing_since: float | None = None
@@ -149,6 +154,10 @@ class Uploader:
         self._deadline: float | None = None  # time.monotonic() the final pass ends by
         self._thread: threading.Thread | None = None
         self._compacted: set[str] | None = None
+        # Hive directory (project=NAME) -> received_before_us of its lake tombstone, and when
+        # (time.monotonic()) they were read.
+        self._purged: dict[str, int] = {}
+        self._purged_read_at: float | None = None
 
     def _step(self, name: str) -> None:
         if self._step_hook is not None:
@@ -160,12 +169,19 @@ class Uploader:
         """Upload every finished file; return how many left the node. Raises on the first
         failure (the pass is retried; files already done stay done)."""
         self._compacted = None  # read lazily, once per pass, only if an object is missing
+        now = time.monotonic()
+        if self._purged_read_at is None or now - self._purged_read_at >= REFRESH_S:
+            self._purged = purged_directories(read_lake_purges(self.store))
+            self._purged_read_at = now
         done = 0
+        purged = self.purged_files
         for local in finished_files(self.data_dir):
             if self._out_of_time():
                 break
             if self._ship(local):
                 done += 1
+        if self.purged_files > purged:
+            log.info("lake: deleted %d waiting files a purge covers", self.purged_files - purged)
         return done
 
     def _out_of_time(self) -> bool:
@@ -175,6 +191,12 @@ class Uploader:
         key = object_key(self.node, local.relative)
         self._step("upload:start")
         try:
+            if self._purged_entirely(local):
+                if not self._delete_local(local.path):
+                    return False
+                self.purged_files += 1
+                self._step("upload:purged")
+                return True
             size, etag = expected_etag(local.path)
         except FileNotFoundError:
             return False  # dropped by retention or a purge since the listing
@@ -199,6 +221,14 @@ class Uploader:
             return False
         self._step("upload:local_deleted")
         return True
+
+    def _purged_entirely(self, local: LocalFile) -> bool:
+        before_us = self._purged.get(local.relative.split("/", 1)[0])
+        if before_us is None:
+            return False
+        if not local.path.exists():
+            raise FileNotFoundError(local.path)
+        return covers_every_row(local.path, before_us)
 
     def _check(self, key: str, found: ObjectInfo | None, size: int, etag: str) -> None:
         if found is None:
@@ -260,6 +290,7 @@ class Uploader:
         over what the roll left, then exits; both end by ``final_pass_s`` from now. A file in
         flight then is abandoned mid-step, which is a crash the next start converges from."""
         self._deadline = time.monotonic() + final_pass_s
+        self._purged_read_at = None  # the last pass drops what a purge covers by now
         self._stop.set()
         if self._thread is None:
             return

@@ -12,6 +12,7 @@ from ..storage.layout import EVENTS_DIRNAME
 from ..storage.query import Snapshot
 from .layout import LAKE_EVENTS, lake_listing, object_key
 from .objectstore import LakeError, ObjectInfo, ObjectStore, parse_lake_url
+from .purges import as_local_purges, read_lake_purges
 
 
 class LakeView:
@@ -19,7 +20,9 @@ class LakeView:
     files that are already in the lake under this node's name (uploaded, or uploaded and
     compacted) and adds the lake's objects, downloaded into ``cache_dir`` (kept between runs,
     keyed by object name; objects never change under a name, so a cached copy of the right
-    size is the object). Another node's files that are not uploaded yet are not seen."""
+    size is the object). Another node's files that are not uploaded yet are not seen. The
+    lake's purge tombstones join the snapshot's, so purged rows are filtered wherever they
+    still are (lake/purges.py)."""
 
     def __init__(self, store: ObjectStore, node: str, data_dir: Path, cache_dir: Path) -> None:
         self.store = store
@@ -36,6 +39,8 @@ class LakeView:
             raise LakeError(f"cannot read the lake: {type(exc).__name__}: {exc}") from None
 
     def _extend(self, snapshot: Snapshot) -> None:
+        # Tombstones first: a purge deletes objects only after writing its tombstone.
+        snapshot.purges = snapshot.purges + as_local_purges(read_lake_purges(self.store))
         listing, gone = lake_listing(self.store)
         local = []
         for path in snapshot.parquet_files:
