@@ -6,7 +6,7 @@ Usage:  python bench/micro_hotpath.py [--windows N] [--connections N] [--events 
 Prints ONE JSON line, e.g.
   {"bench": "micro_hotpath", "us_per_request_best": ..., "us_per_request_median": ..., ...}
 
-The real server stack (``Server.open_storage``: key ring, schema, rate limiter, commit log,
+The real server stack (``build_server``: key ring, schema, rate limiter, commit log,
 app) on a temp data dir, with the bench's seeded requests fed straight into ``HttpProtocol``
 objects over fake transports: no sockets, so the figure is the Python work of parsing, auth,
 decode/validate, rate limit, the commit log and the answer, without the kernel's TCP cost.
@@ -38,7 +38,7 @@ from bench.payloads import build_request, make_body  # noqa: E402
 from inslytic_fast.config import Settings  # noqa: E402
 from inslytic_fast.http.protocol import HttpProtocol  # noqa: E402
 from inslytic_fast.runtime.process import loop_factory  # noqa: E402
-from inslytic_fast.runtime.server import Server  # noqa: E402
+from inslytic_fast.runtime.server import build_server  # noqa: E402
 
 REQUEST_VARIANTS = 64
 
@@ -104,8 +104,7 @@ async def measure(args, data_dir: Path) -> dict:
         Settings(), data_dir=data_dir, durability=args.durability, events_per_minute=0
     )
     with open(os.devnull, "w") as devnull:
-        server = Server(settings, out=devnull)
-        server.open_storage()
+        server = build_server(settings, out=devnull)
     # serve() would create it once the port is bound; this bench binds no port.
     key = server.keyring.ensure_default_project()
     loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ from inslytic_fast.config import Settings
 from inslytic_fast.http.protocol import HttpProtocol
 from inslytic_fast.http.state import ServerState
 from inslytic_fast.runtime.process import loop_factory
-from inslytic_fast.runtime.server import Server
+from inslytic_fast.runtime.server import build_server
 
 from .protocol_helpers import MockTransport, ScriptedApp, get, make_conn, post, statuses
 
@@ -22,8 +22,7 @@ def test_serving_freezes_what_start_up_built_out_of_full_collections(tmp_path):
     settings = dataclasses.replace(
         Settings(), data_dir=tmp_path, port=0, durability="none", workers=1
     )
-    server = Server(settings, out=io.StringIO())
-    server.open_storage()
+    server = build_server(settings, out=io.StringIO())
     seen: dict[str, int] = {}
 
     def ready() -> None:
@@ -88,3 +87,24 @@ def test_the_drain_deadline_aborts_a_connection_whatever_it_is_doing():
     conn.data_received(post("/slow", b"{}"))
     conn.shutdown(abort=True)
     assert transport.aborted
+
+
+def test_a_server_is_built_whole_with_only_the_features_asked_for(tmp_path):
+    def settings(data_dir, **overrides):
+        return dataclasses.replace(
+            Settings(), data_dir=data_dir, port=0, durability="none", **overrides
+        )
+
+    alone = build_server(settings(tmp_path / "alone", metrics_port=1), out=io.StringIO())
+    assert alone.roller is not None and alone.data_dir_lock is not None
+    assert alone.metrics_app is not None and alone.metrics_app is not alone.app
+    assert alone.coordinator is None and alone.first_run_key is None
+    assert alone.app.ingestor.commitlog is alone.commitlog
+    worker = build_server(
+        settings(tmp_path / "worker"), worker_id="w1", standalone=False, parent_pid=1
+    )
+    # The supervisor runs the roller and holds the data dir's lock for its workers.
+    assert worker.roller is None and worker.data_dir_lock is None
+    assert worker.metrics_app is None and worker.parent_pid == 1
+    asyncio.run(alone.commitlog.close())
+    asyncio.run(worker.commitlog.close())

@@ -1,16 +1,16 @@
-"""Process lifecycle: open storage, listen, tick once a second, drain on SIGTERM.
+"""One serving process: built whole, then listen, tick once a second, drain on SIGTERM.
 
-Start-up order follows the data: the port is bound, the data dir must be writable, the key
-catalog loads, the commit log recovers its tail, the roller catches up in the background, and
-only then does the socket accept connections (and a first run create the default project,
-whose key would be lost if the start failed after it). Shutdown is
-the reverse: stop accepting, finish in-flight requests and their commits, seal the log.
+Start-up order follows the data: the port is bound, then ``build_server`` checks the data dir
+is writable, loads the key catalog, recovers the commit log's tail and builds the app on them;
+``Server.serve`` starts the log and the roller (it catches up in the background) and only then
+accepts connections (and a first run creates the default project, whose key would be lost if
+the start failed after it). Shutdown is the reverse: stop accepting, finish in-flight requests
+and their commits, seal the log.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 import os
@@ -18,10 +18,11 @@ import signal
 import socket
 import ssl
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, TextIO
 
 import duckdb
-import orjson
 
 from .. import __version__
 from ..cluster.coordinator import CoordinatorError, CoordinatorLink, start_cluster_catalog
@@ -38,27 +39,18 @@ from ..ingest.dedup import table_path as dedup_table_path
 from ..ingest.keyring import KeyRing
 from ..ingest.pipeline import Ingestor
 from ..ingest.schema import EventLimits, Schema
-from ..lake.status import degraded_note, read_status
-from ..lake.uploader import start_uploader
+from ..lake.uploader import Uploader, start_uploader
 from ..limits.globallimit import GlobalRateLimiter
+from ..limits.interface import Limiter
 from ..limits.ratelimit import RateLimiter
 from ..log.commitlog import CommitLog
 from ..observe.logs import RepeatedFailure
-from ..observe.metrics import (
-    add_snapshots,
-    carried_totals,
-    merge,
-    process_gauges,
-    read_snapshots,
-    storage_gauges,
-    write_snapshot,
-)
-from ..observe.metrics import render as render_metrics
 from ..storage.roller_process import RollerProcess
 from .data_dir import DataDirLock, acquire_data_dir, check_data_dir, run_dir, seal_orphan_logs
 from .process import loop_factory, worker_index
-from .sockets import LISTEN_BACKLOG, bind_socket, tls_context
+from .sockets import LISTEN_BACKLOG, bind_metrics_socket, bind_socket, tls_context
 from .startup import StartupError, announce, startup_failed
+from .status import ServingStatus, carried_metrics
 from .systemd import listen_socket_from_systemd, notify
 
 log = logging.getLogger("inslytic_fast.server")
@@ -66,165 +58,197 @@ log = logging.getLogger("inslytic_fast.server")
 TICK_SECONDS = 1.0
 DRAIN_IDLE_GRACE_S = 1.0
 
+# The shared dedup table: "create" it (and rebuild it from the data), "join" the one a sibling
+# created, or "rejoin" after a crash (rebuild, release the dead one's claims).
+DedupRole = Literal["create", "join", "rejoin"]
 
-class Server:
-    """One serving process: storage, the app, a listening socket, the tick.
 
-    Alone (``--workers 1``) it also runs the roller and creates the first-run project; as one of
-    several workers the supervisor does both and hands in a shared rate limiter.
+def build_server(
+    settings: Settings,
+    *,
+    worker_id: str = "w0",
+    limiter: Limiter | None = None,
+    standalone: bool = True,
+    dedup_role: DedupRole = "create",
+    parent_pid: int | None = None,
+    out: TextIO | None = None,
+) -> Server:
+    """Open storage and build every part of one serving process, in the data's order.
+
+    Alone (``standalone``) it locks the data dir and will run the roller; as a worker the
+    supervisor does both and hands in a shared ``limiter``. The listening socket is the
+    caller's: bound before (alone) or after (a worker) this; the first-run project is created
+    by ``Server.serve`` once the port is bound.
     """
+    check_data_dir(settings.data_dir)
+    tls = tls_context(settings)
+    data_dir_lock = None
+    carried = None
+    if standalone:
+        data_dir_lock = acquire_data_dir(settings.data_dir)
+        seal_orphan_logs(settings.data_dir, {worker_id})
+    else:
+        carried = carried_metrics(settings.data_dir, worker_id)
+    keyring = KeyRing(settings.data_dir)
+    coordinator = None
+    first_run_key = None
+    try:
+        if settings.coordinator:
+            coordinator, first_run_key = join_cluster(settings, worker_id, standalone)
+            limiter = GlobalRateLimiter(coordinator)
+        keyring.load()
+    except CatalogError as exc:
+        raise StartupError(str(exc)) from None
+    if limiter is None:
+        limiter = RateLimiter()
+    commitlog = open_commitlog(settings, worker_id)
+    table = open_dedup(settings, worker_id, dedup_role)
+    dedup: Dedup = table
+    if coordinator is not None:  # retries that land on another node too
+        dedup = ClusterDedup(table, coordinator, f"{settings.node}/{worker_id}")
+    state = ServerState(settings)
+    responses = Responses(settings.cors_origins)
+    limits = EventLimits()
+    ingestor = Ingestor(
+        keyring,
+        Schema(limits),
+        limiter,
+        commitlog,
+        responses,
+        default_limit=settings.events_per_minute,
+        max_decompressed_bytes=settings.max_decompressed_bytes,
+        metrics=state.metrics,
+        dedup=dedup,
+        dedup_owner=worker_index(worker_id),
+    )
+    openapi = build_openapi(
+        limits, max_body_bytes=settings.max_body_bytes, server_version=__version__
+    )
+    status = ServingStatus(
+        settings,
+        worker_id=worker_id,
+        standalone=standalone,
+        state=state,
+        commitlog=commitlog,
+        dedup=dedup,
+        limiter=limiter,
+        coordinator=coordinator,
+        carried=carried,
+    )
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        worker_id: str = "w0",
-        limiter: RateLimiter | None = None,
-        standalone: bool = True,
-        dedup_role: str = "create",
-        out=None,
-    ) -> None:
-        self.settings = settings
-        self.worker_id = worker_id
-        self.limiter = limiter if limiter is not None else RateLimiter()
-        self.standalone = standalone
-        # The shared dedup table: "create" it (and rebuild it from the data), "join" the one a
-        # sibling created, or "rejoin" after a crash (rebuild, release the dead one's claims).
-        self.dedup_role = dedup_role
-        self.dedup: Dedup | None = None
-        self.out = out or sys.stdout
-        self.state = ServerState(settings)
-        self.responses = Responses(settings.cors_origins)
-        self.keyring: KeyRing | None = None
-        self.commitlog: CommitLog | None = None
-        self.roller: RollerProcess | None = None
-        self._tick_failure = RepeatedFailure(log, "the 1 s tick")
-        self._snapshot_failure = RepeatedFailure(log, "the metrics snapshot")
-        self.carried_metrics: dict | None = None  # a restarted worker's predecessor's counters
-        self.app: App | None = None
-        self.metrics_app: App | None = None  # with --metrics-port: /metrics on its own socket
-        self.first_run_key: str | None = None
-        self.data_dir_lock: DataDirLock | None = None
-        self.parent_pid: int | None = None  # a worker stops when its supervisor is gone
-        self.tls: ssl.SSLContext | None = None
-        self.on_ready = None
-        self.coordinator = None  # a CoordinatorLink with --coordinator
-        self.uploader = None  # a lake.Uploader with --lake (in the supervisor with workers)
-        self._tick_handle: asyncio.TimerHandle | None = None
-        self._stop: asyncio.Event | None = None
-
-    # Start-up, in the data's order
-
-    def open_storage(self) -> None:
-        settings = self.settings
-        check_data_dir(settings.data_dir)
-        self.tls = tls_context(settings)
-        if self.standalone:
-            self.data_dir_lock = acquire_data_dir(settings.data_dir)
-            seal_orphan_logs(settings.data_dir, {self.worker_id})
-        else:
-            self._carry_predecessor_metrics()
-        keyring = KeyRing(settings.data_dir)
-        try:
-            if settings.coordinator:
-                self._join_cluster()
-            keyring.load()
-        except CatalogError as exc:
-            raise StartupError(str(exc)) from None
-        commitlog = CommitLog(
-            settings.data_dir,
-            durability=settings.durability,
-            worker_id=self.worker_id,
-            min_free_bytes=settings.min_free_bytes,
-            max_unrolled_bytes=settings.max_unrolled_bytes,
-        )
-        try:
-            commitlog.open()
-        except OSError as exc:
-            raise StartupError(f"cannot open the commit log: {exc}") from None
-        self.keyring = keyring
-        self.commitlog = commitlog
-        self.dedup = self._open_dedup()
-        if self.coordinator is not None:  # retries that land on another node too
-            member = f"{settings.node}/{self.worker_id}"
-            self.dedup = ClusterDedup(self.dedup, self.coordinator, member)
-        if self.standalone:
-            self.roller = RollerProcess(settings)
-        limits = EventLimits()
-        ingestor = Ingestor(
-            keyring,
-            Schema(limits),
-            self.limiter,
-            commitlog,
-            self.responses,
-            default_limit=settings.events_per_minute,
-            max_decompressed_bytes=settings.max_decompressed_bytes,
-            metrics=self.state.metrics,
-            dedup=self.dedup,
-            dedup_owner=worker_index(self.worker_id),
-        )
-        openapi = build_openapi(
-            limits, max_body_bytes=settings.max_body_bytes, server_version=__version__
+    def app(**listener: bool) -> App:
+        return App(
+            ingestor,
+            responses,
+            openapi,
+            worker_id=worker_id,
+            metrics_page=status.metrics_page,
+            readiness=status.readiness,
+            degraded=status.degraded,
+            metrics_token=settings.metrics_token,
+            **listener,
         )
 
-        def app(**listener: bool) -> App:
-            return App(
-                ingestor,
-                self.responses,
-                openapi,
-                worker_id=self.worker_id,
-                metrics_page=self.metrics_page,
-                readiness=self.readiness,
-                degraded=self.degraded,
-                metrics_token=settings.metrics_token,
-                **listener,
-            )
+    return Server(
+        settings=settings,
+        worker_id=worker_id,
+        standalone=standalone,
+        state=state,
+        responses=responses,
+        keyring=keyring,
+        limiter=limiter,
+        commitlog=commitlog,
+        status=status,
+        app=app(serves_metrics=not settings.metrics_port),
+        metrics_app=app(serves_api=False) if settings.metrics_port else None,
+        tls=tls,
+        roller=RollerProcess(settings) if standalone else None,
+        coordinator=coordinator,
+        data_dir_lock=data_dir_lock,
+        first_run_key=first_run_key,
+        parent_pid=parent_pid,
+        out=out or sys.stdout,
+    )
 
-        self.app = app(serves_metrics=not settings.metrics_port)
-        if settings.metrics_port:
-            self.metrics_app = app(serves_api=False)
 
-    def _join_cluster(self) -> None:
-        """--coordinator: the catalog comes from the coordinator (mirrored into catalog.json,
-        by the supervisor when there are workers) and the rate limits are cluster-wide."""
-        settings = self.settings
-        member = f"{settings.node}/{self.worker_id}"
-        try:
-            if self.standalone:
-                link, self.first_run_key = start_cluster_catalog(
-                    settings.coordinator, settings.data_dir, member
-                )
-            else:
-                link = CoordinatorLink(settings.coordinator, member)
-                link.start()
-        except CoordinatorError as exc:
-            raise StartupError(str(exc)) from None
-        self.coordinator = link
-        self.limiter = GlobalRateLimiter(link)
+def join_cluster(
+    settings: Settings, worker_id: str, standalone: bool
+) -> tuple[CoordinatorLink, str | None]:
+    """--coordinator: the catalog comes from the coordinator (mirrored into catalog.json, by
+    the supervisor when there are workers) and the rate limits are cluster-wide. Alone, this
+    process also makes a new cluster's first project: its key comes back to be shown."""
+    member = f"{settings.node}/{worker_id}"
+    try:
+        if standalone:
+            return start_cluster_catalog(settings.coordinator, settings.data_dir, member)
+        link = CoordinatorLink(settings.coordinator, member)
+        link.start()
+    except CoordinatorError as exc:
+        raise StartupError(str(exc)) from None
+    return link, None
 
-    def _open_dedup(self) -> DedupTable:
-        """After the commit log is open (its tail recovered): the rebuild reads it."""
-        path = dedup_table_path(run_dir(self.settings.data_dir))
-        try:
-            table = DedupTable(
-                path, create=self.dedup_role == "create", slots=self.settings.dedup_slots
-            )
-            if self.dedup_role != "join":
-                rebuild(table, self.settings.data_dir)
-            if self.dedup_role == "rejoin":
-                released = table.release_owner(worker_index(self.worker_id))
-                log.info("dedup: released %d claims of the previous %s", released,
-                         self.worker_id)  # fmt: skip
-        except (OSError, ValueError, duckdb.Error) as exc:
-            raise StartupError(f"cannot open the dedup table {path}: {exc}") from None
-        return table
 
-    def bind_metrics_socket(self) -> socket.socket | None:
-        """The --metrics-port socket (shared by the workers, like the main port), or None."""
-        settings = self.settings
-        if not settings.metrics_port:
-            return None
-        return bind_socket(settings.host, settings.metrics_port, reuse_port=not self.standalone)
+def open_commitlog(settings: Settings, worker_id: str) -> CommitLog:
+    """This process's own log, its tail recovered."""
+    commitlog = CommitLog(
+        settings.data_dir,
+        durability=settings.durability,
+        worker_id=worker_id,
+        min_free_bytes=settings.min_free_bytes,
+        max_unrolled_bytes=settings.max_unrolled_bytes,
+    )
+    try:
+        commitlog.open()
+    except OSError as exc:
+        raise StartupError(f"cannot open the commit log: {exc}") from None
+    return commitlog
+
+
+def open_dedup(settings: Settings, worker_id: str, role: DedupRole) -> DedupTable:
+    """After the commit log is open (its tail recovered): the rebuild reads it."""
+    path = dedup_table_path(run_dir(settings.data_dir))
+    try:
+        table = DedupTable(path, create=role == "create", slots=settings.dedup_slots)
+        if role != "join":
+            rebuild(table, settings.data_dir)
+        if role == "rejoin":
+            released = table.release_owner(worker_index(worker_id))
+            log.info("dedup: released %d claims of the previous %s", released, worker_id)
+    except (OSError, ValueError, duckdb.Error) as exc:
+        raise StartupError(f"cannot open the dedup table {path}: {exc}") from None
+    return table
+
+
+@dataclass(kw_only=True, eq=False)
+class Server:
+    """One serving process: storage, the app, a listening socket, the tick. Built whole by
+    ``build_server``; optional parts are None only where the feature is off."""
+
+    settings: Settings
+    worker_id: str
+    standalone: bool  # alone (--workers 1), not one of a supervisor's workers
+    state: ServerState
+    responses: Responses
+    keyring: KeyRing
+    limiter: Limiter
+    commitlog: CommitLog
+    status: ServingStatus
+    app: App
+    metrics_app: App | None  # with --metrics-port: /metrics on its own socket
+    tls: ssl.SSLContext | None
+    roller: RollerProcess | None  # alone; with workers the supervisor runs it
+    coordinator: CoordinatorLink | None  # with --coordinator
+    data_dir_lock: DataDirLock | None  # alone; with workers the supervisor holds it
+    first_run_key: str | None  # a new cluster's first project's key, until it is shown
+    parent_pid: int | None  # a worker stops when its supervisor is gone
+    out: TextIO
+    on_ready: Callable[[], None] | None = None
+    uploader: Uploader | None = field(default=None, init=False)  # alone with --lake
+    _stop: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _tick_handle: asyncio.TimerHandle | None = field(default=None, init=False)  # while serving
+    _tick_failure: RepeatedFailure = field(
+        default_factory=lambda: RepeatedFailure(log, "the 1 s tick"), init=False
+    )
 
     async def serve(
         self, sock: socket.socket | None = None, metrics_sock: socket.socket | None = None
@@ -234,8 +258,7 @@ class Server:
         if sock is None:
             sock = bind_socket(settings.host, settings.port)
         if metrics_sock is None:
-            metrics_sock = self.bind_metrics_socket()
-        self._stop = asyncio.Event()
+            metrics_sock = bind_metrics_socket(settings, shared=not self.standalone)
         self.commitlog.start(loop)
         if self.roller is not None:
             self.roller.start()
@@ -250,8 +273,8 @@ class Server:
             ssl=self.tls,
         )
         servers = [server]
-        if metrics_sock is not None:
-            metrics_app = self.metrics_app
+        metrics_app = self.metrics_app
+        if metrics_sock is not None and metrics_app is not None:  # both with --metrics-port
             servers.append(
                 await loop.create_server(
                     lambda: HttpProtocol(metrics_app, state),
@@ -269,14 +292,14 @@ class Server:
         if self.standalone:
             # Only now that the port is ours: a start that fails earlier (port in use) must not
             # have created the project whose key it never got to show.
-            if not settings.coordinator:  # a cluster's first project is made in _join_cluster
+            if not settings.coordinator:  # a cluster's first project is made in join_cluster
                 self.first_run_key = self.keyring.ensure_default_project()
             announce(settings, host, port, self.first_run_key, self.out)
             notify(f"READY=1\nSTATUS=serving on port {port}")
             self.first_run_key = None
         # What exists now (modules, the app, decoders, the catalog) lives as long as the process.
-        # Frozen, it is skipped by the collector's full passes, which walked ~30,000 objects and
-        # stopped the loop for 10-39 ms once every 10-30 s under load (a gc.callbacks probe).
+        # Frozen, it is skipped by the collector's full passes, which otherwise walk all of it
+        # and stall the loop under load.
         gc.collect()
         gc.freeze()
         self.state.ready = True
@@ -293,82 +316,7 @@ class Server:
             await self._shutdown(servers, loop)
 
     def request_stop(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
-
-    # Operability
-
-    def metrics_snapshot(self) -> dict:
-        snapshot = self.state.metrics.snapshot()
-        log_stats = dataclasses.asdict(self.commitlog.stats)
-        snapshot["log"] = log_stats
-        snapshot["commit_latency"] = self.commitlog.sync_latency.snapshot()
-        snapshot["dedup"] = self.dedup.counters()
-        if self.carried_metrics is not None:
-            add_snapshots(snapshot, self.carried_metrics)
-        gauges = {"open_connections": len(self.state.connections)}
-        if self.coordinator is not None:
-            gauges.update(self.limiter.stats())
-        snapshot["gauges"] = gauges
-        snapshot["process"] = process_gauges(
-            self.worker_id, len(self.state.connections), log_stats["last_sync_latency_s"]
-        )
-        return snapshot
-
-    def metrics_page(self) -> bytes:
-        """The sum over workers, never lower than an earlier scrape's (Prometheus reads a drop
-        as a counter reset): this worker first publishes its live counters, so a later scrape
-        answered by another worker reads them at least this high."""
-        snapshot = self.metrics_snapshot()
-        snapshots = [snapshot]
-        if not self.standalone:
-            self._publish_snapshot(snapshot)
-            snapshots += read_snapshots(run_dir(self.settings.data_dir), self._snapshot_name())
-        storage = storage_gauges(self.settings.data_dir)
-        storage["dedup"] = self.dedup.gauges()  # the table every worker shares: not summed
-        if self.settings.lake:
-            storage["lake"] = read_status(self.settings.data_dir) or {}
-        return render_metrics(merge(snapshots), storage)
-
-    def _publish_snapshot(self, snapshot: dict) -> None:
-        try:
-            write_snapshot(run_dir(self.settings.data_dir) / self._snapshot_name(), snapshot)
-        except OSError as exc:
-            self._snapshot_failure.failed("cannot write the metrics snapshot: %s", exc)
-        else:
-            self._snapshot_failure.succeeded()
-
-    def _carry_predecessor_metrics(self) -> None:
-        """A restarted worker adds its predecessor's last published counters to its own, so
-        the sum over workers does not drop when a worker dies and comes back."""
-        path = run_dir(self.settings.data_dir) / self._snapshot_name()
-        try:
-            self.carried_metrics = carried_totals(orjson.loads(path.read_bytes()))
-        except FileNotFoundError:
-            return
-        except (OSError, orjson.JSONDecodeError) as exc:
-            log.error("cannot read %s; this worker's counters restart at 0: %s", path, exc)
-
-    def _snapshot_name(self) -> str:
-        return f"metrics-{self.worker_id}.json"
-
-    def readiness(self) -> str | None:
-        """None when this process should get traffic; otherwise why not (for /ready)."""
-        state = self.state
-        if state.draining:
-            return "shutting down"
-        if not state.ready:
-            return "starting"
-        return self.commitlog.refusal()
-
-    def degraded(self) -> str | None:
-        """Serving, but not as configured (for /ready's body); None when all is well."""
-        notes = []
-        if self.coordinator is not None:
-            notes.append(self.coordinator.note())
-        if self.settings.lake:
-            notes.append(degraded_note(read_status(self.settings.data_dir), time.time()))
-        return "; ".join(n for n in notes if n) or None
+        self._stop.set()
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._tick_handle = loop.call_later(TICK_SECONDS, self._tick, loop)
@@ -388,13 +336,15 @@ class Server:
                 log.error("supervisor %d is gone; draining and exiting", self.parent_pid)
                 self.request_stop()
             if not self.standalone:
-                self._publish_snapshot(self.metrics_snapshot())
+                self.status.publish(self.status.snapshot())
         except Exception:
             self._tick_failure.failed("error in the 1 s tick", exc_info=True)
         else:
             self._tick_failure.succeeded()
 
-    async def _shutdown(self, servers: list[asyncio.AbstractServer], loop) -> None:
+    async def _shutdown(
+        self, servers: list[asyncio.Server], loop: asyncio.AbstractEventLoop
+    ) -> None:
         if self.standalone:
             notify("STOPPING=1")
         state = self.state
@@ -433,11 +383,10 @@ class Server:
 
 def serve_alone(settings: Settings) -> int:
     """``--workers 1``: this process serves until SIGTERM/SIGINT. Returns the exit code."""
-    server = Server(settings)
     try:
         sock = listen_socket_from_systemd() or bind_socket(settings.host, settings.port)
-        metrics_sock = server.bind_metrics_socket()
-        server.open_storage()
+        metrics_sock = bind_metrics_socket(settings, shared=False)
+        server = build_server(settings)
     except StartupError as exc:
         return startup_failed(settings, str(exc))
     with asyncio.Runner(loop_factory=loop_factory()) as runner:

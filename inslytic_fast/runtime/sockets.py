@@ -33,6 +33,13 @@ def bind_socket(
     return sock
 
 
+def bind_metrics_socket(settings: Settings, *, shared: bool) -> socket.socket | None:
+    """The --metrics-port socket (``shared`` by the workers, like the main port), or None."""
+    if not settings.metrics_port:
+        return None
+    return bind_socket(settings.host, settings.metrics_port, reuse_port=shared)
+
+
 def port_answers(host: str, port: int) -> bool:
     """Something accepts connections there (bind() alone does not tell, under SO_REUSEPORT)."""
     try:

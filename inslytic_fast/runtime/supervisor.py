@@ -20,18 +20,21 @@ import socket
 import sys
 import time
 from dataclasses import replace
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
 
-from ..cluster.coordinator import CoordinatorError, start_cluster_catalog
+from ..cluster.coordinator import CoordinatorError, CoordinatorLink, start_cluster_catalog
 from ..config import Settings
 from ..ingest.catalog import CatalogError
 from ..ingest.keyring import KeyRing
-from ..lake.uploader import start_uploader
+from ..lake.uploader import Uploader, start_uploader
 from ..limits.sharedlimit import SharedBudget, SharedRateLimiter
 from ..observe.logs import configure as configure_logging
 from ..storage.roller_process import RollerProcess
 from .children import leave_sigint_to_parent, start_child
 from .data_dir import (
+    DataDirLock,
     acquire_data_dir,
     budget_path,
     check_data_dir,
@@ -39,8 +42,8 @@ from .data_dir import (
     seal_orphan_logs,
 )
 from .process import follow_parent, loop_factory, worker_ids
-from .server import Server
-from .sockets import bind_socket, port_answers, tls_context
+from .server import DedupRole, build_server
+from .sockets import bind_metrics_socket, bind_socket, port_answers, tls_context
 from .startup import StartupError, announce, startup_failed
 from .systemd import listen_socket_from_systemd, notify
 
@@ -60,9 +63,9 @@ HAS_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
 def worker_main(
     settings: Settings,
     worker_id: str,
-    ready,
+    ready: Connection,
     inherited: socket.socket | None,
-    dedup_role: str = "join",
+    dedup_role: DedupRole = "join",
 ) -> None:
     """Entry point of a worker process (spawned: nothing is shared but what is passed)."""
     leave_sigint_to_parent()
@@ -72,14 +75,17 @@ def worker_main(
     limiter = None  # with --coordinator the server builds a cluster-wide one
     if not settings.coordinator:
         limiter = SharedRateLimiter(SharedBudget(budget_path(settings.data_dir)), settings.workers)
-    server = Server(
-        settings, worker_id=worker_id, limiter=limiter, standalone=False, dedup_role=dedup_role
-    )
-    server.parent_pid = parent_pid
     try:
-        server.open_storage()
+        server = build_server(
+            settings,
+            worker_id=worker_id,
+            limiter=limiter,
+            standalone=False,
+            dedup_role=dedup_role,
+            parent_pid=parent_pid,
+        )
         sock = inherited or bind_socket(settings.host, settings.port, reuse_port=True)
-        metrics_sock = server.bind_metrics_socket()
+        metrics_sock = bind_metrics_socket(settings, shared=True)
     except StartupError as exc:
         ready.send(("error", str(exc)))
         sys.exit(2)
@@ -93,11 +99,11 @@ class Worker:
 
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
-        self.process: multiprocessing.process.BaseProcess | None = None
+        self.process: BaseProcess | None = None
         self.started_at = 0.0
         self.backoff = RESTART_BACKOFF_MIN_S
         self.restart_at: float | None = None
-        self.conn = None
+        self.conn: Connection | None = None
 
 
 class Supervisor:
@@ -107,8 +113,9 @@ class Supervisor:
         self.workers = [Worker(w) for w in worker_ids(settings.workers)]
         self.listen_sock: socket.socket | None = None
         self.stopping = False
-        self.coordinator = None  # with --coordinator: the link that mirrors the catalog
-        self.uploader = None  # with --lake: ships finished Parquet files
+        self.data_dir_lock: DataDirLock | None = None
+        self.coordinator: CoordinatorLink | None = None  # --coordinator: mirrors the catalog
+        self.uploader: Uploader | None = None  # with --lake: ships finished Parquet files
 
     def run(self) -> int:
         settings = self.settings
@@ -196,7 +203,7 @@ class Supervisor:
                 )
         return sock
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
 
     def _start(self, worker: Worker, *, wait_ready: bool = False) -> str | None:
@@ -246,7 +253,7 @@ class Supervisor:
                         wait_s = worker.restart_at - now
                         timeout = wait_s if timeout is None else min(timeout, wait_s)
             sentinels = {
-                w.process.sentinel: w
+                w.process.sentinel: (w, w.process)
                 for w in self.workers
                 if w.process is not None and w.restart_at is None
             }
@@ -257,14 +264,11 @@ class Supervisor:
                     os.read(wake_fd, 512)
                 except BlockingIOError:
                     pass
-            for sentinel in ready:
-                worker = sentinels.get(sentinel)
-                if worker is None or self.stopping:
-                    continue
-                self._schedule_restart(worker)
+            for sentinel, (worker, process) in sentinels.items():
+                if sentinel in ready and not self.stopping:
+                    self._schedule_restart(worker, process)
 
-    def _schedule_restart(self, worker: Worker) -> None:
-        process = worker.process
+    def _schedule_restart(self, worker: Worker, process: BaseProcess) -> None:
         process.join(0)
         lived = time.monotonic() - worker.started_at
         if lived >= HEALTHY_RUN_S:
@@ -286,6 +290,8 @@ class Supervisor:
             w.process for w in self.workers if w.process is not None and w.process.is_alive()
         ]
         for process in running:
+            if process.pid is None:  # never started: nothing to stop
+                continue
             try:
                 os.kill(process.pid, signal.SIGTERM)
             except ProcessLookupError:
