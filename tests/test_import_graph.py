@@ -169,18 +169,23 @@ def write_package(root: Path, modules: dict[str, str]) -> Path:
     return package_dir
 
 
-def test_a_cycle_through_relative_imports_and_subpackages_is_found(tmp_path):
-    package_dir = write_package(
-        tmp_path,
+def server_importing_roller(root: Path, roller_source: str) -> Path:
+    """A package whose runtime/server.py imports storage/roller.py at module level."""
+    return write_package(
+        root,
         {
             "__init__.py": "",
             "runtime/__init__.py": "",
             "runtime/server.py": "from ..storage import roller\n",
             "storage/__init__.py": "",
-            "storage/roller.py": "import os\ntry:\n    from ..runtime.server import x\n"
-            "except ImportError:\n    pass\n",
+            "storage/roller.py": roller_source,
         },
     )
+
+
+def test_a_cycle_through_relative_imports_and_subpackages_is_found(tmp_path):
+    roller = "import os\ntry:\n    from ..runtime.server import x\nexcept ImportError:\n    pass\n"
+    package_dir = server_importing_roller(tmp_path, roller)
     assert find_cycle(import_graph(package_dir)) == [
         "pkg.runtime.server",
         "pkg.storage.roller",
@@ -196,16 +201,7 @@ def test_a_cycle_through_relative_imports_and_subpackages_is_found(tmp_path):
     ],
 )
 def test_type_checking_and_function_imports_are_not_module_level_edges(tmp_path, roller_source):
-    package_dir = write_package(
-        tmp_path,
-        {
-            "__init__.py": "",
-            "runtime/__init__.py": "",
-            "runtime/server.py": "from ..storage import roller\n",
-            "storage/__init__.py": "",
-            "storage/roller.py": roller_source,
-        },
-    )
+    package_dir = server_importing_roller(tmp_path, roller_source)
     assert find_cycle(import_graph(package_dir)) is None
 
 
