@@ -221,7 +221,9 @@ def _json(schema_name: str) -> dict[str, Any]:
     return {"application/json": {"schema": _ref("schemas", schema_name)}}
 
 
-def _error(description: str, schema: str = "Error", **headers: dict[str, Any]) -> dict[str, Any]:
+def _error(
+    description: str, schema: str = "Error", headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
     response: dict[str, Any] = {"description": description, "content": _json(schema)}
     if headers:
         response["headers"] = headers
@@ -236,7 +238,7 @@ def _responses(max_body_bytes: int) -> dict[str, Any]:
         ),
         "NotFound": _error('No such path: `{"error": "Not found"}`.'),
         "MethodNotAllowed": _error(
-            "The path does not accept this method.", Allow=header("headers", "Allow")
+            "The path does not accept this method.", headers={"Allow": header("headers", "Allow")}
         ),
         "RequestTimeout": _error("Headers or body did not arrive in time; the connection closes."),
         "PayloadTooLarge": _error(
@@ -248,7 +250,7 @@ def _responses(max_body_bytes: int) -> dict[str, Any]:
         "ServiceUnavailable": _error(
             "The server is at its connection limit or draining, or the commit log cannot take "
             "more events right now; nothing was stored and no tokens were spent.",
-            **{"Retry-After": header("headers", "Retry-After")},
+            headers={"Retry-After": header("headers", "Retry-After")},
         ),
     }
 
@@ -288,14 +290,14 @@ def _ingest_post(max_body_bytes: int) -> dict[str, Any]:
         ),
         "401": _error(
             "Missing or invalid API key.",
-            **{"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
+            headers={"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
         ),
         "403": _error(ORIGIN_REFUSED),
         "408": shared["RequestTimeout"],
         "409": _error(
             "A request with the same Idempotency-Key is still being stored; nothing was done. "
             "Retry after `Retry-After` seconds to get the first request's answer.",
-            **{"Retry-After": _ref("headers", "Retry-After")},
+            headers={"Retry-After": _ref("headers", "Retry-After")},
         ),
         "413": _error(
             f"The body is larger than {max_body_bytes} bytes as sent, or too large once "
@@ -309,14 +311,14 @@ def _ingest_post(max_body_bytes: int) -> dict[str, Any]:
         ),
         "429": _error(
             "Rate limit exceeded: the batch costs one token per event. Nothing was stored.",
-            **{"Retry-After": _ref("headers", "Retry-After")},
+            headers={"Retry-After": _ref("headers", "Retry-After")},
         ),
         "431": shared["HeadersTooLarge"],
         "500": shared["InternalError"],
         "503": _error(
             "The commit log cannot take more events right now, or the server is at its "
             "connection limit; nothing was stored and no tokens were spent.",
-            **{"Retry-After": _ref("headers", "Retry-After")},
+            headers={"Retry-After": _ref("headers", "Retry-After")},
         ),
     }
     for response in responses.values():
@@ -452,11 +454,13 @@ def _segment_message(message_type: str | None, limits: EventLimits) -> dict[str,
         for field in ("userId", "anonymousId")
     ]
     rules: list[dict[str, Any]] = [{"anyOf": one_of_ids}]
-    needs = {"track": ("event", {"type": "string", "minLength": 1, "maxLength": 200}),
-             "group": ("groupId", {"not": {"type": "null"}}),
-             "alias": ("previousId", {"not": {"type": "null"}})}  # fmt: skip
-    for kind, (field, schema) in needs.items():
-        requirement = {"required": [field], "properties": {field: schema}}
+    needs: dict[str, tuple[str, dict[str, Any]]] = {
+        "track": ("event", {"type": "string", "minLength": 1, "maxLength": 200}),
+        "group": ("groupId", {"not": {"type": "null"}}),
+        "alias": ("previousId", {"not": {"type": "null"}}),
+    }
+    for kind, (field, field_schema) in needs.items():
+        requirement = {"required": [field], "properties": {field: field_schema}}
         if message_type is None:
             rules.append({"if": {"properties": {"type": {"const": kind}}, "required": ["type"]},
                           "then": requirement})  # fmt: skip
@@ -510,7 +514,7 @@ def _segment_post(message_type: str | None, limits: EventLimits, max_body_bytes:
         ),
         "401": _error(
             "Missing or invalid write key, or a body writeKey that disagrees with the header.",
-            **{"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
+            headers={"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
         ),
         "403": _error(ORIGIN_REFUSED),
         "408": shared["RequestTimeout"],
@@ -524,7 +528,7 @@ def _segment_post(message_type: str | None, limits: EventLimits, max_body_bytes:
         ),
         "429": _error(
             "Rate limit exceeded: one token per new message. Nothing was stored.",
-            **{"Retry-After": _ref("headers", "Retry-After")},
+            headers={"Retry-After": _ref("headers", "Retry-After")},
         ),
         "431": shared["HeadersTooLarge"],
         "500": shared["InternalError"],
@@ -532,7 +536,7 @@ def _segment_post(message_type: str | None, limits: EventLimits, max_body_bytes:
             "Nothing was stored: the commit log cannot take more now, the server is at its "
             "connection limit, or a message of this batch is still being stored by an "
             "earlier attempt. Retry after `Retry-After` seconds.",
-            **{"Retry-After": _ref("headers", "Retry-After")},
+            headers={"Retry-After": _ref("headers", "Retry-After")},
         ),
     }
     for response in responses.values():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, final
 
 from ..http.request import Request
 from ..limits.ratelimit import UNLIMITED, RateLimiter, TokenBucket
@@ -24,10 +24,12 @@ from .schema import Schema
 from .segment import SegmentCodec, SegmentRejected
 
 if TYPE_CHECKING:
-    from .dedup import Dedup
+    from .dedup import Claims, Dedup
     from .keyring import KeyRing, Project
+    from .segment import Message
 
 
+@final
 class Admission:
     """An accepted batch, tokens already spent, waiting for the commit log."""
 
@@ -42,7 +44,7 @@ class Admission:
         bucket: TokenBucket | None,
         limit_headers: bytes,
         segment: bool = False,
-        claimed: list | None = None,
+        claimed: Claims | None = None,
         idempotency_key: bytes | None = None,
     ) -> None:
         self.project = project
@@ -56,6 +58,7 @@ class Admission:
         self.idempotency_key = idempotency_key
 
 
+@final
 class Duplicate:
     """A retried /v1/ingest batch already stored: answered as the first attempt was."""
 
@@ -241,6 +244,7 @@ class Admitter:
         if beacon:  # also with a header: a body key that disagrees with it is refused
             project = self._project(req, header_key, body_write_key(body))
         else:
+            assert header_key is not None  # header_required: bearer_token raised otherwise
             project = self._lookup(req, header_key)
         idempotency_key = req.idempotency_key
         if idempotency_key is not None:
@@ -254,8 +258,9 @@ class Admitter:
         events = self.schema.decode(body)  # raises BatchRejected, an IngestError
         count = len(events)
         claimed = None
-        if idempotency_key is not None and self.dedup is not None:
-            (status,), claimed = self.dedup.claim(
+        dedup = self.dedup
+        if idempotency_key is not None and dedup is not None:
+            (status,), claimed = dedup.claim(
                 [batch_key(project.name, idempotency_key)], self.dedup_owner
             )
             if status == IN_FLIGHT:
@@ -265,8 +270,8 @@ class Admitter:
         try:
             bucket, headers = self._spend(project, count)
         except IngestError:
-            if claimed:
-                self.dedup.release(claimed)
+            if claimed and dedup is not None:
+                dedup.release(claimed)
             raise
         # Positional: keyword arguments cost ~0.1 us each on this path.
         return Admission(
@@ -294,15 +299,17 @@ class Admitter:
         project = self._project(req, header_key, decoded.write_key)
         messages = decoded.messages
         claimed = None
-        if self.dedup is not None:
-            messages, claimed = self._new_messages(project.name, messages)
-            if messages is None:
+        dedup = self.dedup
+        if dedup is not None:
+            fresh, claimed = self._new_messages(dedup, project.name, messages)
+            if fresh is None:
                 raise errors.in_flight(503)
+            messages = fresh
         try:
             bucket, headers = self._spend(project, len(messages))
         except IngestError:
-            if claimed:
-                self.dedup.release(claimed)
+            if claimed and dedup is not None:
+                dedup.release(claimed)
             raise
         events_json = (
             self.segment.encode(messages, decoded.sent_at, self.clock()) if messages else b""
@@ -312,11 +319,13 @@ class Admitter:
             claimed=claimed,
         )  # fmt: skip
 
-    def _new_messages(self, project: str, messages: list) -> tuple[list | None, list]:
+    def _new_messages(
+        self, dedup: Dedup, project: str, messages: list[Message]
+    ) -> tuple[list[Message] | None, Claims]:
         """The messages not stored before (None: one is still being committed elsewhere)."""
-        keyed: list = []
+        keyed: list[Message] = []
         keys: list[bytes] = []
-        fresh: list = []
+        fresh: list[Message] = []
         seen: set[str] = set()
         for message in messages:
             message_id = message.message_id
@@ -328,9 +337,9 @@ class Admitter:
                 keys.append(message_key(project, message_id))
         if not keys:
             return messages, []
-        statuses, claimed = self.dedup.claim(keys, self.dedup_owner)
+        statuses, claimed = dedup.claim(keys, self.dedup_owner)
         if IN_FLIGHT in statuses:
-            self.dedup.release(claimed)
+            dedup.release(claimed)
             return None, []
         if len(fresh) + len(keyed) == len(messages) and all(s == CLAIMED for s in statuses):
             return messages, claimed

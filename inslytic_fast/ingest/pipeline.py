@@ -121,6 +121,7 @@ class Ingestor:
             responder.respond(error.status, self.refusal(error, req, close=not req.keep_alive))
             return
         responses = self.responses
+        dedup = self.dedup
         origin, close = req.origin, not req.keep_alive
         if type(decision) is Duplicate:
             responder.respond(202, responses.accepted(decision.count, origin=origin, close=close))
@@ -133,8 +134,8 @@ class Ingestor:
 
         def on_done(failure: BaseException | None) -> None:
             if failure is None:
-                if decision.claimed:
-                    self.dedup.settle(decision.claimed, decision.count)
+                if decision.claimed and dedup is not None:
+                    dedup.settle(decision.claimed, decision.count)
                 self.metrics.accepted(decision.project, decision.count)
                 if decision.segment:
                     responder.respond(
@@ -179,7 +180,7 @@ class Ingestor:
     ) -> bytes:
         """503 + Retry-After: the events were not stored, so their tokens and dedup claims go
         back (the client's retry must be stored)."""
-        if decision.claimed:
+        if decision.claimed and self.dedup is not None:
             self.dedup.release(decision.claimed)
         if decision.bucket is not None:
             decision.bucket.refund(decision.count, decision.window)

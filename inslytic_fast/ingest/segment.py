@@ -281,6 +281,7 @@ class SegmentCodec:
             original = _utc(original)
         timestamp = corrected_timestamp(original, sent_at, received)
         kind = message.type
+        assert kind is not None  # _check refused a message without one
         event = LogEvent(
             kind,
             timestamp,

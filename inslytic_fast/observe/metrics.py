@@ -491,7 +491,7 @@ def write_snapshot(path: Path, snapshot: dict) -> None:
 
 
 def read_snapshots(run_dir: Path, skip: str) -> list[dict]:
-    out = []
+    out: list[dict] = []
     try:
         names = os.listdir(run_dir)
     except OSError:  # gone, or not a directory: this scrape sums what this worker has
