@@ -7,7 +7,8 @@ import asyncio
 import orjson
 import pytest
 
-from inslytic_fast.http.protocol import LINGER, LINGER_SECONDS, PARSE_SLICE
+from inslytic_fast.http.parsing import LINGER
+from inslytic_fast.http.protocol import LINGER_SECONDS, PARSE_SLICE
 
 from .protocol_helpers import get, make_conn, post, split_responses, statuses
 

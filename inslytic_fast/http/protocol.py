@@ -25,14 +25,14 @@ import asyncio
 import logging
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING
-
-import httptools
+from typing import TYPE_CHECKING, cast
 
 from ..observe.logs import log_access
 from ..observe.metrics import INGEST_ROUTE, OTHER_ROUTE, PROTOCOL_REJECT_REASONS, ROUTES
+from .parsing import BODY, HEADERS, IDLE, LINGER, RequestParser
 from .request import Request
 from .responses import error_body
+from .slot import ResponseSlot
 
 KNOWN_ROUTES = frozenset(ROUTES)
 
@@ -41,12 +41,6 @@ if TYPE_CHECKING:
     from .state import ServerState
 
 log = logging.getLogger("inslytic_fast.protocol")
-
-# Connection phases, for the timeout checks.
-IDLE = 0  # waiting for the first byte of a request (keep-alive idle)
-HEADERS = 1  # request line / headers arriving
-BODY = 2  # body arriving
-LINGER = 3  # error answered, write side shut; draining input briefly so the client reads it
 
 LINGER_SECONDS = 2.0  # Apache's lingering close waits up to 2 s (MAX_SECS_TO_LINGER)
 
@@ -58,124 +52,20 @@ WRITE_HIGH_WATER = 64 * 1024
 # blocked output, ~150 KB of Request objects; a read of a big body costs 16 feeds instead of 1.
 PARSE_SLICE = 16 * 1024
 
-# Headers the server looks at; everything else is skipped with one dict miss.
-_AUTHORIZATION, _CONTENT_TYPE, _CONTENT_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
-_TRANSFER_ENCODING, _EXPECT, _ORIGIN, _HOST, _CONNECTION, _IDEMPOTENCY_KEY = 5, 6, 7, 8, 9, 10
-_FORWARDED_FOR = 11
-_INTERESTING = {
-    b"host": _HOST,
-    b"connection": _CONNECTION,
-    b"x-forwarded-for": _FORWARDED_FOR,
-    b"authorization": _AUTHORIZATION,
-    b"content-type": _CONTENT_TYPE,
-    b"content-encoding": _CONTENT_ENCODING,
-    b"content-length": _CONTENT_LENGTH,
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"expect": _EXPECT,
-    b"origin": _ORIGIN,
-    b"idempotency-key": _IDEMPOTENCY_KEY,
-}
-_SKIPPED = 0
-# The spellings clients send (lower case, and Title-Case as curl and most SDKs do), including
-# common headers the server ignores: one exact probe per header instead of lower() + probe.
-_HEADER_KIND = {
-    spelling: kind
-    for name, kind in (
-        *_INTERESTING.items(),
-        *(
-            (name, _SKIPPED)
-            for name in (
-                b"user-agent",
-                b"accept",
-                b"accept-encoding",
-                b"accept-language",
-                b"referer",
-                b"x-request-id",
-                b"keep-alive",
-            )
-        ),
-    )
-    for spelling in (name, name.title())
-}
+class HttpProtocol(RequestParser):
+    """One connection: the requests ``RequestParser`` completes go to the app, their answers
+    go out in request order, and reading stops while the client does not take them."""
 
-
-class _Reject(Exception):
-    """Raised inside a parser callback to stop parsing; the status is on the protocol."""
-
-
-# RFC 9112 s3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header and to
-# any request with more than one.
-MISSING_HOST = "an HTTP/1.1 request needs a Host header (RFC 9112 s3.2)"
-SEVERAL_HOSTS = "a request may carry only one Host header (RFC 9112 s3.2)"
-# RFC 9112 s9.3: an HTTP/1.0 client keeps the connection only if the response says so.
-KEEP_ALIVE_HEADER = b"Connection: keep-alive\r\n"
-
-
-class ResponseSlot:
-    """A place in the connection's response order; filled now or when the commit finishes."""
-
-    __slots__ = ("conn", "data", "route", "started", "request", "keep_alive_10")
-
-    def __init__(
-        self, conn: HttpProtocol, started: float = 0.0, request: Request | None = None
-    ) -> None:
-        self.conn = conn
-        self.data: bytes | None = None
-        self.route = OTHER_ROUTE  # the app names the route it dispatched to
-        self.started = started
-        self.request = request  # kept only for the access log
-        self.keep_alive_10 = False  # an HTTP/1.0 request that asked for keep-alive
-
-    def respond(self, status: int, data: bytes) -> None:
-        """Fill the slot with a complete response whose status line says ``status``: the
-        metrics and the access log take the status from here, never from the bytes."""
-        if self.data is None:
-            if self.keep_alive_10 and b"\r\nConnection: close\r\n" not in data:
-                status_end = data.index(b"\r\n") + 2
-                data = data[:status_end] + KEEP_ALIVE_HEADER + data[status_end:]
-            self.data = data
-            conn = self.conn
-            now = monotonic()
-            conn.metrics.response(self.route, status, self.started, now)
-            if self.request is not None:
-                conn.log_access(self.request, status, len(data), now - self.started)
-            conn.flush()
-
-
-class HttpProtocol(asyncio.Protocol):
     __slots__ = (
-        "app",
-        "state",
         "metrics",
         "responses",
-        "loop",
-        "transport",
-        "parser",
         "pending",
-        "phase",
-        "phase_since",
-        "request",
-        "url",
-        "header_bytes",
-        "header_read_bytes",
-        "body_parts",
-        "body_size",
-        "chunked",
-        "expect_continue",
-        "closing",
         "read_paused",
         "write_paused",
-        "error_status",
-        "error_details",
-        "early_answer",
-        "host_headers",
-        "asks_keep_alive",
         "linger_on_close",
         "access_log",
         "trusted_proxies",
         "peer",
-        "max_header_bytes",
-        "max_body_bytes",
         "max_pipelined",
         "resume_below",
         "send_timeout",
@@ -189,34 +79,13 @@ class HttpProtocol(asyncio.Protocol):
     )
 
     def __init__(self, app: App, state: ServerState) -> None:
+        super().__init__(app, state)
         settings = state.settings
-        self.app = app
-        self.state = state
         self.metrics = state.metrics
         self.responses = app.responses
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
         self.pending: deque[ResponseSlot] = deque()
-        self.phase = IDLE
-        self.phase_since = state.now
-        self.request = Request()
-        self.url = b""
-        self.header_bytes = 0  # url + header lines, as the parser reports them
-        self.header_read_bytes = 0  # bytes read while headers were still incomplete
-        self.body_parts: list[bytes] = []
-        self.body_size = 0
-        self.chunked = False
-        self.expect_continue = False
-        self.closing = False
         self.read_paused = False
         self.write_paused = False
-        self.error_status = 0
-        self.error_details: list[str] | None = None
-        # (route, status, response): a refusal decided before the body (overload, or before
-        # an expected body: Expect: 100-continue)
-        self.early_answer: tuple[bytes, int, bytes] | None = None
-        self.host_headers = 0
-        self.asks_keep_alive = False
         self.linger_on_close = False
         # Backpressure: a complete request held back (App.backpressure); reading stops too.
         self.holding = False
@@ -224,8 +93,6 @@ class HttpProtocol(asyncio.Protocol):
         self.trusted_proxies = state.trusted_proxies
         self.peer = "-"
         # Copied once so the hot path does not chase settings attributes.
-        self.max_header_bytes = settings.max_header_bytes
-        self.max_body_bytes = settings.max_body_bytes
         self.max_pipelined = settings.max_pipelined
         self.resume_below = max(1, settings.max_pipelined // 2)
         self.send_timeout = settings.send_timeout
@@ -239,11 +106,13 @@ class HttpProtocol(asyncio.Protocol):
 
     # Protocol interface
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
+        # The server listens on stream sockets only: the transport reads and writes.
+        transport = cast(asyncio.Transport, base_transport)
+        self.transport = transport
         state = self.state
         if len(state.connections) >= state.settings.max_connections or state.draining:
-            transport.write(  # type: ignore[attr-defined]
+            transport.write(
                 self.responses.render(
                     503,
                     error_body("Service Unavailable", ["too many open connections"]),
@@ -256,7 +125,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         state.connections.add(self)
         state.metrics.connections_opened += 1
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if self.access_log:
             peer = transport.get_extra_info("peername")
             self.peer = peer[0] if peer else "-"
@@ -286,42 +155,6 @@ class HttpProtocol(asyncio.Protocol):
         finally:
             self.parsing = False
 
-    def _feed(self, data: bytes | memoryview) -> None:
-        if self.phase == HEADERS:
-            # Coarse guard across reads: httptools buffers a header line until it is complete,
-            # so a never-ending line reaches no callback. Checked only if the headers are still
-            # incomplete after this read, when every byte of it was header bytes.
-            self.header_read_bytes += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The request was complete and answered; we speak no other protocol.
-            self.closing = True
-            self._close_when_flushed()
-            return
-        except httptools.HttpParserCallbackError:
-            if self.early_answer is not None:
-                self._answer_early()
-            elif self.error_status:
-                self._fail(
-                    self.error_status, self._error_message(self.error_status), self.error_details
-                )
-            else:
-                log.exception("unexpected error in a parser callback")
-                self._fail(500, "Internal Server Error")
-            return
-        except httptools.HttpParserError as exc:
-            if self.closing:
-                return  # bytes after a "Connection: close" request: not ours to answer
-            self._fail(400, "Bad Request", [f"malformed HTTP request: {exc}"])
-            return
-        except Exception:
-            log.exception("unexpected error while parsing")
-            self._fail(500, "Internal Server Error")
-            return
-        if self.phase == HEADERS and self.header_read_bytes > self.max_header_bytes:
-            self._fail(431, self._error_message(431))
-
     def eof_received(self) -> bool:
         # Half-close: finish answering what was sent, then close (keep our side open till then).
         self.closing = True
@@ -336,116 +169,6 @@ class HttpProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._parse_unparsed()
-
-    # Parser callbacks
-
-    def on_message_begin(self) -> None:
-        self.phase = HEADERS
-        self.phase_since = self.state.now
-        self.header_bytes = 0
-        self.header_read_bytes = 0
-        self.url = b""
-        self.request = Request()
-        self.body_parts = []
-        self.body_size = 0
-        self.chunked = False
-        self.expect_continue = False
-        self.host_headers = 0
-        self.asks_keep_alive = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.header_bytes += len(url)
-        if self.header_bytes > self.max_header_bytes:
-            self.error_status = 431
-            raise _Reject
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > self.max_header_bytes:
-            self.error_status = 431
-            raise _Reject
-        which = _HEADER_KIND.get(name)
-        if which is None:
-            which = _INTERESTING.get(name.lower())
-            if which is None:
-                return
-        elif which == _SKIPPED:
-            return
-        request = self.request
-        if which == _AUTHORIZATION:
-            request.authorization = value
-        elif which == _CONTENT_TYPE:
-            request.content_type = value
-        elif which == _CONTENT_ENCODING:
-            request.content_encoding = value
-        elif which == _CONTENT_LENGTH:
-            # llhttp already rejects non-digits, duplicates and CL together with TE.
-            if int(value) > self.max_body_bytes:
-                self.error_status = 413
-                raise _Reject
-        elif which == _TRANSFER_ENCODING:
-            # Only plain "chunked": llhttp accepts ",chunked" and "gzip, chunked", which a proxy in
-            # front may read differently (request smuggling); refuse anything else.
-            if value.strip().lower() != b"chunked":
-                self.error_status = 400
-                raise _Reject
-            # RFC 9112 s6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing (a
-            # 1.0 proxy in front would frame it by Content-Length or by close).
-            if self.parser.get_http_version() == "1.0":
-                self.error_status = 400
-                raise _Reject
-            self.chunked = True
-        elif which == _EXPECT:
-            self.expect_continue = value.strip().lower() == b"100-continue"
-        elif which == _HOST:
-            self.host_headers += 1
-        elif which == _FORWARDED_FOR:
-            request.forwarded_for = value
-        elif which == _CONNECTION:
-            self.asks_keep_alive = b"keep-alive" in value.lower()
-        elif which == _ORIGIN:
-            request.origin = value
-        else:
-            request.idempotency_key = value
-
-    def on_headers_complete(self) -> None:
-        self.phase = BODY
-        self.phase_since = self.state.now
-        request = self.request
-        request.method = self.parser.get_method()
-        url = self.url
-        query = url.find(b"?")
-        request.path = url if query < 0 else url[:query]
-        if self.host_headers != 1:
-            if self.host_headers or self.parser.get_http_version() == "1.1":
-                self.error_status = 400
-                self.error_details = [SEVERAL_HOSTS if self.host_headers else MISSING_HOST]
-                raise _Reject
-        # Overload past the hard mark: refused here, so its body costs a discard, not a parse.
-        refusal = self.app.refuse_on_headers(request)
-        if refusal is not None:
-            self.early_answer = refusal
-            raise _Reject
-        if self.expect_continue:
-            # Whatever can be decided without the body is decided before inviting it: a client
-            # should not upload megabytes to learn its key is wrong.
-            refusal = self.app.refuse_before_body(request)
-            if refusal is not None:
-                self.early_answer = refusal
-                raise _Reject
-            if not self.pending and not self.deferred and self.transport is not None:
-                # curl waits 1 s for this before sending a body over 1 KiB; nothing earlier is
-                # owed on this connection, so the interim answer cannot jump the response order.
-                self.transport.write(CONTINUE_100)
-
-    def on_body(self, body: bytes) -> None:
-        self.body_size += len(body)
-        if self.body_size > self.max_body_bytes:
-            self.error_status = 413
-            raise _Reject
-        self.body_parts.append(body)
-        self.phase_since = self.state.now
 
     def on_message_complete(self) -> None:
         request = self.request
@@ -477,6 +200,12 @@ class HttpProtocol(asyncio.Protocol):
                 self._update_reading()
         else:
             self._dispatch(request, keep_alive_10)
+
+    def _invite_body(self) -> None:
+        if not self.pending and not self.deferred and self.transport is not None:
+            # curl waits 1 s for this before sending a body over 1 KiB; nothing earlier is
+            # owed on this connection, so the interim answer cannot jump the response order.
+            self.transport.write(CONTINUE_100)
 
     def _output_blocked(self) -> bool:
         """Enough is owed to this client (or it is held back): answer nothing more for now."""
@@ -550,8 +279,12 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None:
             return
         pending = self.pending
-        while pending and pending[0].data is not None:
-            transport.write(pending.popleft().data)  # type: ignore[arg-type]
+        while pending:
+            data = pending[0].data
+            if data is None:
+                break
+            pending.popleft()
+            transport.write(data)
         if self.deferred or self.unparsed is not None:
             if not self.parsing and not self._output_blocked():
                 self._parse_unparsed()
@@ -602,11 +335,9 @@ class HttpProtocol(asyncio.Protocol):
         self.pending.append(slot)
         self.flush()
 
-    def _answer_early(self) -> None:
+    def _answer_early(self, route: bytes, status: int, data: bytes) -> None:
         """Send the refusal decided before the body, after what is owed, and close: the client
         may send the body anyway, which the lingering close reads and discards."""
-        route, status, data = self.early_answer
-        self.early_answer = None
         self.closing = True
         self.linger_on_close = True
         self.body_parts = []
@@ -656,48 +387,39 @@ class HttpProtocol(asyncio.Protocol):
             self.read_paused = False
             transport.resume_reading()
 
-    @staticmethod
-    def _error_message(status: int) -> str:
-        if status == 431:
-            return "Request Header Fields Too Large"
-        if status == 413:
-            return "Payload Too Large"
-        if status == 408:
-            return "Request Timeout"
-        return "Bad Request"
-
     # Called by the server's 1 s tick
 
     def check_timeouts(self, now: float) -> None:
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return
-        if self._send_stalled(now):
-            self.transport.abort()  # close() would wait for the unsent bytes forever
+        if self._send_stalled(transport, now):
+            transport.abort()  # close() would wait for the unsent bytes forever
             return
         settings = self.state.settings
         phase = self.phase
         elapsed = now - self.phase_since
         if phase == LINGER:
             if elapsed >= LINGER_SECONDS:
-                self.transport.close()
+                transport.close()
         elif self.pending or self.deferred:
             return  # we owe answers: the wait is ours (or the unread output's, checked above)
         elif phase == IDLE:
             if self.closing:
-                self.transport.close()
+                transport.close()
             elif elapsed >= settings.keepalive_timeout:
-                self.transport.close()  # RFC 9112 s9.8: an idle connection may just be closed
+                transport.close()  # RFC 9112 s9.8: an idle connection may just be closed
         elif phase == HEADERS:
             if elapsed >= settings.header_timeout:
                 self._fail(408, "Request Timeout", ["request headers not received in time"])
         elif elapsed >= settings.body_timeout:
             self._fail(408, "Request Timeout", ["request body stalled"])
 
-    def _send_stalled(self, now: float) -> bool:
+    def _send_stalled(self, transport: asyncio.Transport, now: float) -> bool:
         """Output the client has not taken for ``send_timeout``: over the high-water mark all
         that time (a reader trickling a byte at a time), or not shrinking at all (nginx's
         send_timeout)."""
-        unsent = self.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        unsent = transport.get_write_buffer_size()
         if unsent == 0 or unsent < self.unsent_seen or self.unsent_seen == 0:
             self.send_progress_at = now
         self.unsent_seen = unsent
