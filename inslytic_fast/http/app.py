@@ -147,9 +147,7 @@ class App:
     def _stores(self, req: Request) -> bool:
         """A request that would write to the log: /v1/ingest or a Segment route, POST."""
         path = req.path
-        return req.method == b"POST" and (
-            path == self.ingest_route or path in self.segment_routes
-        )
+        return req.method == b"POST" and (path == self.ingest_route or path in self.segment_routes)
 
     def _read(self, req: Request, path: bytes, slot: ResponseSlot) -> None:
         """GET/HEAD of a read-only route; the page is built only once the method is known good."""

@@ -34,9 +34,7 @@ CONTENT_ENCODINGS = ("gzip", "x-gzip", "deflate", "identity", "")
 
 _REF = "#/components/{}/{}"
 # ingest/admission.py strips the value, then wants 1..MAX_IDEMPOTENCY_KEY_LENGTH printable ASCII.
-IDEMPOTENCY_KEY_PATTERN = (
-    rf"^[!-~]([ -~]{{0,{MAX_IDEMPOTENCY_KEY_LENGTH - 2}}}[!-~])?$"
-)
+IDEMPOTENCY_KEY_PATTERN = rf"^[!-~]([ -~]{{0,{MAX_IDEMPOTENCY_KEY_LENGTH - 2}}}[!-~])?$"
 ORIGIN_REFUSED = (
     "The request's Origin header names a site outside the server's --cors-origins allowlist; "
     "nothing was stored (enforced by the server: beacons are not subject to CORS)."

@@ -73,7 +73,6 @@ _HEADER_KIND = {
 }
 
 
-
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the status is on the protocol."""
 
@@ -190,9 +189,7 @@ class RequestParser(asyncio.Protocol):
                 self.early_answer = None
                 self._answer_early(*early_answer)
             elif self.error_status:
-                self._fail(
-                    self.error_status, error_message(self.error_status), self.error_details
-                )
+                self._fail(self.error_status, error_message(self.error_status), self.error_details)
             else:
                 log.exception("unexpected error in a parser callback")
                 self._fail(500, "Internal Server Error")

@@ -52,6 +52,7 @@ WRITE_HIGH_WATER = 64 * 1024
 # blocked output, ~150 KB of Request objects; a read of a big body costs 16 feeds instead of 1.
 PARSE_SLICE = 16 * 1024
 
+
 class HttpProtocol(RequestParser):
     """One connection: the requests ``RequestParser`` completes go to the app, their answers
     go out in request order, and reading stops while the client does not take them."""

@@ -149,10 +149,7 @@ class Admitter:
             # Enforced here, not only by browsers: a beacon is not subject to CORS, and a
             # key shown in a page must not work from any other site.
             allowed = project.origins  # `projects set-origins`
-            if not (
-                self.cors_allows(origin)
-                and (allowed is None or origin in allowed)
-            ):
+            if not (self.cors_allows(origin) and (allowed is None or origin in allowed)):
                 raise errors.origin_not_allowed(origin)
         return project
 
