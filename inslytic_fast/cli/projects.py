@@ -541,13 +541,7 @@ def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
             }
         )
         return 0
-    if reusable_from is not None:
-        print(
-            f"Deleted project {args.name!r}; its keys stop working within seconds, and the "
-            f"name can be created again from {_human_time(reusable_from)}."
-        )
-    else:
-        print(f"Project {args.name!r} was already deleted.")
+    _print_deleted(args.name, reusable_from)
     if args.purge:
         print(
             f"Purged its events: queries no longer show them, and events still in the commit "
@@ -557,6 +551,16 @@ def cmd_delete(args: argparse.Namespace, catalog: Catalog) -> int:
     elif partition.is_dir():
         print(f"Its events stay in {partition} (delete --purge removes them).")
     return 0
+
+
+def _print_deleted(name: str, reusable_from: datetime | None) -> None:
+    if reusable_from is not None:
+        print(
+            f"Deleted project {name!r}; its keys stop working within seconds, and the "
+            f"name can be created again from {_human_time(reusable_from)}."
+        )
+    else:
+        print(f"Project {name!r} was already deleted.")
 
 
 def _delete_and_purge_cluster(args: argparse.Namespace, catalog: CoordinatorCatalog) -> int:
@@ -602,13 +606,7 @@ def _delete_and_purge_cluster(args: argparse.Namespace, catalog: CoordinatorCata
             }
         )
         return 0
-    if reusable_from is not None:
-        print(
-            f"Deleted project {args.name!r}; its keys stop working within seconds, and the "
-            f"name can be created again from {_human_time(reusable_from)}."
-        )
-    else:
-        print(f"Project {args.name!r} was already deleted.")
+    _print_deleted(args.name, reusable_from)
     print(
         "Purged its events in the cluster: queries with --lake no longer show them; "
         + (
