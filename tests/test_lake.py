@@ -1,7 +1,9 @@
 """The lake uploader against a real S3 API (SeaweedFS), with real rolled Parquet files.
 
 Exactly once, whatever step an upload pass dies at; verification before a local delete; the
-object store stopped and restarted; multipart for large files.
+object store stopped and restarted; multipart for large files; nodes with --lake end to end,
+including what a clean stop uploads. Lake jobs and purges: test_lake_jobs.py,
+test_lake_purges.py (they share this file's fixtures and helpers).
 """
 
 from __future__ import annotations
@@ -10,11 +12,9 @@ import asyncio
 import os
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import duckdb
-import orjson
 import pytest
 
 from inslytic_fast.lake.layout import object_key
@@ -25,7 +25,7 @@ from inslytic_fast.storage.events_sql import sql_string
 from inslytic_fast.storage.roller import Roller
 
 from .adversarial_helpers import metric, poll_until
-from .cluster_servers import S3_CREDENTIALS, SeaweedProcess, ValkeyProcess, lake_serve_args
+from .cluster_servers import S3_CREDENTIALS, SeaweedProcess, lake_serve_args
 from .conftest import EXAMPLE_EVENT, cli
 from .storage_helpers import LogOnLoop, open_log
 
@@ -313,7 +313,7 @@ def test_a_store_unreachable_at_stop_delays_the_stop_by_the_deadline_only_and_lo
     assert rows == sent and set(keys.values()) == {1}
 
 
-# Lake upkeep: compaction and retention, one leader --------------------------------------------
+# Helpers of the lake job and purge tests too ---------------------------------------------------
 
 
 def lake_query_count(store, tmp_path: Path, node: str = "reader", data_dir: Path | None = None):
@@ -331,254 +331,3 @@ def uploaded_lake(seaweed, tmp_path, prefix: str, batches: int = 12) -> tuple:
     store = lake(seaweed, prefix)
     Uploader(store, data_dir, "edge-1").upload_once()
     return store, events
-
-
-PURGE_GRACE_US = 5_000_000
-
-
-def events_of(batches: int) -> dict[str, int]:
-    """Events per project that rolled_data_dir(batches) writes."""
-    counts = {"blog": 0, "shop": 0}
-    for n in range(batches):
-        counts["shop" if n % 2 else "blog"] += 1 + n % 5
-    return counts
-
-
-def test_a_lake_purge_hides_the_rows_at_once_then_deletes_them_everywhere(seaweed, tmp_path):
-    from inslytic_fast.lake.jobs import LakeJobs
-    from inslytic_fast.lake.purges import record_lake_purge
-
-    store, _ = uploaded_lake(seaweed, tmp_path, "purge")  # edge-1's files: in the lake
-    waiting = tmp_path / "edge-2"  # edge-2's files: rolled, not uploaded yet
-    rolled_data_dir(waiting)
-    shop = 2 * events_of(12)["shop"]
-    record_lake_purge(store, "blog", int(time.time() * 1_000_000) + PURGE_GRACE_US)
-    # Readers: at once, in lake objects and in a node's waiting files alike.
-    assert lake_query_count(store, tmp_path / "q1", "edge-2", waiting) == shop
-    assert any(k.startswith("events/project=blog/") for k in lake_rows(store, tmp_path / "r")[0])
-    # The next lake job deletes the objects; the node deletes its files instead of uploading.
-    jobs = LakeJobs(store)
-    jobs.run(jobs.compact)
-    uploader = Uploader(store, waiting, "edge-2")
-    uploader.upload_once()
-    assert uploader.purged_files > 0 and finished_files(waiting) == []
-    keys, rows = lake_rows(store, tmp_path / "raw")
-    assert rows == shop  # a plain read of the bucket too
-    assert keys and all(k.startswith("events/project=shop/") for k in keys)
-    assert lake_query_count(store, tmp_path / "q2") == shop
-
-
-def test_rows_received_after_a_lake_purge_stay(seaweed, tmp_path):
-    """A project created again under the purged name after T: its rows are not covered."""
-    from inslytic_fast.lake.jobs import LakeJobs
-    from inslytic_fast.lake.purges import record_lake_purge
-
-    data_dir = tmp_path / "node"
-    events = rolled_data_dir(data_dir)
-    store = lake(seaweed, "purge-before")
-    record_lake_purge(store, "blog", int(time.time() * 1_000_000) - 3600 * 1_000_000)
-    uploader = Uploader(store, data_dir, "edge-1")
-    uploader.upload_once()
-    assert uploader.purged_files == 0 and finished_files(data_dir) == []
-    jobs = LakeJobs(store)
-    jobs.run(jobs.compact)
-    assert lake_rows(store, tmp_path / "raw")[1] == events
-    assert lake_query_count(store, tmp_path / "q") == events
-
-
-def test_a_compaction_leaves_purged_rows_out_of_its_output(seaweed, tmp_path):
-    """Objects uploaded after the last purge pass (a node that had not seen the tombstone)
-    are merged without the rows the tombstone covers."""
-    from inslytic_fast.lake.jobs import LakeJobs
-    from inslytic_fast.lake.purges import record_lake_purge
-
-    store, _ = uploaded_lake(seaweed, tmp_path, "purge-compact")
-    record_lake_purge(store, "blog", int(time.time() * 1_000_000) + PURGE_GRACE_US)
-    jobs = LakeJobs(store, min_objects=2)
-    jobs.lease.acquire()
-    assert jobs.compact() > 0  # no apply_purges first: the merge itself must drop them
-    assert lake_query_count(store, tmp_path / "q") == events_of(12)["shop"]
-    jobs.recover()  # the merged inputs are gone; the outputs hold no blog row
-    assert lake_rows(store, tmp_path / "raw")[1] == events_of(12)["shop"]
-
-
-@pytest.fixture
-def valkey(tmp_path):
-    server = ValkeyProcess(tmp_path / "valkey").start()
-    yield server
-    server.kill()
-
-
-def test_projects_delete_purge_with_coordinator_reaches_the_lake_and_the_nodes(
-    seaweed, valkey, make_server, tmp_path
-):
-    env = {**os.environ, **S3_CREDENTIALS, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    prefix = "purge-cli"
-    lake_url = f"s3://{seaweed.bucket}/{prefix}"
-    args = (*lake_serve_args(seaweed, prefix, "edge-1", 1), "--coordinator", valkey.url)
-    node = make_server(*args, env=env)
-    blog_key = cli("projects", "create", "blog", "--coordinator", valkey.url, env=env)
-    blog_key = blog_key.stdout.strip().splitlines()[-1]
-    default_key = node.first_run_key
-    kept = ingest_some(node)  # the default project's
-    poll_until(lambda: node.ingest([], blog_key)[0] == 400, 30)  # the node knows the new key
-    for _ in range(4):
-        assert node.ingest([EXAMPLE_EVENT] * 5, blog_key)[0] == 202
-    assert node.stop() == 0  # both projects' files go to the lake
-    node.start()
-    kept += ingest_some(node, batches=4, key=default_key)
-    for _ in range(4):  # in the node's log, rolled and uploaded only after the purge
-        assert node.ingest([EXAMPLE_EVENT] * 5, blog_key)[0] == 202
-
-    lake_args = ("--lake", lake_url, "--s3-endpoint", seaweed.endpoint)
-    purge = ("delete", "blog", "--purge", "--coordinator", valkey.url, *lake_args, "--json")
-    out = orjson.loads(cli("projects", *purge, data_dir=tmp_path / "admin", env=env).stdout)
-    assert out["deleted"] and out["purged"] and out["lake_objects_deleted"] > 0
-
-    def counts() -> dict[str, int]:
-        sql = "SELECT project, count(*) AS n FROM events GROUP BY ALL"
-        query = cli("query", sql, "--format", "json", *lake_args, data_dir=node.data_dir, env=env)
-        return {row["project"]: row["n"] for row in orjson.loads(query.stdout)}
-
-    assert counts() == {"default": kept}  # at once: the lake, the waiting files, the log tail
-    assert node.stop() == 0  # the final roll's blog rows are dropped, not uploaded
-    keys, rows = lake_rows(lake(seaweed, prefix), tmp_path / "raw")
-    assert rows == kept and not any("project=blog" in k for k in keys)
-    assert finished_files(node.data_dir) == []
-    no_lake = ("delete", "default", "--purge", "--coordinator", valkey.url)
-    refused = cli("projects", *no_lake, data_dir=tmp_path / "admin", env=env, check=False)
-    assert refused.returncode == 1 and "needs the cluster's --lake" in refused.stderr
-
-
-COMPACT_STEPS = ("lake:intent_written", "lake:output_written", "lake:inputs_deleted")
-
-
-@pytest.mark.parametrize("step", COMPACT_STEPS)
-def test_a_compaction_killed_at_any_step_loses_and_doubles_nothing(seaweed, tmp_path, step):
-    from inslytic_fast.lake.jobs import LakeJobs
-
-    store, events = uploaded_lake(seaweed, tmp_path, f"compact-{step.replace(':', '-')}")
-    before = len(list(store.list("events/")))
-
-    def hook(name: str) -> None:
-        if name == step:
-            # A reader at this very moment sees every row once.
-            assert lake_query_count(store, tmp_path / name) == events
-            raise Crash(name)
-
-    with pytest.raises(Crash):
-        _crash_compaction(store, hook)
-    assert lake_query_count(store, tmp_path / "after-crash") == events
-    jobs = LakeJobs(store, min_objects=2, clock=lambda: time.time() + 3600)  # lease expired
-    jobs.run(jobs.compact)
-    assert lake_query_count(store, tmp_path / "after-recovery") == events
-    assert len(list(store.list("events/"))) < before
-
-
-def _crash_compaction(store, hook) -> None:
-    from inslytic_fast.lake.jobs import LakeJobs
-
-    jobs = LakeJobs(store, step_hook=hook, min_objects=2)
-    jobs.lease.acquire()  # a crash does not release it: the next run waits for expiry
-    jobs.recover()
-    jobs.compact()
-
-
-def test_an_upload_that_died_before_its_local_delete_is_not_sent_again_after_compaction(
-    seaweed, tmp_path
-):
-    """Upload verified, node killed before the local delete, then a lake compaction merged
-    the object (twice, in a chain): the restarted node must drop its copy, not upload it."""
-    from inslytic_fast.lake.jobs import LakeJobs
-
-    data_dir = tmp_path / "node"
-    events = rolled_data_dir(data_dir)
-    store = lake(seaweed, "stale-copy")
-
-    def die_before_delete(name: str) -> None:
-        if name == "upload:verified":
-            raise Crash(name)
-
-    copies = {f.path: f.path.read_bytes() for f in finished_files(data_dir)}
-    for _ in copies:  # every file uploaded, none deleted locally
-        with pytest.raises(Crash):
-            Uploader(store, data_dir, "edge-1", step_hook=die_before_delete).upload_once()
-        first = next(p for p in copies if p.exists())
-        first.unlink()  # next file next pass; put the copies back afterwards
-    for path, data in copies.items():
-        path.write_bytes(data)
-    # Each file now twice: local and in the lake. query --lake on this data dir counts it
-    # once, with the node id the server recorded (no --node-id given).
-    Uploader(store, data_dir, "edge-1").write_status()
-    env = {**os.environ, **S3_CREDENTIALS, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    assert lake_count(seaweed, "stale-copy", data_dir, "", env) == events
-    jobs = LakeJobs(store, min_objects=2)
-    assert jobs.run(jobs.compact) > 0
-    jobs.run(jobs.compact)  # outputs are small: the second run merges them further or not
-    Uploader(store, data_dir, "edge-1").upload_once()
-    assert finished_files(data_dir) == []
-    assert lake_query_count(store, tmp_path / "q") == events
-    # Not only hidden from our reader: a plain read of every object (Spark, Trino, DuckDB on
-    # the bucket) counts each row once too.
-    assert lake_rows(store, tmp_path / "raw")[1] == events
-
-
-def test_one_leader_at_a_time_and_an_expired_lease_is_taken_over(seaweed, tmp_path):
-    from inslytic_fast.lake.jobs import LakeJobs, LeaseHeld
-
-    store = lake(seaweed, "lease")
-    first = LakeJobs(store)
-    first.lease.acquire()
-    with pytest.raises(LeaseHeld, match="holds the lease"):
-        LakeJobs(store).lease.acquire()
-    later = LakeJobs(store, clock=lambda: time.time() + 3600)
-    later.lease.acquire()  # the first one stalled past its expiry
-    with pytest.raises(LeaseHeld, match="taken over"):
-        first.lease.renew()
-    later.lease.release()
-    LakeJobs(store).lease.acquire()
-
-
-def test_retention_drops_old_partitions_only(seaweed, tmp_path):
-    from inslytic_fast.lake.jobs import LakeJobs
-
-    store, events = uploaded_lake(seaweed, tmp_path, "retention")
-    recent = [info.key for info in store.list("events/")]
-    old = tmp_path / "old.parquet"
-    store.get_file(recent[0], old)
-    old_key = "events/project=blog/date=2020-01-01/edge-1-old.parquet"
-    store.put_file(old_key, old, old.stat().st_size)
-    assert lake_query_count(store, tmp_path / "q1") > events
-    jobs = LakeJobs(store)
-    assert jobs.run(lambda: jobs.retention(30)) == 1
-    assert sorted(info.key for info in store.list("events/")) == sorted(recent)
-    assert lake_query_count(store, tmp_path / "q2") == events
-
-
-def test_lake_compact_command(seaweed, tmp_path):
-    uploaded_lake(seaweed, tmp_path, "cli")
-    env = {**os.environ, **S3_CREDENTIALS}
-    args = ("--lake", f"s3://{seaweed.bucket}/cli", "--s3-endpoint", seaweed.endpoint)
-    out = cli("lake", "compact", *args, env=env)
-    assert out.stdout.strip() == "compact: 0 merges"  # fewer than 8 small objects per partition
-    bad = cli("lake", "retention", "--days", "0", *args, env=env, check=False)
-    assert bad.returncode == 2
-
-
-def test_the_readme_duckdb_query_reads_a_copy_of_the_lake(seaweed, tmp_path):
-    """The README's DuckDB example (httpfs is not installable offline here): the same
-    read_parquet over a byte-for-byte copy of the bucket's layout, per project."""
-    store, events = uploaded_lake(seaweed, tmp_path, "readme")
-    copy = tmp_path / "bucket"
-    for info in store.list("events/"):
-        (copy / info.key).parent.mkdir(parents=True, exist_ok=True)
-        store.get_file(info.key, copy / info.key)
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert "s3://analytics/inslytic/events/**/*.parquet" in readme
-    sql = (
-        f"SELECT project, count(*) FROM read_parquet('{copy}/events/**/*.parquet', "
-        "hive_partitioning = true, union_by_name = true) GROUP BY ALL ORDER BY project"
-    )
-    rows = duckdb.connect().execute(sql).fetchall()
-    assert [p for p, _ in rows] == ["blog", "shop"]
-    assert sum(n for _, n in rows) == events

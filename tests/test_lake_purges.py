@@ -1,0 +1,148 @@
+"""Purges in the lake (lake/purges.py) against a real S3 API (SeaweedFS), a real Valkey and
+real nodes: readers filter at once, uploaders drop instead of uploading, lake jobs delete,
+and ``projects delete --purge --coordinator --lake`` ties it together.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import orjson
+import pytest
+
+from inslytic_fast.lake.uploader import Uploader, finished_files
+
+from . import test_lake as lake_tests
+from .adversarial_helpers import poll_until
+from .cluster_servers import S3_CREDENTIALS, ValkeyProcess, lake_serve_args
+from .conftest import EXAMPLE_EVENT, cli
+from .test_lake import (
+    ingest_some,
+    lake,
+    lake_query_count,
+    lake_rows,
+    rolled_data_dir,
+    uploaded_lake,
+)
+
+pytest.importorskip("obstore")
+
+seaweed = lake_tests.seaweed
+s3_credentials = lake_tests.s3_credentials
+
+PURGE_GRACE_US = 5_000_000
+
+
+def events_of(batches: int) -> dict[str, int]:
+    """Events per project that rolled_data_dir(batches) writes."""
+    counts = {"blog": 0, "shop": 0}
+    for n in range(batches):
+        counts["shop" if n % 2 else "blog"] += 1 + n % 5
+    return counts
+
+
+def test_a_lake_purge_hides_the_rows_at_once_then_deletes_them_everywhere(seaweed, tmp_path):
+    from inslytic_fast.lake.jobs import LakeJobs
+    from inslytic_fast.lake.purges import record_lake_purge
+
+    store, _ = uploaded_lake(seaweed, tmp_path, "purge")  # edge-1's files: in the lake
+    waiting = tmp_path / "edge-2"  # edge-2's files: rolled, not uploaded yet
+    rolled_data_dir(waiting)
+    shop = 2 * events_of(12)["shop"]
+    record_lake_purge(store, "blog", int(time.time() * 1_000_000) + PURGE_GRACE_US)
+    # Readers: at once, in lake objects and in a node's waiting files alike.
+    assert lake_query_count(store, tmp_path / "q1", "edge-2", waiting) == shop
+    assert any(k.startswith("events/project=blog/") for k in lake_rows(store, tmp_path / "r")[0])
+    # The next lake job deletes the objects; the node deletes its files instead of uploading.
+    jobs = LakeJobs(store)
+    jobs.run(jobs.compact)
+    uploader = Uploader(store, waiting, "edge-2")
+    uploader.upload_once()
+    assert uploader.purged_files > 0 and finished_files(waiting) == []
+    keys, rows = lake_rows(store, tmp_path / "raw")
+    assert rows == shop  # a plain read of the bucket too
+    assert keys and all(k.startswith("events/project=shop/") for k in keys)
+    assert lake_query_count(store, tmp_path / "q2") == shop
+
+
+def test_rows_received_after_a_lake_purge_stay(seaweed, tmp_path):
+    """A project created again under the purged name after T: its rows are not covered."""
+    from inslytic_fast.lake.jobs import LakeJobs
+    from inslytic_fast.lake.purges import record_lake_purge
+
+    data_dir = tmp_path / "node"
+    events = rolled_data_dir(data_dir)
+    store = lake(seaweed, "purge-before")
+    record_lake_purge(store, "blog", int(time.time() * 1_000_000) - 3600 * 1_000_000)
+    uploader = Uploader(store, data_dir, "edge-1")
+    uploader.upload_once()
+    assert uploader.purged_files == 0 and finished_files(data_dir) == []
+    jobs = LakeJobs(store)
+    jobs.run(jobs.compact)
+    assert lake_rows(store, tmp_path / "raw")[1] == events
+    assert lake_query_count(store, tmp_path / "q") == events
+
+
+def test_a_compaction_leaves_purged_rows_out_of_its_output(seaweed, tmp_path):
+    """Objects uploaded after the last purge pass (a node that had not seen the tombstone)
+    are merged without the rows the tombstone covers."""
+    from inslytic_fast.lake.jobs import LakeJobs
+    from inslytic_fast.lake.purges import record_lake_purge
+
+    store, _ = uploaded_lake(seaweed, tmp_path, "purge-compact")
+    record_lake_purge(store, "blog", int(time.time() * 1_000_000) + PURGE_GRACE_US)
+    jobs = LakeJobs(store, min_objects=2)
+    jobs.lease.acquire()
+    assert jobs.compact() > 0  # no apply_purges first: the merge itself must drop them
+    assert lake_query_count(store, tmp_path / "q") == events_of(12)["shop"]
+    jobs.recover()  # the merged inputs are gone; the outputs hold no blog row
+    assert lake_rows(store, tmp_path / "raw")[1] == events_of(12)["shop"]
+
+
+@pytest.fixture
+def valkey(tmp_path):
+    server = ValkeyProcess(tmp_path / "valkey").start()
+    yield server
+    server.kill()
+
+
+def test_projects_delete_purge_with_coordinator_reaches_the_lake_and_the_nodes(
+    seaweed, valkey, make_server, tmp_path
+):
+    env = {**os.environ, **S3_CREDENTIALS, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    prefix = "purge-cli"
+    lake_url = f"s3://{seaweed.bucket}/{prefix}"
+    args = (*lake_serve_args(seaweed, prefix, "edge-1", 1), "--coordinator", valkey.url)
+    node = make_server(*args, env=env)
+    blog_key = cli("projects", "create", "blog", "--coordinator", valkey.url, env=env)
+    blog_key = blog_key.stdout.strip().splitlines()[-1]
+    default_key = node.first_run_key
+    kept = ingest_some(node)  # the default project's
+    poll_until(lambda: node.ingest([], blog_key)[0] == 400, 30)  # the node knows the new key
+    for _ in range(4):
+        assert node.ingest([EXAMPLE_EVENT] * 5, blog_key)[0] == 202
+    assert node.stop() == 0  # both projects' files go to the lake
+    node.start()
+    kept += ingest_some(node, batches=4, key=default_key)
+    for _ in range(4):  # in the node's log, rolled and uploaded only after the purge
+        assert node.ingest([EXAMPLE_EVENT] * 5, blog_key)[0] == 202
+
+    lake_args = ("--lake", lake_url, "--s3-endpoint", seaweed.endpoint)
+    purge = ("delete", "blog", "--purge", "--coordinator", valkey.url, *lake_args, "--json")
+    out = orjson.loads(cli("projects", *purge, data_dir=tmp_path / "admin", env=env).stdout)
+    assert out["deleted"] and out["purged"] and out["lake_objects_deleted"] > 0
+
+    def counts() -> dict[str, int]:
+        sql = "SELECT project, count(*) AS n FROM events GROUP BY ALL"
+        query = cli("query", sql, "--format", "json", *lake_args, data_dir=node.data_dir, env=env)
+        return {row["project"]: row["n"] for row in orjson.loads(query.stdout)}
+
+    assert counts() == {"default": kept}  # at once: the lake, the waiting files, the log tail
+    assert node.stop() == 0  # the final roll's blog rows are dropped, not uploaded
+    keys, rows = lake_rows(lake(seaweed, prefix), tmp_path / "raw")
+    assert rows == kept and not any("project=blog" in k for k in keys)
+    assert finished_files(node.data_dir) == []
+    no_lake = ("delete", "default", "--purge", "--coordinator", valkey.url)
+    refused = cli("projects", *no_lake, data_dir=tmp_path / "admin", env=env, check=False)
+    assert refused.returncode == 1 and "needs the cluster's --lake" in refused.stderr
