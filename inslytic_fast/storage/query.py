@@ -50,6 +50,7 @@ from .layout import (
     EVENTS_DIRNAME,
     INTENTS_DIRNAME,
     ROLLER_LOCK_NAME,
+    CompactionIntent,
     compaction_started_ns,
     partition_dirs,
     source_segment,
@@ -186,12 +187,12 @@ def _parquet_files(events_dir: Path, live: set[str]) -> list[Path]:
         intent_entries = []
     for entry in intent_entries:
         try:
-            intent = orjson.loads(Path(entry.path).read_bytes())
+            intent: CompactionIntent = orjson.loads(Path(entry.path).read_bytes())
         except FileNotFoundError:
             continue  # completed meanwhile: its inputs were deleted before it was
-        names = listing.get(intent["partition"])
-        if names is not None and intent["output"] in names:
-            names.difference_update(intent["inputs"])
+        published = listing.get(intent["partition"])
+        if published is not None and intent["output"] in published:
+            published.difference_update(intent["inputs"])
     return [events_dir / rel / name for rel, names in sorted(listing.items()) for name in names]
 
 

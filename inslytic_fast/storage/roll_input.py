@@ -105,8 +105,8 @@ def ndjson_in_memory(lines: list[Line], fallback_dir: Path) -> Iterator[list[str
         for fd in fds:
             os.close(fd)
         if not fds:
-            for path in paths:
-                Path(path).unlink(missing_ok=True)
+            for name in paths:
+                Path(name).unlink(missing_ok=True)
 
 
 def split_unreadable(

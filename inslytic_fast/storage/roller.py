@@ -74,6 +74,7 @@ from .purges import (
 )
 from .retention import expired_partitions, retention_cutoff
 from .roll_input import (
+    Line,
     group_by_partition,
     map_segment,
     ndjson_in_memory,
@@ -104,6 +105,16 @@ ROLLER_TEMP_LIMIT = "256MiB"
 # default segment (64 MiB) is one piece: one file per project and day, so compaction (which
 # rewrites every event) has less to merge.
 ROLL_PIECE_BYTES = 64 * 1024 * 1024
+
+
+def _longest(lines: list[Line]) -> int:
+    return max(map(len, lines))
+
+
+def _rows_copied(con: duckdb.DuckDBPyConnection, copy_sql: str) -> int:
+    """Run a COPY ... TO; DuckDB answers with one row holding the number of rows written."""
+    (rows,) = con.execute(copy_sql).fetchall()[0]
+    return int(rows)
 
 
 class RollDeadline(Exception):
@@ -310,7 +321,7 @@ class Roller:
         purges = read_purges(self.events_dir)
         if not purges:
             return
-        seqs = []
+        seqs: list[int] = []
         for segments in list_segments(self.log_dir).values():
             for path in segments:
                 try:
@@ -318,7 +329,9 @@ class Roller:
                         continue
                 except FileNotFoundError:
                     continue  # rolled meanwhile
-                seqs.append(parse_segment_name(path.name)[1])
+                parsed = parse_segment_name(path.name)
+                if parsed is not None:  # list_segments lists only names it parses
+                    seqs.append(parsed[1])
         now = time.time()
         gone = [p for p in purges if expired(p, seqs, now)]
         for purge in gone:
@@ -410,7 +423,12 @@ class Roller:
         return staged, converted
 
     def _convert(
-        self, segment: Path, lines: list, out: Path, purges: list[Purge], data=None
+        self,
+        segment: Path,
+        lines: list[Line],
+        out: Path,
+        purges: list[Purge],
+        data: mmap.mmap | bytes | None = None,
     ) -> int:
         """One partition's piece of a segment -> one Parquet file."""
         con = self._connection()
@@ -420,8 +438,7 @@ class Roller:
                     # The lines are copied out: the segment's pages leave the roller's RSS
                     # while DuckDB works (any read again comes back from the page cache).
                     data.madvise(mmap.MADV_DONTNEED)
-                copy = copy_events_sql(source, out, purges, max(map(len, lines)))
-                return con.execute(copy).fetchone()[0]
+                return _rows_copied(con, copy_events_sql(source, out, purges, _longest(lines)))
         except (duckdb.ConversionException, duckdb.InvalidInputException):
             # A record DuckDB cannot read (ingest validation makes this "cannot happen").
             # Quarantine the offending lines rather than wedge the roller forever.
@@ -431,10 +448,9 @@ class Roller:
             if not good:
                 return 0
             with ndjson_in_memory(good, self.staging_dir) as source:
-                copy = copy_events_sql(source, out, purges, max(map(len, good)))
-                return con.execute(copy).fetchone()[0]
+                return _rows_copied(con, copy_events_sql(source, out, purges, _longest(good)))
 
-    def _quarantine(self, segment: Path, lines: list, what: str) -> None:
+    def _quarantine(self, segment: Path, lines: list[Line], what: str) -> None:
         target = quarantine_bytes(self.data_dir, segment, 0, b"".join(lines))
         log.error("roller: %d %s in %s moved to %s", len(lines), what, segment.name, target)
 
