@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import datetime
-from typing import Optional
+from typing import Optional, cast
 
 import msgspec
 from msgspec import UNSET, Raw
@@ -29,6 +29,7 @@ from msgspec import UNSET, Raw
 from .fields import (
     DECODE_FAILURES,
     DEVICE_TYPES,
+    DecodedEvent,
     EventLimits,
     FieldSpec,
     OutOfRangeTimestamp,
@@ -104,6 +105,12 @@ def snippet(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class _Envelope(msgspec.Struct):
+    """A body's top level, stopping at Raw so each level can be checked on its own."""
+
+    events: Raw | msgspec.UnsetType = UNSET
+
+
 class Explainer:
     """The thorough pass for one set of limits; build once (Schema does), reuse per failure."""
 
@@ -131,14 +138,17 @@ class Explainer:
         self._max_event_bytes = limits.max_event_bytes
         self._batch_decoder = batch_decoder
         # Decoders that stop at Raw so each level can be checked on its own.
-        envelope = msgspec.defstruct("Envelope", [("events", Raw, UNSET)], module=__name__)
         raw_event = msgspec.defstruct(
             "RawEvent", [(spec.name, Raw, UNSET) for spec in fields], module=__name__
         )
-        self._envelope_decoder = msgspec.json.Decoder(envelope)
+        self._envelope_decoder = msgspec.json.Decoder(_Envelope)
         self._raw_decoder = msgspec.json.Decoder(Raw)
         self._event_slots_decoder = msgspec.json.Decoder(event_slots_type)
-        self._event_decoder = msgspec.json.Decoder(event_type)
+        # The Event class is built from the limits at run time; DecodedEvent declares what
+        # is read of it.
+        self._event_decoder = cast(
+            "msgspec.json.Decoder[DecodedEvent]", msgspec.json.Decoder(event_type)
+        )
         self._raw_event_decoder = msgspec.json.Decoder(raw_event)
         self._checks = [(spec, self._field_check(spec)) for spec in fields]
 
@@ -252,7 +262,7 @@ class Explainer:
     # The verdict is always the strict decoder (the Struct field's exact type); looser decoders
     # only choose the wording, and a generic message covers any case they cannot explain.
 
-    def _field_check(self, spec: FieldSpec):  # noqa: ANN202 - returns a closure
+    def _field_check(self, spec: FieldSpec) -> FieldCheck:
         strict = msgspec.json.Decoder(field_type(spec, self.limits))
         name = spec.name
         invalid = [f"{name} is invalid"]
@@ -264,7 +274,7 @@ class Explainer:
             too_long = [f"{name} must be at most {spec.max_length} characters"]
             bad_text = [f"{name} must be valid Unicode text"]
 
-            def check(raw: Raw) -> list[str]:
+            def check_string(raw: Raw) -> list[str]:
                 try:
                     strict.decode(raw)
                     return []
@@ -278,11 +288,15 @@ class Explainer:
                     return bad_text
                 if value is not None and len(value) < spec.min_length:
                     return empty
-                if value is not None and len(value) > spec.max_length:
+                if (
+                    value is not None
+                    and spec.max_length is not None
+                    and len(value) > spec.max_length
+                ):
                     return too_long
                 return invalid
 
-            return check
+            return check_string
 
         if spec.kind == "timestamp":
             naive_ok = msgspec.json.Decoder(datetime)
@@ -295,7 +309,7 @@ class Explainer:
             naive = [f"{name} must include a timezone (Z or an offset such as +02:00)"]
             out_of_range = [_TIMESTAMP_OUT_OF_RANGE]
 
-            def check(raw: Raw) -> list[str]:
+            def check_timestamp(raw: Raw) -> list[str]:
                 try:
                     value = strict.decode(raw)
                 except DECODE_FAILURES:
@@ -317,7 +331,7 @@ class Explainer:
                     return not_iso
                 return naive
 
-            return check
+            return check_timestamp
 
         if spec.kind == "properties":
             return self._properties_check(strict, invalid)
@@ -327,16 +341,18 @@ class Explainer:
             "device_type": [f"{name} must be one of {', '.join(DEVICE_TYPES)}"],
         }[spec.kind]
 
-        def check(raw: Raw) -> list[str]:
+        def check_choice(raw: Raw) -> list[str]:
             try:
                 strict.decode(raw)
                 return []
             except DECODE_FAILURES:
                 return wording
 
-        return check
+        return check_choice
 
-    def _properties_check(self, strict: msgspec.json.Decoder, invalid: list[str]):  # noqa: ANN202
+    def _properties_check(
+        self, strict: msgspec.json.Decoder[object], invalid: list[str]
+    ) -> FieldCheck:
         limits = self.limits
         entries = msgspec.json.Decoder(Optional[dict[str, Raw]])  # noqa: UP045
         key_type, value_type = property_types(limits)

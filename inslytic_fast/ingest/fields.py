@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Protocol
 
 import msgspec
 from msgspec import UNSET, Meta
@@ -141,11 +141,20 @@ def field_type(spec: FieldSpec, limits: EventLimits) -> Any:
         base = Literal[DEVICE_TYPES]
     else:  # properties
         key, value = property_types(limits)
-        base = Annotated[dict[key, value], Meta(max_length=limits.max_properties)]
+        # A type built at run time for msgspec (the lengths come from the limits): a value to
+        # mypy, which checks it as a type expression.
+        mapping = dict[key, value]  # type: ignore[valid-type]
+        base = Annotated[mapping, Meta(max_length=limits.max_properties)]
     return base if spec.required else Optional[base]  # noqa: UP045 - a runtime type expression
 
 
-def build_event_struct(fields: tuple[FieldSpec, ...], limits: EventLimits) -> type:
+class DecodedEvent(Protocol):
+    """What the ingest path reads of a decoded Event (its class is built from the limits)."""
+
+    timestamp: datetime
+
+
+def build_event_struct(fields: tuple[FieldSpec, ...], limits: EventLimits) -> type[msgspec.Struct]:
     struct_fields: list[tuple[Any, ...]] = []
     for spec in fields:
         annotated = field_type(spec, limits)

@@ -39,7 +39,7 @@ Log format (``Schema.encode_events``): one JSON array, one object per event, key
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, cast
 
 import msgspec
 from msgspec import UNSET, Meta, Raw
@@ -50,6 +50,7 @@ from .fields import (
     DECODE_FAILURES,
     DEVICE_TYPES,
     MAX_EVENTS_CEILING,
+    DecodedEvent,
     EventLimits,
     FieldSpec,
     OutOfRangeTimestamp,
@@ -97,6 +98,20 @@ class _OversizedEvent(Exception):
     """Raised on the fast path when an event is larger than max_event_bytes."""
 
 
+class _Batch(Protocol):
+    """What decode reads of the batch Struct built from the limits."""
+
+    events: list[DecodedEvent]
+
+
+class _SlottedBatch(Protocol):
+    events: msgspec.Struct  # the EventSlots Struct built from the limits
+
+
+class _RawEvents(msgspec.Struct):
+    events: list[Raw]
+
+
 class Schema:
     """Decoders and encoder for one set of limits; build once, reuse for every request."""
 
@@ -118,9 +133,12 @@ class Schema:
         self.limits = limits
         self.fields = event_fields(limits)
         self.Event = build_event_struct(self.fields, limits)
-        events_type = Annotated[list[self.Event], Meta(min_length=1, max_length=limits.max_events)]
+        # Types built at run time for msgspec (the Event class comes from the limits): values
+        # to mypy, which checks them as type expressions; _Batch declares what is read.
+        events_list = list[self.Event]  # type: ignore[name-defined]
+        events_type = Annotated[events_list, Meta(min_length=1, max_length=limits.max_events)]
         batch = msgspec.defstruct("Batch", [("events", events_type)], gc=False, module=__name__)
-        self._batch_decoder = msgspec.json.Decoder(batch)
+        self._batch_decoder = cast("msgspec.json.Decoder[_Batch]", msgspec.json.Decoder(batch))
         self._encoder = msgspec.json.Encoder()
 
         # Per-event byte cap. The shortest JSON a valid event can have: required fields only,
@@ -135,8 +153,7 @@ class Schema:
         self._measure_first_above = (
             limits.max_event_bytes + (limits.max_events - 1) * self._min_event_bytes
         )
-        raw_events = msgspec.defstruct("RawEvents", [("events", list[Raw])], module=__name__)
-        self._raw_events_decoder = msgspec.json.Decoder(raw_events)
+        self._raw_events_decoder = msgspec.json.Decoder(_RawEvents)
         # An array-like Struct with max_events + 1 slots: msgspec fills the slots in order and
         # skips any further elements without building them, so a 20 MiB array costs no memory
         # (a list[Raw] holds one object per element: ~750 MB for 10 million elements).
@@ -149,7 +166,9 @@ class Schema:
         slotted_batch = msgspec.defstruct(
             "SlottedBatch", [("events", event_slots)], module=__name__
         )
-        self._slotted_batch_decoder = msgspec.json.Decoder(slotted_batch)
+        self._slotted_batch_decoder = cast(
+            "msgspec.json.Decoder[_SlottedBatch]", msgspec.json.Decoder(slotted_batch)
+        )
         self._explainer = Explainer(
             self.fields, limits, self.Event, self._batch_decoder, event_slots
         )
