@@ -15,12 +15,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inslytic_fast import __version__
+from inslytic_fast.observe.exposition import render
 from inslytic_fast.observe.metrics import (
     REJECT_REASONS,
     Metrics,
     merge,
     process_gauges,
-    render,
     storage_gauges,
 )
 

@@ -33,12 +33,12 @@ from inslytic_fast.cli.stats_frame import (
     parse_metrics,
     render_frame,
 )
+from inslytic_fast.observe.exposition import render
 from inslytic_fast.observe.metrics import (
     LATENCY_BUCKETS,
     Metrics,
     merge,
     process_gauges,
-    render,
     storage_gauges,
 )
 

@@ -18,7 +18,7 @@ QUANTILE = 0.99
 # Rows per table on a terminal: enough for a busy box, short enough to keep the summary on screen.
 MAX_TABLE_ROWS = 20
 
-# Metric names, as inslytic_fast.observe.metrics.render() writes them.
+# Metric names, as inslytic_fast.observe.exposition.render() writes them.
 EVENTS_ACCEPTED = "inslytic_events_accepted_total"
 BATCHES_REJECTED = "inslytic_batches_rejected_total"
 EVENTS_REJECTED = "inslytic_events_rejected_total"

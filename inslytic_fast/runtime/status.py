@@ -17,6 +17,7 @@ from ..ingest.dedup import Dedup
 from ..lake.status import degraded_note, read_status
 from ..limits.interface import Limiter
 from ..log.commitlog import CommitLog
+from ..observe.exposition import render as render_metrics
 from ..observe.logs import RepeatedFailure
 from ..observe.metrics import (
     add_snapshots,
@@ -27,7 +28,6 @@ from ..observe.metrics import (
     storage_gauges,
     write_snapshot,
 )
-from ..observe.metrics import render as render_metrics
 from .data_dir import run_dir
 
 log = logging.getLogger("inslytic_fast.server")
