@@ -27,8 +27,7 @@ def register(subparsers) -> None:
         metavar="URL",
         default=env_or_default("lake") or None,
         required=not env_or_default("lake"),
-        help=f"s3://BUCKET/PREFIX (env {option('lake').env}); credentials from the AWS "
-        "environment",
+        help=f"s3://BUCKET/PREFIX (env {option('lake').env}); credentials from the AWS environment",
     )
     common.add_argument(
         "--s3-endpoint",
