@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, final
 
 from ..http.request import Request
-from ..limits.ratelimit import UNLIMITED, RateLimiter, TokenBucket
+from ..limits.interface import Bucket, Limiter
+from ..limits.window import UNLIMITED
 from . import errors
 from .body import GZIP_MAGIC, check_media_type, decode_body, is_beacon
 from .credentials import bearer_token, body_write_key
@@ -41,7 +42,7 @@ class Admission:
         project: str,
         events_json: bytes,
         count: int,
-        bucket: TokenBucket | None,
+        bucket: Bucket | None,
         limit_headers: bytes,
         segment: bool = False,
         claimed: Claims | None = None,
@@ -68,7 +69,7 @@ class Duplicate:
         self.count = count
 
 
-def limit_headers(bucket: TokenBucket, now: float) -> bytes:
+def limit_headers(bucket: Bucket, now: float) -> bytes:
     return b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n" % (
         bucket.limit,
         bucket.tokens,
@@ -96,7 +97,7 @@ class Admitter:
         self,
         keyring: KeyRing,
         schema: Schema,
-        limiter: RateLimiter,
+        limiter: Limiter,
         cors_allows: Callable[[bytes], bool],
         *,
         default_limit: int,
@@ -186,11 +187,11 @@ class Admitter:
         return self.default_limit if limit is None else limit
 
     @staticmethod
-    def _rate_limited(bucket: TokenBucket, limit: int, count: int, now: float) -> IngestError:
+    def _rate_limited(bucket: Bucket, limit: int, count: int, now: float) -> IngestError:
         reset = bucket.reset_in(now)
         return errors.rate_limited(count, limit, bucket.tokens, reset, limit_headers(bucket, now))
 
-    def _spend(self, project: Project, count: int) -> tuple[TokenBucket | None, bytes]:
+    def _spend(self, project: Project, count: int) -> tuple[Bucket | None, bytes]:
         """The bucket spent from and its rate-limit headers; raises 429 (or 413 for a batch
         that can never fit)."""
         limit = self._limit_of(project)

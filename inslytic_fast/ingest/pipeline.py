@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..http.request import Request
 from ..http.responses import Responses
-from ..limits.ratelimit import RateLimiter
+from ..limits.interface import Limiter
 from ..log.commitlog import LogUnavailable
 from ..observe.metrics import Metrics
 from . import errors
@@ -75,7 +75,7 @@ class Ingestor:
         self,
         keyring: KeyRing,
         schema: Schema,
-        limiter: RateLimiter,
+        limiter: Limiter,
         commitlog: CommitSink,
         responses: Responses,
         *,

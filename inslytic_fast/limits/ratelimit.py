@@ -11,12 +11,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .window import REFILL_SECONDS, UNLIMITED, current_window
+from .window import REFILL_SECONDS, current_window
 
 if TYPE_CHECKING:
     from .interface import Bucket, Limiter
-
-__all__ = ["REFILL_SECONDS", "UNLIMITED", "RateLimiter", "TokenBucket"]
 
 
 class TokenBucket:
