@@ -113,7 +113,8 @@ OPTIONS: tuple[Option, ...] = (
         512 * MiB,
         "refuse ingest (503, /ready 503) when the data dir's disk has less free space than this",
     ),
-    # Minutes of peak ingest: rides out a slow roll, keeps `query` over the log tail quick.
+    # 2 GiB of unrolled log is minutes of peak ingest: enough to ride out a slow roll or a
+    # compaction, small enough that query (which reads the log tail in Python) stays quick.
     Option(
         "max_unrolled_bytes",
         ByteSize,

@@ -276,3 +276,12 @@ def test_env_or_default_reads_the_variable_serve_reads_else_the_default():
     assert env_or_default("data_dir", {}) == option("data_dir").default == "./inslytic-data"
     assert env_or_default("data_dir", {"INSLYTIC_DATA_DIR": "/srv/x"}) == "/srv/x"
     assert env_or_default("data_dir", {"INSLYTIC_DATA_DIR": ""}) == "./inslytic-data"
+
+
+def test_the_commit_log_built_directly_takes_the_config_tables_defaults():
+    """The log's overload marks are serve settings: their defaults live in OPTIONS only."""
+    from inslytic_fast.log.commitlog import CommitLog
+
+    parameters = inspect.signature(CommitLog).parameters
+    for name in ("max_unrolled_bytes", "min_free_bytes"):
+        assert parameters[name].default == option(name).default == getattr(Settings(), name)

@@ -63,6 +63,7 @@ from pathlib import Path
 
 import orjson
 
+from ..config import option
 from ..observe.logs import RepeatedFailure
 from ..observe.metrics import LATENCY_BUCKETS, Histogram
 from ..runtime.durable import fsync_dir, make_dirs_durable, write_file_durably
@@ -106,9 +107,8 @@ RANDOM_POOL_BYTES = 7 * 512
 # per partition low; 30 s bounds how long events wait in the log before they reach Parquet.
 DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_SEGMENT_MAX_AGE_S = 30.0
-# 2 GiB of unrolled log is minutes of peak ingest: enough to ride out a slow roll or a
-# compaction, small enough that query (which reads the log tail in Python) stays quick.
-DEFAULT_MAX_UNROLLED_BYTES = 2 * 1024 * 1024 * 1024
+# Built directly (tests, bench harnesses), a log takes serve's defaults: the config table's.
+DEFAULT_MAX_UNROLLED_BYTES: int = option("max_unrolled_bytes").default
 # Overload has two marks. Above the hard mark (max_unrolled_bytes) ingest is refused on its
 # headers (503 + Retry-After, the body never read). From BACKPRESSURE_FROM_SHARE of it upwards
 # the server slows clients down instead: each ingest request is held (its connection not read)
@@ -117,8 +117,7 @@ DEFAULT_MAX_UNROLLED_BYTES = 2 * 1024 * 1024 * 1024
 # (Segment's analytics-node and PostHog's clients: 10 s).
 BACKPRESSURE_FROM_SHARE = 0.125
 MAX_BACKPRESSURE_DELAY_S = 2.0
-# Leave room for the roller's Parquet output and DuckDB temp files before the disk is full.
-DEFAULT_MIN_FREE_BYTES = 512 * 1024 * 1024
+DEFAULT_MIN_FREE_BYTES: int = option("min_free_bytes").default
 
 # Group commit window: while producers are concurrent (the last sync carried more than one
 # batch), a sync that would carry fewer than FULL_SYNC_BATCHES batches (and under
