@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import orjson
 import pytest
 
+from inslytic_fast.lake.objectstore import S3ObjectStore
 from inslytic_fast.lake.uploader import Uploader, finished_files
 
 from . import test_lake as lake_tests
@@ -66,22 +68,56 @@ def test_a_lake_purge_hides_the_rows_at_once_then_deletes_them_everywhere(seawee
     assert lake_query_count(store, tmp_path / "q2") == shop
 
 
-def test_rows_received_after_a_lake_purge_stay(seaweed, tmp_path):
-    """A project created again under the purged name after T: its rows are not covered."""
+class CountingStore(S3ObjectStore):
+    """The real store, counting the event objects it downloads."""
+
+    downloads = 0
+
+    def get_file(self, key: str, path: Path) -> None:
+        self.downloads += key.startswith("events/")
+        super().get_file(key, path)
+
+
+@pytest.mark.parametrize("purged_ago_s", [1800, 3 * 3600])
+def test_rows_received_after_a_lake_purge_stay(seaweed, tmp_path, purged_ago_s):
+    """A project created again under the purged name after T: its rows are not covered.
+    Objects named more than the clock-step margin (1 h) after T are not even downloaded."""
     from inslytic_fast.lake.jobs import LakeJobs
     from inslytic_fast.lake.purges import record_lake_purge
 
     data_dir = tmp_path / "node"
     events = rolled_data_dir(data_dir)
-    store = lake(seaweed, "purge-before")
-    record_lake_purge(store, "blog", int(time.time() * 1_000_000) - 3600 * 1_000_000)
+    store = CountingStore(f"s3://{seaweed.bucket}/purge-before-{purged_ago_s}", seaweed.endpoint)
+    record_lake_purge(store, "blog", int((time.time() - purged_ago_s) * 1_000_000))
     uploader = Uploader(store, data_dir, "edge-1")
     uploader.upload_once()
     assert uploader.purged_files == 0 and finished_files(data_dir) == []
+    blog_objects = len(list(store.list("events/project=blog/")))
+    assert blog_objects > 0
     jobs = LakeJobs(store)
-    jobs.run(jobs.compact)
+    store.downloads = 0
+    jobs.run(lambda: 0)  # a run applies the tombstones first
+    assert jobs.purged_objects == 0
+    assert store.downloads == (blog_objects if purged_ago_s < 3600 else 0)
     assert lake_rows(store, tmp_path / "raw")[1] == events
     assert lake_query_count(store, tmp_path / "q") == events
+
+
+def test_object_names_that_prove_their_rows_newer_than_a_purge():
+    from inslytic_fast.lake.purges import may_hold_covered_rows
+
+    hour_us = 3600 * 1_000_000
+    t = 1_796_000_000 * 1_000_000
+    rolled = "events/project=p/date=2026-12-01/edge-1-w0-{:020d}.0.parquet"
+    merged = "events/project=p/date=2026-12-01/c-{:020d}-abcdef12.parquet"
+    assert may_hold_covered_rows(rolled.format(t + hour_us), t)  # within the clock margin
+    assert not may_hold_covered_rows(rolled.format(t + hour_us + 1), t)
+    assert may_hold_covered_rows(merged.format((t + hour_us) * 1000), t)
+    assert not may_hold_covered_rows(merged.format((t + hour_us + 1) * 1000), t)
+    assert not may_hold_covered_rows(
+        f"events/project=p/date=d/edge-1-c-{(t + 2 * hour_us) * 1000:020d}-0123abcd.parquet", t
+    )
+    assert may_hold_covered_rows("events/project=p/date=d/someone-elses-name.parquet", t)
 
 
 def test_a_compaction_leaves_purged_rows_out_of_its_output(seaweed, tmp_path):

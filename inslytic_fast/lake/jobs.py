@@ -45,7 +45,12 @@ import orjson
 from ..storage.events_sql import connect_duckdb, sql_string
 from .layout import LAKE_EVENTS, LAKE_INTENTS, lake_listing, merged_away, read_intents
 from .objectstore import LakeError, ObjectInfo, ObjectStore, UploadMismatch, expected_etag
-from .purges import covers_every_row, purged_directories, read_lake_purges
+from .purges import (
+    covers_every_row,
+    may_hold_covered_rows,
+    purged_directories,
+    read_lake_purges,
+)
 
 log = logging.getLogger("inslytic_fast.lake")
 
@@ -170,6 +175,8 @@ class LakeJobs:
             copy = Path(scratch) / "object.parquet"
             for directory, before_us in sorted(self._purged.items()):
                 for info in list(self.store.list(f"{LAKE_EVENTS}/{directory}/")):
+                    if not may_hold_covered_rows(info.key, before_us):
+                        continue
                     try:
                         self.store.get_file(info.key, copy)
                     except FileNotFoundError:

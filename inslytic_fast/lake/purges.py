@@ -24,12 +24,13 @@ drops its old files instead of uploading them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
 
 from ..storage.events_sql import connect_duckdb, sql_string
-from ..storage.purges import Purge, project_dirs
+from ..storage.purges import EXPIRY_MARGIN_US, Purge, project_dirs
 from .layout import LAKE_EVENTS
 from .objectstore import LakeError, ObjectStore
 
@@ -37,6 +38,11 @@ LAKE_PURGES = "_purges"
 # How stale an uploader's copy of the tombstones may be: files it uploads meanwhile are
 # hidden from readers at once and deleted by the next lake job.
 REFRESH_S = 30.0
+# Object names that say when their rows were received at the earliest: a rolled file,
+# <node>-<worker>-<segment seq: its creation, us>.<n>.parquet, and a compaction output,
+# [<node>-]c-<time_ns of the merge>-<8 hex>.parquet (a merge leaves purged rows out).
+_SEGMENT_NAME = re.compile(r"-(\d{20})\.\d+\.parquet$")
+_COMPACTED_NAME = re.compile(r"(?:^|-)c-(\d{20})-[0-9a-f]{8}\.parquet$")
 # Writers racing on one tombstone (two purges of a name at once) retry this often.
 RECORD_ATTEMPTS = 10
 
@@ -94,6 +100,20 @@ def has_objects(store: ObjectStore, project: str) -> bool:
         next(iter(store.list(f"{LAKE_EVENTS}/{d.name}/")), None) is not None
         for d in project_dirs(Path(LAKE_EVENTS), project)
     )
+
+
+def may_hold_covered_rows(key: str, received_before_us: int) -> bool:
+    """False when the object's name proves all its rows newer than the bound (with the
+    clock-step margin local tombstones use), so a lake job need not download it: the objects
+    of a project created again under a purged name are not read by every run forever."""
+    name = key.rpartition("/")[2]
+    if match := _SEGMENT_NAME.search(name):
+        earliest_us = int(match.group(1))
+    elif match := _COMPACTED_NAME.search(name):
+        earliest_us = int(match.group(1)) // 1000
+    else:
+        return True
+    return earliest_us <= received_before_us + EXPIRY_MARGIN_US
 
 
 def covers_every_row(path: Path, received_before_us: int) -> bool:
