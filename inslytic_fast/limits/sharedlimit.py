@@ -154,38 +154,23 @@ class SharedBudget:
             offset = self._offset(slot)
             self._lock(offset)
             try:
-                if SLOT.unpack_from(self.map, offset)[0] == key:
-                    return self._grant_locked(
-                        offset, key, limit, need, extra, give_back, lease_window, now
-                    )
+                found, _, spent, window = SLOT.unpack_from(self.map, offset)
+                if found == key:
+                    if window == 0.0:
+                        window, spent = now, 0
+                    elif now - window >= REFILL_SECONDS:
+                        window, spent = current_window(window, now), 0
+                    taken = grant_size(limit, spent, need, extra)
+                    if taken:
+                        spent += taken
+                    elif window == lease_window:
+                        spent = max(0, spent - give_back)
+                    SLOT.pack_into(self.map, offset, key, limit, spent, window)
+                    return taken, window, max(0, limit - spent)
             finally:
                 self._unlock(offset)
             self._index.pop(key, None)
         return None
-
-    def _grant_locked(
-        self,
-        offset: int,
-        key: int,
-        limit: int,
-        need: int,
-        extra: int,
-        give_back: int,
-        lease_window: float,
-        now: float,
-    ) -> tuple[int, float, int]:
-        _, _, spent, window = SLOT.unpack_from(self.map, offset)
-        if window == 0.0:
-            window, spent = now, 0
-        elif now - window >= REFILL_SECONDS:
-            window, spent = current_window(window, now), 0
-        taken = grant_size(limit, spent, need, extra)
-        if taken:
-            spent += taken
-        elif window == lease_window:
-            spent = max(0, spent - give_back)
-        SLOT.pack_into(self.map, offset, key, limit, spent, window)
-        return taken, window, max(0, limit - spent)
 
     def give_back(self, key: int, count: int, window: float) -> None:
         slot = self._index.get(key)
