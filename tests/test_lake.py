@@ -26,7 +26,7 @@ from inslytic_fast.storage.roller import Roller
 
 from .adversarial_helpers import metric, poll_until
 from .cluster_servers import S3_CREDENTIALS, SeaweedProcess, lake_serve_args
-from .conftest import EXAMPLE_EVENT, cli
+from .conftest import EXAMPLE_EVENT, cli, free_port
 from .storage_helpers import LogOnLoop, open_log
 
 pytest.importorskip("obstore")
@@ -179,6 +179,14 @@ def test_object_store_down_files_wait_then_uploads_resume(seaweed, tmp_path):
     keys, rows = lake_rows(store, tmp_path / "scratch")
     assert len(keys) == len(files) and rows == events
     shutil.rmtree(tmp_path / "scratch")
+
+
+def test_a_pass_with_nothing_to_send_asks_the_store_nothing(tmp_path):
+    """So a store that is down is reported (/ready, errors) only once a file waits for it."""
+    store = S3ObjectStore("s3://lake/idle", f"http://127.0.0.1:{free_port()}")  # nobody there
+    data_dir = tmp_path / "node"
+    (data_dir / "events").mkdir(parents=True)
+    assert Uploader(store, data_dir, "edge-1").upload_once() == 0
 
 
 # Nodes with --lake, end to end -----------------------------------------------------------------

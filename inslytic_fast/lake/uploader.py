@@ -169,13 +169,15 @@ class Uploader:
         """Upload every finished file; return how many left the node. Raises on the first
         failure (the pass is retried; files already done stay done)."""
         self._compacted = None  # read lazily, once per pass, only if an object is missing
+        files = finished_files(self.data_dir)
         now = time.monotonic()
-        if self._purged_read_at is None or now - self._purged_read_at >= REFRESH_S:
+        stale = self._purged_read_at is None or now - self._purged_read_at >= REFRESH_S
+        if files and stale:  # with nothing to send, the store is not asked anything
             self._purged = purged_directories(read_lake_purges(self.store))
             self._purged_read_at = now
         done = 0
         purged = self.purged_files
-        for local in finished_files(self.data_dir):
+        for local in files:
             if self._out_of_time():
                 break
             if self._ship(local):
