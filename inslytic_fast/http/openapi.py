@@ -3,8 +3,9 @@
 Built from the same ``event_fields``/``EventLimits`` the decoder uses, so the published lengths,
 required fields and enums cannot drift from what the server enforces.  It describes what the server
 answers, not an ideal: every status a route can produce is listed with the body and headers it
-really carries (see app.py, ingest.py, protocol.py).  Two rules cannot be written in JSON Schema
-and are stated in descriptions instead: the per-event byte cap and the timestamp's UTC range.
+really carries (see app.py, ingest/errors.py, parsing.py).  Two rules cannot be written in JSON
+Schema and are stated in descriptions instead: the per-event byte cap and the timestamp's UTC
+range.
 """
 
 from __future__ import annotations
