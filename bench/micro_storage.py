@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import machine_info  # noqa: E402
 from bench.payloads import make_event  # noqa: E402
-from inslytic_fast.log.commitlog import CommitLog  # noqa: E402
+from inslytic_fast.log.writer import CommitLog  # noqa: E402
 from inslytic_fast.storage.query import run_query  # noqa: E402
 from inslytic_fast.storage.roller import Roller  # noqa: E402
 

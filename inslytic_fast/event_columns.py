@@ -1,6 +1,6 @@
 """The ``events`` relation, declared once: each column, the log field it comes from, and how.
 
-A commit log record is ``{"p","r","b","k"?,"e":[event, ...]}`` (commitlog.py). Every event
+A commit log record is ``{"p","r","b","k"?,"e":[event, ...]}`` (log/format.py). Every event
 object in ``e`` uses the camelCase keys below; every key but the five /v1/ingest requires is
 optional (absent = NULL). ``/v1/ingest`` writes the API reference's fields; the Segment-spec
 routes (segment.py) write the same fields mapped from each message plus the Segment-only ones.

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import orjson
 
-from inslytic_fast.log.commitlog import CommitLog, list_segments
+from inslytic_fast.log.format import list_segments
+from inslytic_fast.log.writer import CommitLog
 from inslytic_fast.storage.query import run_query
 from inslytic_fast.storage.roller import Roller
 

@@ -280,7 +280,7 @@ def test_env_or_default_reads_the_variable_serve_reads_else_the_default():
 
 def test_the_commit_log_built_directly_takes_the_config_tables_defaults():
     """The log's overload marks are serve settings: their defaults live in OPTIONS only."""
-    from inslytic_fast.log.commitlog import CommitLog
+    from inslytic_fast.log.writer import CommitLog
 
     parameters = inspect.signature(CommitLog).parameters
     for name in ("max_unrolled_bytes", "min_free_bytes"):

@@ -128,11 +128,11 @@ def test_make_dirs_durable_syncs_the_parent_of_each_directory_it_creates(
 # Functions that call os.fsync/os.fdatasync themselves: the commit log syncs the segment it
 # holds open (and creates segments and quarantine files it then syncs through that fd).
 OWN_FD_SYNCS = {
-    "_fdatasync",
+    "fdatasync",
     "quarantine_bytes",
     "recover_segment",
-    "CommitLog._repair",
-    "CommitLog._create_segment",
+    "ActiveSegment.repair",
+    "ActiveSegment._create_successor",
 }
 
 # Functions that rename a file into place themselves, each with the reason it is not a

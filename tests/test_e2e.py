@@ -333,7 +333,7 @@ def _process_tree(pid: int) -> list[int]:
 def test_a_clean_stop_leaves_every_acknowledged_event_in_parquet(make_server, workers, how):
     import duckdb
 
-    from inslytic_fast.log.commitlog import list_segments, scan_records
+    from inslytic_fast.log.format import list_segments, scan_records
     from inslytic_fast.storage.query import run_query
 
     server = make_server("--workers", workers, "--events-per-minute", "0")

@@ -16,7 +16,7 @@ from inslytic_fast.event_columns import (
     EVENT_STRUCT,
 )
 from inslytic_fast.ingest.schema import EventLimits, Schema
-from inslytic_fast.log.commitlog import frame_record, segment_name
+from inslytic_fast.log.format import frame_record, segment_name
 from inslytic_fast.storage.layout import EVENTS_DIRNAME
 from inslytic_fast.storage.query import run_query
 from inslytic_fast.storage.roller import Roller

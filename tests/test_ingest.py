@@ -18,7 +18,7 @@ from inslytic_fast.ingest.keyring import KeyRing
 from inslytic_fast.ingest.pipeline import Ingestor
 from inslytic_fast.ingest.schema import Schema
 from inslytic_fast.limits.ratelimit import RateLimiter
-from inslytic_fast.log.commitlog import LogUnavailable
+from inslytic_fast.log.writer import LogUnavailable
 
 from .conftest import EXAMPLE_EVENT
 

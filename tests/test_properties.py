@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inslytic_fast.ingest.schema import DEVICE_TYPES, BatchRejected, Schema, event_fields
-from inslytic_fast.log.commitlog import CommitLog
+from inslytic_fast.log.writer import CommitLog
 from inslytic_fast.storage.query import run_query
 from inslytic_fast.storage.roller import Roller
 

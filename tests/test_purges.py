@@ -12,7 +12,8 @@ import time
 import duckdb
 import pytest
 
-from inslytic_fast.log.commitlog import CommitLog, sealed_segments
+from inslytic_fast.log.format import sealed_segments
+from inslytic_fast.log.writer import CommitLog
 from inslytic_fast.storage.purges import (
     PURGE_GRACE_S,
     Purge,

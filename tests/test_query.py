@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from inslytic_fast.cli import main
-from inslytic_fast.log.commitlog import CommitLog, frame_record, list_segments
+from inslytic_fast.log.format import frame_record, list_segments
+from inslytic_fast.log.writer import CommitLog
 from inslytic_fast.storage.query import open_events, run_query, take_snapshot
 from inslytic_fast.storage.roller import Roller
 

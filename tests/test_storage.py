@@ -20,14 +20,14 @@ import pytest
 
 from inslytic_fast.config import Settings
 from inslytic_fast.event_columns import EVENT_COLUMNS
-from inslytic_fast.log.commitlog import (
-    CommitLog,
+from inslytic_fast.log.format import (
     frame_record,
     list_segments,
     scan_segment,
     sealed_segments,
     segment_name,
 )
+from inslytic_fast.log.writer import CommitLog
 from inslytic_fast.storage import roller as roller_module
 from inslytic_fast.storage.query import run_query
 from inslytic_fast.storage.roller import Roller

@@ -1,7 +1,7 @@
 """Storage faults a real server must survive: a disk that fills up mid-run, and bit rot in old
 (sealed, not yet rolled) log segments.
 
-Beyond tests/test_commitlog.py (EIO/ENOSPC by monkeypatched fsync, torn tails, flips in one
+Beyond tests/test_log_writer.py (EIO/ENOSPC by monkeypatched fsync, torn tails, flips in one
 file) and tests/test_storage.py (faults at each roll step): here the faults hit a running
 server process through the real file system, and the audit is a query of what it stored.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from inslytic_fast.log.commitlog import HEADER_SIZE, list_segments, scan_segment
+from inslytic_fast.log.format import HEADER_SIZE, list_segments, scan_segment
 from inslytic_fast.storage.query import run_query
 
 from .adversarial_helpers import batch_body, poll_until

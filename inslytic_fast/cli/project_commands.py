@@ -27,7 +27,7 @@ from inslytic_fast.ingest.catalog import (
 )
 from inslytic_fast.ingest.keys import DISPLAY_PREFIX_LENGTH
 from inslytic_fast.lake.objectstore import LakeError
-from inslytic_fast.log.commitlog import LOG_DIRNAME, list_segments
+from inslytic_fast.log.format import LOG_DIRNAME, list_segments
 from inslytic_fast.storage.purges import (
     PURGE_GRACE_S,
     find_purge,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..http.request import Request
 from ..http.responses import Responses
 from ..limits.interface import Limiter
-from ..log.commitlog import LogUnavailable
+from ..log.writer import LogUnavailable
 from ..observe.metrics import Metrics
 from . import errors
 from .admission import Admission, Admitter, Duplicate

@@ -45,7 +45,7 @@ from pathlib import Path
 import orjson
 
 from ..config import Settings
-from ..log.commitlog import LOG_DIRNAME, list_segments
+from ..log.format import LOG_DIRNAME, list_segments
 from ..runtime.durable import fsync_dir
 from ..runtime.filelock import lock_exclusive
 from ..storage.layout import (

@@ -249,7 +249,7 @@ def storage_gauges(data_dir: Path) -> dict:
 
 
 # The commit log's record envelope opens {"p":"<project>","r":<received_at_us>: the first
-# record's receive time is when the segment's oldest event arrived (commitlog.py, framing).
+# record's receive time is when the segment's oldest event arrived (log/format.py, framing).
 _RECEIVED_AT = re.compile(rb'\{"p":"(?:[^"\\]|\\.)*","r":(\d+),')
 _FIRST_RECORD_PEEK_BYTES = 512
 

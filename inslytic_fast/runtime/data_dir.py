@@ -7,7 +7,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from ..log.commitlog import LOG_DIRNAME, CommitLog, list_segments
+from ..log.format import LOG_DIRNAME, list_segments
+from ..log.writer import CommitLog
 from .startup import StartupError
 
 

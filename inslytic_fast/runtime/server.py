@@ -43,7 +43,7 @@ from ..lake.uploader import Uploader, start_uploader
 from ..limits.globallimit import GlobalRateLimiter
 from ..limits.interface import Limiter
 from ..limits.ratelimit import RateLimiter
-from ..log.commitlog import CommitLog
+from ..log.writer import CommitLog
 from ..observe.logs import RepeatedFailure
 from ..storage.roller_process import RollerProcess
 from .data_dir import DataDirLock, acquire_data_dir, check_data_dir, run_dir, seal_orphan_logs

@@ -16,7 +16,7 @@ from ..http.state import ServerState
 from ..ingest.dedup import Dedup
 from ..lake.status import degraded_note, read_status
 from ..limits.interface import Limiter
-from ..log.commitlog import CommitLog
+from ..log.writer import CommitLog
 from ..observe.exposition import render as render_metrics
 from ..observe.logs import RepeatedFailure
 from ..observe.metrics import (

@@ -14,7 +14,7 @@ from typing import BinaryIO
 import duckdb
 
 from .. import event_columns
-from ..log.commitlog import MAX_RECORD_BYTES
+from ..log.format import MAX_RECORD_BYTES
 from .purges import Purge
 
 HIVE_TYPES_SQL = "{'project': 'VARCHAR', 'date': 'DATE'}"

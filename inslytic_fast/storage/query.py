@@ -37,7 +37,7 @@ import duckdb
 import orjson
 
 from ..event_columns import EVENT_COLUMNS_SQL, NO_EVENTS_SQL
-from ..log.commitlog import LOG_DIRNAME, list_segments, scan_segment
+from ..log.format import LOG_DIRNAME, list_segments, scan_segment
 from .events_sql import (
     HIVE_TYPES_SQL,
     connect_duckdb,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import duckdb
 
-from ..log.commitlog import (
+from ..log.format import (
     LOG_DIRNAME,
     list_segments,
     parse_segment_name,

@@ -19,7 +19,7 @@ import threading
 import time
 
 from ..config import Settings
-from ..log.commitlog import sealed_segments
+from ..log.format import sealed_segments
 from ..observe.logs import configure
 from ..runtime.children import leave_sigint_to_parent, start_child
 from ..runtime.process import follow_parent

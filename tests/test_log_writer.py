@@ -1,11 +1,11 @@
-"""Commit log: group commit, framing, torn tails, fsync failures, backpressure (real files)."""
+"""The commit log writer: group commit, rotation, recovery at open, fsync failures, backpressure
+(real files, a real loop and sync thread). The format alone: test_log_format.py."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import os
-import random
 import shutil
 import threading
 import time
@@ -16,18 +16,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from inslytic_fast.log import commitlog as commitlog_module
-from inslytic_fast.log.commitlog import (
-    HEADER_SIZE,
-    CommitLog,
-    LogUnavailable,
-    frame_record,
+from inslytic_fast.log import admission, batch_ids, group_commit, sync_thread, writer
+from inslytic_fast.log.format import (
     list_segments,
-    recover_segment,
     scan_records,
     scan_segment,
     sealed_segments,
 )
+from inslytic_fast.log.group_commit import SyncState
+from inslytic_fast.log.writer import CommitLog, LogUnavailable
 from inslytic_fast.storage.roller import Roller
 
 from .storage_helpers import LogOnLoop, as_after_a_crash, batch_counts, make_events, open_log
@@ -199,17 +196,17 @@ def freeze_the_logs_monotonic_clock(monkeypatch) -> None:
         time=time.time,
         time_ns=time.time_ns,
     )
-    monkeypatch.setattr(commitlog_module, "time", frozen)
+    monkeypatch.setattr(writer, "time", frozen)
 
 
 def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, monkeypatch):
     """Order and counts, not wall-clock gaps (a busy CI machine stretches those): the log's
     clock stands still, so every sync after one that carried several batches must ask for the
     whole window, and the producers' next batches all wait for it together."""
-    window = commitlog_module.COMMIT_WINDOW_S
+    window = group_commit.COMMIT_WINDOW_S
     freeze_the_logs_monotonic_clock(monkeypatch)
     # Fewer producers than a full group: every sync after the first waits out the window.
-    producers = commitlog_module.FULL_SYNC_BATCHES // 2
+    producers = group_commit.FULL_SYNC_BATCHES // 2
     rounds = 25
 
     async def main():
@@ -232,7 +229,7 @@ def test_concurrent_producers_share_syncs_spaced_by_the_commit_window(tmp_path, 
 
 
 def test_a_full_group_does_not_wait_for_the_window(tmp_path, monkeypatch):
-    full = commitlog_module.FULL_SYNC_BATCHES
+    full = group_commit.FULL_SYNC_BATCHES
     freeze_the_logs_monotonic_clock(monkeypatch)  # else a slow iteration outlasts the window
 
     async def main():
@@ -275,7 +272,7 @@ def test_a_waiting_group_starts_at_once_only_when_it_is_large(
         monkeypatch.setattr(loop, "call_soon", call_soon)
         waiting = driver.append("shop", "waiting", events)  # joins the group behind the sync
         size = log._pending_bytes
-        assert (size >= commitlog_module.SYNC_AT_ONCE_BYTES) is at_once
+        assert (size >= group_commit.SYNC_AT_ONCE_BYTES) is at_once
         gate.release.set()
         assert await first is None and await waiting is None
         assert bool(deferred) is not at_once
@@ -418,7 +415,7 @@ def test_a_close_whose_final_sync_fails_does_not_seal(tmp_path, monkeypatch):
     async def main():
         log = open_log(tmp_path)
         assert await LogOnLoop(log).append("shop", "good") is None
-        monkeypatch.setattr(commitlog_module, "_fdatasync", failing_fdatasync)
+        monkeypatch.setattr(sync_thread, "fdatasync", failing_fdatasync)
         await log.close()
 
     run(main())
@@ -426,63 +423,7 @@ def test_a_close_whose_final_sync_fails_does_not_seal(tmp_path, monkeypatch):
     assert sealed_segments(tmp_path / "log") == []
 
 
-# -- Torn and corrupt tails -------------------------------------------------------------------
-
-
-def _segment_with_records(path: Path, count: int) -> list[int]:
-    """Write ``count`` framed records; return the end offset of each."""
-    ends, data = [], b""
-    for i in range(count):
-        payload = orjson.dumps({"p": "shop", "r": i, "b": "x", "e": [{"i": i}]}) + b"\n"
-        data += frame_record(payload)
-        ends.append(len(data))
-    path.write_bytes(data)
-    return ends
-
-
-def test_torn_tail_is_cut_at_the_last_complete_record_for_every_offset(tmp_path):
-    source = tmp_path / "source.log"
-    ends = _segment_with_records(source, 6)
-    data = source.read_bytes()
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    victim = data_dir / "w0-00000000000000000001.log"
-    # Every byte offset across the last three records, including the exact boundaries.
-    for cut in range(ends[2], len(data) + 1):
-        victim.write_bytes(data[:cut])
-        kept = recover_segment(data_dir, victim)
-        expected = max(e for e in [0, *ends] if e <= cut)
-        assert kept == expected, cut
-        assert victim.read_bytes() == data[:expected]
-        assert len(scan_records(victim.read_bytes())[0]) == ends.index(expected) + 1
-    # The cut tails were kept, not destroyed.
-    assert any((data_dir / "quarantine").iterdir())
-
-
-def test_random_byte_flips_lose_only_the_damaged_record(tmp_path):
-    source = tmp_path / "source.log"
-    ends = _segment_with_records(source, 8)
-    data = source.read_bytes()
-    starts = [0, *ends[:-1]]
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    victim = data_dir / "w0-00000000000000000001.log"
-    rng = random.Random(1234)
-    for _ in range(150):
-        pos = rng.randrange(len(data))
-        corrupt = bytearray(data)
-        corrupt[pos] ^= rng.randrange(1, 256)
-        victim.write_bytes(bytes(corrupt))
-        kept = recover_segment(data_dir, victim)
-        damaged = max(i for i, s in enumerate(starts) if s <= pos)
-        survivors = b"".join(
-            data[s:e] for i, (s, e) in enumerate(zip(starts, ends, strict=True)) if i != damaged
-        )
-        # A flip in the last record is a corrupt tail: exactly the valid prefix remains.
-        # Anywhere else, the records after the damage are acknowledged data and survive.
-        assert victim.read_bytes() == survivors, pos
-        assert kept == len(survivors)
-        assert scan_records(victim.read_bytes())[1] == kept
+# -- Recovery at open ----------------------------------------------------------------------
 
 
 def test_damage_in_the_middle_of_the_active_segment_keeps_later_acked_records(tmp_path):
@@ -549,7 +490,7 @@ def test_failed_sync_fails_the_batch_refuses_then_recovers(tmp_path, monkeypatch
         assert reason in str(refused.value)
         damaged = log.segment_path
         repair_gate.release.set()  # repair: cut back to the durable offset, new segment
-        while log._unsound is not None:  # noqa: SLF001 - poll-with-deadline via wait_for
+        while log.group_commit.failure is not None:  # poll-with-deadline via wait_for
             await asyncio.sleep(0.001)
         assert log.segment_path != damaged
         log.tick()  # after ENOSPC, appends wait for a tick that sees free space again
@@ -600,13 +541,13 @@ def test_failed_repair_keeps_refusing_until_a_repair_succeeds(tmp_path, monkeypa
         gate.fail_with.append(OSError(errno.EIO, "injected"))
         monkeypatch.setattr(os, "fsync", flaky_fsync)
         assert isinstance(await driver.append("shop", "doomed"), LogUnavailable)
-        while log._syncing:  # noqa: SLF001 - the immediate repair attempt, which fails
+        while log.group_commit.state is SyncState.REPAIRING:  # the immediate repair, which fails
             await asyncio.sleep(0.001)
-        assert log._unsound is not None  # noqa: SLF001
+        assert log.group_commit.state is SyncState.UNSOUND
         with pytest.raises(LogUnavailable):
             log.append("shop", make_events("x", 1), 1, lambda exc: None)
         log.tick()
-        while log._unsound is not None:  # noqa: SLF001
+        while log.group_commit.failure is not None:
             await asyncio.sleep(0.001)
         assert await driver.append("shop", "ok") is None
         await log.close()
@@ -632,10 +573,10 @@ def test_write_error_is_treated_like_a_sync_error(tmp_path, monkeypatch):
         log = open_log(tmp_path)
         driver = LogOnLoop(log)
         assert await driver.append("shop", "good") is None
-        box["fd"] = log._fd  # noqa: SLF001
+        box["fd"] = log._segment.fd  # noqa: SLF001
         result = await driver.append("shop", "partial")
         assert isinstance(result, LogUnavailable) and "disk full" in str(result)
-        while log._unsound is not None:  # noqa: SLF001
+        while log.group_commit.failure is not None:
             await asyncio.sleep(0.001)
         await log.close()
 
@@ -679,7 +620,7 @@ def test_refuses_fast_when_disk_is_short(tmp_path):
         with pytest.raises(LogUnavailable) as info:
             log.append("shop", make_events("x", 1), 1, lambda exc: None)
         assert "disk full" in str(info.value)
-        assert info.value.retry_after == commitlog_module.RETRY_AFTER_DISK_FULL
+        assert info.value.retry_after == admission.RETRY_AFTER_DISK_FULL
         await log.close()
 
     run(main())
@@ -691,14 +632,6 @@ def test_invalid_configuration_is_rejected(tmp_path):
         CommitLog(tmp_path, durability="sometimes")
     with pytest.raises(ValueError):
         CommitLog(tmp_path, worker_id="w-0")
-
-
-def test_header_size_matches_the_documented_framing():
-    payload = b'{"p":"x"}\n'
-    framed = frame_record(payload)
-    assert len(framed) == HEADER_SIZE + len(payload) == 12 + len(payload)
-    assert framed.startswith(b"IFL1")
-    assert scan_records(framed) == ([memoryview(payload)], len(framed))
 
 
 def test_short_writev_is_completed_not_corrupted(tmp_path, monkeypatch):
@@ -774,7 +707,7 @@ def test_batches_beyond_the_event_id_counter_are_rejected(tmp_path):
     async def main():
         log = open_log(tmp_path)
         with pytest.raises(ValueError):
-            log.append("shop", b"[]", commitlog_module.MAX_EVENTS_PER_BATCH + 1, lambda e: None)
+            log.append("shop", b"[]", batch_ids.MAX_EVENTS_PER_BATCH + 1, lambda e: None)
         await log.close()
 
     run(main())
@@ -784,7 +717,7 @@ def test_backpressure_rises_from_its_mark_and_the_hard_mark_refuses(tmp_path):
     async def main():
         log = open_log(tmp_path, max_unrolled_bytes=800_000)
         backlog = tmp_path / "log" / "w0-00000000000000000001.log"  # an unrolled segment
-        soft = 800_000 * commitlog_module.BACKPRESSURE_FROM_SHARE
+        soft = 800_000 * admission.BACKPRESSURE_FROM_SHARE
         delays = []
         for size in (0, int(soft) - 1000, int(soft) + 100_000, 700_000, 900_000):
             backlog.write_bytes(b"\0" * size)
@@ -792,7 +725,7 @@ def test_backpressure_rises_from_its_mark_and_the_hard_mark_refuses(tmp_path):
             delays.append(log.backpressure_delay())
         # Nothing below the mark, then rising with the backlog, the most at the hard mark.
         assert delays[:2] == [0.0, 0.0]
-        assert 0 < delays[2] < delays[3] < delays[4] == commitlog_module.MAX_BACKPRESSURE_DELAY_S
+        assert 0 < delays[2] < delays[3] < delays[4] == admission.MAX_BACKPRESSURE_DELAY_S
         # Past the hard mark: refused, and the refusal is the one append raises.
         refusal = log.unavailable()
         assert refusal is not None and refusal.retry_after >= 1
