@@ -38,7 +38,7 @@ OnCommitted = Callable[[BaseException | None], None]
 
 
 class CommitSink(Protocol):
-    """What the ingest pipeline needs of the commit log (log/commitlog.py ``CommitLog``);
+    """What the ingest pipeline needs of the commit log (log/writer.py ``CommitLog``);
     tests pass a memory sink."""
 
     def append(
