@@ -44,6 +44,14 @@ def records_on_disk(data_dir: Path) -> list[dict]:
     return found
 
 
+def batches_per_segment(data_dir: Path) -> list[list[str]]:
+    """The batch ids (anonymousId) of each of worker w0's segments, oldest first."""
+    return [
+        [orjson.loads(bytes(p))["e"][0]["anonymousId"] for p in scan_records(s.read_bytes())[0]]
+        for s in list_segments(data_dir / "log")["w0"]
+    ]
+
+
 class SyncGate:
     """Wraps os.fdatasync: counts calls, can hold the first one until released, or fail."""
 
@@ -389,10 +397,7 @@ def test_open_seals_existing_segments_and_numbers_grow(tmp_path):
         run(main())
     segments = list_segments(tmp_path / "log")["w0"]
     # Each clean close sealed its segment with an empty successor, which the next open reused.
-    assert [
-        [orjson.loads(bytes(p))["e"][0]["anonymousId"] for p in scan_records(s.read_bytes())[0]]
-        for s in segments
-    ] == [["r0"], ["r1"], ["r2"], []]
+    assert batches_per_segment(tmp_path) == [["r0"], ["r1"], ["r2"], []]
     assert segments == sorted(segments)
     assert sealed_segments(tmp_path / "log") == segments[:-1]
 
@@ -696,11 +701,7 @@ def test_tick_while_a_sync_is_in_flight_still_rotates_and_measures(tmp_path, mon
         await log.close()
 
     run(main())
-    segments = list_segments(tmp_path / "log")["w0"]
-    assert [
-        [orjson.loads(bytes(p))["e"][0]["anonymousId"] for p in scan_records(s.read_bytes())[0]]
-        for s in segments
-    ] == [["first", "held"], ["after"], []]
+    assert batches_per_segment(tmp_path) == [["first", "held"], ["after"], []]
 
 
 def test_batches_beyond_the_event_id_counter_are_rejected(tmp_path):

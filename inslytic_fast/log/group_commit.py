@@ -61,6 +61,7 @@ class Start(enum.Enum):
 IDLE, SOON, WINDOW = SyncState.IDLE, SyncState.SOON, SyncState.WINDOW
 SYNCING, REPAIRING, UNSOUND = SyncState.SYNCING, SyncState.REPAIRING, SyncState.UNSOUND
 START_NOW, START_SOON, START_WINDOW = Start.NOW, Start.SOON, Start.WINDOW
+SCHEDULABLE = (IDLE, SOON, WINDOW)  # the stages a sync can start from
 
 
 class TransitionError(RuntimeError):
@@ -126,8 +127,7 @@ class GroupCommit:
 
     def started(self, now: float, batches: int) -> None:
         """IDLE | SOON | WINDOW -> SYNCING."""
-        state = self.state
-        if state is not SOON and state is not WINDOW and state is not IDLE:
+        if self.state not in SCHEDULABLE:
             self._refuse("start")
         self.state = SYNCING
         self.last_started = now
@@ -135,8 +135,7 @@ class GroupCommit:
 
     def nothing_to_start(self) -> None:
         """A start found no batch and no rotation waiting: IDLE | SOON | WINDOW -> IDLE."""
-        state = self.state
-        if state is not SOON and state is not WINDOW and state is not IDLE:
+        if self.state not in SCHEDULABLE:
             self._refuse("nothing to start")
         self.state = IDLE
 
