@@ -1,9 +1,10 @@
 """Storage faults a real server must survive: a disk that fills up mid-run, and bit rot in old
 (sealed, not yet rolled) log segments.
 
-Beyond tests/test_log_refusals.py (EIO/ENOSPC by monkeypatched fsync), test_log_format.py (torn
-tails, flips in one file) and tests/test_storage.py (faults at each roll step): here the faults hit a running
-server process through the real file system, and the audit is a query of what it stored.
+Beyond tests/test_log_refusals.py (EIO/ENOSPC by monkeypatched fsync), test_log_format.py
+(torn tails, flips in one file) and tests/test_storage.py (faults at each roll step): here the
+faults hit a running server process through the real file system, and the audit is a query of
+what it stored.
 """
 
 from __future__ import annotations
