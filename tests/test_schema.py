@@ -1097,9 +1097,7 @@ def test_seven_and_nine_digit_fractions_are_accepted_and_rounded_to_microseconds
     ("escape", "lone", "where"),
     [(rb"\ud800", "\\ud800", 25), (rb"\udc00", "\\udc00", 25), (rb"x\ud800\u0041", "\\ud800", 26)],
 )
-def test_a_lone_surrogate_is_named_not_called_an_unexpected_end_of_hex_escape(
-    escape, lone, where
-):
+def test_a_lone_surrogate_is_named_not_called_an_unexpected_end_of_hex_escape(escape, lone, where):
     body = b'{"events":[{"eventName":"' + escape + b'","timestamp":"2026-02-16T10:30:00Z"}]}'
     [detail] = details(body)
     expected = f"JSON is malformed: lone UTF-16 surrogate {lone} at byte {where}: strings must"

@@ -18,14 +18,17 @@ twice), and drop the inputs of a compaction intent whose output exists.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypedDict
 
 from ..runtime.durable import fsync_dir, make_dirs_durable
+from ..runtime.filelock import lock_exclusive
 
 EVENTS_DIRNAME = "events"
 STAGING_DIRNAME = ".staging"
@@ -91,3 +94,27 @@ def drop_dir(directory: Path, trash_dir: Path) -> None:
     os.rename(directory, doomed)
     fsync_dir(directory.parent)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def roller_lock(events_dir: Path, wait_s: float) -> Iterator[bool]:
+    """The exclusive flock on ``.roller.lock``: True while held, False if another process
+    still held it after ``wait_s`` (a roller, the CLI applying purges, or a reader pausing
+    the roller for one snapshot)."""
+    make_dirs_durable(events_dir)
+    fd = os.open(events_dir / ROLLER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        yield lock_exclusive(fd, wait_s)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def wipe_scratch(events_dir: Path) -> None:
+    """Empty staging and trash: what a crash left there is never read. Under the roller lock."""
+    for scratch in (events_dir / STAGING_DIRNAME, events_dir / TRASH_DIRNAME):
+        if scratch.exists():
+            for entry in os.scandir(scratch):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)

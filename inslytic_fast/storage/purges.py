@@ -32,9 +32,9 @@ from pathlib import Path
 import orjson
 
 from ..ingest.catalog import DELETED_KEYS_ACCEPTED_FOR_S
-from ..runtime.durable import make_dirs_durable, write_file_durably
-from ..runtime.filelock import lock_exclusive
-from .layout import EVENTS_DIRNAME, ROLLER_LOCK_NAME, TRASH_DIRNAME, drop_dir
+from ..log.commitlog import list_segments, parse_segment_name
+from ..runtime.durable import fsync_dir, make_dirs_durable, write_file_durably
+from .layout import EVENTS_DIRNAME, TRASH_DIRNAME, drop_dir, roller_lock
 
 PURGES_DIRNAME = "_purges"
 # Events sent with the deleted project's keys until every server has noticed the deletion.
@@ -109,6 +109,30 @@ def remove_purge(events_dir: Path, purge: Purge) -> None:
     (purges_dir(events_dir) / f"{purge.project}.json").unlink(missing_ok=True)
 
 
+def remove_expired_purges(events_dir: Path, log_dir: Path, now: float) -> None:
+    """Delete the tombstones nothing in the log needs any more (``expired``); the roller does
+    this after each pass."""
+    purges = read_purges(events_dir)
+    if not purges:
+        return
+    seqs: list[int] = []
+    for segments in list_segments(log_dir).values():
+        for path in segments:
+            try:
+                if path.stat().st_size == 0:
+                    continue
+            except FileNotFoundError:
+                continue  # rolled meanwhile
+            parsed = parse_segment_name(path.name)
+            if parsed is not None:  # list_segments lists only names it parses
+                seqs.append(parsed[1])
+    gone = [p for p in purges if expired(p, seqs, now)]
+    for purge in gone:
+        remove_purge(events_dir, purge)
+    if gone:
+        fsync_dir(purges_dir(events_dir))
+
+
 def record_purge(events_dir: Path, project: str, now: float | None = None) -> Purge:
     """Write (or extend) the tombstone of ``project``: durable before this returns."""
     now = time.time() if now is None else now
@@ -171,12 +195,7 @@ def apply_purges_now(data_dir: Path, wait_s: float) -> bool:
     """Apply recorded purges under the roller lock, waiting up to ``wait_s`` for a roller pass
     to finish. False if the lock stayed busy: the roller's next pass applies them then."""
     events_dir = Path(data_dir) / EVENTS_DIRNAME
-    make_dirs_durable(events_dir)
-    fd = os.open(events_dir / ROLLER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if not lock_exclusive(fd, wait_s):
-            return False
-        apply_purges_locked(events_dir)
-        return True
-    finally:
-        os.close(fd)
+    with roller_lock(events_dir, wait_s) as mine:
+        if mine:
+            apply_purges_locked(events_dir)
+        return mine

@@ -36,13 +36,11 @@ import duckdb
 from ..log.format import (
     LOG_DIRNAME,
     list_segments,
-    parse_segment_name,
     quarantine_bytes,
     scan_segment,
     sealed_segments,
 )
 from ..runtime.durable import fsync_dir, fsync_file, make_dirs_durable
-from ..runtime.filelock import lock_exclusive
 from .compaction import (
     DEFAULT_COMPACT_MIN_FILES,
     DEFAULT_COMPACT_SMALL_FILE_BYTES,
@@ -55,22 +53,21 @@ from .events_sql import connect_duckdb, copy_events_sql
 from .layout import (
     DUCKDB_TEMP_DIRNAME,
     EVENTS_DIRNAME,
-    INTENTS_DIRNAME,
     ROLLER_LOCK_NAME,
     STAGING_DIRNAME,
     TRASH_DIRNAME,
     drop_dir,
     partition_dir,
     partition_dirs,
+    roller_lock,
     source_segment,
+    wipe_scratch,
 )
 from .purges import (
     Purge,
     apply_purges_locked,
-    expired,
-    purges_dir,
     read_purges,
-    remove_purge,
+    remove_expired_purges,
 )
 from .retention import expired_partitions, retention_cutoff
 from .roll_input import (
@@ -145,7 +142,6 @@ class Roller:
         self.log_dir = self.data_dir / LOG_DIRNAME
         self.events_dir = self.data_dir / EVENTS_DIRNAME
         self.staging_dir = self.events_dir / STAGING_DIRNAME
-        self.intents_dir = self.events_dir / INTENTS_DIRNAME
         self.trash_dir = self.events_dir / TRASH_DIRNAME
         self.retention_days = retention_days
         self.compact_min_files = compact_min_files
@@ -257,18 +253,10 @@ class Roller:
         after ``wait_s``: two rollers would wipe each other's staging. A reader takes it (shared)
         only to pause the roller for one snapshot.
         """
-        with self._lock:
-            make_dirs_durable(self.events_dir)
-            fd = os.open(self.events_dir / ROLLER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if not lock_exclusive(fd, wait_s):
-                    # Another roller process, or a reader pausing us for one snapshot.
-                    log.debug("roller: %s is held elsewhere; skipping a pass", ROLLER_LOCK_NAME)
-                    yield False
-                    return
-                yield True
-            finally:
-                os.close(fd)  # releases the flock
+        with self._lock, roller_lock(self.events_dir, wait_s) as mine:
+            if not mine:
+                log.debug("roller: %s is held elsewhere; skipping a pass", ROLLER_LOCK_NAME)
+            yield mine
 
     def recover(self) -> None:
         """Wipe staging and trash; finish or undo half-done compactions. Idempotent."""
@@ -277,13 +265,7 @@ class Roller:
                 self._recover_locked()
 
     def _recover_locked(self) -> None:
-        for scratch in (self.staging_dir, self.trash_dir):
-            if scratch.exists():
-                for entry in os.scandir(scratch):
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        os.unlink(entry.path)
+        wipe_scratch(self.events_dir)
         finish_compactions(self.events_dir)
 
     # -- Roll -----------------------------------------------------------------------------
@@ -313,31 +295,8 @@ class Roller:
             # After the rolls: a roll that read the tombstones before a purge was recorded
             # published files of the purged project, and they go now.
             apply_purges_locked(self.events_dir)
-            self._expire_purges()
+            remove_expired_purges(self.events_dir, self.log_dir, time.time())
             return total
-
-    def _expire_purges(self) -> None:
-        """Delete the tombstones nothing in the log needs any more (purges.expired)."""
-        purges = read_purges(self.events_dir)
-        if not purges:
-            return
-        seqs: list[int] = []
-        for segments in list_segments(self.log_dir).values():
-            for path in segments:
-                try:
-                    if path.stat().st_size == 0:
-                        continue
-                except FileNotFoundError:
-                    continue  # rolled meanwhile
-                parsed = parse_segment_name(path.name)
-                if parsed is not None:  # list_segments lists only names it parses
-                    seqs.append(parsed[1])
-        now = time.time()
-        gone = [p for p in purges if expired(p, seqs, now)]
-        for purge in gone:
-            remove_purge(self.events_dir, purge)
-        if gone:
-            fsync_dir(purges_dir(self.events_dir))
 
     def _roll_segment(self, segment: Path, stop_after: float | None = None) -> int:
         stem = segment.name.rsplit(".", 1)[0]
