@@ -32,7 +32,7 @@ from pathlib import Path
 import orjson
 
 from ..ingest.catalog import DELETED_KEYS_ACCEPTED_FOR_S
-from ..log.commitlog import list_segments, parse_segment_name
+from ..log.format import list_segments, parse_segment_name
 from ..runtime.durable import fsync_dir, make_dirs_durable, write_file_durably
 from .layout import EVENTS_DIRNAME, TRASH_DIRNAME, drop_dir, roller_lock
 
