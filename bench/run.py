@@ -703,7 +703,9 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         },
     }
     problems = []
-    if not ok:
+    # A smoke run shows the path works, not a rate: on a loaded machine its 0.6 s window may
+    # close before the first answer, so any 202 of the run counts there.
+    if not ok and not (args.smoke and total_events_accepted):
         problems.append("no 202 answers")
     if statuses and not scenario.sustained:  # refusals are one of a sustained run's figures
         problems.append(f"non-202 answers {statuses}")
