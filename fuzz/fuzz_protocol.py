@@ -28,16 +28,16 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports(include=["inslytic_fast"]):
-    from inslytic_fast.app import App
-    from inslytic_fast.auth import Project
     from inslytic_fast.config import Settings
-    from inslytic_fast.ingest import Ingestor
-    from inslytic_fast.openapi import build_openapi
-    from inslytic_fast.protocol import HttpProtocol
-    from inslytic_fast.ratelimit import RateLimiter
-    from inslytic_fast.responses import Responses
-    from inslytic_fast.schema import EventLimits, Schema
-    from inslytic_fast.state import ServerState
+    from inslytic_fast.http.app import App
+    from inslytic_fast.http.openapi import build_openapi
+    from inslytic_fast.http.protocol import HttpProtocol
+    from inslytic_fast.http.responses import Responses
+    from inslytic_fast.http.state import ServerState
+    from inslytic_fast.ingest.keyring import Project
+    from inslytic_fast.ingest.pipeline import Ingestor
+    from inslytic_fast.ingest.schema import EventLimits, Schema
+    from inslytic_fast.limits.ratelimit import RateLimiter
 
 KEY = b"ik_live_fuzzfuzzfuzzfuzzfuzzfuzzfuzzfuzz000000"
 SETTINGS = Settings(
@@ -54,18 +54,25 @@ class FakeKeyRing:
 
 
 class FakeCommitLog:
-    """Acknowledges at once, or holds the batch until ``release`` (every other append)."""
+    """A ``CommitSink`` (ingest/pipeline.py): acknowledges at once, or holds the batch until
+    ``release`` (every other append)."""
 
     def __init__(self) -> None:
         self.held = []
         self.appends = 0
 
-    def append(self, project, events_json, count, on_done) -> None:
+    def append(self, project, events_json, count, on_done, idempotency_key=None) -> None:
         self.appends += 1
         if self.appends % 2:
             on_done(None)
         else:
             self.held.append(on_done)
+
+    def backpressure_delay(self) -> float:
+        return 0.0
+
+    def unavailable(self):
+        return None  # always taking appends: the fuzzed part is the protocol and the app
 
     def release(self) -> None:
         held, self.held = self.held, []
@@ -79,6 +86,12 @@ class Transport:
         self.closed = False
         self.eof_written = False
         self.paused = False
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written is "sent" at once
 
     def write(self, data: bytes) -> None:
         if self.closed or self.eof_written:
@@ -186,7 +199,7 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 - atheris' name
     stream = data[1:]
     log = FakeCommitLog()
     APP.ingestor.commitlog = log
-    APP.ingestor.limiter = RateLimiter()
+    APP.ingestor.admitter.limiter = RateLimiter()
     app = APP
     state = ServerState(SETTINGS)
     conn = CountingProtocol(app, state)
