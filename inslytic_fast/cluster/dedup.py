@@ -7,13 +7,16 @@ claimed in the coordinator before its events are committed:
 - ``<ns>dedup:<project>:`` + the id's kind and digest (``coordinator_key``): ``p<token>``
   while a request of this process (``token``) commits it, for at most ``PENDING_CLAIM_MS``;
   ``d<count>`` once stored, for the window (24 h), as the local table keeps it.
-- One script call per request, whatever its number of keys: it claims each key that is free
-  (``SET NX PX``) and returns what the others hold, so a retry stored by another node is
-  answered as the original was (and marked stored locally), and one still committing there is
-  refused with Retry-After, as a local one is.
-- Settling and releasing never hold up an answer: they queue for a thread that sends all that
-  queued meanwhile in one pipelined round trip. Until it lands, a retry elsewhere sees the
-  claim as still committing (Retry-After), never as free.
+- The claim never blocks the serving loop: the request is parked (a callback, no Task) and
+  its keys queue for this process's coordinator thread, which claims every key queued
+  meanwhile, from any number of requests, in one script call; it claims each key that is free
+  (``SET NX PX``) and returns what the others hold. The answers resume each request on its
+  loop (``call_soon_threadsafe``): a retry stored by another node is answered as the original
+  was (and marked stored locally), one still committing there is refused with Retry-After, as
+  a local one is, and a new one goes on to the commit log.
+- Settling and releasing never hold up an answer: they queue for the same thread, which sends
+  all that queued meanwhile in one pipelined round trip (before the claims). Until it lands,
+  a retry elsewhere sees the claim as still committing (Retry-After), never as free.
 
 Coordinator down or slow (a call fails or takes over ``CALL_TIMEOUT_S``): the request is
 deduplicated by this node's table only, never refused for it. The failure is logged once per
@@ -24,6 +27,7 @@ outage and counted; calls resume once the coordinator link's poll reaches it aga
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -32,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from ..ingest.dedup import CLAIMED, DEFAULT_WINDOW_S, IN_FLIGHT, Claims, DedupTable
+from ..ingest.dedup import CLAIMED, DEFAULT_WINDOW_S, IN_FLIGHT, Claims, Confirmed, DedupTable
 from .coordinator import (
     NAMESPACE,
     CoordinatorLink,
@@ -51,9 +55,9 @@ DIGEST_BYTES = 16
 # A commit answers within seconds (the log's own timeouts); a claim still pending after this
 # belongs to a node that died mid-request, and a retry elsewhere may then be stored.
 PENDING_CLAIM_MS = 60_000
-# The coordinator answers in well under a millisecond on a LAN; a claim blocks the serving
-# loop, so a call that takes longer than this counts as a failure and the request goes on with
-# the local table.
+# The coordinator answers in well under a millisecond on a LAN; a request waits (parked, the
+# loop serving others) for its claim, so a call that takes longer than this counts as a
+# failure and the request goes on with the local table.
 CALL_TIMEOUT_S = 0.5
 RETRY_AFTER_FAILURE_S = 5.0
 
@@ -107,6 +111,30 @@ class ClusterClaims(list[tuple[int, int]]):
         self.remote = list(remote)
 
 
+class _Claim:
+    """One request's keys waiting for the coordinator, and where its answer goes."""
+
+    __slots__ = ("keys", "statuses", "claimed", "fresh", "remote", "then", "loop")
+
+    def __init__(
+        self,
+        keys: list[bytes],
+        statuses: list[int],
+        claimed: Claims,
+        fresh: list[int],
+        remote: list[bytes],
+        then: Confirmed,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.keys = keys
+        self.statuses = statuses  # this node's answer, updated with the coordinator's
+        self.claimed = claimed
+        self.fresh = fresh  # the indexes of the keys this node called new
+        self.remote = remote  # their coordinator keys
+        self.then = then
+        self.loop = loop
+
+
 class ClusterDedup:
     """``Dedup`` for a node of a cluster: its table first, then the coordinator."""
 
@@ -133,6 +161,7 @@ class ClusterDedup:
         self.retry_at = 0.0
         self._outage_logged = False
         self._queued: deque[tuple[list[bytes], bytes]] = deque()
+        self._claims: deque[_Claim] = deque()
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inslytic-dedup", daemon=True)
@@ -141,26 +170,59 @@ class ClusterDedup:
 
     # -- the Dedup interface (on the serving loop) ----------------------------------------
 
+    coordinated = True
+
     def claim(self, keys: list[bytes], owner: int) -> tuple[list[int], Claims]:
-        statuses, claimed = self.table.claim(keys, owner)
+        return self.table.claim(keys, owner)
+
+    def confirm(
+        self, keys: list[bytes], statuses: list[int], claimed: Claims, then: Confirmed
+    ) -> bool:
         fresh = [i for i, status in enumerate(statuses) if status == CLAIMED]
         if not fresh or IN_FLIGHT in statuses:  # nothing new, or refused whatever it holds
-            return statuses, claimed
+            return False
         if not self._reachable():
             self.stats.coordinator["local_only"] += 1
-            return statuses, claimed
+            return False
         remote = [coordinator_key(keys[i]) for i in fresh]
-        try:
-            answers = self.claim_script(keys=remote, args=[self.pending, PENDING_CLAIM_MS])
-        except self.errors as exc:
-            self._failed(exc)
-            self.stats.coordinator["local_only"] += 1
-            return statuses, claimed
+        loop = asyncio.get_running_loop()
+        self._claims.append(_Claim(keys, statuses, claimed, fresh, remote, then, loop))
+        self._wake.set()
+        return True
+
+    def _confirmed(
+        self, batch: list[_Claim], answers: list[bytes] | None, error: BaseException | None
+    ) -> None:
+        """On the loop: the coordinator's answers to ``batch`` (None: not asked or failed,
+        so each request goes on with this node's answer)."""
+        if answers is None:
+            if error is not None:
+                self._failed(error)
+            for claim in batch:
+                self.stats.coordinator["local_only"] += 1
+                self._resume(claim, claim.statuses, claim.claimed)
+            return
         self._reached()
+        offset = 0
+        for claim in batch:
+            held = answers[offset : offset + len(claim.remote)]
+            offset += len(claim.remote)
+            self._resume(claim, *self._decide(claim, held))
+
+    @staticmethod
+    def _resume(claim: _Claim, statuses: list[int], claimed: Claims) -> None:
+        try:
+            claim.then(statuses, claimed)
+        except Exception:  # one request's fault must not leave the others of its batch parked
+            log.exception("dedup: resuming a request after its claim failed")
+
+    def _decide(self, claim: _Claim, answers: list[bytes]) -> tuple[list[int], Claims]:
+        """The final statuses and claims of one request from what the coordinator held."""
+        keys, statuses, claimed = claim.keys, claim.statuses, claim.claimed
         won: list[bytes] = []
         stored: list[tuple[bytes, int, int]] = []
         now = int(self.table.clock())
-        for i, remote_key, held in zip(fresh, remote, answers, strict=True):
+        for i, remote_key, held in zip(claim.fresh, claim.remote, answers, strict=True):
             kind = keys[i][0]
             if not held:
                 won.append(remote_key)
@@ -223,7 +285,7 @@ class ClusterDedup:
             self._outage_logged = False
             log.warning("dedup: coordinator %s answers again", masked(self.link.url))
 
-    # -- settling, off the serving loop -----------------------------------------------------
+    # -- the coordinator's thread: claims and settles, off the serving loop ------------------
 
     def _queue(self, keys: list[bytes], value: bytes) -> None:
         if keys:
@@ -234,10 +296,49 @@ class ClusterDedup:
         while True:
             self._wake.wait()
             self._wake.clear()
+            # Settles first: a release must reach the coordinator before a retry's new claim.
             if self._queued:
                 self._flush()
-            if self._stopping and not self._queued:
+            if self._claims:
+                self._send_claims()
+            if self._stopping and not self._queued and not self._claims:
                 return
+
+    def _send_claims(self) -> None:
+        """Every claim queued so far, from any number of requests, in one script call; the
+        answers go back to each request's loop in one callback per loop."""
+        batch: list[_Claim] = []
+        while self._claims:
+            batch.append(self._claims.popleft())  # deque: safe against the loop's appends
+        answers: list[bytes] | None = None
+        error: BaseException | None = None
+        if time.monotonic() >= self.retry_at:  # else a call failed meanwhile: no second wait
+            keys = [key for claim in batch for key in claim.remote]
+            try:
+                try:
+                    answers = self._claim_call(keys)
+                except self.no_script:  # a coordinator restarted without its scripts
+                    self.client.script_load(_CLAIM)
+                    answers = self._claim_call(keys)  # NOSCRIPT ran nothing: safe to repeat
+            except self.errors as exc:
+                # Set here, so claims queued meanwhile do not wait on the coordinator again.
+                self.retry_at = time.monotonic() + RETRY_AFTER_FAILURE_S
+                error = exc
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Claim]] = {}
+        for claim in batch:
+            by_loop.setdefault(claim.loop, []).append(claim)
+        for loop, claims in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._confirmed, claims, answers, error)
+            except RuntimeError:  # the loop closed: the server stopped with them parked
+                log.debug("dedup: %d claims answered after the loop closed", len(claims))
+
+    def _claim_call(self, keys: list[bytes]) -> list[bytes]:
+        sha = self.claim_script.sha
+        answers: list[bytes] = self.client.evalsha(
+            sha, len(keys), *keys, self.pending, PENDING_CLAIM_MS
+        )
+        return answers
 
     def _flush(self) -> None:
         """Everything queued so far, in one pipelined round trip."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, final
+from functools import partial
+from typing import TYPE_CHECKING, Any, final
 
 from ..http.request import Request
 from ..limits.interface import Bucket, Limiter
@@ -25,6 +26,8 @@ from .schema import Schema
 from .segment import SegmentCodec, SegmentRejected
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from .dedup import Claims, Dedup
     from .keyring import KeyRing, Project
     from .segment import Message
@@ -67,6 +70,28 @@ class Duplicate:
 
     def __init__(self, count: int) -> None:
         self.count = count
+
+
+@final
+class ClaimPending:
+    """A decision that waits on the cluster: ``keys`` were claimed on this node
+    (``statuses``, ``claimed``) and the coordinator must confirm them (``Dedup.confirm``);
+    ``finish`` then makes the decision from the final statuses and claims (it may raise an
+    ``IngestError``). Only requests with ids on a node of a cluster get one."""
+
+    __slots__ = ("keys", "statuses", "claimed", "finish")
+
+    def __init__(
+        self,
+        keys: list[bytes],
+        statuses: list[int],
+        claimed: Claims,
+        finish: Callable[[list[int], Claims], Admission | Duplicate],
+    ) -> None:
+        self.keys = keys
+        self.statuses = statuses
+        self.claimed = claimed
+        self.finish = finish
 
 
 def limit_headers(bucket: Bucket, now: float) -> bytes:
@@ -229,7 +254,7 @@ class Admitter:
                 self._refuse_if_bucket_empty(project)
         return header_key, decode_body(req.body, req.content_encoding, self.max_decompressed_bytes)
 
-    def admit(self, req: Request) -> Admission | Duplicate:
+    def admit(self, req: Request) -> Admission | Duplicate | ClaimPending:
         """POST /v1/ingest; raises IngestError."""
         # A beacon (text/plain: sendBeacon cannot set headers) may carry its key in the body.
         content_type = req.content_type
@@ -254,17 +279,33 @@ class Admitter:
             ):
                 raise errors.invalid_idempotency_key()
         events = self.schema.decode(body)  # raises BatchRejected, an IngestError
-        count = len(events)
-        claimed = None
         dedup = self.dedup
-        if idempotency_key is not None and dedup is not None:
-            (status,), claimed = dedup.claim(
-                [batch_key(project.name, idempotency_key)], self.dedup_owner
-            )
+        if idempotency_key is None or dedup is None:
+            return self._admit_batch(project, events, None, None, None)
+        keys = [batch_key(project.name, idempotency_key)]
+        statuses, claimed = dedup.claim(keys, self.dedup_owner)
+        if dedup.coordinated:
+            finish = partial(self._admit_batch, project, events, idempotency_key)
+            return ClaimPending(keys, statuses, claimed, finish)
+        return self._admit_batch(project, events, idempotency_key, statuses, claimed)
+
+    def _admit_batch(
+        self,
+        project: Project,
+        events: list[Any],
+        idempotency_key: bytes | None,
+        statuses: list[int] | None,
+        claimed: Claims | None,
+    ) -> Admission | Duplicate:
+        """The rest of ``admit`` once the Idempotency-Key's claim is final (None: no key)."""
+        dedup = self.dedup
+        if statuses is not None:
+            status = statuses[0]
             if status == IN_FLIGHT:
                 raise errors.in_flight(409)
             if status != CLAIMED:
                 return Duplicate(status)
+        count = len(events)
         try:
             bucket, headers = self._spend(project, count)
         except IngestError:
@@ -283,7 +324,7 @@ class Admitter:
             idempotency_key,
         )
 
-    def admit_segment(self, req: Request, route_type: str | None) -> Admission:
+    def admit_segment(self, req: Request, route_type: str | None) -> Admission | ClaimPending:
         """POST /v1/batch and the single-message Segment routes; raises IngestError."""
         header_key, body = self._header_key_and_body(req, header_required=False, basic=True)
         try:
@@ -295,51 +336,76 @@ class Admitter:
                 ) from None
             raise
         project = self._project(req, header_key, decoded.write_key)
-        messages = decoded.messages
-        claimed = None
+        messages, sent_at = decoded.messages, decoded.sent_at
         dedup = self.dedup
-        if dedup is not None:
-            fresh, claimed = self._new_messages(dedup, project.name, messages)
-            if fresh is None:
-                raise errors.in_flight(503)
-            messages = fresh
+        if dedup is None:
+            return self._admit_messages(project, messages, sent_at, None)
+        keyed, keys, unkeyed = self._keyed(project.name, messages)
+        if not keys:
+            return self._admit_messages(project, messages, sent_at, [])
+        statuses, claimed = dedup.claim(keys, self.dedup_owner)
+        finish = partial(self._admit_claimed_messages, project, messages, sent_at, keyed, unkeyed)
+        if dedup.coordinated:
+            return ClaimPending(keys, statuses, claimed, finish)
+        return finish(statuses, claimed)
+
+    @staticmethod
+    def _keyed(project: str, messages: list[Message]) -> tuple[list[Message], list[bytes], int]:
+        """The messages with a messageId (each id once), their dedup keys, and how many
+        messages carry no id."""
+        keyed: list[Message] = []
+        keys: list[bytes] = []
+        unkeyed = 0
+        seen: set[str] = set()
+        for message in messages:
+            message_id = message.message_id
+            if message_id is None:
+                unkeyed += 1
+            elif message_id not in seen:  # a repeat inside one batch is a duplicate too
+                seen.add(message_id)
+                keyed.append(message)
+                keys.append(message_key(project, message_id))
+        return keyed, keys, unkeyed
+
+    def _admit_claimed_messages(
+        self,
+        project: Project,
+        messages: list[Message],
+        sent_at: datetime | None,
+        keyed: list[Message],
+        unkeyed: int,
+        statuses: list[int],
+        claimed: Claims,
+    ) -> Admission:
+        """The rest of ``admit_segment`` once the messageIds' claims are final: the messages
+        not stored before, or 503 when one is still being committed elsewhere."""
+        if IN_FLIGHT in statuses:
+            if self.dedup is not None:
+                self.dedup.release(claimed)
+            raise errors.in_flight(503)
+        if unkeyed + len(keyed) != len(messages) or any(s != CLAIMED for s in statuses):
+            duplicates = {
+                m.message_id for m, s in zip(keyed, statuses, strict=True) if s != CLAIMED
+            }
+            messages = [m for m in messages if m.message_id not in duplicates]
+        return self._admit_messages(project, messages, sent_at, claimed)
+
+    def _admit_messages(
+        self,
+        project: Project,
+        messages: list[Message],
+        sent_at: datetime | None,
+        claimed: Claims | None,
+    ) -> Admission:
+        dedup = self.dedup
         try:
             bucket, headers = self._spend(project, len(messages))
         except IngestError:
             if claimed and dedup is not None:
                 dedup.release(claimed)
             raise
-        events_json = (
-            self.segment.encode(messages, decoded.sent_at, self.clock()) if messages else b""
-        )
+        events_json = self.segment.encode(messages, sent_at, self.clock()) if messages else b""
         return Admission(
             project.name, events_json, len(messages), bucket, headers, segment=True,
             claimed=claimed,
         )  # fmt: skip
-
-    def _new_messages(
-        self, dedup: Dedup, project: str, messages: list[Message]
-    ) -> tuple[list[Message] | None, Claims]:
-        """The messages not stored before (None: one is still being committed elsewhere)."""
-        keyed: list[Message] = []
-        keys: list[bytes] = []
-        fresh: list[Message] = []
-        seen: set[str] = set()
-        for message in messages:
-            message_id = message.message_id
-            if message_id is None:
-                fresh.append(message)
-            elif message_id not in seen:  # a repeat inside one batch is a duplicate too
-                seen.add(message_id)
-                keyed.append(message)
-                keys.append(message_key(project, message_id))
-        if not keys:
-            return messages, []
-        statuses, claimed = dedup.claim(keys, self.dedup_owner)
-        if IN_FLIGHT in statuses:
-            dedup.release(claimed)
-            return None, []
-        if len(fresh) + len(keyed) == len(messages) and all(s == CLAIMED for s in statuses):
-            return messages, claimed
-        duplicates = {m.message_id for m, s in zip(keyed, statuses, strict=True) if s != CLAIMED}
-        return [m for m in messages if m.message_id not in duplicates], claimed

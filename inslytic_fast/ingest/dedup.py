@@ -73,11 +73,26 @@ KINDS = {ord("m"): "message", ord("k"): "batch"}
 Claims = list[tuple[int, int]]
 
 
+# Called on the serving loop with a claim's final statuses and claims, once confirmed.
+Confirmed = Callable[[list[int], Claims], None]
+
+
 class Dedup(Protocol):
     """What the ingest path needs of deduplication: this node's table (DedupTable), or the
-    table plus the cluster's coordinator (inslytic_fast.cluster.dedup.ClusterDedup)."""
+    table plus the cluster's coordinator (inslytic_fast.cluster.dedup.ClusterDedup).
+
+    ``claim`` answers from this node's table at once. When ``coordinated``, the keys it
+    called new are not final yet: ``confirm`` asks the cluster off the loop and calls back
+    on the loop with the final answer (True), or returns False when the table's answer is
+    final (nothing new, or the cluster unreachable)."""
+
+    coordinated: bool
 
     def claim(self, keys: list[bytes], owner: int) -> tuple[list[int], Claims]: ...
+
+    def confirm(
+        self, keys: list[bytes], statuses: list[int], claimed: Claims, then: Confirmed
+    ) -> bool: ...
 
     def settle(self, claimed: Claims, count: int) -> None: ...
 
@@ -129,6 +144,8 @@ def batch_key(project: str, idempotency_key: bytes) -> bytes:
 class DedupTable:
     __slots__ = ("path", "fd", "map", "slots", "window_s", "clock", "_fps", "_meta", "_mask",
                  "stats")  # fmt: skip
+
+    coordinated = False  # this node's answer is final: ``confirm`` is never needed
 
     def __init__(
         self,
@@ -217,6 +234,11 @@ class DedupTable:
         finally:
             self._unlock()
         return statuses, claimed
+
+    def confirm(
+        self, keys: list[bytes], statuses: list[int], claimed: Claims, then: Confirmed
+    ) -> bool:
+        return False  # nothing beyond this node to ask
 
     def settle(self, claimed: list[tuple[int, int]], count: int) -> None:
         """The claimed keys' events are stored (``count`` events in the batch)."""

@@ -4,7 +4,9 @@
 to the commit sink and answers 202 (200 on the Segment routes) only once the sink reports them
 durable; a refusal (an ``IngestError``, raised by any step of the decision or mapped from the
 log's ``LogUnavailable``) is counted and rendered by ``Responses.refusal``. Tests drive it with
-a memory sink through the ``CommitSink`` seam.
+a memory sink through the ``CommitSink`` seam. On a node of a cluster, a request with ids
+first waits (parked, not blocking the loop) for the coordinator to confirm its claims
+(``ClaimPending``, ``Dedup.confirm``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from ..limits.interface import Limiter
 from ..log.writer import LogUnavailable
 from ..observe.metrics import Metrics
 from . import errors
-from .admission import Admission, Admitter, Duplicate
+from .admission import Admission, Admitter, ClaimPending, Duplicate
 from .errors import IngestError
 from .schema import Schema
 from .segment import SEGMENT_PATHS, SegmentCodec
 
 if TYPE_CHECKING:
-    from .dedup import Dedup
+    from .dedup import Claims, Dedup
     from .keyring import KeyRing
 
 log = logging.getLogger("inslytic_fast.ingest")
@@ -120,6 +122,32 @@ class Ingestor:
         except IngestError as error:
             responder.respond(error.status, self.refusal(error, req, close=not req.keep_alive))
             return
+        if type(decision) is ClaimPending:
+            self._park(decision, req, responder)
+            return
+        self._carry_out(decision, req, responder)
+
+    def _park(self, pending: ClaimPending, req: Request, responder: Responder) -> None:
+        """A request whose ids the cluster must confirm: no Task, a callback. The dedup's
+        thread asks the coordinator (with every claim queued meanwhile) and calls back on the
+        loop, which goes on serving other requests meanwhile."""
+
+        def resume(statuses: list[int], claimed: Claims) -> None:
+            try:
+                decision = pending.finish(statuses, claimed)
+            except IngestError as error:
+                responder.respond(error.status, self.refusal(error, req, close=not req.keep_alive))
+                return
+            self._carry_out(decision, req, responder)
+
+        assert self.dedup is not None  # only a coordinated dedup makes a ClaimPending
+        if not self.dedup.confirm(pending.keys, pending.statuses, pending.claimed, resume):
+            resume(pending.statuses, pending.claimed)
+
+    def _carry_out(
+        self, decision: Admission | Duplicate, req: Request, responder: Responder
+    ) -> None:
+        """Answer a duplicate at once; hand admitted events to the commit sink."""
         responses = self.responses
         dedup = self.dedup
         origin, close = req.origin, not req.keep_alive
