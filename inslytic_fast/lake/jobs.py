@@ -42,6 +42,7 @@ from pathlib import Path
 
 import orjson
 
+from ..storage.compaction import DEFAULT_COMPACT_MIN_FILES, DEFAULT_COMPACT_SMALL_FILE_BYTES
 from ..storage.events_sql import connect_duckdb, sql_string
 from .layout import LAKE_EVENTS, LAKE_INTENTS, lake_listing, merged_away, read_intents
 from .objectstore import LakeError, ObjectInfo, ObjectStore, UploadMismatch, expected_etag
@@ -56,9 +57,10 @@ log = logging.getLogger("inslytic_fast.lake")
 
 LEASE_KEY = "_leader.json"
 LEASE_SECONDS = 300.0
-# As the roller's local compaction (storage/compaction.py): small under 32 MiB, at least 8 of them.
-SMALL_OBJECT_BYTES = 32 * 1024 * 1024
-MIN_OBJECTS = 8
+# The roller's local compaction thresholds (storage/compaction.py): small under 32 MiB, at
+# least 8 of them.
+SMALL_OBJECT_BYTES = DEFAULT_COMPACT_SMALL_FILE_BYTES
+MIN_OBJECTS = DEFAULT_COMPACT_MIN_FILES
 TARGET_BYTES = 256 * 1024 * 1024
 # A partition directory component holding a date: date=2026-02-16 (or any name=YYYY-MM-DD).
 _DATE_PART = re.compile(r"(?:^|/)[A-Za-z_]+=(\d{4}-\d{2}-\d{2})(?:/|$)")
