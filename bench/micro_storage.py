@@ -241,9 +241,7 @@ def make_batches_cycled(batch_events: int, seed: int) -> list[bytes]:
     """Distinct batches for one record shape, ~BATCH_VARIANTS x 100 events of variety."""
     rng = random.Random(seed)
     variants = max(1, BATCH_VARIANTS * 100 // batch_events)
-    return [
-        orjson.dumps([make_event(rng) for _ in range(batch_events)]) for _ in range(variants)
-    ]
+    return [orjson.dumps([make_event(rng) for _ in range(batch_events)]) for _ in range(variants)]
 
 
 def query_log_tail(data_dir: Path, args, batches: list[bytes]) -> dict:

@@ -847,10 +847,7 @@ def server_side_latency(before, after, route: str = "/v1/ingest") -> dict | None
         return None
     counts = {}
     for (name, labels), value in after.samples.items():
-        if (
-            name == SERVER_LATENCY_METRIC
-            and dict(labels).get("route", "/v1/ingest") == route
-        ):
+        if name == SERVER_LATENCY_METRIC and dict(labels).get("route", "/v1/ingest") == route:
             edge = dict(labels)["le"]
             counts[edge] = value - before.samples.get((name, labels), 0.0)
     total = counts.get("+Inf", 0.0)

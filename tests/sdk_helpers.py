@@ -78,9 +78,7 @@ class AnswerLosingProxy:
                         self.relayed += 1
                 if drop or answer is None:
                     # RST instead of an answer: the client cannot tell whether it was stored.
-                    client.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                    )
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
                 client.sendall(answer)
 

@@ -408,7 +408,7 @@ METRICS_PROBE = b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 
 def received_bytes(server: ServerProcess) -> int:
     """inslytic_received_bytes_total, counting this probe's own bytes."""
-    (status, _, body), = raw(server, METRICS_PROBE).responses()
+    ((status, _, body),) = raw(server, METRICS_PROBE).responses()
     assert status == 200
     for line in body.decode().splitlines():
         if line.startswith("inslytic_received_bytes_total "):

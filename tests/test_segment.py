@@ -345,8 +345,12 @@ def test_origin_allowlist_is_enforced_by_the_server(make_server):
         "POST", "/v1/batch", body, headers={**basic(key), "Origin": "https://app.example"}
     )
     assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
-    assert server.request("POST", "/v1/batch", {"batch": [message(messageId="o-2")]},
-                          headers=basic(key))[0] == 200  # fmt: skip  (no Origin: not a browser)
+    assert (
+        server.request(
+            "POST", "/v1/batch", {"batch": [message(messageId="o-2")]}, headers=basic(key)
+        )[0]
+        == 200
+    )  # fmt: skip  (no Origin: not a browser)
 
 
 @pytest.mark.parametrize("how", ["restart", "crash"])
