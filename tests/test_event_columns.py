@@ -147,6 +147,25 @@ def test_the_ingest_struct_matches_the_event_columns_field_for_field():
             assert field.default is None, spec.name  # omitted: read back as NULL
 
 
+def test_the_segment_log_event_writes_only_keys_the_columns_read_with_their_types():
+    # segment.LogEvent spells the log keys a second time (a hand-written Struct on the Segment
+    # hot path): a misspelt key would be written to the log and read by no column.
+    from datetime import datetime
+    from types import NoneType
+    from typing import get_args
+
+    from inslytic_fast.ingest.segment import LogEvent
+
+    python_type_of_sql = {"VARCHAR": str, "TIMESTAMPTZ": datetime}
+    for field in msgspec.structs.fields(LogEvent):
+        column = COLUMN_OF_LOG_KEY.get(field.encode_name)
+        assert column is not None, f"LogEvent.{field.name} is no column's log key"
+        assert f'"{field.encode_name}" {column.log_type}' in EVENT_STRUCT
+        written = set(get_args(field.type) or (field.type,)) - {NoneType}
+        # JSON and MAP columns are read from the JSON text the Struct writes as it came.
+        assert written == {python_type_of_sql.get(column.sql_type, msgspec.Raw)}, field.name
+
+
 FULL_INGEST_EVENT = {
     "eventName": "checkout_started",
     "timestamp": "2026-02-16T11:30:00.250+01:00",
