@@ -155,10 +155,15 @@ def render(merged: dict, storage: dict) -> bytes:
     family("inslytic_open_connections", "gauge", "Open client connections.")
     out.append(f"inslytic_open_connections {gauges.get('open_connections', 0)}")
     if "coordinator_up" in gauges:  # serve --coordinator
+        # The counters sit apart from the gauges: a restarted worker carries them over.
+        coordinator = merged.get("coordinator", {})
         for key, kind, help_text in COORDINATOR_SERIES:
-            name = f"inslytic_{key}_total" if kind == "counter" else f"inslytic_{key}"
+            if kind == "counter":
+                name, value = f"inslytic_{key}_total", coordinator.get(key, 0)
+            else:
+                name, value = f"inslytic_{key}", gauges.get(key, 0)
             family(name, kind, help_text)
-            out.append(f"{name} {gauges.get(key, 0)}")
+            out.append(f"{name} {value}")
     dedup = merged.get("dedup")
     if dedup is not None:
         render_dedup(family, out, dedup, storage.get("dedup", {}), "coordinator_up" in gauges)

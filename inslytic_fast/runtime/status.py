@@ -85,11 +85,13 @@ class ServingStatus:
         snapshot["log"] = log_stats
         snapshot["commit_latency"] = self.commitlog.sync_latency.snapshot()
         snapshot["dedup"] = self.dedup.counters()
-        if self.carried is not None:
-            add_snapshots(snapshot, self.carried)
         gauges = {"open_connections": len(state.connections)}
         if self.coordinator is not None:
-            gauges.update(self.limiter.stats())
+            counters = self.limiter.stats()
+            gauges["coordinator_up"] = counters.pop("coordinator_up")
+            snapshot["coordinator"] = counters  # counters: carried across a worker restart
+        if self.carried is not None:
+            add_snapshots(snapshot, self.carried)
         snapshot["gauges"] = gauges
         snapshot["process"] = process_gauges(
             self.worker_id, len(state.connections), log_stats["last_sync_latency_s"]
