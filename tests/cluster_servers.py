@@ -11,11 +11,13 @@ from __future__ import annotations
 import http.client
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -228,3 +230,85 @@ def lake_serve_args(seaweed: SeaweedProcess, prefix: str, node_id: str, workers:
         "--events-per-minute",
         "0",
     ]
+
+
+class SlowProxy:
+    """A TCP proxy on a free loopback port passing what clients send at ``bytes_per_s``
+    (answers at full speed): a slow link to the object store. ``close()`` cuts every
+    connection, as a node's exit does."""
+
+    CHUNK = 16 * 1024
+
+    def __init__(self, target_port: int, bytes_per_s: int) -> None:
+        self.target_port = target_port
+        self.bytes_per_s = bytes_per_s
+        self.forwarded = 0  # client -> server bytes passed so far
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> SlowProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, slow: bool) -> None:
+        try:
+            while data := source.recv(self.CHUNK):
+                sink.sendall(data)
+                if slow:
+                    self.forwarded += len(data)
+                    time.sleep(len(data) / self.bytes_per_s)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def multipart_uploads(seaweed: SeaweedProcess) -> list[str]:
+    """Keys with a multipart upload begun and neither completed nor aborted (S3's
+    ListMultipartUploads; parts the store keeps until a lifecycle rule removes them)."""
+    conn = http.client.HTTPConnection("127.0.0.1", seaweed.ports["s3.port"], timeout=10)
+    try:
+        conn.request("GET", f"/{seaweed.bucket}?uploads")
+        response = conn.getresponse()
+        body = response.read().decode()
+    finally:
+        conn.close()
+    assert response.status == 200, body
+    return re.findall(r"<Upload>.*?<Key>(.*?)</Key>", body, re.S)

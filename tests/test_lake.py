@@ -1,9 +1,10 @@
 """The lake uploader against a real S3 API (SeaweedFS), with real rolled Parquet files.
 
 Exactly once, whatever step an upload pass dies at; verification before a local delete; the
-object store stopped and restarted; multipart for large files; nodes with --lake end to end,
-including what a clean stop uploads. Lake jobs and purges: test_lake_jobs.py,
-test_lake_purges.py (they share this file's fixtures and helpers).
+object store stopped and restarted; large files in one PUT; nodes with --lake end to end,
+including what a clean stop uploads (a stop during a slow upload: test_cluster_lake_stop.py).
+Lake jobs and purges: test_lake_jobs.py, test_lake_purges.py (they share this file's fixtures
+and helpers).
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ import duckdb
 import pytest
 
 from inslytic_fast.lake.layout import object_key
-from inslytic_fast.lake.objectstore import MULTIPART_PART_BYTES, S3ObjectStore, UploadMismatch
+from inslytic_fast.lake.objectstore import (
+    MULTIPART_PART_BYTES,
+    S3ObjectStore,
+    UploadMismatch,
+    expected_etag,
+)
 from inslytic_fast.lake.status import read_status
 from inslytic_fast.lake.uploader import Uploader, finished_files
 from inslytic_fast.storage.events_sql import sql_string
@@ -145,7 +151,8 @@ def test_an_object_that_is_not_this_file_keeps_the_local_copy(seaweed, tmp_path)
     assert first.path.exists()
 
 
-def test_a_large_file_goes_up_in_parts_and_is_verified(seaweed, tmp_path):
+def test_a_large_file_goes_up_in_one_put_and_is_verified(seaweed, tmp_path):
+    """One PUT, not parts: a PUT cut off leaves nothing (test_cluster_lake_stop.py)."""
     data_dir = tmp_path / "node"
     partition = data_dir / "events" / "project=big" / "date=2026-02-16"
     partition.mkdir(parents=True)
@@ -155,8 +162,26 @@ def test_a_large_file_goes_up_in_parts_and_is_verified(seaweed, tmp_path):
     assert Uploader(store, data_dir, "edge-1").upload_once() == 1
     info = store.head(object_key("edge-1", "project=big/date=2026-02-16/" + big.name))
     assert info.size == 2 * MULTIPART_PART_BYTES + 12345
-    assert info.etag.endswith("-3")  # three parts, checked against this node's MD5s
+    assert "-" not in info.etag  # the whole file's MD5, checked against this node's
     assert not big.exists()
+
+
+def test_a_file_an_earlier_version_sent_in_parts_is_verified_and_kept_once(seaweed, tmp_path):
+    """put_file (the lake jobs' outputs) still uses parts; such an object, found by a node
+    restarted before its local delete, is recognised by the MD5 of the parts' MD5s."""
+    data_dir = tmp_path / "node"
+    partition = data_dir / "events" / "project=big" / "date=2026-02-16"
+    partition.mkdir(parents=True)
+    big = partition / "c-00000000000000000001-abcdef12.parquet"
+    big.write_bytes(os.urandom(2 * MULTIPART_PART_BYTES + 12345))
+    store = lake(seaweed, "multipart-before")
+    key = object_key("edge-1", "project=big/date=2026-02-16/" + big.name)
+    store.put_file(key, big, big.stat().st_size)
+    assert store.head(key).etag.endswith("-3")  # three parts, as expected_etag says
+    assert store.head(key).etag == expected_etag(big)[1]
+    assert Uploader(store, data_dir, "edge-1").upload_once() == 1
+    assert not big.exists()
+    assert [o.key for o in store.list("events/")] == [key]
 
 
 def test_object_store_down_files_wait_then_uploads_resume(seaweed, tmp_path):

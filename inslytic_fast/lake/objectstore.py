@@ -12,21 +12,25 @@ never from the command line; ``AWS_REGION`` (default us-east-1).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from obstore import PutMode
     from obstore.store import S3Config
 
-# Parts of 8 MiB: S3's minimum is 5 MiB; a 64 MiB segment's Parquet is a handful of parts.
+# Parts of 8 MiB: S3's minimum is 5 MiB; a 256 MiB compaction output is 32 parts.
 MULTIPART_PART_BYTES = 8 * 1024 * 1024
+T = TypeVar("T")
+# How often a call in flight checks whether its caller stopped waiting (``cancelled``).
+CANCEL_POLL_S = 0.05
 
 
 class LakeError(Exception):
@@ -35,6 +39,10 @@ class LakeError(Exception):
 
 class UploadMismatch(LakeError):
     """The object under a file's name is not that file (size or checksum differ)."""
+
+
+class CallCancelled(LakeError):
+    """A call given up in flight because its caller stopped waiting (a clean stop's deadline)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +57,14 @@ class ObjectStore(Protocol):
 
     def head(self, key: str) -> ObjectInfo | None: ...
 
-    def put_file(self, key: str, path: Path, size: int) -> None: ...
+    def put_file(self, key: str, path: Path, size: int) -> None:
+        """One PUT, or a multipart upload for a large file (a lake job's output)."""
+        ...
+
+    def put_whole_file(self, key: str, path: Path) -> None:
+        """One PUT of the whole file, never multipart: all or nothing, so a PUT cut off (a
+        stop, a crash) leaves neither an object nor parts behind."""
+        ...
 
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
@@ -84,9 +99,16 @@ def _etag(value: str | None) -> str:
 
 class S3ObjectStore:
     """``ObjectStore`` on obstore. Its own retries (3, backoff from 100 ms) cover a blip; the
-    uploader's passes back off on longer outages."""
+    uploader's passes back off on longer outages.
 
-    def __init__(self, url: str, endpoint: str = "") -> None:
+    ``cancelled``: polled while ``head`` or ``put_whole_file`` is in flight; once it holds,
+    the call is dropped (its request with it) and raises ``CallCancelled``, so a stopping
+    uploader's thread ends when told instead of waiting out the client's timeouts."""
+
+    def __init__(
+        self, url: str, endpoint: str = "", *, cancelled: Callable[[], bool] | None = None
+    ) -> None:
+        self._cancelled = cancelled
         bucket, self.prefix = parse_lake_url(url)
         try:  # an optional dependency: only a node or command with --lake needs it
             import obstore
@@ -127,10 +149,38 @@ class S3ObjectStore:
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            meta = self._obstore.head(self.store, key)
+            if self._cancelled is None:
+                meta = self._obstore.head(self.store, key)
+            else:
+                meta = self._until_cancelled(lambda: self._obstore.head_async(self.store, key))
         except (self._not_found, FileNotFoundError):
             return None
         return ObjectInfo(key, meta["size"], _etag(meta["e_tag"]))
+
+    def put_whole_file(self, key: str, path: Path) -> None:
+        # obstore cannot abort a multipart upload it was interrupted in (its parts would stay
+        # until the bucket's lifecycle rule); one PUT of a node's rolled file (a 64 MiB
+        # segment's Parquet at most) is atomic instead, at the cost of holding it in memory.
+        data = path.read_bytes()
+        if self._cancelled is None:
+            self._obstore.put(self.store, key, data, use_multipart=False)
+        else:
+            self._until_cancelled(
+                lambda: self._obstore.put_async(self.store, key, data, use_multipart=False)
+            )
+
+    def _until_cancelled(self, call: Callable[[], Awaitable[T]]) -> T:
+        return asyncio.run(self._polled(call))
+
+    async def _polled(self, call: Callable[[], Awaitable[T]]) -> T:
+        assert self._cancelled is not None
+        task = asyncio.ensure_future(call())
+        while not task.done():
+            if self._cancelled():
+                task.cancel()  # drops obstore's future, and so its request
+                raise CallCancelled("the caller stopped waiting for the object store")
+            await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+        return task.result()
 
     def put_file(self, key: str, path: Path, size: int) -> None:
         with open(path, "rb") as fh:
@@ -186,8 +236,14 @@ class S3ObjectStore:
 
 
 def expected_etag(path: Path) -> tuple[int, str]:
-    """(size, ETag) S3 computes for this file as ``put_file`` sends it: the MD5, or for a
-    multipart upload the MD5 of the parts' MD5s and the part count."""
+    """(size, ETag) S3 computes for this file as ``put_file`` sends it."""
+    size, whole, multipart = file_etags(path)
+    return size, multipart or whole
+
+
+def file_etags(path: Path) -> tuple[int, str, str | None]:
+    """(size, ETag of one PUT, ETag of ``put_file``'s multipart upload or None for a file of
+    one part): the MD5, and the MD5 of the parts' MD5s with the part count."""
     whole = hashlib.md5(usedforsecurity=False)
     parts: list[bytes] = []
     size = 0
@@ -197,6 +253,6 @@ def expected_etag(path: Path) -> tuple[int, str]:
             whole.update(chunk)
             parts.append(hashlib.md5(chunk, usedforsecurity=False).digest())
     if size <= MULTIPART_PART_BYTES:
-        return size, whole.hexdigest()
+        return size, whole.hexdigest(), None
     combined = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
-    return size, f"{combined}-{len(parts)}"
+    return size, whole.hexdigest(), f"{combined}-{len(parts)}"

@@ -8,12 +8,13 @@ file, each step named for the crash tests (``_step``):
 1. ``upload:start`` -- if the object already exists (an upload that finished before a crash) it
    is verified and kept; if it was compacted away in the lake (an intent names it as an
    input), the local copy is a duplicate of rows already there. Otherwise:
-2. ``upload:put`` -- one PUT, or a multipart upload for files over ``MULTIPART_PART_BYTES``.
-   An interrupted multipart upload leaves no object (only parts: the bucket's
-   AbortIncompleteMultipartUpload lifecycle rule removes them).
-3. ``upload:verified`` -- HEAD: size and ETag (the MD5 S3 computes, or for multipart the MD5
-   of the parts' MD5s) must be what this node computed from its file. A mismatch keeps the
-   local file and is reported (two nodes with one --node-id would do that).
+2. ``upload:put`` -- one PUT of the whole file, never a multipart upload: a PUT cut off (a
+   stop, a crash, the store gone) leaves nothing, where a multipart upload would leave its
+   parts (the client cannot abort one it was interrupted in).
+3. ``upload:verified`` -- HEAD: size and ETag (the MD5 S3 computes; for an object an earlier
+   version sent in parts, the MD5 of the parts' MD5s) must be what this node computed from
+   its file. A mismatch keeps the local file and is reported (two nodes with one --node-id
+   would do that).
 4. ``upload:local_deleted`` -- the local file goes, under the roller's lock (readers pause the
    roller with it, so a reader never loses a file it listed).
 
@@ -21,9 +22,11 @@ A file whose every row a lake purge tombstone covers (lake/purges.py) is deleted
 without an upload (``upload:purged``).
 
 A clean stop (SIGTERM, Ctrl-C) calls ``stop`` after the final roll: the thread makes one last
-pass, bounded by ``FINAL_PASS_S``, so the roll's files leave with the node. What is not
-uploaded by then (the store down or slow) stays local and goes up at the next start, by the
-same steps, so exactly once as after a crash.
+pass, bounded by ``FINAL_PASS_S``, so the roll's files leave with the node. At that deadline
+the call in flight is dropped (``StopDeadline`` is the store's ``cancelled``) and the thread
+ends before ``stop`` returns; a PUT cut off leaves nothing in the store. What is not uploaded
+by then (the store down or slow) stays local and goes up at the next start, by the same
+steps, so exactly once as after a crash.
 
 Object store down or slow: files wait locally (the node keeps accepting until
 ``--min-free-bytes`` or ``--max-unrolled-bytes`` trip, then 503 as without a lake), passes
@@ -56,7 +59,14 @@ from ..storage.layout import (
     source_segment,
 )
 from .layout import lake_listing, object_key
-from .objectstore import ObjectInfo, ObjectStore, S3ObjectStore, UploadMismatch, expected_etag
+from .objectstore import (
+    CallCancelled,
+    ObjectInfo,
+    ObjectStore,
+    S3ObjectStore,
+    UploadMismatch,
+    file_etags,
+)
 from .purges import REFRESH_S, covers_every_row, purged_directories, read_lake_purges
 from .status import UploadStatus, write_status
 
@@ -70,6 +80,22 @@ LOCAL_DELETE_LOCK_WAIT_S = 10.0
 # A clean stop's last pass, after the final roll (whose budget is also 10 s): a stop stays
 # well inside systemd's and compose's stop timeouts even with the store unreachable.
 FINAL_PASS_S = 10.0
+# After the deadline: the call in flight notices within the store's poll (objectstore.py) and
+# the thread then only records its status; joining waits this long more at most.
+STOP_JOIN_SLACK_S = 5.0
+
+
+class StopDeadline:
+    """When a stopping uploader gives up (``time.monotonic()``), shared with its store, which
+    drops a call in flight once ``passed()``."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def passed(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
 
 
 # The local side: which files are finished ----------------------------------------------------
@@ -138,6 +164,7 @@ class Uploader:
         *,
         step_hook: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        deadline: StopDeadline | None = None,
     ) -> None:
         self.store = store
         self.data_dir = Path(data_dir)
@@ -151,7 +178,7 @@ class Uploader:
         self.last_error: str | None = None
         self.failing_since: float | None = None
         self._stop = threading.Event()
-        self._deadline: float | None = None  # time.monotonic() the final pass ends by
+        self._deadline = deadline or StopDeadline()  # when the final pass ends
         self._thread: threading.Thread | None = None
         self._compacted: set[str] | None = None
         # Hive directory (project=NAME) -> received_before_us of its lake tombstone, and when
@@ -187,7 +214,7 @@ class Uploader:
         return done
 
     def _out_of_time(self) -> bool:
-        return self._deadline is not None and time.monotonic() >= self._deadline
+        return self._deadline.passed()
 
     def _ship(self, local: LocalFile) -> bool:
         key = object_key(self.node, local.relative)
@@ -199,7 +226,7 @@ class Uploader:
                 self.purged_files += 1
                 self._step("upload:purged")
                 return True
-            size, etag = expected_etag(local.path)
+            size, etag, etag_in_parts = file_etags(local.path)
         except FileNotFoundError:
             return False  # dropped by retention or a purge since the listing
         found = self.store.head(key)
@@ -210,14 +237,14 @@ class Uploader:
                 # Uploaded before, then merged by a lake compaction: its rows are there.
                 log.info("lake: %s was uploaded and compacted before; dropping the copy", key)
             else:
-                self.store.put_file(key, local.path, size)
+                self.store.put_whole_file(key, local.path)
                 self._step("upload:put")
                 found = self.store.head(key)
                 self._check(key, found, size, etag)
                 self.uploaded_files += 1
                 self.uploaded_bytes += size
         else:
-            self._check(key, found, size, etag)
+            self._check(key, found, size, etag, etag_in_parts)
         self._step("upload:verified")
         if not self._delete_local(local.path):
             return False
@@ -232,10 +259,17 @@ class Uploader:
             raise FileNotFoundError(local.path)
         return covers_every_row(local.path, before_us)
 
-    def _check(self, key: str, found: ObjectInfo | None, size: int, etag: str) -> None:
+    def _check(
+        self,
+        key: str,
+        found: ObjectInfo | None,
+        size: int,
+        etag: str,
+        etag_in_parts: str | None = None,
+    ) -> None:
         if found is None:
             raise UploadMismatch(f"lake object {key} is missing right after its upload")
-        if found.size != size or found.etag != etag:
+        if found.size != size or found.etag not in (etag, etag_in_parts):
             raise UploadMismatch(
                 f"lake object {key} is not this node's file (size {found.size} vs {size}, "
                 f"ETag {found.etag} vs {etag}); the local copy is kept. Does another node use "
@@ -246,8 +280,8 @@ class Uploader:
         """Under the roller's lock: a reader that paused the roller keeps its files."""
         events_dir = self.data_dir / EVENTS_DIRNAME
         wait = LOCAL_DELETE_LOCK_WAIT_S
-        if self._deadline is not None:
-            wait = max(0.0, min(wait, self._deadline - time.monotonic()))
+        if self._deadline.at is not None:
+            wait = max(0.0, min(wait, self._deadline.at - time.monotonic()))
         fd = os.open(events_dir / ROLLER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if not lock_exclusive(fd, wait):
@@ -287,22 +321,22 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="inslytic-lake", daemon=True)
         self._thread.start()
 
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, final_pass_s: float = FINAL_PASS_S) -> None:
         """Called once the final roll is done: the thread finishes its pass and makes one more
-        over what the roll left, then exits; both end by ``final_pass_s`` from now. A file in
-        flight then is abandoned mid-step, which is a crash the next start converges from."""
-        self._deadline = time.monotonic() + final_pass_s
+        over what the roll left, then exits; both end by ``final_pass_s`` from now. The call
+        in flight then is dropped (a PUT cut off leaves nothing in the store) and the thread
+        ends; what is left waits locally for the next start, which uploads it exactly once."""
+        self._deadline.at = time.monotonic() + final_pass_s
         self._purged_read_at = None  # the last pass drops what a purge covers by now
         self._stop.set()
         if self._thread is None:
             return
-        self._thread.join(final_pass_s)
-        if self._thread.is_alive():
-            log.warning(
-                "lake: the upload before exit did not finish in %.0f s; the next start "
-                "uploads the rest",
-                final_pass_s,
-            )
+        self._thread.join(final_pass_s + STOP_JOIN_SLACK_S)
+        if self._thread.is_alive():  # a call the store cannot drop (a listing): a crash, then
+            log.warning("lake: the uploader did not stop in time; the next start resumes")
 
     def _run(self) -> None:
         failures = 0
@@ -325,6 +359,8 @@ class Uploader:
         """One pass with its outcome recorded; returns the count of failed passes in a row."""
         try:
             self.upload_once()
+        except CallCancelled:
+            pass  # stopping: what is left waits for the next start (logged by _run)
         except Exception as exc:  # the store, the network, a mismatch: retry later
             failures += 1
             self.errors += 1
@@ -349,8 +385,13 @@ class Uploader:
 
 def start_uploader(settings: Settings) -> Uploader:
     """The node's uploader thread (``serve --lake``), started; ``stop()`` it on the way out."""
-    uploader = Uploader(
-        S3ObjectStore(settings.lake, settings.s3_endpoint), settings.data_dir, settings.node
-    )
+    uploader = lake_uploader(settings.lake, settings.s3_endpoint, settings.data_dir, settings.node)
     uploader.start()
     return uploader
+
+
+def lake_uploader(lake: str, endpoint: str, data_dir: Path, node: str) -> Uploader:
+    """An uploader whose store drops the call in flight at its stop's deadline."""
+    deadline = StopDeadline()
+    store = S3ObjectStore(lake, endpoint, cancelled=deadline.passed)
+    return Uploader(store, data_dir, node, deadline=deadline)
