@@ -88,7 +88,7 @@ def _python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def _spawn_and_wait(
+def spawn_and_wait(
     name: str, cmd: list[str], workdir: Path, cpus: set[int] | None, key: str
 ) -> Running:
     stdout_path, stderr_path = workdir / "stdout.log", workdir / "stderr.log"
@@ -147,7 +147,7 @@ def start_inslytic(
         # server-wide default set to unlimited is equivalent.
         serve_args += ["--events-per-minute", "0"]
     cmd = _python_module("inslytic_fast", *serve_args, *(extra_args or []))
-    running = _spawn_and_wait(INSLYTIC, cmd, workdir, cpus, key)
+    running = spawn_and_wait(INSLYTIC, cmd, workdir, cpus, key)
     running.data_dir = data_dir
     if not running.key:
         running.stop()
@@ -167,7 +167,7 @@ def start_peer(name: str, cpus: set[int] | None) -> Running:
         )  # fmt: skip
     else:
         raise TargetError(f"unknown peer {name!r}")
-    return _spawn_and_wait(name, cmd, workdir, cpus, key)
+    return spawn_and_wait(name, cmd, workdir, cpus, key)
 
 
 def start_target(
