@@ -1,13 +1,16 @@
 """The ``events`` relation, declared once: each column, the log field it comes from, and how.
 
-A commit log record is ``{"p","r","b","k"?,"e":[event, ...]}`` (log/format.py). Every event
-object in ``e`` uses the camelCase keys below; every key but the five /v1/ingest requires is
-optional (absent = NULL). ``/v1/ingest`` writes the API reference's fields; the Segment-spec
-routes (segment.py) write the same fields mapped from each message plus the Segment-only ones.
+A commit log record is ``{"p","r","b","k"?,"e":[event, ...]}`` (log/format.py); readers see it
+as one flat line per event, the envelope's keys and the event's index ``i`` first
+(storage/event_lines.py). Every event object uses the camelCase keys below; every key but the
+five /v1/ingest requires is optional (absent = NULL). ``/v1/ingest`` writes the API
+reference's fields; the Segment-spec routes (segment.py) write the same fields mapped from each
+message plus the Segment-only ones.
 
 Everything else is derived from this table: the roller and the log-tail reader
-(storage/events_sql.py) turn records into rows with ``events_select_sql``; the query views use
-``EVENT_COLUMNS_SQL`` and ``NO_EVENTS_SQL``; DESCRIBE, export and the OpenAPI text read
+(storage/events_sql.py) turn event lines into the *stored* columns with
+``events_select_sql``; the query views add the *derived* ones (``EVENTS_VIEW_COLUMNS_SQL``) and
+use ``EVENT_COLUMNS_SQL`` and ``NO_EVENTS_SQL``; DESCRIBE, export and the OpenAPI text read
 ``EVENT_COLUMNS``; the ingest schema (ingest/schema.py) names its Struct attributes after
 ``COLUMN_OF_LOG_KEY`` (tests/test_event_columns.py checks its field kinds against the types
 here). A column added here flows log -> Parquet -> query with no other change; Parquet files
@@ -17,7 +20,10 @@ Types of the JSON columns: ``properties_json``, ``traits``, ``context`` and ``in
 hold the client's JSON exactly as sent (numbers, booleans, nesting kept), queryable with
 DuckDB's JSON functions (``properties_json->>'$.amount'``). ``properties`` stays the flat
 ``MAP(VARCHAR, VARCHAR)`` the API reference describes: for a typed value it holds the value's
-JSON text (``42``, ``true``, ``{"a":1}``), a string value as itself.
+JSON text (``42``, ``true``, ``{"a":1}``), a string value as itself. It is *derived*: computed
+from ``properties_json`` when read, not written to Parquet (building and writing the MAP was a
+third of the roll's CPU; the figures are in the commit message). Files rolled before that keep
+their stored ``properties``, which the views use as they are.
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ class EventColumn:
     sql_type: str  # its DuckDB type
     log_key: str | None  # key in a log event object (None: from the record envelope)
     log_type: str | None  # the type read_json reads that key as
-    select: str  # SQL over one unnested event (its log keys, plus `received`, `parsed_ts`)
+    # stored: SQL over one event line (its log keys, the envelope's p/r/b/k/i, `received`,
+    # `parsed_ts`); derived: SQL over the stored columns, evaluated when the column is read.
+    select: str
     description: str
+    stored: bool = True  # written to Parquet; False: derived when read (see the module doc)
 
 
 def _plain(name: str, sql_type: str, log_key: str, description: str) -> EventColumn:
@@ -58,11 +67,9 @@ EVENT_COLUMN_SPECS: tuple[EventColumn, ...] = (
     _plain("session_id", "VARCHAR", "sessionId", "Session identifier."),
     _plain("user_id", "VARCHAR", "userId", "Identified user ID."),
     _plain("consent_given", "BOOLEAN", "consentGiven", "Whether consent was given."),
-    # CASE, not COALESCE: cheaper on a MAP (bench/micro_storage.py).
     EventColumn("properties", "MAP(VARCHAR, VARCHAR)", "properties", "JSON",
-                "CASE WHEN properties IS NULL THEN MAP {}::MAP(VARCHAR, VARCHAR) "
-                "ELSE json_transform(properties, '\"MAP(VARCHAR, VARCHAR)\"') END",
-                "Properties as strings (typed values as their JSON text)."),
+                "json_transform(properties_json, '\"MAP(VARCHAR, VARCHAR)\"')",
+                "Properties as strings (typed values as their JSON text).", stored=False),
     _plain("page_url", "VARCHAR", "pageUrl", "Full URL of the page."),
     _plain("page_title", "VARCHAR", "pageTitle", "Title of the page."),
     _plain("referrer", "VARCHAR", "referrer", "Referrer URL."),
@@ -121,33 +128,39 @@ def _first_column_per_log_key() -> dict[str, EventColumn]:
 # ingest schema names its Struct attributes after it, and read_json reads the key as its
 # log_type.
 COLUMN_OF_LOG_KEY: dict[str, EventColumn] = _first_column_per_log_key()
-# What read_json reads each record's ``e`` as; unknown keys are ignored.
-EVENT_STRUCT = (
-    "STRUCT("
-    + ", ".join(f'"{key}" {c.log_type or c.sql_type}' for key, c in COLUMN_OF_LOG_KEY.items())
-    + ")[]"
+# What read_json reads each event line as (storage/event_lines.py): the envelope's keys and the
+# event's index, then the event's own; unknown keys are ignored.
+EVENT_LINE_COLUMNS_SQL = (
+    "{p: 'VARCHAR', r: 'BIGINT', b: 'VARCHAR', k: 'VARCHAR', i: 'INTEGER', "
+    + ", ".join(f"'{key}': '{c.log_type or c.sql_type}'" for key, c in COLUMN_OF_LOG_KEY.items())
+    + "}"
 )
-# The record envelope: project, received_at (us), event-id prefix, idempotency key, events.
-ENVELOPE_COLUMNS_SQL = (
-    f"{{p: 'VARCHAR', r: 'BIGINT', b: 'VARCHAR', k: 'VARCHAR', e: '{EVENT_STRUCT}'}}"
+STORED_COLUMN_SPECS = tuple(c for c in EVENT_COLUMN_SPECS if c.stored)
+STORED_COLUMN_NAMES = tuple(c.name for c in STORED_COLUMN_SPECS)
+# The events relation over rows that have every column, stored or not: a derived column is
+# computed where the row lacks it (files rolled before it was derived have it stored).
+EVENTS_VIEW_COLUMNS_SQL = ", ".join(
+    f'"{c.name}"' if c.stored else f'COALESCE("{c.name}", {c.select}) AS "{c.name}"'
+    for c in EVENT_COLUMN_SPECS
+)
+# The stored columns as rows of the whole relation: the derived ones NULL (then derived by
+# EVENTS_VIEW_COLUMNS_SQL).
+STORED_AS_EVENT_COLUMNS_SQL = ", ".join(
+    f'"{c.name}"' if c.stored else f'CAST(NULL AS {c.sql_type}) AS "{c.name}"'
+    for c in EVENT_COLUMN_SPECS
 )
 
 
 def events_select_sql(source: str) -> str:
-    """SELECT turning the rows of ``source`` (read_json of log payload lines, with the
-    ENVELOPE_COLUMNS_SQL columns) into ``events`` rows."""
-    # unnest(max_depth := 2) expands the struct into columns: cheaper than unnest + ev.field
-    # (bench/micro_storage.py).
-    columns = ",\n            ".join(f'{c.select} AS "{c.name}"' for c in EVENT_COLUMN_SPECS)
+    """SELECT turning the rows of ``source`` (read_json of event lines with the
+    EVENT_LINE_COLUMNS_SQL columns) into the stored columns of ``events`` rows."""
+    columns = ",\n            ".join(f'{c.select} AS "{c.name}"' for c in STORED_COLUMN_SPECS)
     return f"""
-        WITH events AS (
-            SELECT p, r, b, k, generate_subscripts(e, 1) - 1 AS i, unnest(e, max_depth := 2)
-            FROM {source}
-        ), typed AS (
+        WITH typed AS (
             SELECT *,
                 CAST(make_timestamp(r) AS TIMESTAMPTZ) AS received,
                 TRY_CAST("timestamp" AS TIMESTAMPTZ) AS parsed_ts
-            FROM events
+            FROM {source}
         )
         SELECT
             {columns}

@@ -13,7 +13,7 @@ from inslytic_fast.event_columns import (
     COLUMN_OF_LOG_KEY,
     EVENT_COLUMN_NAMES,
     EVENT_COLUMN_SPECS,
-    EVENT_STRUCT,
+    EVENT_LINE_COLUMNS_SQL,
 )
 from inslytic_fast.ingest.schema import EventLimits, Schema
 from inslytic_fast.log.format import frame_record, segment_name
@@ -91,15 +91,39 @@ def test_new_columns_keep_types_from_the_log_and_from_parquet(tmp_path, rolled):
     assert {r[0]: r[1] for r in described}["traits"] == "JSON"
 
 
+@pytest.mark.parametrize("rolled", [False, True], ids=["log_tail", "parquet"])
+def test_pretty_printed_json_kept_verbatim_is_read_whole(tmp_path, rolled):
+    # A Segment client's JSON is stored as sent (msgspec Raw), whitespace and newlines included;
+    # a newline used to cut the record's NDJSON line: every query of the log tail failed and
+    # the roller quarantined the acknowledged events.
+    pretty = orjson.dumps([SEGMENT_EVENT], option=orjson.OPT_INDENT_2)
+    assert pretty.count(b"\n") > 10
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    with open(log_dir / segment_name("w0", 1), "wb") as f:
+        f.write(frame_record(b'{"p":"shop","r":1771237807000000,"b":"%b","e":%b}\n'
+                             % (b"0" * 33, pretty)))  # fmt: skip
+    (log_dir / segment_name("w0", 2)).touch()
+    if rolled:
+        assert Roller(tmp_path).roll_once() == 1
+        assert not (tmp_path / "quarantine").exists()
+    _, rows = run_query(tmp_path, QUERY)
+    assert rows == EXPECTED[:1]
+
+
 def test_parquet_written_before_the_new_columns_reads_them_as_null(tmp_path):
     write_sealed_log(tmp_path, RECORDS[1:])
     Roller(tmp_path).roll_once()
     (rolled,) = (tmp_path / EVENTS_DIRNAME).rglob("*.parquet")
     old_columns = [c.name for c in EVENT_COLUMN_SPECS[: EVENT_COLUMN_NAMES.index("os") + 1]]
-    # The columns this project's Parquet files had before event_columns.py added any.
+    # The columns this project's Parquet files had before event_columns.py added any, with
+    # `properties` stored as a MAP (it is derived from properties_json since).
+    stored_map = """json_transform("properties_json", '"MAP(VARCHAR, VARCHAR)"')"""
+    select = ", ".join(
+        f'{stored_map} AS "properties"' if c == "properties" else f'"{c}"' for c in old_columns
+    )
     duckdb.sql(
-        f"COPY (SELECT {', '.join(f'{c!r}'.replace(chr(39), chr(34)) for c in old_columns)} "
-        f"FROM read_parquet('{rolled}')) TO '{rolled}.old' (FORMAT parquet)"
+        f"COPY (SELECT {select} FROM read_parquet('{rolled}')) TO '{rolled}.old' (FORMAT parquet)"
     )
     rolled.unlink()
     Path(f"{rolled}.old").rename(rolled)
@@ -133,7 +157,7 @@ def test_the_ingest_struct_matches_the_event_columns_field_for_field():
     assert [f.encode_name for f in struct_fields] == [spec.name for spec in schema.fields]
     for spec, field in zip(schema.fields, struct_fields, strict=True):
         column = COLUMN_OF_LOG_KEY[spec.name]
-        assert f'"{spec.name}" {column.log_type}' in EVENT_STRUCT
+        assert f"'{spec.name}': '{column.log_type}'" in EVENT_LINE_COLUMNS_SQL
         assert field.name == column.name, spec.name
         assert (column.log_type, column.sql_type) == (
             LOG_TYPE_OF_KIND[spec.kind],
@@ -160,7 +184,7 @@ def test_the_segment_log_event_writes_only_keys_the_columns_read_with_their_type
     for field in msgspec.structs.fields(LogEvent):
         column = COLUMN_OF_LOG_KEY.get(field.encode_name)
         assert column is not None, f"LogEvent.{field.name} is no column's log key"
-        assert f'"{field.encode_name}" {column.log_type}' in EVENT_STRUCT
+        assert f"'{field.encode_name}': '{column.log_type}'" in EVENT_LINE_COLUMNS_SQL
         written = set(get_args(field.type) or (field.type,)) - {NoneType}
         # JSON and MAP columns are read from the JSON text the Struct writes as it came.
         assert written == {python_type_of_sql.get(column.sql_type, msgspec.Raw)}, field.name

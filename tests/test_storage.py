@@ -614,7 +614,8 @@ def test_a_record_duckdb_cannot_read_is_quarantined_not_wedging_the_roller(tmp_p
     assert sealed_segments(tmp_path / "log") == []
     assert batch_counts(tmp_path) == batches
     kept = b"".join(p.read_bytes() for p in (tmp_path / "quarantine").iterdir())
-    assert kept == b"".join(poison)
+    # Not JSON of a record's shape (event_lines.py) and not typeable by DuckDB: two finds.
+    assert sorted(kept.splitlines(keepends=True)) == sorted(poison)
 
 
 def test_events_past_retention_are_not_written_by_the_roll(tmp_path):

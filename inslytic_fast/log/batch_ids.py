@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-# Event ids append the event's index to the batch's id prefix as 3 hex digits (rand_b's low
-# 12 bits); the API caps a request at 1,000 events.
-MAX_EVENTS_PER_BATCH = 0x1000
+from .format import MAX_EVENTS_PER_BATCH
+
+__all__ = ["MAX_EVENTS_PER_BATCH", "BatchIds"]
 
 # One getrandom() per 512 milliseconds that saw batches: a syscall per batch was 12% of the event
 # loop's time with 1-event requests (py-spy --native, bench/results/2026-11-26-vm-profiles.txt).

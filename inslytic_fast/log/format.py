@@ -13,12 +13,14 @@ Record framing (little endian)::
 
     magic b"IFL1" | u32 payload length | u32 crc32(payload) | payload
 
-The payload is one JSON line (it ends in b"\\n"), so stripping the 12-byte headers leaves
-NDJSON that DuckDB reads directly::
+The payload is one JSON object ending in b"\\n" (one line, unless a Segment client's JSON kept
+verbatim holds newline whitespace); readers rewrite it as one line per event before DuckDB
+reads it (storage/event_lines.py)::
 
     {"p":"<project>","r":<received_at_us>,"b":"<event-id prefix>","e":<events JSON array>}
 
-with ``"k":"<Idempotency-Key>"`` before ``"e"`` when the batch came with one. Event ``i`` of a
+with ``"k":"<Idempotency-Key>"`` before ``"e"`` when the batch came with one; ``"e"`` is always
+last (the event lines reuse the envelope's bytes before it). Event ``i`` of a
 record has the id ``b || printf('%03x', i)`` (batch_ids.py makes ``b``; readers compute the ids
 in SQL).
 
@@ -57,6 +59,10 @@ RECORD_END = b"}\n"  # closes the JSON object the envelope head opened, and the 
 # below this (1,000 events per request); the bound keeps a corrupt length field from making a
 # reader allocate gigabytes, and is what DuckDB's read_json ``maximum_object_size`` is set to.
 MAX_RECORD_BYTES = 64 * 1024 * 1024
+# Event ids append the event's index to the batch's id prefix as 3 hex digits (rand_b's low
+# 12 bits, batch_ids.py), so a record holds at most this many events; the API caps a request
+# at 1,000.
+MAX_EVENTS_PER_BATCH = 0x1000
 
 SEGMENT_SUFFIX = ".log"
 SALVAGE_SUFFIX = ".salvage"  # a segment being rewritten by recovery; never read

@@ -41,10 +41,11 @@ from .admission import (
     shutting_down,
     write_failed,
 )
-from .batch_ids import MAX_EVENTS_PER_BATCH, BatchIds
+from .batch_ids import BatchIds
 from .format import (
     HEADER_SIZE,
     LOG_DIRNAME,
+    MAX_EVENTS_PER_BATCH,
     MAX_RECORD_BYTES,
     RECORD_END,
     RECORD_HEADER,

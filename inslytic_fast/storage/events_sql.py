@@ -1,7 +1,8 @@
-"""The DuckDB SQL that turns commit log records into the ``events`` relation, and back out.
+"""The DuckDB SQL that turns commit log event lines into the ``events`` relation, and back out.
 
-The roller COPYs these rows to Parquet; query.py reads the same SELECT over the log tail, so a
-record reads the same before and after its roll. The columns themselves are event_columns.py's.
+Both readers of the log feed DuckDB event lines (event_lines.py), never records as written:
+the roller COPYs these rows to Parquet and query.py reads the same SELECT over the log tail, so
+a record reads the same before and after its roll. The columns are event_columns.py's.
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ def connect_duckdb(
     return con
 
 
-def write_lines(f: BinaryIO, payloads: Sequence[bytes | memoryview]) -> None:
-    """Log payload lines (each ending in a newline) to ``f``, as NDJSON for read_json."""
-    for i in range(0, len(payloads), LINES_PER_WRITE):
-        f.write(b"".join(payloads[i : i + LINES_PER_WRITE]))
+def write_lines(f: BinaryIO, lines: Sequence[bytes | memoryview]) -> None:
+    """NDJSON chunks (each ending in a newline) to ``f``, for read_json."""
+    for i in range(0, len(lines), LINES_PER_WRITE):
+        f.write(b"".join(lines[i : i + LINES_PER_WRITE]))
 
 
 def json_buffer_bytes(longest_line: int) -> int:
@@ -81,12 +82,12 @@ def json_buffer_bytes(longest_line: int) -> int:
 def events_from_ndjson_sql(
     ndjson_path: Path | str | list[str], longest_line: int = MAX_RECORD_BYTES
 ) -> str:
-    """SELECT turning commit log payload lines into ``events`` rows plus a ``date`` column
-    (the columns and their log fields: event_columns.py)."""
+    """SELECT turning event lines into the stored columns of ``events`` rows (the columns
+    and their log fields: event_columns.py)."""
     source = (
         f"read_json({sql_files(ndjson_path)}, format='newline_delimited', "
         f"maximum_object_size={json_buffer_bytes(longest_line)}, "
-        f"columns={event_columns.ENVELOPE_COLUMNS_SQL})"
+        f"columns={event_columns.EVENT_LINE_COLUMNS_SQL})"
     )
     return event_columns.events_select_sql(source)
 
@@ -102,16 +103,17 @@ def without_purged(select: str, purges: Iterable[Purge]) -> str:
     return f"SELECT * FROM ({select}) WHERE NOT ({purged})"
 
 
-# Written to a rolled file: the project is its hive directory, as the date is.
+# Written to a rolled file: the stored columns; the project is its hive directory, as the
+# date is.
 _ROLLED_COLUMNS_SQL = ", ".join(
-    f'"{name}"' for name in event_columns.EVENT_COLUMN_NAMES if name != "project"
+    f'"{name}"' for name in event_columns.STORED_COLUMN_NAMES if name != "project"
 )
 
 
 def copy_events_sql(
     ndjson: str | list[str], out: Path, purges: list[Purge], longest_line: int = MAX_RECORD_BYTES
 ) -> str:
-    """COPY one piece of payload lines to a Parquet file.
+    """COPY one piece of event lines to a Parquet file.
 
     Not sorted: an ORDER BY "timestamp" cost the roll and, far more, compaction CPU and memory
     (bench/micro_storage.py). Events arrive roughly in time order, so small row groups'

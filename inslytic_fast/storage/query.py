@@ -36,15 +36,20 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from ..event_columns import EVENT_COLUMNS_SQL, NO_EVENTS_SQL
+from ..event_columns import (
+    EVENT_COLUMNS_SQL,
+    EVENTS_VIEW_COLUMNS_SQL,
+    NO_EVENTS_SQL,
+    STORED_AS_EVENT_COLUMNS_SQL,
+)
 from ..log.format import LOG_DIRNAME, list_segments, scan_segment
+from .event_lines import write_event_lines
 from .events_sql import (
     HIVE_TYPES_SQL,
     connect_duckdb,
     events_from_ndjson_sql,
     sql_string,
     without_purged,
-    write_lines,
 )
 from .layout import (
     EVENTS_DIRNAME,
@@ -128,8 +133,10 @@ def _attempt(data_dir: Path, out, scratch: str) -> Snapshot | None:
                 continue
             snap.live_segments.add(path.name.rsplit(".", 1)[0])
             payloads = scan_segment(data).payloads
-            write_lines(out, payloads)
-            snap.log_records += len(payloads)
+            # A record that is not JSON of a record's shape is left out (the roller
+            # quarantines it) rather than failing every query until then.
+            unreadable = write_event_lines(out, payloads)
+            snap.log_records += len(payloads) - len(unreadable)
             del payloads, data
     out.flush()
     snap.parquet_files = _parquet_files(data_dir / EVENTS_DIRNAME, snap.live_segments)
@@ -255,7 +262,8 @@ def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot) -> None:
     if snapshot.log_ndjson is not None:
         # A view, not a table: DuckDB then parses only the JSON fields a query uses.
         log_source = (
-            f"SELECT {EVENT_COLUMNS_SQL} FROM ({events_from_ndjson_sql(snapshot.log_ndjson)})"
+            f"SELECT {STORED_AS_EVENT_COLUMNS_SQL} "
+            f"FROM ({events_from_ndjson_sql(snapshot.log_ndjson)})"
         )
     else:
         log_source = NO_EVENTS_SQL
@@ -269,12 +277,14 @@ def _create_views(con: duckdb.DuckDBPyConnection, snapshot: Snapshot) -> None:
             f"read_parquet({files}, hive_partitioning=true, hive_types={HIVE_TYPES_SQL}, "
             f"union_by_name=true) UNION ALL BY NAME {NO_EVENTS_SQL})"
         )
-        source = (
+        rows = (
             f"SELECT {EVENT_COLUMNS_SQL} FROM _parquet_events "
             f"UNION ALL SELECT {EVENT_COLUMNS_SQL} FROM _log_events"
         )
     else:
-        source = f"SELECT {EVENT_COLUMNS_SQL} FROM _log_events"
+        rows = "SELECT * FROM _log_events"
+    # Derived columns (event_columns.py) are computed here, where a row lacks them.
+    source = f"SELECT {EVENTS_VIEW_COLUMNS_SQL} FROM ({rows})"
     # Purged events may still sit in the log, or in files the roller has yet to remove.
     source = without_purged(source, snapshot.purges)
     con.execute(f"CREATE TEMP VIEW events AS {source}")

@@ -1,9 +1,9 @@
 """A sealed segment as DuckDB input: its records by partition, in pieces, fed from memory.
 
 A roll reads the segment in place (mapped), groups its records by (project, arrival day) from
-each record's head alone, and hands DuckDB each piece as memfds: no copy of the segment hits
-disk, and a segment's files are bounded by its projects and arrival days whatever timestamps
-its events carry.
+each record's head alone, and hands DuckDB each piece as memfds of event lines
+(event_lines.py): no copy of the segment hits disk, and a segment's files are bounded by its
+projects and arrival days whatever timestamps its events carry.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import duckdb
 
-from .events_sql import events_from_ndjson_sql, write_lines
+from .event_lines import write_event_lines
+from .events_sql import events_from_ndjson_sql
 
 # A log record's head as CommitLog.append writes it: the project (auth.PROJECT_NAME_RE, so its
 # JSON string needs no escapes) and the arrival time in microseconds since the epoch.
@@ -29,6 +30,9 @@ EPOCH_DATE = dt.date(1970, 1, 1)
 # DuckDB reads a list of small files with less memory than one large one (a whole segment in
 # one memfd peaked ~90 MB higher, bench/micro_storage.py roll_cpu).
 NDJSON_FILE_BYTES = 8 * 1024 * 1024
+# An event line is at most this much longer than its record (the index key replaces the
+# record's "e":[ ... ]} framing), which bounds read_json's buffer.
+EVENT_LINE_OVERHEAD_BYTES = 16
 
 Line = bytes | memoryview
 
@@ -81,26 +85,37 @@ def map_segment(segment: Path) -> mmap.mmap | bytes:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def longest_event_line(records: list[Line]) -> int:
+    """A bound on the longest event line of ``records`` (read_json's buffer size)."""
+    return max(map(len, records)) + EVENT_LINE_OVERHEAD_BYTES
+
+
 @contextlib.contextmanager
-def ndjson_in_memory(lines: list[Line], fallback_dir: Path) -> Iterator[list[str]]:
-    """Paths DuckDB can read ``lines`` from, at most NDJSON_FILE_BYTES each: memfds (RAM, no
-    disk) where Linux has them, else files in ``fallback_dir``."""
+def ndjson_in_memory(
+    records: list[Line], fallback_dir: Path
+) -> Iterator[tuple[list[str], list[Line]]]:
+    """(paths DuckDB can read the records' event lines from, the unreadable records).
+
+    Files of at most ~NDJSON_FILE_BYTES of records each: memfds (RAM, no disk) where Linux has
+    them, else files in ``fallback_dir``. Nothing of an unreadable record is written.
+    """
     paths: list[str] = []
     fds: list[int] = []
+    unreadable: list[Line] = []
     try:
-        for part in pieces(lines, NDJSON_FILE_BYTES):
+        for part in pieces(records, NDJSON_FILE_BYTES):
             if hasattr(os, "memfd_create"):
                 fd = os.memfd_create("inslytic-roll", os.MFD_CLOEXEC)
                 fds.append(fd)
                 with open(fd, "wb", closefd=False) as f:
-                    write_lines(f, part)
+                    unreadable += write_event_lines(f, part)
                 paths.append(f"/proc/self/fd/{fd}")
             else:
                 path = fallback_dir / f"piece-{uuid.uuid4().hex}.ndjson"
                 paths.append(os.fspath(path))
                 with open(path, "wb") as f:
-                    write_lines(f, part)
-        yield paths
+                    unreadable += write_event_lines(f, part)
+        yield paths, unreadable
     finally:
         for fd in fds:
             os.close(fd)
@@ -112,16 +127,18 @@ def ndjson_in_memory(lines: list[Line], fallback_dir: Path) -> Iterator[list[str
 def split_unreadable(
     con: duckdb.DuckDBPyConnection, lines: list[Line], scratch_dir: Path
 ) -> tuple[list[Line], list[Line]]:
-    """(lines DuckDB converts, lines it cannot), in order.
+    """(records DuckDB converts, records it cannot), in order.
 
-    Bisects, so a few bad lines among 100k cost ~log2(100k) probes each, not 100k.
+    Bisects, so a few bad records among 100k cost ~log2(100k) probes each, not 100k.
     """
 
     def readable(part: list[Line]) -> bool:
         try:
-            with ndjson_in_memory(part, scratch_dir) as source:
+            with ndjson_in_memory(part, scratch_dir) as (source, unreadable):
+                if unreadable:
+                    return False
                 # Materialise every column: a projection could skip the field that fails.
-                select = events_from_ndjson_sql(source, max(map(len, part)))
+                select = events_from_ndjson_sql(source, longest_event_line(part))
                 con.execute(f"CREATE OR REPLACE TEMP TABLE _probe AS {select}")
             return True
         except duckdb.Error:

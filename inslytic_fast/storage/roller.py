@@ -73,6 +73,7 @@ from .retention import expired_partitions, retention_cutoff
 from .roll_input import (
     Line,
     group_by_partition,
+    longest_event_line,
     map_segment,
     ndjson_in_memory,
     pieces,
@@ -102,10 +103,6 @@ ROLLER_TEMP_LIMIT = "256MiB"
 # default segment (64 MiB) is one piece: one file per project and day, so compaction (which
 # rewrites every event) has less to merge.
 ROLL_PIECE_BYTES = 64 * 1024 * 1024
-
-
-def _longest(lines: list[Line]) -> int:
-    return max(map(len, lines))
 
 
 def _rows_copied(con: duckdb.DuckDBPyConnection, copy_sql: str) -> int:
@@ -384,30 +381,39 @@ class Roller:
     def _convert(
         self,
         segment: Path,
-        lines: list[Line],
+        records: list[Line],
         out: Path,
         purges: list[Purge],
         data: mmap.mmap | bytes | None = None,
     ) -> int:
         """One partition's piece of a segment -> one Parquet file."""
         con = self._connection()
-        try:
-            with ndjson_in_memory(lines, self.staging_dir) as source:
-                if isinstance(data, mmap.mmap):
-                    # The lines are copied out: the segment's pages leave the roller's RSS
-                    # while DuckDB works (any read again comes back from the page cache).
-                    data.madvise(mmap.MADV_DONTNEED)
-                return _rows_copied(con, copy_events_sql(source, out, purges, _longest(lines)))
-        except (duckdb.ConversionException, duckdb.InvalidInputException):
-            # A record DuckDB cannot read (ingest validation makes this "cannot happen").
-            # Quarantine the offending lines rather than wedge the roller forever.
-            out.unlink(missing_ok=True)
-            good, bad = split_unreadable(con, lines, self.staging_dir)
-            self._quarantine(segment, bad, "unreadable records")
-            if not good:
-                return 0
-            with ndjson_in_memory(good, self.staging_dir) as source:
-                return _rows_copied(con, copy_events_sql(source, out, purges, _longest(good)))
+        with ndjson_in_memory(records, self.staging_dir) as (source, unreadable):
+            if isinstance(data, mmap.mmap):
+                # The lines are copied out: the segment's pages leave the roller's RSS while
+                # DuckDB works (any read again comes back from the page cache).
+                data.madvise(mmap.MADV_DONTNEED)
+            if unreadable:
+                # Not JSON of a record's shape (ingest makes that "cannot happen"): kept for
+                # forensics rather than allowed to wedge the roller.
+                self._quarantine(segment, unreadable, "unreadable records")
+                skipped = {id(record) for record in unreadable}
+                records = [record for record in records if id(record) not in skipped]
+                if not records:
+                    return 0
+            try:
+                return _rows_copied(
+                    con, copy_events_sql(source, out, purges, longest_event_line(records))
+                )
+            except (duckdb.ConversionException, duckdb.InvalidInputException):
+                out.unlink(missing_ok=True)
+        # A record whose lines DuckDB cannot type: find it (bisecting) and quarantine it.
+        good, bad = split_unreadable(con, records, self.staging_dir)
+        self._quarantine(segment, bad, "unreadable records")
+        if not good:
+            return 0
+        with ndjson_in_memory(good, self.staging_dir) as (source, _):
+            return _rows_copied(con, copy_events_sql(source, out, purges, longest_event_line(good)))
 
     def _quarantine(self, segment: Path, lines: list[Line], what: str) -> None:
         target = quarantine_bytes(self.data_dir, segment, 0, b"".join(lines))
