@@ -19,21 +19,16 @@ import sys
 import uuid
 from pathlib import Path
 
-import duckdb
 import orjson
 
 from inslytic_fast.config import env_or_default, option
 from inslytic_fast.event_columns import EVENT_COLUMN_NAMES
 from inslytic_fast.runtime.durable import fsync_file
-from inslytic_fast.storage.events_sql import sql_string
-from inslytic_fast.storage.query import SnapshotError, run_query
 
 DATA_DIR = option("data_dir")
 QUERY_FORMATS = ("table", "csv", "json", "ndjson")
 EXPORT_FORMATS = ("parquet", "csv", "ndjson")
 EXPORT_EXTENSIONS = {"parquet": "parquet", "csv": "csv", "ndjson": "ndjson"}
-# Errors in the user's SQL rather than in the data directory.
-SQL_USAGE_ERRORS = (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)
 # The ingest format for timestamps (RFC 3339, UTC, microseconds), used for text exports.
 RFC3339_SQL_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
@@ -165,12 +160,19 @@ def _check_data_dir(data_dir: Path, lake: str | None = None) -> bool:
 
 def _run(data_dir: Path, sql: str, params=None, args: argparse.Namespace | None = None):
     """run_query with errors turned into (exit code, None)."""
-    from inslytic_fast.lake.objectstore import LakeError
+    # DuckDB and the query stack are loaded here, not at the top: `serve` and its spawned
+    # workers import this module too (cli/__init__), and DuckDB stays out of serving processes.
+    import duckdb
 
+    from inslytic_fast.lake.objectstore import LakeError
+    from inslytic_fast.storage.query import SnapshotError, run_query
+
+    # Errors in the user's SQL rather than in the data directory.
+    usage_errors = (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)
     try:
         lake = _lake_view(args) if args is not None else None
         return 0, run_query(data_dir, sql, params, lake=lake)
-    except SQL_USAGE_ERRORS as exc:
+    except usage_errors as exc:
         _error(_one_line(exc))
         return 2, None
     except (duckdb.Error, SnapshotError, OSError, LakeError) as exc:
@@ -345,6 +347,8 @@ def export_select_sql(fmt: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from inslytic_fast.storage.events_sql import sql_string  # loads DuckDB: see _run
+
     if not _check_data_dir(args.data_dir, args.lake):
         return 1
     if args.since and args.until and args.since >= args.until:

@@ -12,7 +12,9 @@ supervisor creates it, or a lone server), so a retry that lands on another worke
 It is rebuilt at every start from what is stored (``rebuild``: the log tail and the Parquet
 files, one query over ``events`` for the window), so restarts and crashes keep it: an event
 that reached the log before a crash is found by its retry. A restarted worker runs the same
-rebuild, then releases the claims its dead predecessor left pending.
+rebuild, then releases the claims its dead predecessor left pending. The serving process runs
+``rebuild_at`` in a short-lived child before it listens (runtime/server.py open_dedup): the
+query stack's DuckDB never stays in a serving process.
 
 Bounds: ``DEFAULT_WINDOW_S`` in time (24 h: Segment's own dedup window) and ``slots`` in
 memory, 16 bytes each (``DEFAULT_SLOTS`` = 2^21 -> 32 MiB; ``serve --dedup-slots``). Slots form
@@ -413,3 +415,13 @@ def rebuild(table: DedupTable, data_dir: Path) -> int:
     log.info("dedup: %d keys from the last %d s in %.2f s", marked, table.window_s,
              time.monotonic() - started)  # fmt: skip
     return marked
+
+
+def rebuild_at(path: Path, data_dir: Path) -> int:
+    """``rebuild`` the table at ``path`` (another process's mapping of it: this runs in a
+    child process, see the module docstring). Returns how many keys were marked."""
+    table = DedupTable(path)
+    try:
+        return rebuild(table, data_dir)
+    finally:
+        table.close()

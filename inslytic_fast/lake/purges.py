@@ -29,7 +29,6 @@ from pathlib import Path
 
 import orjson
 
-from ..storage.events_sql import connect_duckdb, sql_string
 from ..storage.purges import EXPIRY_MARGIN_US, Purge, project_dirs
 from .layout import LAKE_EVENTS
 from .objectstore import LakeError, ObjectStore
@@ -118,6 +117,11 @@ def may_hold_covered_rows(key: str, received_before_us: int) -> bool:
 
 def covers_every_row(path: Path, received_before_us: int) -> bool:
     """Whether each row of the Parquet file ``path`` was received at or before the bound."""
+    # Here, not at the top: the uploader (in the serving process) imports this module, and
+    # DuckDB (tens of MB resident once used) is loaded only when a tombstone covers a waiting
+    # file.
+    from ..storage.events_sql import connect_duckdb, sql_string
+
     con = connect_duckdb(threads=1)
     try:
         row = con.execute(

@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, TextIO
 
-import duckdb
-
 from .. import __version__
 from ..cluster.coordinator import CoordinatorError, CoordinatorLink, start_cluster_catalog
 from ..cluster.dedup import ClusterDedup
@@ -34,7 +32,7 @@ from ..http.protocol import HttpProtocol
 from ..http.responses import Responses
 from ..http.state import ServerState
 from ..ingest.catalog import CatalogError
-from ..ingest.dedup import Dedup, DedupTable, rebuild
+from ..ingest.dedup import Dedup, DedupTable, rebuild_at
 from ..ingest.dedup import table_path as dedup_table_path
 from ..ingest.keyring import KeyRing
 from ..ingest.pipeline import Ingestor
@@ -46,6 +44,7 @@ from ..limits.ratelimit import RateLimiter
 from ..log.writer import CommitLog
 from ..observe.logs import RepeatedFailure
 from ..storage.roller_process import RollerProcess
+from .children import ChildFailed, run_to_end
 from .data_dir import DataDirLock, acquire_data_dir, check_data_dir, run_dir, seal_orphan_logs
 from .process import loop_factory, worker_index
 from .sockets import LISTEN_BACKLOG, bind_metrics_socket, bind_socket, tls_context
@@ -205,16 +204,22 @@ def open_commitlog(settings: Settings, worker_id: str) -> CommitLog:
 
 
 def open_dedup(settings: Settings, worker_id: str, role: DedupRole) -> DedupTable:
-    """After the commit log is open (its tail recovered): the rebuild reads it."""
+    """After the commit log is open (its tail recovered): the rebuild reads it.
+
+    The rebuild queries the log tail and Parquet with DuckDB, so it runs in a child process
+    that marks the keys in the same mapped table and exits: DuckDB's import and buffers never
+    stay in a serving process. It is awaited here, before any connection is accepted, so
+    no retry is answered before its key is marked (as when the rebuild ran in this process)."""
     path = dedup_table_path(run_dir(settings.data_dir))
     try:
         table = DedupTable(path, create=role == "create", slots=settings.dedup_slots)
         if role != "join":
-            rebuild(table, settings.data_dir)
+            log_settings = (settings.log_format, settings.log_level)
+            run_to_end("inslytic-dedup", log_settings, rebuild_at, path, settings.data_dir)
         if role == "rejoin":
             released = table.release_owner(worker_index(worker_id))
             log.info("dedup: released %d claims of the previous %s", released, worker_id)
-    except (OSError, ValueError, duckdb.Error) as exc:
+    except (OSError, ValueError, ChildFailed) as exc:
         raise StartupError(f"cannot open the dedup table {path}: {exc}") from None
     return table
 

@@ -5,7 +5,11 @@ a thread it would share the serving loop's GIL, core and memory; in its own nice
 loop keeps the GIL, the kernel gives serving the CPU first, and DuckDB's buffers never count
 against the server's RSS. The roll only has to keep up on average: ``query`` reads the log tail,
 so events are queryable the moment they are acknowledged. On a clean stop, the stopping process
-rolls what its closed logs sealed (``roll_before_exit``), so ``events/`` alone is complete.
+rolls what its closed logs sealed (``roll_before_exit``, in a short-lived child), so ``events/``
+alone is complete.
+
+DuckDB is loaded by those processes only (``make_roller`` imports the roller): a serving
+process that imported it would keep tens of MB more resident (README "Architecture").
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..log.format import sealed_segments
 from ..observe.logs import configure
-from ..runtime.children import leave_sigint_to_parent, start_child
+from ..runtime.children import ChildFailed, leave_sigint_to_parent, run_to_end, start_child
 from ..runtime.process import follow_parent
-from .roller import DEFAULT_COMPACT_INTERVAL_S, Roller
+
+if TYPE_CHECKING:
+    from .roller import Roller
 
 log = logging.getLogger("inslytic_fast.roller")
 
@@ -41,6 +48,10 @@ FINAL_ROLL_LOCK_WAIT_S = 1.0
 
 def make_roller(settings: Settings) -> Roller:
     """The roller as settings configure it (in the roller process, and for the final roll)."""
+    # Here, not at the top: this module is imported by every serving process, which must not
+    # load DuckDB (see the module docstring); only the roller's own processes call this.
+    from .roller import DEFAULT_COMPACT_INTERVAL_S, Roller
+
     # With a lake, files leave within seconds and the lake compacts its own (`lake compact`);
     # a local compaction racing an upload could send rows up twice.
     return Roller(
@@ -119,11 +130,11 @@ class RollerProcess:
         start_child(self.process)
 
     def stop(self) -> None:
-        """Stop the roller process, then roll what is sealed by now in this process.
+        """Stop the roller process, then roll what is sealed by now, in a short-lived child.
 
         Called once the commit logs are closed (and so sealed): after a clean stop every
         acknowledged event is in Parquet, for whoever copies or reads ``events/`` directly.
-        The final pass runs here rather than in the roller because a terminal's Ctrl-C (the
+        The final pass starts here rather than in the roller because a terminal's Ctrl-C (the
         whole process group) can stop the roller before the server has sealed its log.
         """
         process = self.process
@@ -137,7 +148,12 @@ class RollerProcess:
                 log.error("roller did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
                 process.kill()
                 process.join()
-        roll_before_exit(self.settings)
+        settings = self.settings
+        log_settings = (settings.log_format, settings.log_level)
+        try:
+            run_to_end("inslytic-roll", log_settings, roll_before_exit, settings)
+        except ChildFailed as exc:  # the segments stay in the log, rolled at the next start
+            log.error("final roll failed (%s); the next start rolls the rest", exc)
 
     def ensure_running(self) -> None:
         """Called on the tick: a roller that died (OOM, a DuckDB crash) is started again."""
