@@ -76,15 +76,16 @@ def metrics(node: targets.Running) -> dict[str, float]:
     return out
 
 
-def valkey_commands(valkey: ValkeyProcess) -> int:
-    """Commands Valkey has processed since it started (INFO stats)."""
+def valkey_commands(valkey: ValkeyProcess) -> dict[str, int]:
+    """Calls per command Valkey has served since it started (INFO commandstats)."""
     import redis  # the cluster extra; the bench of a cluster needs it anyway
 
     client = redis.Redis.from_url(valkey.url)
     try:
-        return int(client.info("stats")["total_commands_processed"])
+        stats = client.info("commandstats")
     finally:
         client.close()
+    return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}
 
 
 def create_project(coordinator: str) -> str:
@@ -195,7 +196,13 @@ def measure(
         window = time.time() - window_start
         cpu_after = [machine.tree_cpu_seconds(n.pid) for n in nodes]
         side_after = [machine.cpu_seconds(p.proc.pid) for p in (valkey, seaweed)]
-        commands = valkey_commands(valkey) - commands_before
+        commands_after = valkey_commands(valkey)
+        # Less the bench's own INFO call (one before the window is counted in this one).
+        commands = {
+            name: n - commands_before.get(name, 0) - (name == "info")
+            for name, n in commands_after.items()
+            if n - commands_before.get(name, 0) - (name == "info") > 0
+        }
         after = [metrics(n) for n in nodes]
         results: dict[int, dict] = {}
         finished = 0
@@ -223,6 +230,15 @@ def measure(
                     statistics.median(lag_samples[i]) if lag_samples[i] else None
                 ),
                 "puts_per_s": round(delta.get("inslytic_lake_uploaded_files_total", 0) / window, 2),
+                "fsyncs_per_s": round(delta.get("inslytic_log_syncs_total", 0) / window, 1),
+                "bytes_in_per_event": (
+                    round(delta.get("inslytic_received_bytes_total", 0) / events, 1)
+                    if events else None
+                ),
+                "lake_bytes_per_event": (
+                    round(delta.get("inslytic_lake_uploaded_bytes_total", 0) / events, 1)
+                    if events else None
+                ),
                 "grants_per_s": round(
                     delta.get("inslytic_coordinator_grants_total", 0) / window, 2
                 ),
@@ -237,7 +253,10 @@ def measure(
             "placement": placement.__dict__, "load_average_1m_at_start": load,
             "events_per_s": round(sum(n["events_per_s"] for n in per_node), 1),
             "per_node": per_node,
-            "coordinator_commands_per_s": round(commands / window, 1),
+            "coordinator_commands_per_s": round(sum(commands.values()) / window, 1),
+            "coordinator_commands_by_name_per_s": {
+                name: round(n / window, 2) for name, n in sorted(commands.items())
+            },
             "valkey_cpu_s": side[0], "seaweedfs_cpu_s": side[1],
         }  # fmt: skip
     finally:
@@ -264,6 +283,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "events_per_s_median": median["events_per_s"],
             "events_per_s_runs": [r["events_per_s"] for r in mine],
             "cpu_us_per_event_per_node": cpu,
+            "cpu_util_per_node": [n["cpu_util"] for n in median["per_node"]],
             "upload_lag_s_max": max(n["upload_lag_s_max"] or 0 for n in median["per_node"]),
             "puts_per_s": sum(n["puts_per_s"] for n in median["per_node"]),
             "coordinator_commands_per_s": median["coordinator_commands_per_s"],
