@@ -45,7 +45,7 @@ def register(subparsers) -> None:
             "Columns: " + ", ".join(EVENT_COLUMN_NAMES) + ". Timestamps are UTC."
         ),
         epilog='example: inslytic-fast query "SELECT event_name, count(*) FROM events '
-        "WHERE properties['path'] = '/pricing' GROUP BY ALL\"",
+        "WHERE properties_json->>'path' = '/pricing' GROUP BY ALL\"",
     )
     query.add_argument("sql", help="the SQL to run (the relation is called events); - reads stdin")
     _add_data_dir(query)
