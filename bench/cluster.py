@@ -231,6 +231,10 @@ def measure(
                 ),
                 "puts_per_s": round(delta.get("inslytic_lake_uploaded_files_total", 0) / window, 2),
                 "fsyncs_per_s": round(delta.get("inslytic_log_syncs_total", 0) / window, 1),
+                # Not rolled yet when the window closed: CPU the window's events cost later.
+                "log_pending_mb_at_end": round(
+                    after[i].get("inslytic_log_pending_bytes", 0.0) / 1e6, 1
+                ),
                 "bytes_in_per_event": (
                     round(delta.get("inslytic_received_bytes_total", 0) / events, 1)
                     if events else None

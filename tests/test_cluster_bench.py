@@ -23,7 +23,7 @@ pytest.importorskip("obstore")
 NODE_FIELDS = {
     "cpu", "events_per_s", "non_202", "errors", "cpu_s", "cpu_util", "cpu_us_per_event",
     "upload_lag_s_max", "upload_lag_s_median", "puts_per_s", "grants_per_s", "loadgen_cpu_util",
-    "fsyncs_per_s", "bytes_in_per_event", "lake_bytes_per_event",
+    "fsyncs_per_s", "bytes_in_per_event", "lake_bytes_per_event", "log_pending_mb_at_end",
 }  # fmt: skip
 SUMMARY_FIELDS = {
     "nodes", "events_per_s_median", "events_per_s_runs", "cpu_us_per_event_per_node",
