@@ -19,6 +19,9 @@ from .adversarial_helpers import poll_until
 from .cluster_servers import S3_CREDENTIALS, SlowProxy, lake_serve_args, multipart_uploads
 from .conftest import EXAMPLE_EVENT
 from .test_lake import (  # noqa: F401 - seaweed and s3_credentials are fixtures
+    BIG_RELATIVE,
+    BIG_SIZE,
+    big_waiting_file,
     lake,
     lake_rows,
     nothing_waits_locally,
@@ -29,10 +32,7 @@ from .test_lake import (  # noqa: F401 - seaweed and s3_credentials are fixtures
 pytest.importorskip("obstore")
 
 PREFIX = "slow-stop"
-RELATIVE = "project=big/date=2026-02-16/c-00000000000000000001-abcdef12.parquet"
-# Over two parts: what a multipart upload would send in pieces takes ~16 s through the proxy.
-SIZE = 2 * MULTIPART_PART_BYTES + 12345
-RATE = 1024 * 1024
+RATE = 1024 * 1024  # BIG_SIZE, over two multipart parts, takes ~16 s through the proxy
 # 7,000 events of 4 x 1,000 random hex characters: ~28 MB of text, ~15 MB of Parquet.
 BATCHES, PER_BATCH = 14, 500
 
@@ -42,10 +42,8 @@ def test_a_stop_during_a_slow_upload_ends_the_thread_and_the_next_start_uploads_
     tmp_path,
 ):
     data_dir = tmp_path / "node"
-    big = data_dir / "events" / RELATIVE
-    big.parent.mkdir(parents=True)
-    big.write_bytes(os.urandom(SIZE))
-    key = object_key("edge-1", RELATIVE)
+    big = big_waiting_file(data_dir)
+    key = object_key("edge-1", BIG_RELATIVE)
     store = lake(seaweed, PREFIX)
     with SlowProxy(seaweed.ports["s3.port"], RATE) as proxy:
         uploader = lake_uploader(
@@ -61,7 +59,7 @@ def test_a_stop_during_a_slow_upload_ends_the_thread_and_the_next_start_uploads_
     assert big.exists()
     # The next start, the store at full speed: uploaded once, verified, the local copy gone.
     assert Uploader(store, data_dir, "edge-1").upload_once() == 1
-    assert store.head(key).size == SIZE
+    assert store.head(key).size == BIG_SIZE
     assert not big.exists()
     assert multipart_uploads(seaweed) == []
 

@@ -16,7 +16,7 @@ import pytest
 from .adversarial_helpers import poll_until
 from .cluster_servers import ValkeyProcess
 from .conftest import EXAMPLE_EVENT
-from .test_metrics import _counters, _worker_pid, scrape
+from .test_metrics import CounterWatch, _worker_pid
 
 redis = pytest.importorskip("redis")
 
@@ -41,17 +41,8 @@ def test_coordinator_counters_never_go_down_across_a_killed_worker(make_server, 
     )  # fmt: skip
     key = server.first_run_key
     snapshot = server.data_dir / "run" / "metrics-w0.json"
-    previous: dict = {}
-    drops: list = []
-
-    def scrape_and_compare() -> dict:
-        got = scrape(server)  # a new connection each time: either worker answers
-        counters = _counters(got)
-        drops.extend(
-            (k, previous[k], v) for k, v in counters.items() if v < previous.get(k, float("-inf"))
-        )
-        previous.update(counters)
-        return got
+    watch = CounterWatch(server)
+    scrape_and_compare = watch.scrape
 
     def victim_has_grants() -> bool:
         # New connections until w0 has taken grants and published them (its 1 s tick).
@@ -87,5 +78,5 @@ def test_coordinator_counters_never_go_down_across_a_killed_worker(make_server, 
     poll_until(restarted_and_published, timeout=60)  # the supervisor restarts it after a backoff
     for _ in range(10):
         scrape_and_compare()
-    assert GRANTS in previous
-    assert drops == [], drops[:10]
+    assert GRANTS in watch.previous
+    assert watch.drops == [], watch.drops[:10]

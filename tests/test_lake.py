@@ -151,17 +151,26 @@ def test_an_object_that_is_not_this_file_keeps_the_local_copy(seaweed, tmp_path)
     assert first.path.exists()
 
 
+BIG_RELATIVE = "project=big/date=2026-02-16/c-00000000000000000001-abcdef12.parquet"
+BIG_SIZE = 2 * MULTIPART_PART_BYTES + 12345  # sent in parts, that is three
+
+
+def big_waiting_file(data_dir: Path) -> Path:
+    """A finished file of random bytes over two multipart parts, waiting for its upload."""
+    big = data_dir / "events" / BIG_RELATIVE
+    big.parent.mkdir(parents=True)
+    big.write_bytes(os.urandom(BIG_SIZE))
+    return big
+
+
 def test_a_large_file_goes_up_in_one_put_and_is_verified(seaweed, tmp_path):
     """One PUT, not parts: a PUT cut off leaves nothing (test_cluster_lake_stop.py)."""
     data_dir = tmp_path / "node"
-    partition = data_dir / "events" / "project=big" / "date=2026-02-16"
-    partition.mkdir(parents=True)
-    big = partition / "c-00000000000000000001-abcdef12.parquet"
-    big.write_bytes(os.urandom(2 * MULTIPART_PART_BYTES + 12345))
+    big = big_waiting_file(data_dir)
     store = lake(seaweed, "multipart")
     assert Uploader(store, data_dir, "edge-1").upload_once() == 1
-    info = store.head(object_key("edge-1", "project=big/date=2026-02-16/" + big.name))
-    assert info.size == 2 * MULTIPART_PART_BYTES + 12345
+    info = store.head(object_key("edge-1", BIG_RELATIVE))
+    assert info.size == BIG_SIZE
     assert "-" not in info.etag  # the whole file's MD5, checked against this node's
     assert not big.exists()
 
@@ -170,13 +179,10 @@ def test_a_file_an_earlier_version_sent_in_parts_is_verified_and_kept_once(seawe
     """put_file (the lake jobs' outputs) still uses parts; such an object, found by a node
     restarted before its local delete, is recognised by the MD5 of the parts' MD5s."""
     data_dir = tmp_path / "node"
-    partition = data_dir / "events" / "project=big" / "date=2026-02-16"
-    partition.mkdir(parents=True)
-    big = partition / "c-00000000000000000001-abcdef12.parquet"
-    big.write_bytes(os.urandom(2 * MULTIPART_PART_BYTES + 12345))
+    big = big_waiting_file(data_dir)
     store = lake(seaweed, "multipart-before")
-    key = object_key("edge-1", "project=big/date=2026-02-16/" + big.name)
-    store.put_file(key, big, big.stat().st_size)
+    key = object_key("edge-1", BIG_RELATIVE)
+    store.put_file(key, big, BIG_SIZE)
     assert store.head(key).etag.endswith("-3")  # three parts, as expected_etag says
     assert store.head(key).etag == expected_etag(big)[1]
     assert Uploader(store, data_dir, "edge-1").upload_once() == 1

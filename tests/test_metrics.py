@@ -301,20 +301,32 @@ def _worker_pid(server, worker: str) -> int | None:
     return None
 
 
+class CounterWatch:
+    """Scrapes a server (a new connection each time: any worker answers) and keeps every
+    counter sample that went down since the scrape before."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.previous: dict = {}
+        self.drops: list = []
+
+    def scrape(self) -> dict:
+        got = scrape(self.server)
+        counters = _counters(got)
+        self.drops.extend(
+            (k, self.previous[k], v)
+            for k, v in counters.items()
+            if v < self.previous.get(k, float("-inf"))
+        )
+        self.previous.update(counters)
+        return got
+
+
 def test_counters_never_go_down_across_scrapes_or_a_killed_worker(make_server):
     server = make_server("--workers", "2", "--events-per-minute", "0")
     key = server.first_run_key
-    previous: dict = {}
-    drops: list = []
-
-    def scrape_and_compare() -> dict:
-        got = scrape(server)  # a new connection each time: either worker answers
-        counters = _counters(got)
-        drops.extend(
-            (k, previous[k], v) for k, v in counters.items() if v < previous.get(k, float("-inf"))
-        )
-        previous.update(counters)
-        return got
+    watch = CounterWatch(server)
+    scrape_and_compare = watch.scrape
 
     sent = 0
     for _ in range(40):
@@ -342,4 +354,4 @@ def test_counters_never_go_down_across_scrapes_or_a_killed_worker(make_server):
     for _ in range(20):
         assert server.ingest([EXAMPLE_EVENT], key)[0] == 202
         scrape_and_compare()
-    assert drops == [], drops[:10]
+    assert watch.drops == [], watch.drops[:10]
