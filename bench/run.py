@@ -906,11 +906,16 @@ def summarize(runs: list[dict], scenarios: list[Scenario], target_list: list[str
         for target, mine in by_target.items():
             if not mine:
                 continue
-            # Open loop: every server runs at its own offered rate, so a ratio says nothing.
+            # Open loop: every server runs at its own offered rate, so a ratio says nothing;
+            # nor does one with a window that closed before its first answer (a smoke run on a
+            # loaded machine).
             ratios = [
                 ours[r["round"]]["events_per_s"] / r["events_per_s"]
                 for r in mine
-                if r["round"] in ours and r["events_per_s"] and not scenario.open_loop
+                if r["round"] in ours
+                and r["events_per_s"]
+                and ours[r["round"]]["events_per_s"]
+                and not scenario.open_loop
             ]
             # CPU seconds per event is what contention on a shared machine distorts least. Ours
             # includes the roller's: a peer's figure is all the work it does for an event.

@@ -102,7 +102,10 @@ def test_smoke_report_has_every_field(smoke):
     for run in report["runs"]:
         assert RUN_FIELDS <= set(run), RUN_FIELDS - set(run)
         assert set(run["latency_ms"]) == {"p50", "p90", "p99", "p99_9", "max"}
-        assert run["ok_202"] > 0 and run["errors"] == 0 and run["non_202"] == {}
+        assert run["errors"] == 0 and run["non_202"] == {} and run["problems"] == []
+        # On a loaded machine a 0.6 s smoke window may close before the first answer (the
+        # bench then counts any 202 of the run): the server still accepted events.
+        assert run["ok_202"] > 0 or (run["events_accepted_total"] or 0) > 0
         # Self-hosted: the runner knows the server's pid, so cost figures are present.
         assert run["server_cpu_s_per_1m_events"] is not None
         assert run["server_peak_rss_mb"] > 0
@@ -132,12 +135,19 @@ def test_smoke_summary_pairs_ratios_against_inslytic(smoke):
         for r in report["runs"]
         if r["target"] == "inslytic-fast"
     }
+    our_rates = {
+        r["scenario"]: r["events_per_s"] for r in report["runs"] if r["target"] == "inslytic-fast"
+    }
     for row in report["summary"]:
         # CPU is read in 10 ms ticks: a tiny smoke window may show 0 s, and then no ratio.
         both_measured = ours[row["scenario"]] and row["server_cpu_s_per_1m_events"]
         assert (row["cpu_cost_ratio"] is not None) == bool(both_measured)
+        # A loaded machine may close a smoke window before the first answer: no rate, no ratio.
+        both_rated = our_rates[row["scenario"]] and row["events_per_s"]
         if row["scenario"] == "open":
             # Each server runs at its own offered rate there: no throughput ratio.
+            assert row["inslytic_ratio"] is None
+        elif not both_rated:
             assert row["inslytic_ratio"] is None
         elif row["target"] == "inslytic-fast":
             assert row["inslytic_ratio"] == 1.0
