@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from obstore import PutMode
+    from obstore import ObjectMeta, PutMode
     from obstore.store import S3Config
 
 # Parts of 8 MiB: S3's minimum is 5 MiB; a 256 MiB compaction output is 32 parts.
@@ -101,9 +101,10 @@ class S3ObjectStore:
     """``ObjectStore`` on obstore. Its own retries (3, backoff from 100 ms) cover a blip; the
     uploader's passes back off on longer outages.
 
-    ``cancelled``: polled while ``head`` or ``put_whole_file`` is in flight; once it holds,
-    the call is dropped (its request with it) and raises ``CallCancelled``, so a stopping
-    uploader's thread ends when told instead of waiting out the client's timeouts."""
+    ``cancelled``: polled while a call of the uploader's (``head``, ``put_whole_file``,
+    ``list``, ``get_bytes``) is in flight; once it holds, the call is dropped (its request
+    with it) and raises ``CallCancelled``, so a stopping uploader's thread ends when told
+    instead of waiting out the client's timeouts."""
 
     def __init__(
         self, url: str, endpoint: str = "", *, cancelled: Callable[[], bool] | None = None
@@ -198,9 +199,15 @@ class S3ObjectStore:
 
     def get_bytes(self, key: str) -> bytes:
         try:
-            return bytes(self._obstore.get(self.store, key).bytes())
+            if self._cancelled is None:
+                return bytes(self._obstore.get(self.store, key).bytes())
+            return bytes(self._until_cancelled(lambda: self._get_bytes_async(key)))
         except self._not_found:
             raise FileNotFoundError(f"lake object {key} is gone") from None
+
+    async def _get_bytes_async(self, key: str) -> bytes:
+        result = await self._obstore.get_async(self.store, key)
+        return bytes(await result.bytes_async())
 
     def get_file(self, key: str, path: Path) -> None:
         try:
@@ -212,7 +219,11 @@ class S3ObjectStore:
                 fh.write(chunk)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        for batch in self._obstore.list(self.store, prefix, chunk_size=1000):
+        stream = self._obstore.list(self.store, prefix, chunk_size=1000)
+        batches: Iterable[Sequence[ObjectMeta]] = stream
+        if self._cancelled is not None:  # the whole listing at once, so a stop can drop it
+            batches = [self._until_cancelled(stream.collect_async)]
+        for batch in batches:
             for meta in batch:
                 yield ObjectInfo(meta["path"], meta["size"], _etag(meta["e_tag"]))
 
