@@ -79,6 +79,21 @@ def tree_memory_mb(pid: int) -> dict[str, float] | None:
     return {"rss": sum(m["rss"] for m in parts), "peak": sum(m["peak"] for m in parts)}
 
 
+def process_peaks_mb(pid: int) -> dict[str, float]:
+    """Peak RSS (VmHWM, MiB) of each process of the tree, by name (``comm``: the server is
+    ``python``, its children ``inslytic-roller``, ``inslytic-w0``, ...; repeated names summed)."""
+    peaks: dict[str, float] = {}
+    for member in process_tree(pid):
+        memory = memory_mb(member)
+        try:
+            name = Path(f"/proc/{member}/comm").read_text().strip()
+        except OSError:
+            continue
+        if memory:
+            peaks[name] = round(peaks.get(name, 0.0) + memory["peak"], 1)
+    return peaks
+
+
 def memory_mb(pid: int) -> dict[str, float] | None:
     """Current (VmRSS) and peak (VmHWM) resident set of a process, in MiB."""
     try:

@@ -17,7 +17,8 @@ roll: sealed segments -> ZSTD Parquet with the roller's single DuckDB thread, th
 compaction pass over the files that produced (merge + sort by timestamp).
 roll_cpu: CPU time of the whole process (all threads) per event rolled, for records of 1, 100
 and 1000 events (--roll-shapes); the issue-14 target is <= 2 us/event on one thread. CPU time
-rather than wall time, so a busy machine moves it little.
+rather than wall time, so a busy machine moves it little. Each roll runs in a fresh process
+whose peak RSS (VmHWM) is reported: the roller process's peak for that shape.
 query_log_tail: a count(*) over events that are all still in the log (the worst case for
 query, which parses the log in Python and loads it into DuckDB).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -37,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import orjson
@@ -44,9 +47,10 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import machine_info, memory_mb  # noqa: E402
 from bench.payloads import make_event  # noqa: E402
 from inslytic_fast.log.writer import CommitLog  # noqa: E402
+from inslytic_fast.storage import roller as roller_module  # noqa: E402
 from inslytic_fast.storage.query import run_query  # noqa: E402
 from inslytic_fast.storage.roller import Roller  # noqa: E402
 
@@ -150,8 +154,12 @@ async def append_cpu(data_dir: Path, args, batches: list[bytes]) -> dict:
     }
 
 
-async def fill_log(data_dir: Path, events: int, batch_events: int, batches: list[bytes]) -> None:
-    """Write ``events`` into the log quickly (durability none: this is input for the roller)."""
+async def fill_log(
+    data_dir: Path, events: int, batch_events: int, batches: list[bytes], in_flight: int = 256
+) -> None:
+    """Write ``events`` into the log quickly (durability none: this is input for the roller).
+    A segment is sealed once a group write takes it past 64 MiB: ``in_flight`` appends at a
+    time bound how far past."""
     log = CommitLog(data_dir, durability="none", worker_id="fill")
     log.open()
     log.start(asyncio.get_running_loop())
@@ -160,7 +168,7 @@ async def fill_log(data_dir: Path, events: int, batch_events: int, batches: list
         fut = asyncio.get_running_loop().create_future()
         log.append("bench", batches[i % len(batches)], batch_events, fut.set_result)
         pending.append(fut)
-        if len(pending) >= 256:
+        if len(pending) >= in_flight:
             await asyncio.gather(*pending)
             pending.clear()
     await asyncio.gather(*pending)
@@ -210,31 +218,78 @@ def roll(data_dir: Path, args, batches: list[bytes]) -> dict:
 
 
 def roll_cpu(data_dir: Path, args, _batches: list[bytes]) -> dict:
-    """CPU microseconds per event of Roller.roll_once, per record shape (events per record)."""
+    """CPU microseconds per event of Roller.roll_once, and the rolling process's peak RSS, per
+    record shape (events per record). Each roll runs in a fresh process, as the roller does, so
+    its peak (VmHWM) is the roll's alone: Python and DuckDB loaded, then the roll's buffers."""
     shapes: dict[str, dict] = {}
+    context = multiprocessing.get_context("spawn")
     for batch_events in (int(n) for n in args.roll_shapes.split(",")):
         shape_dir = data_dir / f"shape-{batch_events}"
         batches = make_batches_cycled(batch_events, args.seed)
         events = max(batch_events, args.roll_events // batch_events * batch_events)
-        asyncio.run(fill_log(shape_dir, events, batch_events, batches))
+        # Segments of the default size, as a server writes them (at most ~1 MiB past it).
+        in_flight = max(1, (1 << 20) // max(map(len, batches)))
+        asyncio.run(fill_log(shape_dir, events, batch_events, batches, in_flight))
         seal(shape_dir, "fill")
-        log_bytes = sum(p.stat().st_size for p in (shape_dir / "log").glob("fill-*.log"))
-        roller = Roller(shape_dir)
-        cpu, wall = time.process_time(), time.perf_counter()
-        converted = roller.roll_once()
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        roller.stop()
+        segment_sizes = [p.stat().st_size for p in (shape_dir / "log").glob("fill-*.log")]
+        results, sender = context.Pipe(duplex=False)
+        child = context.Process(
+            target=roll_in_this_process,
+            args=(shape_dir, args.roller_memory_limit, args.roller_set, sender),
+        )
+        child.start()
+        sender.close()
+        rolled = results.recv()
+        child.join()
+        converted = rolled["events"]
         files = list((shape_dir / "events").rglob("*.parquet"))
         shapes[str(batch_events)] = {
             "events": converted,
-            "cpu_us_per_event": round(cpu / converted * 1e6, 2),
-            "wall_us_per_event": round(wall / converted * 1e6, 2),
-            "log_mb": round(log_bytes / 1e6, 1),
+            "cpu_us_per_event": round(rolled["cpu_s"] / converted * 1e6, 2),
+            "wall_us_per_event": round(rolled["wall_s"] / converted * 1e6, 2),
+            "log_mb": round(sum(segment_sizes) / 1e6, 1),
+            "log_segments": len(segment_sizes),
+            "largest_segment_mb": round(max(segment_sizes) / 1e6, 1),
             "parquet_mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
             "parquet_files": len(files),
+            "rss_before_roll_mb": rolled["rss_before_mb"],
+            "peak_rss_mb": rolled["peak_rss_mb"],
         }
         shutil.rmtree(shape_dir, ignore_errors=True)
-    return {"bench": "micro_storage", "stage": "roll_cpu", "shapes": shapes}
+    return {
+        "bench": "micro_storage",
+        "stage": "roll_cpu",
+        "roller_memory_limit": args.roller_memory_limit or roller_module.ROLLER_MEMORY_LIMIT,
+        "roller_set": args.roller_set,
+        "shapes": shapes,
+    }
+
+
+def roll_in_this_process(
+    shape_dir: Path, memory_limit: str | None, settings: list[str], results: Connection
+) -> None:
+    """roll_cpu's child: one Roller.roll_once, its CPU and wall time, and this process's peak
+    RSS. ``memory_limit`` / ``settings`` (DuckDB ``SET`` clauses) try other roller settings."""
+    if memory_limit:
+        roller_module.ROLLER_MEMORY_LIMIT = memory_limit
+    roller = Roller(shape_dir)
+    for setting in settings:
+        roller._connection().execute(f"SET {setting}")  # noqa: SLF001 - a bench knob
+    rss_before = memory_mb(os.getpid())
+    cpu, wall = time.process_time(), time.perf_counter()
+    converted = roller.roll_once()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    roller.stop()
+    peak = memory_mb(os.getpid())
+    results.send(
+        {
+            "events": converted,
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "rss_before_mb": round(rss_before["rss"], 1) if rss_before else None,
+            "peak_rss_mb": round(peak["peak"], 1) if peak else None,
+        }
+    )
 
 
 def make_batches_cycled(batch_events: int, seed: int) -> list[bytes]:
@@ -265,6 +320,16 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=100, help="events per batch")
     parser.add_argument("--roll-events", type=int, default=500_000)
     parser.add_argument("--roll-shapes", default="1,100,1000", help="roll_cpu: events/record")
+    parser.add_argument(
+        "--roller-memory-limit", help="roll_cpu: DuckDB memory_limit instead of the roller's"
+    )
+    parser.add_argument(
+        "--roller-set",
+        action="append",
+        default=[],
+        metavar="SETTING",
+        help="roll_cpu: one more DuckDB setting for the roll, e.g. preserve_insertion_order=false",
+    )
     parser.add_argument("--durability", choices=("fsync", "none"), default="fsync")
     parser.add_argument("--data-dir", type=Path, help="default: a temp dir under bench/scratch")
     parser.add_argument("--seed", type=int, default=1)

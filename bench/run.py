@@ -565,6 +565,7 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
     finished_at = time.monotonic()
 
     memory = memory_of(server.pid) if server.pid else None
+    process_peaks = machine.process_peaks_mb(server.pid) if server.pid else {}
     profile_summary = None
     if profiler is not None:
         try:
@@ -687,7 +688,9 @@ def _measure(args, pinning, server, scenario, round_no, rate, progress, scratch,
         ),
         "events_accepted_total": total_events_accepted,
         "sustained": (
-            sustained_figures(timeline, duration, server_cpu, roller_cpu, ok * scenario.events)
+            sustained_figures(
+                timeline, duration, server_cpu, roller_cpu, ok * scenario.events, process_peaks
+            )
             if scenario.sustained
             else None
         ),
@@ -779,8 +782,12 @@ def window_rates(timeline: list[dict], window: float) -> list[tuple[float, float
     return rates
 
 
-def sustained_figures(timeline, duration, server_cpu, roller_cpu, events) -> dict:
-    """Burst (first window), sustained (median window of the second half) and the rest."""
+def sustained_figures(
+    timeline, duration, server_cpu, roller_cpu, events, process_peaks=None
+) -> dict:
+    """Burst (first window), sustained (median window of the second half) and the rest.
+    ``tree_peak_rss_mb`` is the largest sampled sum over the tree; ``process_peak_rss_mb``
+    each process's own peak (VmHWM) at the end, whose sum bounds the tree's from above."""
     window = SUSTAINED_WINDOW_S if duration >= 4 * SUSTAINED_WINDOW_S else max(1.0, duration / 4)
     rates = window_rates(timeline, window)
     second_half = [rate for end, rate in rates if end - window >= duration / 2]
@@ -794,6 +801,7 @@ def sustained_figures(timeline, duration, server_cpu, roller_cpu, events) -> dic
         "pending_mb_max": round(max(pending) / 2**20, 1) if pending else None,
         "pending_mb_end": round(pending[-1] / 2**20, 1) if pending else None,
         "tree_peak_rss_mb": max(rss) if rss else None,
+        "process_peak_rss_mb": process_peaks or {},
         "serving_us_per_event": _round(server_cpu / events * 1e6, 2)
         if server_cpu is not None and events
         else None,

@@ -176,6 +176,9 @@ def test_sustained_smoke_samples_the_tree_and_the_backlog_and_draws_a_chart(tmp_
     assert last["accepted_events"] > 0 and last["pending_bytes"] is not None
     # The whole tree: server and roller (no timing assertion: a smoke run only shows it works).
     assert last["tree_rss_mb"] > 0 and figures["tree_peak_rss_mb"] >= last["tree_rss_mb"]
+    # And each process's own peak: the server and its roller at least.
+    peaks = figures["process_peak_rss_mb"]
+    assert peaks["inslytic-roller"] > 0 and peaks["python"] > 0
     # Present, whatever their values: a loaded CI machine may accept nothing in a window.
     assert figures["burst_events_per_s"] is not None
     assert figures["sustained_events_per_s"] is not None
