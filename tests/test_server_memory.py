@@ -14,25 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.machine import ROLLER_COMM, process_tree
+
 from .adversarial_helpers import poll_until
 from .conftest import EXAMPLE_EVENT, cli
 
-ROLLER_COMM = "inslytic-roller"  # runtime/process.py follow_parent names it so
 ROLLER_START_DEADLINE_S = 60.0
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants, from /proc children lists."""
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                queue += [int(child) for child in (task / "children").read_text().split()]
-            except (OSError, ValueError):
-                continue
-    return found
 
 
 def maps_duckdb(pid: int) -> bool:
