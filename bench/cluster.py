@@ -119,7 +119,17 @@ def start_node(
     return node
 
 
+def tree_cpu(node: targets.Running) -> float | None:
+    """The node's CPU seconds: server, roller, uploader (its whole process tree)."""
+    return machine.tree_cpu_seconds(node.pid) if node.pid else None
+
+
+def side_cpu(server: ValkeyProcess | SeaweedProcess) -> float | None:
+    return machine.cpu_seconds(server.proc.pid) if server.proc else None
+
+
 def _reader(proc: subprocess.Popen, index: int, lines: queue.Queue) -> None:
+    assert proc.stdout is not None  # Popen(stdout=PIPE)
     for line in proc.stdout:
         lines.put((index, line))
     lines.put((index, None))
@@ -180,6 +190,7 @@ def measure(
         procs, lines = generators(nodes, args, placement.loadgen_cpus, scratch)
         start_at = time.time() + 0.05
         for proc in procs:
+            assert proc.stdin is not None  # Popen(stdin=PIPE)
             proc.stdin.write(f"{start_at!r}\n")
             proc.stdin.flush()
         window_start = start_at + args.warmup
@@ -188,8 +199,8 @@ def measure(
             time.sleep(0.01)
         load = machine.load_average()
         before = [metrics(n) for n in nodes]
-        cpu_before = [machine.tree_cpu_seconds(n.pid) for n in nodes]
-        side_before = [machine.cpu_seconds(p.proc.pid) for p in (valkey, seaweed)]
+        cpu_before = [tree_cpu(n) for n in nodes]
+        side_before = [side_cpu(p) for p in (valkey, seaweed)]
         commands_before = valkey_commands(valkey)
         lag_samples: list[list[float]] = [[] for _ in nodes]
         while time.time() < window_end:
@@ -197,8 +208,8 @@ def measure(
                 samples.append(metrics(node).get("inslytic_lake_lag_seconds", 0.0))
             time.sleep(min(SAMPLE_INTERVAL_S, max(0.0, window_end - time.time())))
         window = time.time() - window_start
-        cpu_after = [machine.tree_cpu_seconds(n.pid) for n in nodes]
-        side_after = [machine.cpu_seconds(p.proc.pid) for p in (valkey, seaweed)]
+        cpu_after = [tree_cpu(n) for n in nodes]
+        side_after = [side_cpu(p) for p in (valkey, seaweed)]
         commands_after = valkey_commands(valkey)
         # Less the bench's own INFO call (one before the window is counted in this one).
         commands = {
@@ -219,15 +230,15 @@ def measure(
         for i in range(len(nodes)):
             part = results[i]
             events = part["ok"] * args.events
-            cpu = (cpu_after[i] or 0.0) - (cpu_before[i] or 0.0)  # None: the node is gone
+            cpu_s = (cpu_after[i] or 0.0) - (cpu_before[i] or 0.0)  # None: the node is gone
             delta = {k: after[i].get(k, 0.0) - before[i].get(k, 0.0) for k in after[i]}
             per_node.append({
                 "cpu": placement.node_cpus[i],
                 "events_per_s": round(events / part["window_s"], 1),
                 "non_202": part["statuses"], "errors": part["errors"],
-                "cpu_s": round(cpu, 3),
-                "cpu_util": round(cpu / window, 3),
-                "cpu_us_per_event": round(cpu / events * 1e6, 2) if events else None,
+                "cpu_s": round(cpu_s, 3),
+                "cpu_util": round(cpu_s / window, 3),
+                "cpu_us_per_event": round(cpu_s / events * 1e6, 2) if events else None,
                 "upload_lag_s_max": max(lag_samples[i], default=None),
                 "upload_lag_s_median": (
                     statistics.median(lag_samples[i]) if lag_samples[i] else None
