@@ -7,16 +7,13 @@ ever sees them go down (Prometheus would read a drop as a counter reset and coun
 
 from __future__ import annotations
 
-import os
-import signal
-
 import orjson
 import pytest
 
 from .adversarial_helpers import poll_until
 from .cluster_servers import ValkeyProcess
 from .conftest import EXAMPLE_EVENT
-from .test_metrics import CounterWatch, _worker_pid
+from .test_metrics import CounterWatch, kill_worker_until_restarted
 
 redis = pytest.importorskip("redis")
 
@@ -57,25 +54,15 @@ def test_coordinator_counters_never_go_down_across_a_killed_worker(make_server, 
         return where.get("coordinator_grants", 0) >= 3
 
     poll_until(victim_has_grants, timeout=60)
-    victim = _worker_pid(server, "w0")
-    started = ("process_start_time_seconds", (("worker", "w0"),))
-    old_start = scrape_and_compare()[started]
-    os.kill(victim, signal.SIGKILL)
 
-    def restarted_and_published() -> bool:
-        try:  # a connection queued on the killed worker's socket is reset
-            server.ingest([EXAMPLE_EVENT], key)
-            got = scrape_and_compare()
-        except ConnectionError:
-            return False
-        if got.get(started, old_start) == old_start:
-            return False
+    def successor_published(old_start: float) -> bool:
         # The successor's own snapshot replaced its predecessor's file.
-        return orjson.loads(snapshot.read_bytes())["process"]["w0"]["start_time_seconds"] != (
-            old_start
-        )
+        published = orjson.loads(snapshot.read_bytes())
+        return published["process"]["w0"]["start_time_seconds"] != old_start
 
-    poll_until(restarted_and_published, timeout=60)  # the supervisor restarts it after a backoff
+    kill_worker_until_restarted(
+        watch, "w0", lambda: server.ingest([EXAMPLE_EVENT], key), successor_published
+    )
     for _ in range(10):
         scrape_and_compare()
     assert GRANTS in watch.previous

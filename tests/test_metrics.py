@@ -322,6 +322,27 @@ class CounterWatch:
         return got
 
 
+def kill_worker_until_restarted(watch: CounterWatch, worker: str, send, check=None) -> float:
+    """SIGKILL ``worker`` and poll (``send`` a request, then scrape) until its supervisor has
+    restarted it and ``check(old_start)`` holds; returns the killed process's start time."""
+    started = ("process_start_time_seconds", (("worker", worker),))
+    old_start = watch.scrape()[started]
+    os.kill(_worker_pid(watch.server, worker), signal.SIGKILL)
+
+    def restarted() -> bool:
+        try:  # a connection queued on the killed worker's socket is reset
+            send()
+            got = watch.scrape()
+        except ConnectionError:
+            return False
+        if got.get(started, old_start) == old_start:
+            return False
+        return check is None or check(old_start)
+
+    poll_until(restarted, timeout=60)  # the supervisor restarts it after a backoff
+    return old_start
+
+
 def test_counters_never_go_down_across_scrapes_or_a_killed_worker(make_server):
     server = make_server("--workers", "2", "--events-per-minute", "0")
     key = server.first_run_key
@@ -337,20 +358,7 @@ def test_counters_never_go_down_across_scrapes_or_a_killed_worker(make_server):
     # Both workers' counts published (each on its tick): the victim's are in every sum.
     poll_until(lambda: scrape_and_compare()[accepted] == sent, timeout=30)
 
-    victim = _worker_pid(server, "w0")
-    started = ("process_start_time_seconds", (("worker", "w0"),))
-    old_start = scrape_and_compare()[started]
-    os.kill(victim, signal.SIGKILL)
-
-    def restarted() -> bool:
-        try:  # a connection queued on the killed worker's socket is reset
-            server.ingest([EXAMPLE_EVENT], key)
-            got = scrape_and_compare()
-        except ConnectionError:
-            return False
-        return got.get(started, old_start) != old_start
-
-    poll_until(restarted, timeout=60)  # the supervisor restarts it after a backoff
+    kill_worker_until_restarted(watch, "w0", lambda: server.ingest([EXAMPLE_EVENT], key))
     for _ in range(20):
         assert server.ingest([EXAMPLE_EVENT], key)[0] == 202
         scrape_and_compare()
