@@ -161,13 +161,13 @@ class S3ObjectStore:
     def put_whole_file(self, key: str, path: Path) -> None:
         # obstore cannot abort a multipart upload it was interrupted in (its parts would stay
         # until the bucket's lifecycle rule); one PUT of a node's rolled file (a 64 MiB
-        # segment's Parquet at most) is atomic instead, at the cost of holding it in memory.
-        data = path.read_bytes()
+        # segment's Parquet at most) is atomic instead, at the cost of holding it in memory
+        # (once: obstore reads the path itself, no Python copy).
         if self._cancelled is None:
-            self._obstore.put(self.store, key, data, use_multipart=False)
+            self._obstore.put(self.store, key, path, use_multipart=False)
         else:
             self._until_cancelled(
-                lambda: self._obstore.put_async(self.store, key, data, use_multipart=False)
+                lambda: self._obstore.put_async(self.store, key, path, use_multipart=False)
             )
 
     def _until_cancelled(self, call: Callable[[], Awaitable[T]]) -> T:
