@@ -198,6 +198,7 @@ def measure(
         while time.time() < window_start:
             time.sleep(0.01)
         load = machine.load_average()
+        ticks_before = machine.cpu_ticks()
         before = [metrics(n) for n in nodes]
         cpu_before = [tree_cpu(n) for n in nodes]
         side_before = [side_cpu(p) for p in (valkey, seaweed)]
@@ -208,6 +209,7 @@ def measure(
                 samples.append(metrics(node).get("inslytic_lake_lag_seconds", 0.0))
             time.sleep(min(SAMPLE_INTERVAL_S, max(0.0, window_end - time.time())))
         window = time.time() - window_start
+        ticks_after = machine.cpu_ticks()
         cpu_after = [tree_cpu(n) for n in nodes]
         side_after = [side_cpu(p) for p in (valkey, seaweed)]
         commands_after = valkey_commands(valkey)
@@ -269,6 +271,10 @@ def measure(
         return {
             "nodes": count, "round": round_no, "window_s": round(window, 3),
             "placement": placement.__dict__, "load_average_1m_at_start": load,
+            # Everything that ran (this bench and anything else): 1.0 = every CPU busy.
+            "busy_share_all_cpus": machine.busy_share(
+                ticks_before, ticks_after, machine.available_cpus()
+            ),
             "events_per_s": round(sum(n["events_per_s"] for n in per_node), 1),
             "per_node": per_node,
             "coordinator_commands_per_s": round(sum(commands.values()) / window, 1),
