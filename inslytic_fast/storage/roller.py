@@ -92,10 +92,10 @@ MAX_RETRY_DELAY_S = 30.0
 # One DuckDB thread by default: the serving processes keep the other cores.
 DEFAULT_DUCKDB_THREADS = 1
 # DuckDB's default is 80% of RAM, which a background job next to the server must not take.
-# These keep the roller within its share of the issue-14 budget (<= 200 MB for server, workers
-# and roller; a 64 MiB segment's roll peak is in bench/micro_storage.py roll_cpu). What does
-# not fit spills to DUCKDB_TEMP_DIRNAME, at most ROLLER_TEMP_LIMIT: inside the
-# --min-free-bytes reserve that ingest keeps free, so the free-space guard covers it.
+# 256 MB is the lowest limit the largest events ingest accepts roll under
+# (tests/test_roller_memory.py); a default roll peaks well below it (bench/micro_storage.py
+# roll_cpu). What does not fit spills to DUCKDB_TEMP_DIRNAME, at most ROLLER_TEMP_LIMIT: inside
+# the --min-free-bytes reserve that ingest keeps free, so the free-space guard covers it.
 ROLLER_MEMORY_LIMIT = "256MB"
 ROLLER_TEMP_LIMIT = "256MiB"
 # A segment is converted in pieces of at most this much payload, one DuckDB COPY and one file
