@@ -53,8 +53,11 @@ _EVENTS_KEY = b'"e":['
 _INDEX_KEYS = tuple(b'"i":%d,' % i for i in range(MAX_EVENTS_PER_BATCH))
 _NEWLINE = b"\n"
 
+# A log record's payload as readers hold it: bytes, or a slice of a mapped segment.
+Record = bytes | memoryview
 
-def event_lines(payload: bytes | memoryview) -> bytes:
+
+def event_lines(payload: Record) -> bytes:
     """The record's events as NDJSON lines, each headed by the record's envelope."""
     data = payload if type(payload) is bytes else bytes(payload)
     try:
@@ -85,9 +88,6 @@ def event_lines(payload: bytes | memoryview) -> bytes:
 # Event lines are joined into writes of about this size: one write per record costs a Python
 # call per 1-event record, one join for a whole segment a second copy of it in memory.
 WRITE_CHUNK_BYTES = 1024 * 1024
-
-
-Record = bytes | memoryview
 
 
 def write_event_lines(f: BinaryIO, records: Iterable[Record]) -> list[Record]:

@@ -8,9 +8,8 @@ a record reads the same before and after its roll. The columns are event_columns
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 import duckdb
 
@@ -29,9 +28,6 @@ PARQUET_OPTIONS_SQL = f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {PARQU
 # read_json's buffer is sized to the longest line it reads (json_buffer_bytes), but not below
 # this: a 1 MiB read is already cheap per byte.
 MIN_JSON_BUFFER_BYTES = 1024 * 1024
-# Lines joined per write: one join then one write costs far less per line than writelines()
-# (bench/micro_storage.py), and most records are one short event.
-LINES_PER_WRITE = 4096
 
 
 def sql_string(value: str | os.PathLike[str]) -> str:
@@ -64,12 +60,6 @@ def connect_duckdb(
     if temp_limit is not None:
         con.execute(f"SET max_temp_directory_size = {sql_string(temp_limit)}")
     return con
-
-
-def write_lines(f: BinaryIO, lines: Sequence[bytes | memoryview]) -> None:
-    """NDJSON chunks (each ending in a newline) to ``f``, for read_json."""
-    for i in range(0, len(lines), LINES_PER_WRITE):
-        f.write(b"".join(lines[i : i + LINES_PER_WRITE]))
 
 
 def json_buffer_bytes(longest_line: int) -> int:

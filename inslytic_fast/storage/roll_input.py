@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from .event_lines import write_event_lines
+from .event_lines import Record, write_event_lines
 from .events_sql import events_from_ndjson_sql
 
 # A log record's head as CommitLog.append writes it: the project (auth.PROJECT_NAME_RE, so its
@@ -34,7 +34,8 @@ NDJSON_FILE_BYTES = 8 * 1024 * 1024
 # record's "e":[ ... ]} framing), which bounds read_json's buffer.
 EVENT_LINE_OVERHEAD_BYTES = 16
 
-Line = bytes | memoryview
+# What the roll calls a record's payload (declared in event_lines.py).
+Line = Record
 
 
 def group_by_partition(
