@@ -277,8 +277,14 @@ def test_a_data_dir_that_disappears_gives_503_and_not_ready_then_recovers(make_s
     # events written to a file nobody would read.
     for status, headers, body in poll_until(refused_by_every_worker, timeout=30):
         assert status == 503 and int(headers["retry-after"]) >= 1, body
-    status, _, body = server.request("GET", "/ready")
-    assert status == 503 and b"storage unavailable" in body, body
+
+    def not_ready():
+        # /ready is answered by whichever worker takes the connection, and the 10 refusals
+        # above may all have come from one of them: wait for the other's tick as well.
+        status, _, body = server.request("GET", "/ready")
+        return body if status == 503 else None
+
+    assert b"storage unavailable" in poll_until(not_ready, timeout=30)
 
     def put_back():
         # The roller may have made an empty data dir at the old path meanwhile.
@@ -296,7 +302,7 @@ def test_a_data_dir_that_disappears_gives_503_and_not_ready_then_recovers(make_s
         return all(status == 202 for status, _, _ in answers)
 
     poll_until(accepted_by_every_worker, timeout=30)
-    assert server.request("GET", "/ready")[0] == 200
+    poll_until(lambda: server.request("GET", "/ready")[0] == 200, timeout=30)
 
 
 # A disk that stays full --------------------------------------------------------------------
