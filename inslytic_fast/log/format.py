@@ -42,6 +42,7 @@ import re
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,8 @@ MAX_RECORD_BYTES = 64 * 1024 * 1024
 # at 1,000.
 MAX_EVENTS_PER_BATCH = 0x1000
 
+# How much of a mapped segment a scan reads between two releases of its pages (scan_segment).
+SCAN_RELEASE_BYTES = 8 * 1024 * 1024
 SEGMENT_SUFFIX = ".log"
 SALVAGE_SUFFIX = ".salvage"  # a segment being rewritten by recovery; never read
 LOG_DIRNAME = "log"
@@ -155,8 +158,14 @@ class SegmentScan:
         return len(self.damaged) == 1 and self.damaged[0][1] == size
 
 
-def scan_segment(data: bytes | bytearray) -> SegmentScan:
+def scan_segment(
+    data: bytes | bytearray, release_pages: Callable[[], None] | None = None
+) -> SegmentScan:
     """Every valid record of a segment, resynchronising after a damaged stretch.
+
+    ``release_pages``, if given, is called after every SCAN_RELEASE_BYTES scanned: a caller
+    scanning a mapped segment drops the pages read so far there, so a scan never holds more
+    than that much of the file resident (the payloads stay valid; a read faults them back in).
 
     A torn tail damages only the end; a flipped bit in the middle of a segment must not cost
     the acknowledged records after it. Resynchronising cannot be fooled by event data: a
@@ -167,7 +176,11 @@ def scan_segment(data: bytes | bytearray) -> SegmentScan:
     size = len(view)
     scan = SegmentScan([], [], [])
     offset = 0
+    release_at = SCAN_RELEASE_BYTES if release_pages is not None else size
     while offset < size:
+        if offset >= release_at and release_pages is not None:
+            release_pages()
+            release_at = offset + SCAN_RELEASE_BYTES
         end = _record_end(view, offset, size)
         if end > 0:
             scan.payloads.append(view[offset + HEADER_SIZE : end])

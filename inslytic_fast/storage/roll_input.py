@@ -14,11 +14,12 @@ import mmap
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import duckdb
 
+from ..log.format import SCAN_RELEASE_BYTES
 from .event_lines import Record, write_event_lines
 from .events_sql import events_from_ndjson_sql
 
@@ -39,16 +40,24 @@ Line = Record
 
 
 def group_by_partition(
-    payloads: list[memoryview],
+    payloads: list[memoryview], release_pages: Callable[[], None] | None = None
 ) -> tuple[dict[tuple[str, dt.date], list[Line]], list[Line]]:
     """Payload lines by (project, UTC date of arrival), and the lines with no readable head.
 
-    Reads only each record's head (a regex on its first bytes).
+    Reads only each record's head (a regex on its first bytes), but reading one faults in the
+    pages around it as well: ``release_pages`` (page_releaser) runs after every
+    SCAN_RELEASE_BYTES of records, as in the scan.
     """
     groups: dict[tuple[bytes, int], list[Line]] = {}
     headless: list[Line] = []
     match = _RECORD_HEAD.match
+    passed = 0
     for payload in payloads:
+        if release_pages is not None:
+            passed += len(payload)
+            if passed >= SCAN_RELEASE_BYTES:
+                release_pages()
+                passed = 0
         head = match(payload)
         if head is None:
             headless.append(payload)
@@ -86,6 +95,17 @@ def map_segment(segment: Path) -> mmap.mmap | bytes:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def page_releaser(data: mmap.mmap | bytes) -> Callable[[], None] | None:
+    """What drops the resident pages of a mapped segment (None for bytes, which own theirs).
+
+    A segment is read twice, by the scan and by the event lines: each drops the pages it read
+    every few MiB, so the roller never holds the whole segment in its RSS on top of DuckDB's
+    buffers (a read faults pages back in from the page cache)."""
+    if not isinstance(data, mmap.mmap):
+        return None
+    return lambda: data.madvise(mmap.MADV_DONTNEED)
+
+
 def longest_event_line(records: list[Line]) -> int:
     """A bound on the longest event line of ``records`` (read_json's buffer size)."""
     return max(map(len, records)) + EVENT_LINE_OVERHEAD_BYTES
@@ -93,12 +113,13 @@ def longest_event_line(records: list[Line]) -> int:
 
 @contextlib.contextmanager
 def ndjson_in_memory(
-    records: list[Line], fallback_dir: Path
+    records: list[Line], fallback_dir: Path, release_pages: Callable[[], None] | None = None
 ) -> Iterator[tuple[list[str], list[Line]]]:
     """(paths DuckDB can read the records' event lines from, the unreadable records).
 
     Files of at most ~NDJSON_FILE_BYTES of records each: memfds (RAM, no disk) where Linux has
     them, else files in ``fallback_dir``. Nothing of an unreadable record is written.
+    ``release_pages`` (page_releaser) runs after each file.
     """
     paths: list[str] = []
     fds: list[int] = []
@@ -116,6 +137,8 @@ def ndjson_in_memory(
                 paths.append(os.fspath(path))
                 with open(path, "wb") as f:
                     unreadable += write_event_lines(f, part)
+            if release_pages is not None:
+                release_pages()
         yield paths, unreadable
     finally:
         for fd in fds:

@@ -76,6 +76,7 @@ from .roll_input import (
     longest_event_line,
     map_segment,
     ndjson_in_memory,
+    page_releaser,
     pieces,
     split_unreadable,
 )
@@ -339,7 +340,8 @@ class Roller:
         self, segment: Path, staging: Path, data, stop_after: float | None
     ) -> tuple[list[tuple[Path, Path]], int]:
         """Stage the segment's Parquet files: [(partition directory, staged file)], events."""
-        scan = scan_segment(data)
+        release_pages = page_releaser(data)
+        scan = scan_segment(data, release_pages)
         for start, end in scan.damaged:
             # A sealed segment is complete by construction: damage is corruption. Keep the
             # bytes for forensics and roll every valid record around them.
@@ -351,7 +353,9 @@ class Roller:
                 start,
                 target,
             )
-        groups, headless = group_by_partition(scan.payloads)
+        groups, headless = group_by_partition(scan.payloads, release_pages)
+        if release_pages is not None:
+            release_pages()
         if headless:
             self._quarantine(segment, headless, "records without a project and arrival time")
         converted = 0
@@ -388,11 +392,8 @@ class Roller:
     ) -> int:
         """One partition's piece of a segment -> one Parquet file."""
         con = self._connection()
-        with ndjson_in_memory(records, self.staging_dir) as (source, unreadable):
-            if isinstance(data, mmap.mmap):
-                # The lines are copied out: the segment's pages leave the roller's RSS while
-                # DuckDB works (any read again comes back from the page cache).
-                data.madvise(mmap.MADV_DONTNEED)
+        release_pages = None if data is None else page_releaser(data)
+        with ndjson_in_memory(records, self.staging_dir, release_pages) as (source, unreadable):
             if unreadable:
                 # Not JSON of a record's shape (ingest makes that "cannot happen"): kept for
                 # forensics rather than allowed to wedge the roller.
