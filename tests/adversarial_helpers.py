@@ -21,6 +21,13 @@ from .protocol_helpers import split_responses
 
 # Long enough for a commit (fsync) on a loaded CI box, short enough that a hung test says so.
 EXCHANGE_TIMEOUT_S = 10.0
+# Deadlines of polls for what another process or a worker's 1 s tick brings about (a catalog
+# reload, a published metrics snapshot, /ready, a log line): a second or two on a quiet machine,
+# many more on a shared 2-core CI box. Polled, so a pass still takes only as long as it needs.
+TICK_DEADLINE_S = 30.0
+# ... and for a roll: the roller process (importing DuckDB first when it has just started)
+# turning sealed segments into Parquet, under the same load.
+ROLL_DEADLINE_S = 60.0
 
 
 def event(name: str, **fields) -> dict:
