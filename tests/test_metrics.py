@@ -24,7 +24,7 @@ from inslytic_fast.observe.metrics import (
     storage_gauges,
 )
 
-from .adversarial_helpers import poll_until
+from .adversarial_helpers import TICK_DEADLINE_S, poll_until
 from .conftest import EXAMPLE_EVENT, cli, free_port
 from .storage_helpers import LogOnLoop, open_log
 
@@ -136,14 +136,13 @@ def test_metrics_sum_over_workers(make_server):
     for _ in range(40):  # new connections land on both workers
         assert server.ingest([EXAMPLE_EVENT], key)[0] == 202
         sent += 1
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # snapshots are written on each worker's 1 s tick
+    accepted = ("inslytic_events_accepted_total", (("project", "default"),))
+
+    def summed() -> dict | None:  # snapshots are written on each worker's 1 s tick
         got = scrape(server)
-        if got.get(("inslytic_events_accepted_total", (("project", "default"),))) == sent:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"metrics never summed to {sent}: {got}")
+        return got if got.get(accepted) == sent else None
+
+    got = poll_until(summed, TICK_DEADLINE_S, interval=0.2)
     # Histograms add up across workers too: one observation per sync of either worker.
     syncs = got[("inslytic_log_syncs_total", ())]
     assert got[("inslytic_log_sync_duration_seconds_count", ())] == syncs >= 2
@@ -164,9 +163,7 @@ def test_ready_is_200_when_serving_and_503_while_draining(make_server):
     held.endheaders()
     held.send(b"{")
     server.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while "draining" not in server.stderr() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    poll_until(lambda: "draining" in server.stderr(), TICK_DEADLINE_S, interval=0.02)
     probe.request("GET", "/ready")
     resp = probe.getresponse()
     answer = orjson.loads(resp.read())
@@ -224,15 +221,14 @@ def test_metrics_port_serves_metrics_alone_and_the_api_port_does_not(make_server
     assert server.request("GET", "/metrics")[0] == 404
     assert get(server.host, port, "/v1/ingest")[0] == 404
     assert get(server.host, port, "/health")[0] == 404
-    deadline = time.monotonic() + 10
-    while True:  # with 2 workers the other worker's count arrives with its 1 s tick
+
+    def counted() -> bool:  # with 2 workers the other worker's count arrives with its 1 s tick
         status, headers, body = get(server.host, port, "/metrics")
         assert status == 200 and headers["content-type"].startswith("text/plain")
         got = samples(body.decode())
-        if got.get(("inslytic_events_accepted_total", (("project", "default"),))) == 3:
-            break
-        assert time.monotonic() < deadline, got
-        time.sleep(0.2)
+        return got.get(("inslytic_events_accepted_total", (("project", "default"),))) == 3
+
+    poll_until(counted, TICK_DEADLINE_S, interval=0.2)
 
 
 def test_stats_sends_the_metrics_token(make_server):
@@ -356,7 +352,7 @@ def test_counters_never_go_down_across_scrapes_or_a_killed_worker(make_server):
         scrape_and_compare()
     accepted = ("inslytic_events_accepted_total", (("project", "default"),))
     # Both workers' counts published (each on its tick): the victim's are in every sum.
-    poll_until(lambda: scrape_and_compare()[accepted] == sent, timeout=30)
+    poll_until(lambda: scrape_and_compare()[accepted] == sent, TICK_DEADLINE_S)
 
     kill_worker_until_restarted(watch, "w0", lambda: server.ingest([EXAMPLE_EVENT], key))
     for _ in range(20):
