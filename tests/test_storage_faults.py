@@ -25,7 +25,7 @@ import pytest
 from inslytic_fast.log.format import HEADER_SIZE, list_segments, scan_segment
 from inslytic_fast.storage.query import run_query
 
-from .adversarial_helpers import batch_body, poll_until
+from .adversarial_helpers import ROLL_DEADLINE_S, TICK_DEADLINE_S, batch_body, poll_until
 from .conftest import EXAMPLE_EVENT, ServerProcess
 from .storage_helpers import RollerLock
 
@@ -147,20 +147,26 @@ def test_disk_full_mid_run_gives_503_never_a_false_202_and_recovers_by_itself(sm
         senders = [Sender(server, f"full{n}", stop) for n in range(4)]
         for sender in senders:
             sender.start()
-        poll_until(lambda: sum(s.count(202) for s in senders) >= 400, 10)
+        poll_until(lambda: sum(s.count(202) for s in senders) >= 400, TICK_DEADLINE_S)
 
         ballast.fill(leave=0 if min_free == "0" else 1 * MiB)
-        poll_until(lambda: sum(s.count(503) for s in senders) >= 200, 15)
+        poll_until(lambda: sum(s.count(503) for s in senders) >= 200, TICK_DEADLINE_S)
         if min_free != "0":
             # Below --min-free-bytes the server says so on /ready (by the next 1 s tick) and
             # refuses before writing.
-            poll_until(lambda: server.request("GET", "/ready")[0] == 503, 5)
-            poll_until(lambda: any("not enough free space" in d for d in senders[0].details), 5)
+            poll_until(lambda: server.request("GET", "/ready")[0] == 503, TICK_DEADLINE_S)
+            poll_until(
+                lambda: any("not enough free space" in d for d in senders[0].details),
+                TICK_DEADLINE_S,
+            )
         accepted_while_full = sum(s.count(202) for s in senders)
 
         ballast.remove()
         # No manual step: the log repairs itself and the 1 s tick sees the space again.
-        poll_until(lambda: sum(s.count(202) for s in senders) >= accepted_while_full + 400, 15)
+        poll_until(
+            lambda: sum(s.count(202) for s in senders) >= accepted_while_full + 400,
+            TICK_DEADLINE_S,
+        )
         stop.set()
         for sender in senders:
             sender.join(15)
@@ -241,7 +247,7 @@ def test_bit_flips_in_a_sealed_segment_are_reported_quarantined_and_lose_only_th
         assert names_stored(data_dir, "%") == expected
         lock.release()
         lock = None
-        poll_until(lambda: not segment.exists(), 15)  # rolled
+        poll_until(lambda: not segment.exists(), ROLL_DEADLINE_S)  # rolled
     finally:
         if lock is not None:
             lock.release()
