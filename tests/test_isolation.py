@@ -14,7 +14,15 @@ import pytest
 from inslytic_fast.ingest.keys import KEY_PREFIX, generate_key
 from inslytic_fast.storage.query import run_query
 
-from .adversarial_helpers import batch_body, event, exchange, ingest_request, poll_until
+from .adversarial_helpers import (
+    ROLL_DEADLINE_S,
+    TICK_DEADLINE_S,
+    batch_body,
+    event,
+    exchange,
+    ingest_request,
+    poll_until,
+)
 from .conftest import cli
 
 LIMIT_A, LIMIT_B = 5, 7
@@ -92,8 +100,8 @@ def test_events_land_only_under_their_project_partition_after_the_roll(two_proje
     assert server.stop() == 0  # seals the segment; the next start rolls it
     server.start()
     events_dir = server.data_dir / "events"
-    poll_until(lambda: list(events_dir.glob("project=beta/date=*/*.parquet")), 15)
-    poll_until(lambda: list(events_dir.glob("project=alpha/date=*/*.parquet")), 15)
+    poll_until(lambda: list(events_dir.glob("project=beta/date=*/*.parquet")), ROLL_DEADLINE_S)
+    poll_until(lambda: list(events_dir.glob("project=alpha/date=*/*.parquet")), ROLL_DEADLINE_S)
     for project, name in (("alpha", "part-a"), ("beta", "part-b")):
         files = sorted(str(p) for p in events_dir.glob(f"project={project}/date=*/*.parquet"))
         names = (
@@ -167,7 +175,7 @@ def test_no_plaintext_key_in_data_dir_logs_or_error_bodies(make_server, tmp_path
     key_b = create_project(data_dir, "beta", 3)
     unissued = generate_key()  # well formed, valid checksum, never in the catalog
     secrets = [secret_part(k) for k in (default_key, key_a, key_b, unissued)]
-    poll_until(lambda: server.ingest([event("s-a")], key_a)[0] == 202, 5)
+    poll_until(lambda: server.ingest([event("s-a")], key_a)[0] == 202, TICK_DEADLINE_S)
 
     bodies = []
     for key in (default_key, key_b, key_b + "x", unissued, key_a[:-1]):
@@ -183,7 +191,8 @@ def test_no_plaintext_key_in_data_dir_logs_or_error_bodies(make_server, tmp_path
     bodies.append(got.data)
     assert server.stop() == 0
     server.start()  # a second run: recovery, roll, and its own logs
-    poll_until(lambda: list((data_dir / "events").glob("project=*/date=*/*.parquet")), 15)
+    rolled = data_dir / "events"
+    poll_until(lambda: list(rolled.glob("project=*/date=*/*.parquet")), ROLL_DEADLINE_S)
     assert server.stop() == 0
 
     assert not [s for s in secrets for body in bodies if s.encode() in body]
@@ -200,5 +209,5 @@ def test_a_key_pasted_into_the_path_is_not_written_to_the_access_log(make_server
     server = make_server("--workers", "1", "--access-log")
     key = server.first_run_key
     assert server.request("GET", f"/v1/ingest/{key}")[0] == 404
-    poll_until(lambda: "/v1/ingest/" in server.stderr(), 5)
+    poll_until(lambda: "/v1/ingest/" in server.stderr(), TICK_DEADLINE_S)
     assert secret_part(key) not in server.stderr()
