@@ -25,6 +25,8 @@ import orjson
 import pytest
 
 from .adversarial_helpers import (
+    EXCHANGE_TIMEOUT_S,
+    TICK_DEADLINE_S,
     Exchange,
     batch_body,
     event,
@@ -130,7 +132,7 @@ def test_http10_with_transfer_encoding_never_keeps_the_connection(server):
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     )
     follow = smuggled(server, case).replace(b"HTTP/1.1", b"HTTP/1.0")
-    got = raw(server, first + follow, timeout=5)
+    got = raw(server, first + follow)
     assert len(got.statuses()) <= 1 and got.closed
     assert stored_count(server.data_dir, f"smuggled-{case}") == 0
 
@@ -467,7 +469,9 @@ def test_a_client_trickle_reading_its_answers_is_aborted_after_the_send_timeout(
     reader = threading.Thread(target=trickle, daemon=True)
     reader.start()
     try:
-        poll_until(lambda: metric(server, "inslytic_connections_opened_total") >= 2, 10)
+        poll_until(
+            lambda: metric(server, "inslytic_connections_opened_total") >= 2, TICK_DEADLINE_S
+        )
         # The /metrics probe's own connection is the one left open.
         poll_until(lambda: metric(server, "inslytic_open_connections") <= 1, 30, interval=0.5)
     finally:
@@ -491,7 +495,10 @@ def test_1000_idle_connections_do_not_stop_others_being_served(server):
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
     idle = [socket.create_connection((server.host, server.port)) for _ in range(IDLE_CONNECTIONS)]
     try:
-        poll_until(lambda: metric(server, "inslytic_open_connections") >= IDLE_CONNECTIONS, 10)
+        poll_until(
+            lambda: metric(server, "inslytic_open_connections") >= IDLE_CONNECTIONS,
+            TICK_DEADLINE_S,
+        )
         latencies = []
         for i in range(50):
             started = time.perf_counter()
@@ -504,7 +511,7 @@ def test_1000_idle_connections_do_not_stop_others_being_served(server):
         )
         # The idle ones were kept (not shed to make room): each still answers.
         for sock in idle[::100]:
-            sock.settimeout(5)
+            sock.settimeout(EXCHANGE_TIMEOUT_S)
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
             assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
     finally:
@@ -554,7 +561,7 @@ def test_encoded_crlf_and_high_bytes_reach_neither_headers_nor_raw_log_lines(ser
         [(status, headers, _)] = got.responses()
         assert status == (404 if target in encoded else 400), target
         assert "x-injected" not in headers
-    poll_until(lambda: "%1b[31m%07" in server.stderr(), 5)
+    poll_until(lambda: "%1b[31m%07" in server.stderr(), TICK_DEADLINE_S)
     log = server.stderr_path.read_bytes()
     assert b"/a%0d%0aX-Injected:%20yes" in log  # logged as sent, still encoded
     for raw_byte in (ESC, b"\r", b"\x9b", b"\x07", b"\x7f"):
