@@ -15,7 +15,7 @@ from inslytic_fast.ingest.dedup import (
     message_key,
 )
 
-from .adversarial_helpers import metric, poll_until
+from .adversarial_helpers import TICK_DEADLINE_S, metric, poll_until
 from .test_segment import basic, message
 
 
@@ -62,7 +62,10 @@ def test_metrics_show_duplicates_and_the_table_size(make_server):
     assert metric(server, "inslytic_dedup_table_slots") == 1024
     assert metric(server, "inslytic_dedup_window_seconds") == DEFAULT_WINDOW_S
     # Summed over both workers, whichever answered the retries (each publishes once a second).
-    poll_until(lambda: metric(server, 'inslytic_dedup_duplicates_total{kind="message"}') == 4, 15)
+    poll_until(
+        lambda: metric(server, 'inslytic_dedup_duplicates_total{kind="message"}') == 4,
+        TICK_DEADLINE_S,
+    )
     assert metric(server, 'inslytic_dedup_duplicates_total{kind="batch"}') == 0
     assert metric(server, "inslytic_dedup_evictions_total") == 0
     assert "inslytic_dedup_cross_node_total" not in server.request("GET", "/metrics")[2].decode()

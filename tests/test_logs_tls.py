@@ -15,7 +15,7 @@ import pytest
 
 from inslytic_fast.observe.logs import JsonFormatter, RepeatedFailure, TextFormatter, escape
 
-from .adversarial_helpers import poll_until
+from .adversarial_helpers import TICK_DEADLINE_S, poll_until
 from .conftest import EXAMPLE_EVENT, cli, free_port
 
 
@@ -75,7 +75,8 @@ def test_a_failure_that_keeps_repeating_logs_once_not_every_second(make_server):
     failed, recovered = "cannot write the metrics snapshot", "the metrics snapshot: working again"
     run_dir.rename(saved)
     run_dir.write_bytes(b"")
-    poll_until(lambda: server.stderr().count(failed) >= 2, 10)  # each worker's first failure
+    # Each worker's first failure, on its next tick.
+    poll_until(lambda: server.stderr().count(failed) >= 2, TICK_DEADLINE_S)
     # Then a scrape answered by each worker: a failure again in each (the page of a worker
     # that cannot read run/ shows its own process series only, which says who answered).
     answered: set[str] = set()
@@ -86,11 +87,11 @@ def test_a_failure_that_keeps_repeating_logs_once_not_every_second(make_server):
         answered.update(re.findall(r'process_start_time_seconds\{worker="(w\d)"\}', body.decode()))
         return answered == {"w0", "w1"}
 
-    poll_until(each_worker_answered, 30, interval=0)
+    poll_until(each_worker_answered, TICK_DEADLINE_S, interval=0)
     assert server.stderr().count(failed) == 2, server.stderr()  # one line per worker
     run_dir.unlink()
     saved.rename(run_dir)
-    poll_until(lambda: server.stderr().count(recovered) == 2, 10)
+    poll_until(lambda: server.stderr().count(recovered) == 2, TICK_DEADLINE_S)
     assert server.request("GET", "/health")[0] == 200
     assert server.stop() == 0
 
