@@ -33,6 +33,7 @@ from inslytic_fast.storage.query import run_query
 from inslytic_fast.storage.roller import Roller
 from inslytic_fast.storage.roller_process import FINAL_ROLL_LOCK_WAIT_S, roll_before_exit
 
+from .adversarial_helpers import ROLL_DEADLINE_S, poll_until
 from .storage_helpers import LogOnLoop, RollerLock, batch_counts, open_log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -589,10 +590,7 @@ def test_background_roller_converts_sealed_segments_and_stops(tmp_path):
     roller = Roller(tmp_path, roll_interval_s=0.01)
     roller.start()
     try:
-        deadline = time.monotonic() + 20
-        while sealed_segments(tmp_path / "log") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sealed_segments(tmp_path / "log") == []
+        poll_until(lambda: sealed_segments(tmp_path / "log") == [], ROLL_DEADLINE_S, 0.01)
     finally:
         roller.stop()
     assert roller.events_rolled == 7 and roller.errors == 0
