@@ -14,6 +14,7 @@ import time
 
 import orjson
 
+from .adversarial_helpers import TICK_DEADLINE_S, poll_until
 from .conftest import EXAMPLE_EVENT, cli
 
 INVALID_EVERY = 7  # every 7th batch of a client is invalid and must leave no trace
@@ -77,9 +78,11 @@ class LoadClient(threading.Thread):
             conn.close()
 
 
-def run_load(server, key: str, clients: int, seconds: float, seed: int):
-    """Start clients; after ``seconds`` the caller kills or stops the server, then joins.
-    Event names are unique per (seed, client, batch, index): use a new seed for each round."""
+def run_load(server, key: str, clients: int, seconds: float, seed: int, min_acked: int = 0):
+    """Start clients; after ``seconds``, and once they have ``min_acked`` events acknowledged
+    between them (a loaded machine acknowledges fewer a second), the caller kills or stops the
+    server, then joins. Event names are unique per (seed, client, batch, index): use a new seed
+    for each round."""
     rng = random.Random(seed)
     stop = threading.Event()
     threads = [
@@ -89,6 +92,7 @@ def run_load(server, key: str, clients: int, seconds: float, seed: int):
     for thread in threads:
         thread.start()
     time.sleep(seconds)
+    poll_until(lambda: sum(len(t.acked) for t in threads) >= min_acked, TICK_DEADLINE_S)
     return threads, stop
 
 

@@ -11,6 +11,8 @@ import pytest
 from .crash_harness import audit, run_load
 
 CI_CYCLES = 2
+# A cycle whose kill came before this many acknowledged events proves little.
+MIN_ACKED_PER_CYCLE = 101
 SLOW_CYCLES = int(os.environ.get("INSLYTIC_CRASH_CYCLES", "200"))
 
 
@@ -24,7 +26,7 @@ def crash_cycles(make_server, tmp_path, cycles: int, workers: str, seed: int) ->
     for cycle in range(cycles):
         seconds = rng.uniform(0.3, 1.2)
         clients, stop = run_load(
-            server, key, clients=6, seconds=seconds, seed=seed * 100_000 + cycle
+            server, key, 6, seconds, seed * 100_000 + cycle, min_acked=MIN_ACKED_PER_CYCLE
         )
         server.stop(signal.SIGKILL)  # with the clients still sending
         stop.set()
@@ -35,7 +37,7 @@ def crash_cycles(make_server, tmp_path, cycles: int, workers: str, seed: int) ->
         server.start()
         counts = audit(data_dir, all_clients, previous=counts)  # recovered server, same data
     acked = sum(len(c.acked) for c in all_clients)
-    assert acked > 100 * cycles, "the load was too light to prove anything"
+    assert acked >= MIN_ACKED_PER_CYCLE * cycles, "the load was too light to prove anything"
     assert server.stop() == 0
     audit(data_dir, all_clients, previous=counts)
     return {"cycles": cycles, "acked_events": acked, "stored": len(counts)}
