@@ -118,18 +118,19 @@ def frame_record(payload: bytes) -> bytes:
     return RECORD_HEADER.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def _record_end(view: memoryview, offset: int, size: int) -> int:
-    """End offset of the valid record starting at ``offset``, or -1."""
+def _record_at(view: memoryview, offset: int, size: int) -> memoryview | None:
+    """The payload of the valid record starting at ``offset`` (which ends HEADER_SIZE + its
+    length later), or None."""
     if offset + HEADER_SIZE > size:
-        return -1
+        return None
     magic, length, crc = RECORD_HEADER.unpack_from(view, offset)
     end = offset + HEADER_SIZE + length
     if magic != RECORD_MAGIC or length == 0 or length > MAX_RECORD_BYTES or end > size:
-        return -1
+        return None
     payload = view[offset + HEADER_SIZE : end]
     if zlib.crc32(payload) != crc or payload[-1] != 0x0A:
-        return -1
-    return end
+        return None
+    return payload
 
 
 def scan_records(data: bytes | bytearray | memoryview) -> tuple[list[memoryview], int]:
@@ -142,17 +143,35 @@ def scan_records(data: bytes | bytearray | memoryview) -> tuple[list[memoryview]
     size = len(view)
     payloads: list[memoryview] = []
     offset = 0
-    while (end := _record_end(view, offset, size)) > 0:
-        payloads.append(view[offset + HEADER_SIZE : end])
-        offset = end
+    while (payload := _record_at(view, offset, size)) is not None:
+        payloads.append(payload)
+        offset += HEADER_SIZE + len(payload)
     return payloads, offset
 
 
 @dataclass(slots=True)
 class SegmentScan:
+    # A segment is valid records and damaged ranges, back to back: the one list and the
+    # payloads' lengths give every record's place (``records``), so a scan of a segment of
+    # small records keeps no object per record beyond its payload.
     payloads: list[memoryview]  # of every valid record, in file order
-    records: list[tuple[int, int]]  # (start, end) of every valid framed record
-    damaged: list[tuple[int, int]]  # byte ranges that are not valid records
+    damaged: list[tuple[int, int]]  # byte ranges that are not valid records, in file order
+
+    @property
+    def records(self) -> list[tuple[int, int]]:
+        """(start, end) of every valid framed record."""
+        spans = []
+        damaged = iter(self.damaged)
+        next_damage = next(damaged, None)
+        offset = 0
+        for payload in self.payloads:
+            while next_damage is not None and next_damage[0] == offset:
+                offset = next_damage[1]
+                next_damage = next(damaged, None)
+            end = offset + HEADER_SIZE + len(payload)
+            spans.append((offset, end))
+            offset = end
+        return spans
 
     def only_tail_damaged(self, size: int) -> bool:
         return len(self.damaged) == 1 and self.damaged[0][1] == size
@@ -174,21 +193,21 @@ def scan_segment(
     """
     view = memoryview(data)
     size = len(view)
-    scan = SegmentScan([], [], [])
+    scan = SegmentScan([], [])
+    append = scan.payloads.append
     offset = 0
     release_at = SCAN_RELEASE_BYTES if release_pages is not None else size
     while offset < size:
         if offset >= release_at and release_pages is not None:
             release_pages()
             release_at = offset + SCAN_RELEASE_BYTES
-        end = _record_end(view, offset, size)
-        if end > 0:
-            scan.payloads.append(view[offset + HEADER_SIZE : end])
-            scan.records.append((offset, end))
-            offset = end
+        payload = _record_at(view, offset, size)
+        if payload is not None:
+            append(payload)
+            offset += HEADER_SIZE + len(payload)
             continue
         resume = data.find(RECORD_MAGIC, offset + 1)
-        while resume != -1 and _record_end(view, resume, size) < 0:
+        while resume != -1 and _record_at(view, resume, size) is None:
             resume = data.find(RECORD_MAGIC, resume + 1)
         if resume == -1:
             scan.damaged.append((offset, size))
