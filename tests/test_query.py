@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import subprocess
+import sys
 
 import duckdb
 import orjson
@@ -317,3 +319,21 @@ def test_cli_query_prints_any_duckdb_type(data_dir, capsys):
     assert (
         out.splitlines()[1] == '12.50,170141183460469231731687303715884105727,78,2026-01-02,"[1,2]"'
     )
+
+
+def test_duckdb_connections_print_no_progress_bar_into_results(tmp_path):
+    """DuckDB's progress bar goes to stdout, a TTY or not, once a statement runs longer than
+    progress_bar_time (2 s): `query ... > out.csv` got bars in the CSV, and the roller's went
+    into the server's output. Here the bar is due at once (progress_bar_time 0), so it would
+    print however fast the machine; stdout must stay empty."""
+    script = (
+        "from inslytic_fast.storage.events_sql import connect_duckdb\n"
+        "con = connect_duckdb(threads=1)\n"
+        "con.execute('SET progress_bar_time = 0')\n"
+        "con.execute('SELECT count(*) FROM range(30000000) t(x) WHERE x % 7 = 3').fetchall()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b""

@@ -48,9 +48,14 @@ def connect_duckdb(
     memory_limit: str | None = None,
     temp_limit: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection that reads and prints timestamps in UTC."""
+    """An in-memory DuckDB connection that reads and prints timestamps in UTC, and prints
+    nothing else: DuckDB's progress bar goes to stdout (a TTY or not) once a statement runs
+    past 2 s, which put bars into `query`'s piped results and the roller's into the
+    server's output."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET enable_progress_bar = false")
+    con.execute("SET enable_progress_bar_print = false")  # stays off if a caller enables it
     if threads is not None:
         con.execute(f"SET threads = {int(threads)}")
     if temp_dir is not None:
