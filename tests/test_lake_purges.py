@@ -6,6 +6,8 @@ and ``projects delete --purge --coordinator --lake`` ties it together.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +68,40 @@ def test_a_lake_purge_hides_the_rows_at_once_then_deletes_them_everywhere(seawee
     assert rows == shop  # a plain read of the bucket too
     assert keys and all(k.startswith("events/project=shop/") for k in keys)
     assert lake_query_count(store, tmp_path / "q2") == shop
+
+
+def test_a_serving_process_drops_a_purged_waiting_file_without_loading_duckdb(seaweed, tmp_path):
+    """The uploader runs in the serving process; reading a waiting file's newest arrival takes
+    DuckDB, which must not stay resident there (tens of MB): the check runs in a child."""
+    from inslytic_fast.lake.purges import record_lake_purge
+
+    prefix = "purge-child"
+    waiting = tmp_path / "edge-2"
+    rolled_data_dir(waiting)
+    record_lake_purge(lake(seaweed, prefix), "blog", int(time.time() * 1_000_000) + PURGE_GRACE_US)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from inslytic_fast.lake.uploader import lake_uploader\n"
+        "uploader = lake_uploader(sys.argv[1], sys.argv[2], Path(sys.argv[3]), 'edge-2')\n"
+        "uploader.upload_once()\n"
+        "print(uploader.purged_files, uploader.uploaded_files, 'duckdb' in sys.modules)\n"
+    )
+    lake_url = f"s3://{seaweed.bucket}/{prefix}"
+    done = subprocess.run(
+        [sys.executable, "-c", script, lake_url, seaweed.endpoint, str(waiting)],
+        env={**os.environ, **S3_CREDENTIALS, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    purged, uploaded, duckdb_loaded = done.stdout.split()
+    assert int(purged) > 0 and int(uploaded) > 0  # blog's files dropped, shop's uploaded
+    assert duckdb_loaded == "False"
+    assert finished_files(waiting) == []
+    keys, _ = lake_rows(lake(seaweed, prefix), tmp_path / "raw")
+    assert keys and all(k.startswith("events/project=shop/") for k in keys)
 
 
 class CountingStore(S3ObjectStore):

@@ -117,9 +117,8 @@ def may_hold_covered_rows(key: str, received_before_us: int) -> bool:
 
 def covers_every_row(path: Path, received_before_us: int) -> bool:
     """Whether each row of the Parquet file ``path`` was received at or before the bound."""
-    # Here, not at the top: the uploader (in the serving process) imports this module, and
-    # DuckDB (tens of MB resident once used) is loaded only when a tombstone covers a waiting
-    # file.
+    # Here, not at the top: the uploader (in the serving process) imports this module; it
+    # runs this function in a short-lived child (uploader.py), which alone loads DuckDB.
     from ..storage.events_sql import connect_duckdb, sql_string
 
     con = connect_duckdb(threads=1)

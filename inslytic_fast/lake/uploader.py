@@ -49,6 +49,7 @@ import orjson
 
 from ..config import Settings
 from ..log.format import LOG_DIRNAME, list_segments
+from ..runtime.children import run_to_end
 from ..runtime.durable import fsync_dir
 from ..runtime.filelock import lock_exclusive
 from ..storage.layout import (
@@ -165,8 +166,10 @@ class Uploader:
         step_hook: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         deadline: StopDeadline | None = None,
+        log_settings: tuple[str, str] = ("text", "info"),
     ) -> None:
         self.store = store
+        self._log_settings = log_settings  # (format, level) of a child's log lines
         self.data_dir = Path(data_dir)
         self.node = node
         self._step_hook = step_hook
@@ -257,7 +260,11 @@ class Uploader:
             return False
         if not local.path.exists():
             raise FileNotFoundError(local.path)
-        return covers_every_row(local.path, before_us)
+        # Reading the file's newest arrival takes DuckDB: in a short-lived child, so that it is
+        # never loaded into the serving process this thread runs in (README "Architecture").
+        return run_to_end(
+            "inslytic-purge-check", self._log_settings, covers_every_row, local.path, before_us
+        )
 
     def _check(
         self,
@@ -385,13 +392,25 @@ class Uploader:
 
 def start_uploader(settings: Settings) -> Uploader:
     """The node's uploader thread (``serve --lake``), started; ``stop()`` it on the way out."""
-    uploader = lake_uploader(settings.lake, settings.s3_endpoint, settings.data_dir, settings.node)
+    uploader = lake_uploader(
+        settings.lake,
+        settings.s3_endpoint,
+        settings.data_dir,
+        settings.node,
+        log_settings=(settings.log_format, settings.log_level),
+    )
     uploader.start()
     return uploader
 
 
-def lake_uploader(lake: str, endpoint: str, data_dir: Path, node: str) -> Uploader:
+def lake_uploader(
+    lake: str,
+    endpoint: str,
+    data_dir: Path,
+    node: str,
+    log_settings: tuple[str, str] = ("text", "info"),
+) -> Uploader:
     """An uploader whose store drops the call in flight at its stop's deadline."""
     deadline = StopDeadline()
     store = S3ObjectStore(lake, endpoint, cancelled=deadline.passed)
-    return Uploader(store, data_dir, node, deadline=deadline)
+    return Uploader(store, data_dir, node, deadline=deadline, log_settings=log_settings)
