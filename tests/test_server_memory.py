@@ -103,3 +103,18 @@ def test_a_failed_dedup_rebuild_is_a_startup_error(make_server, tmp_path):
     assert proc.returncode == 2
     assert "cannot open the dedup table" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_server_alone_has_one_child_the_roller_and_no_resource_tracker(make_server):
+    """multiprocessing's spawn started its resource tracker (an interpreter of ~13 MB that
+    lives as long as the server) for the roller and the one-off jobs; they are plain child
+    interpreters now (runtime/children.SpawnedChild). The dedup rebuild's child has exited
+    by the time the server listens."""
+    server = make_server("--workers", "1")
+    assert server.ingest([EXAMPLE_EVENT], server.first_run_key)[0] == 202
+
+    def children() -> list[str]:
+        return sorted(name for pid, name in by_name(server).items() if pid != server.proc.pid)
+
+    poll_until(lambda: children() == [ROLLER_COMM], ROLLER_START_DEADLINE_S)
+    assert not [pid for pid in process_tree(server.proc.pid) if "resource_tracker" in cmdline(pid)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import signal
 import threading
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 from ..config import Settings
 from ..log.format import sealed_segments
 from ..observe.logs import configure
-from ..runtime.children import ChildFailed, leave_sigint_to_parent, run_to_end, start_child
+from ..runtime.children import ChildFailed, SpawnedChild, leave_sigint_to_parent, run_to_end
 from ..runtime.process import follow_parent
 
 if TYPE_CHECKING:
@@ -118,16 +117,11 @@ def move_to_cpus(cpus: tuple[int, ...]) -> None:
 class RollerProcess:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.process: multiprocessing.process.BaseProcess | None = None
+        self.process: SpawnedChild | None = None
 
     def start(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.process = context.Process(
-            target=roller_main,
-            args=(self.settings, os.getpid()),
-            name="inslytic-fast-roller",
-        )
-        start_child(self.process)
+        self.process = SpawnedChild(roller_main, (self.settings, os.getpid()))
+        self.process.start()
 
     def stop(self) -> None:
         """Stop the roller process, then roll what is sealed by now, in a short-lived child.
