@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 
 from ..ingest.segment import SEGMENT_PATHS
+from ..runtime.process import resident_bytes
 
 # Seconds; the request buckets resolve sub-millisecond answers and multi-second fsync stalls.
 LATENCY_BUCKETS = (
@@ -207,11 +208,10 @@ def process_gauges(worker_id: str, connections: int, last_sync_latency_s: float)
 
 
 def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+    rss = resident_bytes()
+    if rss is None:  # no /proc: the peak is the figure there is
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return rss
 
 
 def storage_gauges(data_dir: Path) -> dict:

@@ -38,6 +38,15 @@ def follow_parent(parent_pid: int, name: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def resident_bytes() -> int | None:
+    """This process's resident set now (Linux /proc), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def raise_open_file_limit(wanted: int) -> None:
     """Each connection is a file descriptor; lift the soft limit toward the hard one."""
     try:

@@ -41,6 +41,7 @@ from ..log.format import (
     sealed_segments,
 )
 from ..runtime.durable import fsync_dir, fsync_file, make_dirs_durable
+from ..runtime.process import resident_bytes
 from .compaction import (
     DEFAULT_COMPACT_MIN_FILES,
     DEFAULT_COMPACT_SMALL_FILE_BYTES,
@@ -107,16 +108,6 @@ ROLL_PIECE_BYTES = 64 * 1024 * 1024
 # The roller's resident set above which a pass's DuckDB connection is closed (see _run); idle
 # with DuckDB loaded it holds ~50 MB, a connection that has rolled ~80 MB or more.
 RECONNECT_ABOVE_RSS_BYTES = 96 * 1024 * 1024
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def resident_bytes() -> int:
-    """This process's resident set (Linux /proc; 0 where there is none)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * PAGE_BYTES
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _rows_copied(con: duckdb.DuckDBPyConnection, copy_sql: str) -> int:
@@ -227,7 +218,7 @@ class Roller:
             # and each pass's peak came on top of it: under sustained load the roller's peak
             # RSS crept from ~130 to ~170 MB. A new connection costs ~20 ms of CPU, so the old
             # one goes only once the process holds more than this.
-            if resident_bytes() > RECONNECT_ABOVE_RSS_BYTES:
+            if (resident_bytes() or 0) > RECONNECT_ABOVE_RSS_BYTES:
                 self._close_connection()
             delay = self.roll_interval_s
             if failures:
