@@ -98,9 +98,10 @@ def map_segment(segment: Path) -> mmap.mmap | bytes:
 def page_releaser(data: mmap.mmap | bytes) -> Callable[[], None] | None:
     """What drops the resident pages of a mapped segment (None for bytes, which own theirs).
 
-    A segment is read twice, by the scan and by the event lines: each drops the pages it read
-    every few MiB, so the roller never holds the whole segment in its RSS on top of DuckDB's
-    buffers (a read faults pages back in from the page cache)."""
+    A roll reads its segment three times (the scan, the partition heads, the event lines):
+    each pass drops the pages it read every few MiB, so the roller never holds the whole
+    segment in its RSS on top of DuckDB's buffers (a read faults pages back in from the page
+    cache)."""
     if not isinstance(data, mmap.mmap):
         return None
     return lambda: data.madvise(mmap.MADV_DONTNEED)

@@ -387,7 +387,7 @@ class Roller:
                     # Nothing is published yet: the segment stays whole in the log.
                     raise RollDeadline(segment.name)
                 staged_file = staging / f"{len(staged)}.parquet"
-                rows = self._convert(segment, piece, staged_file, purges, data)
+                rows = self._convert(segment, piece, staged_file, purges, release_pages)
                 if rows:
                     staged.append((partition, staged_file))
                     converted += rows
@@ -401,11 +401,11 @@ class Roller:
         records: list[Line],
         out: Path,
         purges: list[Purge],
-        data: mmap.mmap | bytes | None = None,
+        release_pages: Callable[[], None] | None = None,
     ) -> int:
-        """One partition's piece of a segment -> one Parquet file."""
+        """One partition's piece of a segment -> one Parquet file. ``release_pages`` is the
+        segment's (page_releaser)."""
         con = self._connection()
-        release_pages = None if data is None else page_releaser(data)
         with ndjson_in_memory(records, self.staging_dir, release_pages) as (source, unreadable):
             if unreadable:
                 # Not JSON of a record's shape (ingest makes that "cannot happen"): kept for
