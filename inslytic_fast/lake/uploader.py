@@ -153,6 +153,11 @@ def finished_files(data_dir: Path) -> list[LocalFile]:
 # The uploader ---------------------------------------------------------------------------------
 
 
+# (format, level) of the purge check's log lines, for an uploader built without Settings
+# (tests, `lake` commands): the configuration's defaults.
+DEFAULT_LOG_SETTINGS = (Settings().log_format, Settings().log_level)
+
+
 class Uploader:
     """Ships finished files to the lake. ``upload_once`` is one pass; ``start`` runs passes on a
     thread with backoff. Counters and the pending backlog go to the status file (status.py)."""
@@ -166,7 +171,7 @@ class Uploader:
         step_hook: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         deadline: StopDeadline | None = None,
-        log_settings: tuple[str, str] = ("text", "info"),
+        log_settings: tuple[str, str] = DEFAULT_LOG_SETTINGS,
     ) -> None:
         self.store = store
         self._log_settings = log_settings  # (format, level) of a child's log lines
@@ -408,7 +413,7 @@ def lake_uploader(
     endpoint: str,
     data_dir: Path,
     node: str,
-    log_settings: tuple[str, str] = ("text", "info"),
+    log_settings: tuple[str, str] = DEFAULT_LOG_SETTINGS,
 ) -> Uploader:
     """An uploader whose store drops the call in flight at its stop's deadline."""
     deadline = StopDeadline()
