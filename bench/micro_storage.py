@@ -19,6 +19,9 @@ roll_cpu: CPU time of the whole process (all threads) per event rolled, for reco
 and 1000 events (--roll-shapes); the issue-14 target is <= 2 us/event on one thread. CPU time
 rather than wall time, so a busy machine moves it little. Each roll runs in a fresh process
 whose peak RSS (VmHWM) is reported: the roller process's peak for that shape.
+roll_parts: the same rolls taken apart, CPU us/event of each part in the roller's order (CRC
+scan, grouping by partition heads, event lines into memfds, DuckDB's COPY to ZSTD Parquet) and
+of compacting 8 rolled files into one; not a default stage (--stages roll_parts).
 query_log_tail: a count(*) over events that are all still in the log (the worst case for
 query, which parses the log in Python and loads it into DuckDB).
 
@@ -292,6 +295,95 @@ def roll_in_this_process(
     )
 
 
+def roll_parts(data_dir: Path, args, _batches: list[bytes]) -> dict:
+    """roll_cpu taken apart: CPU microseconds per event of each part of a roll, and of one
+    compaction of what it wrote, per record shape. Each shape runs in a fresh process; the
+    parts are the roller's own functions, called in its order on the same sealed segments."""
+    shapes: dict[str, dict] = {}
+    context = multiprocessing.get_context("spawn")
+    for batch_events in (int(n) for n in args.roll_shapes.split(",")):
+        shape_dir = data_dir / f"shape-{batch_events}"
+        batches = make_batches_cycled(batch_events, args.seed)
+        events = max(batch_events, args.roll_events // batch_events * batch_events)
+        in_flight = max(1, (1 << 20) // max(map(len, batches)))
+        asyncio.run(fill_log(shape_dir, events, batch_events, batches, in_flight))
+        seal(shape_dir, "fill")
+        results, sender = context.Pipe(duplex=False)
+        child = context.Process(target=roll_parts_in_this_process, args=(shape_dir, sender))
+        child.start()
+        sender.close()
+        shapes[str(batch_events)] = results.recv()
+        child.join()
+        shutil.rmtree(shape_dir, ignore_errors=True)
+    return {"bench": "micro_storage", "stage": "roll_parts", "shapes": shapes}
+
+
+def roll_parts_in_this_process(shape_dir: Path, results: Connection) -> None:
+    """roll_parts' child. CPU time of this process (DuckDB's one thread included) per part."""
+    from inslytic_fast.log.format import scan_segment
+    from inslytic_fast.storage.compaction import DEFAULT_COMPACT_MIN_FILES
+    from inslytic_fast.storage.events_sql import (
+        connect_duckdb,
+        copy_events_sql,
+        merge_parquet_sql,
+    )
+    from inslytic_fast.storage.roll_input import (
+        group_by_partition,
+        longest_event_line,
+        map_segment,
+        ndjson_in_memory,
+        page_releaser,
+    )
+
+    con = connect_duckdb(threads=1, memory_limit=roller_module.ROLLER_MEMORY_LIMIT)
+    out_dir = shape_dir / "parts"
+    out_dir.mkdir()
+    cpu = dict.fromkeys(("scan", "group", "event_lines", "copy", "compaction"), 0.0)
+    rows = 0
+    rolled: list[Path] = []
+    for segment in sorted((shape_dir / "log").glob("fill-*.log")):
+        data = map_segment(segment)
+        release = page_releaser(data)
+        started = time.process_time()
+        scan = scan_segment(data, release)
+        cpu["scan"] += time.process_time() - started
+        started = time.process_time()
+        groups, _ = group_by_partition(scan.payloads, release)
+        cpu["group"] += time.process_time() - started
+        for records in groups.values():
+            started = time.process_time()
+            with ndjson_in_memory(records, out_dir, release) as (paths, _):
+                cpu["event_lines"] += time.process_time() - started
+                out = out_dir / f"{len(rolled)}.parquet"
+                started = time.process_time()
+                con.execute(copy_events_sql(paths, out, [], longest_event_line(records)))
+                cpu["copy"] += time.process_time() - started
+            rolled.append(out)
+            rows += con.execute(f"SELECT count(*) FROM '{out}'").fetchone()[0]
+    # Compaction merges a partition's rolled files once it holds DEFAULT_COMPACT_MIN_FILES:
+    # merge that many (the rolled files again when the roll wrote fewer).
+    inputs = [rolled[i % len(rolled)] for i in range(DEFAULT_COMPACT_MIN_FILES)]
+    merged_rows = con.execute(
+        f"SELECT count(*) FROM read_parquet({[str(p) for p in inputs]})"
+    ).fetchone()[0]
+    started = time.process_time()
+    con.execute(merge_parquet_sql(inputs, out_dir / "merged.parquet"))
+    cpu["compaction"] = time.process_time() - started
+    per_event = {
+        part: round(seconds / (merged_rows if part == "compaction" else rows) * 1e6, 2)
+        for part, seconds in cpu.items()
+    }
+    roll_total = sum(v for part, v in per_event.items() if part != "compaction")
+    results.send(
+        {
+            "events": rows,
+            "cpu_us_per_event": per_event,
+            "roll_us_per_event": round(roll_total, 2),
+            "roll_and_compaction_us_per_event": round(roll_total + per_event["compaction"], 2),
+        }
+    )
+
+
 def make_batches_cycled(batch_events: int, seed: int) -> list[bytes]:
     """Distinct batches for one record shape, ~BATCH_VARIANTS x 100 events of variety."""
     rng = random.Random(seed)
@@ -353,6 +445,8 @@ def main() -> int:
                 result = roll(data_dir, args, batches)
             elif stage == "roll_cpu":
                 result = roll_cpu(data_dir, args, batches)
+            elif stage == "roll_parts":
+                result = roll_parts(data_dir, args, batches)
             elif stage == "query_log_tail":
                 result = query_log_tail(data_dir, args, batches)
             else:
