@@ -7,7 +7,7 @@ import asyncio
 import orjson
 import pytest
 
-from inslytic_fast.http.parsing import LINGER
+from inslytic_fast.http.parsing import IDLE, LINGER, MAX_DISCARDED_BODY_BYTES
 from inslytic_fast.http.protocol import LINGER_SECONDS, PARSE_SLICE
 
 from .protocol_helpers import get, make_conn, post, split_responses, statuses
@@ -412,6 +412,45 @@ def test_overload_is_refused_on_the_headers_and_the_body_never_parsed():
     assert conn.phase == LINGER and transport.eof_written  # the rest is read and discarded
     conn.data_received(b"x" * 65536)
     assert transport.take() == b"" and app.requests == []
+
+
+def test_an_overload_refusal_drops_a_modest_body_and_keeps_the_connection():
+    conn, transport, app = make_conn()
+    body = b'{"events":[' + b"x" * 49_000
+    head = b"POST /overloaded HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (len(body) + 2)
+    conn.data_received(head + body[:10_000])
+    # Answered on the headers, before the body is in, and without "Connection: close".
+    [(status, headers, _)] = split_responses(transport.take())
+    assert status == 503 and headers["retry-after"] == "1" and "connection" not in headers
+    for at in range(10_000, len(body), 7_000):  # the rest in reads of any size
+        conn.data_received(body[at : at + 7_000])
+        assert conn.body_parts == []  # dropped, not kept
+    conn.data_received(b"]}" + get("/after") + post("/overloaded", b"{}"))
+    # The connection reads on: the next request is handled, the next refusal answered.
+    assert [r.path for r in app.requests] == [b"/after"]
+    assert statuses(transport.take()) == [200, 503]
+    assert not transport.closed and not transport.eof_written and conn.phase == IDLE
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # The client waits for 100-continue: it sends no body to drop.
+        b"Content-Length: 100\r\nExpect: 100-continue\r\n",
+        # A body longer than the server drops on an open connection.
+        b"Content-Length: %d\r\n" % (MAX_DISCARDED_BODY_BYTES + 1),
+        # No length known in advance.
+        b"Transfer-Encoding: chunked\r\n",
+        # The client closes after this request anyway.
+        b"Content-Length: 100\r\nConnection: close\r\n",
+    ],
+)
+def test_an_overload_refusal_closes_when_the_body_is_not_worth_dropping(head):
+    conn, transport, app = make_conn()
+    conn.data_received(b"POST /overloaded HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+    [(status, headers, _)] = split_responses(transport.take())
+    assert status == 503 and headers["connection"] == "close"
+    assert conn.phase == LINGER and transport.eof_written and app.requests == []
 
 
 def test_a_held_request_stops_reading_and_is_answered_in_order_after_the_hold():

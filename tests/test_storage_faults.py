@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -374,20 +375,36 @@ def test_past_the_hard_mark_ingest_is_refused_on_its_headers_alone(make_server, 
             return headers if status == 503 else None
 
         assert int(poll_until(refused, timeout=30)["retry-after"]) >= 1
-        # A client announcing a 1 MB body gets its 503 without sending a byte of it: the
-        # server decides on the headers (it would otherwise wait for the body for 30 s).
-        with socket.create_connection((server.host, server.port), timeout=20) as sock:
+
+        # A client announcing a body gets its 503 without sending a byte of it: the server
+        # decides on the headers (it would otherwise wait for the body for 30 s). A body of up
+        # to 1 MiB is then dropped on the open connection; a longer one is refused with close.
+        def announce(sock: socket.socket, length: int) -> bytes:
             sock.sendall(
                 b"POST /v1/ingest HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                 + key.encode()
-                + b"\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+                + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length
             )
-            head = b""
-            while b"\r\n\r\n" not in head:
+            answer = b""
+            while b"\r\n\r\n" not in answer:
                 chunk = sock.recv(65536)
-                assert chunk, f"closed without an answer: {head!r}"
-                head += chunk
-        assert head.startswith(b"HTTP/1.1 503 ")
-        assert b"\r\nretry-after: " in head.lower() and b"\r\nconnection: close" in head.lower()
+                assert chunk, f"closed without an answer: {answer!r}"
+                answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            head = head.lower()
+            assert head.startswith(b"http/1.1 503 ") and b"\r\nretry-after: " in head
+            length = int(re.search(rb"\r\ncontent-length: (\d+)", head)[1])
+            while len(body) < length:  # the whole answer: the next one starts after it
+                chunk = sock.recv(65536)
+                assert chunk, f"closed in the middle of an answer: {answer!r}"
+                body += chunk
+            return head
+
+        with socket.create_connection((server.host, server.port), timeout=20) as sock:
+            assert b"\r\nconnection: close" not in announce(sock, 1_000_000)
+            sock.sendall(b"[" * 1_000_000)  # dropped unparsed: the connection reads on
+            assert b"\r\nconnection: close" not in announce(sock, 100)
+        with socket.create_connection((server.host, server.port), timeout=20) as sock:
+            assert b"\r\nconnection: close" in announce(sock, 4_000_000)
     finally:
         lock.release()

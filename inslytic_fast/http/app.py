@@ -126,14 +126,16 @@ class App:
             return None
         return INGEST_ROUTE, error.status, self.ingestor.refusal(error, req, close=True)
 
-    def refuse_on_headers(self, req: Request) -> tuple[bytes, int, bytes] | None:
+    def refuse_on_headers(
+        self, req: Request, *, close: bool = True
+    ) -> tuple[bytes, int, bytes] | None:
         """(route, status, response) for an ingest or Segment request the log cannot take
         whatever its body (overload past the hard mark, disk short, shutting down); None
-        otherwise. Asked of every request on its headers; the response closes, the body is
-        never read."""
+        otherwise. Asked of every request on its headers; the body is never parsed (the
+        response closes the connection, or with ``close`` false the body is dropped)."""
         if not self._stores(req):
             return None
-        refusal = self.ingestor.refuse_on_headers(req)
+        refusal = self.ingestor.refuse_on_headers(req, close=close)
         return None if refusal is None else (req.path, *refusal)
 
     def backpressure(self, req: Request) -> float:

@@ -172,6 +172,12 @@ class HttpProtocol(RequestParser):
         self._parse_unparsed()
 
     def on_message_complete(self) -> None:
+        if self.discarding:  # answered on its headers (parsing.py); its body is dropped
+            self.discarding = False
+            self.url = b""
+            self.phase = IDLE
+            self.phase_since = self.state.now
+            return
         request = self.request
         parts = self.body_parts
         request.body = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -336,14 +342,16 @@ class HttpProtocol(RequestParser):
         self.pending.append(slot)
         self.flush()
 
-    def _answer_early(self, route: bytes, status: int, data: bytes) -> None:
+    def _answer_early(self, route: bytes, status: int, data: bytes, *, close: bool = True) -> None:
         """Send the refusal decided before the body, after what is owed, and close: the client
-        may send the body anyway, which the lingering close reads and discards."""
-        self.closing = True
-        self.linger_on_close = True
-        self.body_parts = []
-        self.phase = IDLE
-        self.unparsed = None
+        may send the body anyway, which the lingering close reads and discards. Without
+        ``close`` the parser reads on and drops the body (parsing.py, ``discarding``)."""
+        if close:
+            self.closing = True
+            self.linger_on_close = True
+            self.body_parts = []
+            self.phase = IDLE
+            self.unparsed = None
         slot = ResponseSlot(self, monotonic(), self.request if self.access_log else None)
         slot.route = route
         if self.deferred:  # answered after the requests parsed before this one
