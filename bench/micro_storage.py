@@ -220,6 +220,19 @@ def roll(data_dir: Path, args, batches: list[bytes]) -> dict:
     }
 
 
+def sealed_shape(data_dir: Path, batch_events: int, args) -> Path:
+    """A data dir whose log holds ~``args.roll_events`` events in records of ``batch_events``,
+    sealed: a roll's input (roll_cpu, roll_parts)."""
+    shape_dir = data_dir / f"shape-{batch_events}"
+    batches = make_batches_cycled(batch_events, args.seed)
+    events = max(batch_events, args.roll_events // batch_events * batch_events)
+    # Segments of the default size, as a server writes them (at most ~1 MiB past it).
+    in_flight = max(1, (1 << 20) // max(map(len, batches)))
+    asyncio.run(fill_log(shape_dir, events, batch_events, batches, in_flight))
+    seal(shape_dir, "fill")
+    return shape_dir
+
+
 def roll_cpu(data_dir: Path, args, _batches: list[bytes]) -> dict:
     """CPU microseconds per event of Roller.roll_once, and the rolling process's peak RSS, per
     record shape (events per record). Each roll runs in a fresh process, as the roller does, so
@@ -227,13 +240,7 @@ def roll_cpu(data_dir: Path, args, _batches: list[bytes]) -> dict:
     shapes: dict[str, dict] = {}
     context = multiprocessing.get_context("spawn")
     for batch_events in (int(n) for n in args.roll_shapes.split(",")):
-        shape_dir = data_dir / f"shape-{batch_events}"
-        batches = make_batches_cycled(batch_events, args.seed)
-        events = max(batch_events, args.roll_events // batch_events * batch_events)
-        # Segments of the default size, as a server writes them (at most ~1 MiB past it).
-        in_flight = max(1, (1 << 20) // max(map(len, batches)))
-        asyncio.run(fill_log(shape_dir, events, batch_events, batches, in_flight))
-        seal(shape_dir, "fill")
+        shape_dir = sealed_shape(data_dir, batch_events, args)
         segment_sizes = [p.stat().st_size for p in (shape_dir / "log").glob("fill-*.log")]
         results, sender = context.Pipe(duplex=False)
         child = context.Process(
@@ -302,12 +309,7 @@ def roll_parts(data_dir: Path, args, _batches: list[bytes]) -> dict:
     shapes: dict[str, dict] = {}
     context = multiprocessing.get_context("spawn")
     for batch_events in (int(n) for n in args.roll_shapes.split(",")):
-        shape_dir = data_dir / f"shape-{batch_events}"
-        batches = make_batches_cycled(batch_events, args.seed)
-        events = max(batch_events, args.roll_events // batch_events * batch_events)
-        in_flight = max(1, (1 << 20) // max(map(len, batches)))
-        asyncio.run(fill_log(shape_dir, events, batch_events, batches, in_flight))
-        seal(shape_dir, "fill")
+        shape_dir = sealed_shape(data_dir, batch_events, args)
         results, sender = context.Pipe(duplex=False)
         child = context.Process(target=roll_parts_in_this_process, args=(shape_dir, sender))
         child.start()

@@ -121,12 +121,15 @@ def _run_clients(make_client, connections: int) -> None:
     asyncio.run(all_clients())
 
 
-def _window(server: targets.Running, run_clients) -> dict:
-    """Run the clients for one window; the server's CPU and the answers in it."""
+def _window(server: targets.Running, requests: list[bytes], args: argparse.Namespace) -> dict:
+    """``args.connections`` clients for ``args.duration`` s: the server's CPU and the answers."""
     assert server.pid is not None
     answers = Answers()
     cpu_before, wall_before = machine.cpu_seconds(server.pid), time.monotonic()
-    run_clients(answers)
+    stop_at = wall_before + args.duration
+    _run_clients(
+        lambda: _client(server.host, server.port, requests, answers, stop_at), args.connections
+    )
     cpu_after, wall = machine.cpu_seconds(server.pid), time.monotonic() - wall_before
     cpu = (cpu_after or 0.0) - (cpu_before or 0.0)
     total = answers.total()
@@ -172,14 +175,7 @@ def measure(args: argparse.Namespace) -> dict:
     server, requests, event_bytes = _server(args, server_cpus, [])
     try:
         with _rolling_held(server):
-            stop_at = time.monotonic() + args.duration
-            accepted = _window(
-                server,
-                lambda answers: _run_clients(
-                    lambda: _client(server.host, server.port, requests, answers, stop_at),
-                    args.connections,
-                ),
-            )
+            accepted = _window(server, requests, args)
     finally:
         server.stop()
 
@@ -196,14 +192,7 @@ def measure(args: argparse.Namespace) -> dict:
             )
             if not fill.statuses[503]:
                 raise targets.TargetError(f"the log never refused: {dict(fill.statuses)}")
-            stop_at = time.monotonic() + args.duration
-            refused = _window(
-                server,
-                lambda answers: _run_clients(
-                    lambda: _client(server.host, server.port, requests, answers, stop_at),
-                    args.connections,
-                ),
-            )
+            refused = _window(server, requests, args)
     finally:
         server.stop()
     ratio = None
