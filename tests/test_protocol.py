@@ -436,18 +436,20 @@ def test_an_overload_refusal_drops_a_modest_body_and_keeps_the_connection():
     "head",
     [
         # The client waits for 100-continue: it sends no body to drop.
-        b"Content-Length: 100\r\nExpect: 100-continue\r\n",
+        b"HTTP/1.1\r\nContent-Length: 100\r\nExpect: 100-continue\r\n",
         # A body longer than the server drops on an open connection.
-        b"Content-Length: %d\r\n" % (MAX_DISCARDED_BODY_BYTES + 1),
+        b"HTTP/1.1\r\nContent-Length: %d\r\n" % (MAX_DISCARDED_BODY_BYTES + 1),
         # No length known in advance.
-        b"Transfer-Encoding: chunked\r\n",
+        b"HTTP/1.1\r\nTransfer-Encoding: chunked\r\n",
         # The client closes after this request anyway.
-        b"Content-Length: 100\r\nConnection: close\r\n",
+        b"HTTP/1.1\r\nContent-Length: 100\r\nConnection: close\r\n",
+        # HTTP/1.0, even asking for keep-alive.
+        b"HTTP/1.0\r\nContent-Length: 100\r\nConnection: keep-alive\r\n",
     ],
 )
 def test_an_overload_refusal_closes_when_the_body_is_not_worth_dropping(head):
     conn, transport, app = make_conn()
-    conn.data_received(b"POST /overloaded HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+    conn.data_received(b"POST /overloaded " + head + b"Host: x\r\n\r\n")
     [(status, headers, _)] = split_responses(transport.take())
     assert status == 503 and headers["connection"] == "close"
     assert conn.phase == LINGER and transport.eof_written and app.requests == []

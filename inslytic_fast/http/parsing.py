@@ -310,12 +310,14 @@ class RequestParser(asyncio.Protocol):
         # Overload past the hard mark: refused here, so its body costs a discard, not a parse.
         # A body of known, modest length is then read and dropped on a connection kept open:
         # a new connection per refusal cost the server more than the refusal itself (python -m
-        # bench refusals). A longer or chunked body, or a client waiting for 100-continue,
-        # gets the answer with close (the lingering close discards what it sends anyway).
+        # bench refusals). A longer or chunked body, a client waiting for 100-continue, or an
+        # HTTP/1.0 one (its keep-alive is opt-in per response) gets the answer with close (the
+        # lingering close discards what it sends anyway).
         discard = (
             0 <= self.content_length <= MAX_DISCARDED_BODY_BYTES
             and not self.expect_continue
             and self.parser.should_keep_alive()
+            and self.parser.get_http_version() == "1.1"
             and not self.state.draining
         )
         refusal = self.app.refuse_on_headers(request, close=not discard)
