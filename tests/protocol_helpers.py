@@ -81,7 +81,7 @@ class ScriptedApp:
             return None
         return b"/refused", 401, self.responses.render(401, b'{"error":"refused"}', close=True)
 
-    def refuse_on_headers(self, req, *, close: bool = True) -> tuple[bytes, int, bytes] | None:
+    def refuse_on_headers(self, req, keeps_connection) -> tuple[bytes, int, bytes] | None:
         """POST /overloaded is refused on its headers, as /v1/ingest is past the hard mark."""
         if req.path != b"/overloaded":
             return None
@@ -89,7 +89,10 @@ class ScriptedApp:
             b"/overloaded",
             503,
             self.responses.render(
-                503, b'{"error":"overloaded"}', b"Retry-After: 1\r\n", close=close
+                503,
+                b'{"error":"overloaded"}',
+                b"Retry-After: 1\r\n",
+                close=not keeps_connection(),
             ),
         )
 

@@ -127,15 +127,16 @@ class App:
         return INGEST_ROUTE, error.status, self.ingestor.refusal(error, req, close=True)
 
     def refuse_on_headers(
-        self, req: Request, *, close: bool = True
+        self, req: Request, keeps_connection: Callable[[], bool]
     ) -> tuple[bytes, int, bytes] | None:
         """(route, status, response) for an ingest or Segment request the log cannot take
         whatever its body (overload past the hard mark, disk short, shutting down); None
-        otherwise. Asked of every request on its headers; the body is never parsed (the
-        response closes the connection, or with ``close`` false the body is dropped)."""
+        otherwise. Asked of every request on its headers; the body is never parsed: the
+        response closes the connection unless ``keeps_connection()``, asked only then, says
+        the body is dropped on it."""
         if not self._stores(req):
             return None
-        refusal = self.ingestor.refuse_on_headers(req, close=close)
+        refusal = self.ingestor.refuse_on_headers(req, keeps_connection)
         return None if refusal is None else (req.path, *refusal)
 
     def backpressure(self, req: Request) -> float:

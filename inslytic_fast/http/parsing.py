@@ -308,22 +308,9 @@ class RequestParser(asyncio.Protocol):
                 self.error_details = [SEVERAL_HOSTS if self.host_headers else MISSING_HOST]
                 raise _Reject
         # Overload past the hard mark: refused here, so its body costs a discard, not a parse.
-        # A body of known, modest length is then read and dropped on a connection kept open:
-        # a new connection per refusal cost the server more than the refusal itself (python -m
-        # bench refusals). A longer or chunked body, a client waiting for 100-continue, or an
-        # HTTP/1.0 one (its keep-alive is opt-in per response) gets the answer with close (the
-        # lingering close discards what it sends anyway).
-        discard = (
-            0 <= self.content_length <= MAX_DISCARDED_BODY_BYTES
-            and not self.expect_continue
-            and self.parser.should_keep_alive()
-            and self.parser.get_http_version() == "1.1"
-            and not self.state.draining
-        )
-        refusal = self.app.refuse_on_headers(request, close=not discard)
+        refusal = self.app.refuse_on_headers(request, self._keeps_connection_after_refusal)
         if refusal is not None:
-            if discard:
-                self.discarding = True
+            if self.discarding:
                 self._answer_early(*refusal, close=False)
                 return
             self.early_answer = refusal
@@ -336,6 +323,25 @@ class RequestParser(asyncio.Protocol):
                 self.early_answer = refusal
                 raise _Reject
             self._invite_body()
+
+    def _keeps_connection_after_refusal(self) -> bool:
+        """Asked only once the log refuses this request (get_http_version alone costs ~0.3 us,
+        too much to spend on every request): whether its body is read and dropped on a
+        connection kept open, which it then is (``discarding``).
+
+        A new connection per refusal cost the server more than the refusal itself (python -m
+        bench refusals), so a body of known, modest length is dropped. A longer or chunked
+        body, a client waiting for 100-continue, or an HTTP/1.0 one (its keep-alive is opt-in
+        per response) gets the answer with close (the lingering close discards what it sends
+        anyway)."""
+        self.discarding = (
+            0 <= self.content_length <= MAX_DISCARDED_BODY_BYTES
+            and not self.expect_continue
+            and self.parser.should_keep_alive()
+            and self.parser.get_http_version() == "1.1"
+            and not self.state.draining
+        )
+        return self.discarding
 
     def on_body(self, body: bytes) -> None:
         if self.discarding:  # already answered (Content-Length kept it under the body cap)

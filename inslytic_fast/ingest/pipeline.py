@@ -193,15 +193,18 @@ class Ingestor:
         except LogUnavailable as exc:
             responder.respond(503, self._not_stored(decision, exc, origin, close))
 
-    def refuse_on_headers(self, req: Request, *, close: bool = True) -> tuple[int, bytes] | None:
+    def refuse_on_headers(
+        self, req: Request, keeps_connection: Callable[[], bool]
+    ) -> tuple[int, bytes] | None:
         """503 + Retry-After when the log could store no batch right now, whatever the body
         holds: decided on the headers, so an overloaded server never parses a body only to
-        refuse it. None when the log takes appends."""
+        refuse it; with Connection: close unless ``keeps_connection()``. None when the log
+        takes appends."""
         refused = self.commitlog.unavailable()
         if refused is None:
             return None
         error = errors.unavailable(refused, refused.retry_after)
-        return error.status, self.refusal(error, req, close=close)
+        return error.status, self.refusal(error, req, close=not keeps_connection())
 
     def _not_stored(
         self, decision: Admission, failure: BaseException, origin: bytes | None, close: bool
