@@ -47,7 +47,7 @@ from pathlib import Path
 
 import orjson
 
-from ..config import Settings
+from ..config import Settings, option
 from ..log.format import LOG_DIRNAME, list_segments
 from ..runtime.children import run_to_end
 from ..runtime.durable import fsync_dir
@@ -155,7 +155,7 @@ def finished_files(data_dir: Path) -> list[LocalFile]:
 
 # (format, level) of the purge check's log lines, for an uploader built without Settings
 # (tests, `lake` commands): the configuration's defaults.
-DEFAULT_LOG_SETTINGS = (Settings().log_format, Settings().log_level)
+DEFAULT_LOG_SETTINGS = (option("log_format").default, option("log_level").default)
 
 
 class Uploader:
